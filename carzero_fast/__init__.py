@@ -1,0 +1,16 @@
+"""carzero_fast: exact and fast CARZero cross-attention alignment."""
+
+from .aligner import CrossAttentionAligner
+from .backends import BACKENDS
+from .config import AlignerConfig
+from .loss import alignment_logits, carzero_loss, zero_shot_scores
+
+__all__ = [
+    "BACKENDS",
+    "AlignerConfig",
+    "CrossAttentionAligner",
+    "alignment_logits",
+    "carzero_loss",
+    "zero_shot_scores",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""`CrossAttentionAligner`: CARZero's fusion module with pluggable execution backends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import extract_fusion_state_dict, infer_config, split_unused
+from .config import AlignerConfig
+from .validation import check_inputs
+from .weights import AlignerWeights, LayerWeights
+
+
+class _DecoderLayer(nn.Module):
+    """Parameter holder with the original layer's used names (no self-attention, no norm1)."""
+
+    def __init__(self, cfg: AlignerConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.multihead_attn = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.linear1 = nn.Linear(d, cfg.d_ffn)
+        self.linear2 = nn.Linear(cfg.d_ffn, d)
+
+    def weights(self) -> LayerWeights:
+        a = self.multihead_attn
+        return LayerWeights(
+            self.norm2.weight, self.norm2.bias, a.in_proj_weight, a.in_proj_bias,
+            a.out_proj.weight, a.out_proj.bias, self.norm3.weight, self.norm3.bias,
+            self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+        )  # fmt: skip
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: AlignerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_DecoderLayer(cfg) for _ in range(cfg.n_layers))
+
+
+def _mlp_head(cfg: AlignerConfig) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    widths = (cfg.d_model, *cfg.head_dims)
+    for a, b in zip(widths[:-1], widths[1:]):
+        mods += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(cfg.dropout)]
+    mods.append(nn.Linear(widths[-1], 1))
+    return nn.Sequential(*mods)  # Linear layers at indices 0, 3, 6, 9 as in CARZero
+
+
+class CrossAttentionAligner(nn.Module):
+    """CARZero's fusion module: every (memory item, query) pair → one logit.
+
+    Each query runs through `n_layers` pre-norm cross-attention layers over one memory item's
+    tokens, then `decoder_norm` and the MLP head. `named_parameters()` carries the original's
+    used names, so weights load from CARZero checkpoints (`from_carzero_state_dict`).
+
+    Args:
+        config: the module's shape; CARZero's defaults when omitted.
+        backend: "auto" (the best available for the inputs' device), "reference" (materialises
+            every pair like the original: the oracle), or "chunked" (streams pair chunks).
+        chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs.
+    """
+
+    def __init__(
+        self,
+        config: AlignerConfig | None = None,
+        backend: str = "auto",
+        *,
+        chunk_budget_bytes: int | None = None,
+    ) -> None:
+        super().__init__()
+        from .backends import check_backend_name
+
+        self.config = config if config is not None else AlignerConfig()
+        self.backend = check_backend_name(backend)
+        self.chunk_budget_bytes = chunk_budget_bytes
+        self.decoder = _Decoder(self.config)
+        self.decoder_norm = nn.LayerNorm(self.config.d_model, eps=self.config.layer_norm_eps)
+        self.mlp_head = _mlp_head(self.config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """CARZero's initialisation: N(0, 0.02) for projections, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.MultiheadAttention):
+                nn.init.normal_(m.in_proj_weight, std=0.02)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def weights(self) -> AlignerWeights:
+        """The parameters (not copies) in the layout the backends consume."""
+        head = tuple((m.weight, m.bias) for m in self.mlp_head if isinstance(m, nn.Linear))
+        layers = tuple(layer.weights() for layer in self.decoder.layers)
+        return AlignerWeights(self.decoder_norm.weight, self.decoder_norm.bias, layers, head)
+
+    def forward(
+        self,
+        memory: Tensor,
+        queries: Tensor,
+        memory_mask: Tensor | None = None,
+        *,
+        backend: str | None = None,
+        chunk_budget_bytes: int | None = None,
+    ) -> Tensor:
+        """Logits of every pair.
+
+        Args:
+            memory: `(N, P, D)` tokens of N items (e.g. images: CLS + patches).
+            queries: `(M, D)` one global vector per item of the other modality.
+            memory_mask: optional bool `(N, P)`, True = ignore that token (not in the original,
+                which attends to every token; an opt-in extra).
+            backend: overrides the module's backend for this call.
+            chunk_budget_bytes: overrides the module's chunk budget for this call.
+
+        Returns:
+            `(N, M)` logits in the inputs' dtype; `[n, m]` scores memory item n with query m.
+        """
+        from .backends import run_backend
+
+        check_inputs(self.config, memory, queries, memory_mask, self.decoder_norm.weight)
+        name = backend if backend is not None else self.backend
+        budget = chunk_budget_bytes if chunk_budget_bytes is not None else self.chunk_budget_bytes
+        weights = self.weights().to(memory.dtype)
+        return run_backend(
+            name,
+            weights,
+            self.config,
+            memory,
+            queries,
+            memory_mask,
+            training=self.training,
+            chunk_budget_bytes=budget,
+        )
+
+    @classmethod
+    def from_carzero_state_dict(
+        cls,
+        state_dict: Mapping[str, object],
+        config: AlignerConfig | None = None,
+        **kwargs: object,
+    ) -> CrossAttentionAligner:
+        """Build an aligner from CARZero weights.
+
+        Accepts the fusion module's own state dict, or a whole CARZero model / Lightning
+        checkpoint state dict (then only the keys after `fusion_module.` are used). The
+        original's unused parameters (`self_attn.*`, `norm1.*`, `logit_scale`, the
+        `decoder.norm.*` alias of `decoder_norm`) are ignored; any missing, unknown or
+        misshapen key raises a `KeyError`/`ValueError` naming it.
+        """
+        sd = extract_fusion_state_dict(state_dict)
+        used, _ = split_unused(sd)
+        cfg = config if config is not None else infer_config(used)
+        model = cls(cfg, **kwargs)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(used))
+        unknown = sorted(set(used) - set(expected))
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing key(s) {missing}")
+            if unknown:
+                parts.append(f"unknown key(s) {unknown}")
+            raise KeyError(f"CARZero fusion state dict does not fit {cfg}: " + "; ".join(parts))
+        for k, v in used.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise ValueError(
+                    f"checkpoint key '{k}' has shape {tuple(v.shape)}, expected "
+                    f"{tuple(expected[k].shape)} for {cfg}"
+                )
+            if not v.is_floating_point():
+                raise TypeError(f"checkpoint key '{k}' has dtype {v.dtype}, expected floating")
+        model.load_state_dict({k: v.float() for k, v in used.items()})
+        return model

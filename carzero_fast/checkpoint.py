@@ -1,0 +1,76 @@
+"""Reading CARZero fusion-module state dicts: prefixes, unused keys, config inference."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from .config import AlignerConfig
+
+FUSION_PREFIX = "fusion_module."
+
+# Parameters the original module stores but never uses in its forward pass.
+_UNUSED = re.compile(
+    r"^(decoder\.layers\.\d+\.self_attn\..+|decoder\.layers\.\d+\.norm1\.(weight|bias)"
+    r"|logit_scale|decoder\.norm\.(weight|bias))$"
+)
+
+
+def extract_fusion_state_dict(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
+    """The fusion module's own keys, from its state dict or from a whole model/Lightning one.
+
+    A whole CARZero model stores the module under `...fusion_module.` (behind any Lightning
+    prefix such as `CARZero.`); when such keys exist only they are used.
+    A Lightning checkpoint dict (with a `state_dict` entry) is unwrapped first.
+    """
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    fused = {
+        k[k.index(FUSION_PREFIX) + len(FUSION_PREFIX) :]: v
+        for k, v in state_dict.items()
+        if FUSION_PREFIX in k
+    }
+    out = fused if fused else dict(state_dict)
+    for k, v in out.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"checkpoint key '{k}' holds a {type(v).__name__}, not a tensor")
+    return out
+
+
+def split_unused(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """(used keys, the original's unused keys that were dropped)."""
+    used = {k: v for k, v in state_dict.items() if not _UNUSED.match(k)}
+    return used, sorted(k for k in state_dict if _UNUSED.match(k))
+
+
+def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> AlignerConfig:
+    """An `AlignerConfig` from tensor shapes. The head count is not in any shape: CARZero's
+    is 4, which is assumed here (pass a config to override)."""
+    try:
+        d_model = state_dict["decoder_norm.weight"].shape[0]
+        d_ffn = state_dict["decoder.layers.0.linear1.weight"].shape[0]
+    except KeyError as e:
+        raise KeyError(f"cannot infer the aligner config: checkpoint key {e} is missing") from None
+    layer_ids = {
+        int(m.group(1))
+        for k in state_dict
+        if (m := re.match(r"^decoder\.layers\.(\d+)\.multihead_attn\.in_proj_weight$", k))
+    }
+    n_layers = max(layer_ids) + 1
+    head_ids = sorted(
+        int(m.group(1)) for k in state_dict if (m := re.match(r"^mlp_head\.(\d+)\.weight$", k))
+    )
+    if not head_ids:
+        raise KeyError("cannot infer the aligner config: no 'mlp_head.{i}.weight' keys")
+    head_dims = tuple(state_dict[f"mlp_head.{i}.weight"].shape[0] for i in head_ids[:-1])
+    n_heads = 4 if d_model % 4 == 0 else 1
+    return AlignerConfig(
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        d_ffn=d_ffn,
+        head_dims=head_dims,
+        dropout=dropout,
+    )

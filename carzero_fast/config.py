@@ -1,0 +1,62 @@
+"""Configuration of the CARZero fusion module (the cross-attention aligner)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AlignerConfig:
+    """Shape of CARZero's fusion module; the defaults are CARZero's own.
+
+    Attributes:
+        d_model: width D of tokens, queries and the decoder.
+        n_heads: attention heads H (head dim D / H).
+        n_layers: decoder layers L (pre-norm, cross-attention + FFN, no self-attention).
+        d_ffn: hidden width F of each layer's FFN.
+        head_dims: hidden widths of the MLP head; its last layer maps to one logit.
+        dropout: dropout probability used in training mode at every site of the original.
+        layer_norm_eps: epsilon of every LayerNorm.
+    """
+
+    d_model: int = 768
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ffn: int = 1024
+    head_dims: tuple[int, ...] = (1024, 512, 256)
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head_dims", tuple(int(h) for h in self.head_dims))
+        for name in ("d_model", "n_heads", "n_layers", "d_ffn"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"AlignerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"AlignerConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not self.head_dims or any(h <= 0 for h in self.head_dims):
+            raise ValueError(f"AlignerConfig.head_dims must be positive widths, got {self.head_dims}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AlignerConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def flops_per_pair(self, n_tokens: int) -> int:
+        """Multiply-add FLOPs of one (memory item, query) pair, DESIGN.md §2 cost model.
+
+        Counts the per-pair work only (Q projection, attention, output projection, FFN per
+        layer, then the MLP head); per-item K/V projections are `kv_flops_per_item`.
+        """
+        d, p = self.d_model, n_tokens
+        per_layer = 2 * d * d + 4 * p * d + 2 * d * d + 4 * d * self.d_ffn
+        widths = (d, *self.head_dims, 1)
+        head = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+        return self.n_layers * per_layer + head
+
+    def kv_flops_per_item(self, n_tokens: int) -> int:
+        """FLOPs of the K and V projections of one memory item over all layers."""
+        return self.n_layers * 4 * n_tokens * self.d_model * self.d_model

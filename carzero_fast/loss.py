@@ -1,0 +1,72 @@
+"""CARZero's training loss and zero-shot scores (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _symmetric_ce(s: Tensor) -> Tensor:
+    """(CE(S, diag) + CE(Sᵀ, diag)) / 2 for a square logit matrix S `(B, B)`."""
+    if s.dim() != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"CARZero's loss needs square (B, B) logits, got {tuple(s.shape)}")
+    target = torch.arange(s.shape[0], device=s.device)
+    s = s.float()
+    return (F.cross_entropy(s, target) + F.cross_entropy(s.t(), target)) / 2
+
+
+def carzero_loss(i2t: Tensor, t2i: Tensor) -> Tensor:
+    """CARZero's symmetric InfoNCE (`DQNCOSLoss` on each matrix, summed).
+
+    Args:
+        i2t: `(B, B)` logits, images as memory, text globals as queries; pair b ↔ b matches.
+        t2i: `(B, B)` logits, texts as memory, image globals as queries.
+
+    Returns:
+        scalar fp32 loss `sym(i2t) + sym(t2i)`.
+    """
+    if i2t.shape != t2i.shape:
+        raise ValueError(f"i2t {tuple(i2t.shape)} and t2i {tuple(t2i.shape)} differ in shape")
+    return _symmetric_ce(i2t) + _symmetric_ce(t2i)
+
+
+def alignment_logits(
+    aligner: torch.nn.Module,
+    img_tokens: Tensor,
+    txt_tokens: Tensor,
+    img_mask: Tensor | None = None,
+    txt_mask: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Both directions as CARZero computes them; the globals are row 0 of each token tensor.
+
+    img_tokens `(N, Pi, D)`, txt_tokens `(M, Pt, D)` → (i2t `(N, M)`, t2i `(M, N)`).
+    """
+    for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be (items, tokens, D) with the global in row 0, got {shape}")
+    i2t = aligner(img_tokens, txt_tokens[:, 0], img_mask, backend=backend)
+    t2i = aligner(txt_tokens, img_tokens[:, 0], txt_mask, backend=backend)
+    return i2t, t2i
+
+
+def zero_shot_scores(
+    aligner: torch.nn.Module,
+    img_tokens: Tensor,
+    txt_tokens: Tensor,
+    img_mask: Tensor | None = None,
+    txt_mask: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """CARZero's zero-shot score `(i2t + t2iᵀ) / 2` of every image for every prompt.
+
+    img_tokens `(N_img, Pi, D)`, txt_tokens `(M_txt, Pt, D)` (globals in row 0), optional
+    bool masks `(N_img, Pi)`, `(M_txt, Pt)` → logits `(N_img, M_txt)`; `sigmoid` gives
+    probabilities.
+    """
+    i2t, t2i = alignment_logits(aligner, img_tokens, txt_tokens, img_mask, txt_mask, backend=backend)
+    return (i2t + t2i.t()) / 2

@@ -1,0 +1,68 @@
+"""Input checks shared by every entry point: clear errors naming what is wrong."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import AlignerConfig
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_inputs(
+    cfg: AlignerConfig,
+    memory: Tensor,
+    queries: Tensor,
+    memory_mask: Tensor | None,
+    param: Tensor | None = None,
+) -> None:
+    """Raise `TypeError`/`ValueError` if the inputs do not fit the aligner.
+
+    memory `(N, P, D)` and queries `(M, D)` share a floating dtype and a device (that of the
+    parameters); memory_mask is bool `(N, P)` and leaves at least one token of every item.
+    """
+    for name, t in (("memory", memory), ("queries", queries)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; supported: float32, float64, bfloat16, float16"
+            )
+    if memory.dim() != 3:
+        raise ValueError(f"memory must be (N, P, D), got shape {tuple(memory.shape)}")
+    if queries.dim() != 2:
+        raise ValueError(f"queries must be (M, D), got shape {tuple(queries.shape)}")
+    d = cfg.d_model
+    if memory.shape[2] != d:
+        raise ValueError(f"memory has D = {memory.shape[2]}, the aligner's d_model is {d}")
+    if queries.shape[1] != d:
+        raise ValueError(f"queries have D = {queries.shape[1]}, the aligner's d_model is {d}")
+    if memory.shape[1] == 0:
+        raise ValueError("memory has P = 0 tokens per item; attention needs at least one")
+    if memory.dtype != queries.dtype:
+        raise TypeError(f"memory is {memory.dtype} but queries are {queries.dtype}; use one dtype")
+    if memory.device != queries.device:
+        raise ValueError(f"memory is on {memory.device} but queries are on {queries.device}")
+    if param is not None and param.device != memory.device:
+        raise ValueError(
+            f"inputs are on {memory.device} but the aligner's parameters are on {param.device}"
+        )
+    if memory_mask is None:
+        return
+    if not isinstance(memory_mask, Tensor) or memory_mask.dtype != torch.bool:
+        what = memory_mask.dtype if isinstance(memory_mask, Tensor) else type(memory_mask).__name__
+        raise TypeError(f"memory_mask must be a bool tensor (True = ignore the token), got {what}")
+    if tuple(memory_mask.shape) != tuple(memory.shape[:2]):
+        raise ValueError(
+            f"memory_mask must be (N, P) = {tuple(memory.shape[:2])}, "
+            f"got {tuple(memory_mask.shape)}"
+        )
+    if memory_mask.device != memory.device:
+        raise ValueError(f"memory_mask is on {memory_mask.device} but memory is on {memory.device}")
+    if memory_mask.shape[0]:
+        # One host read per call (not per chunk), and only when a mask is given.
+        hidden = memory_mask.all(dim=1)
+        if bool(hidden.any()):
+            items = hidden.nonzero().flatten()[:10].tolist()
+            raise ValueError(f"memory_mask hides every token of item(s) {items}")

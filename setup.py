@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="carzero_fast",
+    version="0.1.0",
+    description="Exact, streaming and fused implementations of CARZero's cross-attention alignment",
+    packages=find_packages(include=["carzero_fast", "carzero_fast.*", "benchmarks"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "safetensors",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "bench": ["pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["carzero-fast=carzero_fast.cli:main"]},
+)
