@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
 from .checkpoint import extract_fusion_state_dict, infer_config, split_unused

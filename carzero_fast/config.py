@@ -31,13 +31,17 @@ class AlignerConfig:
         object.__setattr__(self, "head_dims", tuple(int(h) for h in self.head_dims))
         for name in ("d_model", "n_heads", "n_layers", "d_ffn"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"AlignerConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"AlignerConfig.{name} must be positive, got {getattr(self, name)}"
+                )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"AlignerConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
         if not self.head_dims or any(h <= 0 for h in self.head_dims):
-            raise ValueError(f"AlignerConfig.head_dims must be positive widths, got {self.head_dims}")
+            raise ValueError(
+                f"AlignerConfig.head_dims must be positive widths, got {self.head_dims}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AlignerConfig.dropout must be in [0, 1), got {self.dropout}")
 

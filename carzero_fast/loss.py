@@ -47,7 +47,9 @@ def alignment_logits(
     for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be (items, tokens, D) with the global in row 0, got {shape}")
+            raise ValueError(
+                f"{name} must be (items, tokens, D) with the global in row 0, got {shape}"
+            )
     i2t = aligner(img_tokens, txt_tokens[:, 0], img_mask, backend=backend)
     t2i = aligner(txt_tokens, img_tokens[:, 0], txt_mask, backend=backend)
     return i2t, t2i
@@ -68,5 +70,7 @@ def zero_shot_scores(
     bool masks `(N_img, Pi)`, `(M_txt, Pt)` → logits `(N_img, M_txt)`; `sigmoid` gives
     probabilities.
     """
-    i2t, t2i = alignment_logits(aligner, img_tokens, txt_tokens, img_mask, txt_mask, backend=backend)
+    i2t, t2i = alignment_logits(
+        aligner, img_tokens, txt_tokens, img_mask, txt_mask, backend=backend
+    )
     return (i2t + t2i.t()) / 2

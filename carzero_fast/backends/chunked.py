@@ -2,9 +2,9 @@
 
 Work is split by what it depends on (DESIGN.md §3):
 
-- per query (shared by all N items): `x0 = LN0(q)` and layer 1's query projection
-  `q1 = LN2(x0)·Wq + bq`, computed once;
-- per memory item: `LN0(memory)` and every layer's K and V, computed once per item block;
+- per query (shared by all N items): `x0 = LN0(q)` and layer 1's query projection, once;
+- per memory item: `LN0(memory)` (and, in the "kv" form, every layer's K and V), once per
+  item block;
 - per pair: everything else, for one chunk `(items n0:n1) × (queries m0:m1)` at a time.
 
 Only a chunk of pairs is alive at any moment, so memory is O(chunk + N·M) (the logits), never
@@ -12,10 +12,15 @@ O(N·M·D). Training goes through `_ChunkedAlign`, an `autograd.Function` that s
 only and recomputes each chunk in backward; dropout masks come from a generator seeded per
 chunk, so recomputation sees the same masks as the forward.
 
-Why not fold Wq into K and Wo into V per item (turning each layer into two GEMMs per item)?
-Each fold saves ~0.27 MFLOP per pair and layer but costs 2·P·D² (232 MFLOP) per item and
-layer, so it only pays beyond ~860 queries per memory item at CARZero dims (D=768, P=197);
-the unfolded form below is cheaper at every batch CARZero trains or scores with.
+Two exact forms of the attention, chosen per call by the cost model (`use_folded_form`):
+
+- "kv": K, V = LN0(mem)·Wkᵀ, LN0(mem)·Wvᵀ per item and layer (4·P·D² FLOPs per item and
+  layer), then per pair q·Kᵀ and softmax·V per head (4·P·D FLOPs);
+- "folded": never projects the memory. Per head, q·K_hᵀ = (Wk_hᵀ q_h)·LN0(mem)ᵀ + q_h·bk_h,
+  and the last term is constant over keys, so softmax drops it; softmax·V_h =
+  Wv_h·(softmax·LN0(mem)) + bv_h. Per pair that is 4·D² + 4·H·P·D FLOPs instead of 4·P·D,
+  and nothing per item. It wins while an item meets fewer than P·D / (D + (H−1)·P) queries
+  (111 for images, 71 for texts at CARZero dims: training batches); "kv" wins above.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import AlignerConfig
-from ..weights import AlignerWeights, LayerWeights
+from ..weights import AlignerWeights
 
 DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
 
@@ -36,26 +42,37 @@ DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
 class ChunkPlan(NamedTuple):
     items: int  # memory items per chunk
     queries: int  # queries per chunk
+    folded: bool  # attention form (see `use_folded_form`)
 
 
 def plan_chunks(
-    cfg: AlignerConfig, n: int, m: int, p: int, itemsize: int, budget: int, training: bool
+    cfg: AlignerConfig,
+    n: int,
+    m: int,
+    p: int,
+    itemsize: int,
+    budget: int,
+    training: bool,
+    folded: bool,
 ) -> ChunkPlan:
     """Chunk shape from a memory budget (bytes), never from N·M.
 
     A pair alive in a chunk holds a few D-wide rows, one FFN row, the head's widest row and
-    its attention scores; in training, autograd also keeps those of every layer for the
-    chunk's backward. An item holds its normalised tokens and every layer's K and V.
+    one head's attention state; in training, autograd keeps those of every layer and head for
+    the chunk's backward. An item holds its normalised tokens (and in the "kv" form every
+    layer's K and V).
     """
     d, f, h = cfg.d_model, cfg.d_ffn, cfg.n_heads
-    per_layer = 6 * d + f + 2 * h * p
-    widest = max(cfg.head_dims)
-    per_pair = (cfg.n_layers * per_layer + 2 * sum(cfg.head_dims) if training else
-                4 * d + f + widest + 2 * h * p) * itemsize  # fmt: skip
-    per_item = (2 * cfg.n_layers + 2) * p * d * itemsize
+    attn = 2 * d + 2 * p if folded else 2 * h * p
+    if training:
+        per_pair = cfg.n_layers * (7 * d + 2 * f + h * attn) + 2 * sum(cfg.head_dims) + 2 * d
+    else:
+        per_pair = 5 * d + f + max(cfg.head_dims) + attn
+    per_pair *= itemsize
+    per_item = (1 if folded else 2 * cfg.n_layers + 1) * p * d * itemsize
     queries = max(1, min(m, budget // (2 * per_pair)))
     items = max(1, min(n, budget // (queries * per_pair + per_item)))
-    return ChunkPlan(items, queries)
+    return ChunkPlan(items, queries, folded)
 
 
 class Dropout:
@@ -67,7 +84,7 @@ class Dropout:
         if self.p > 0.0:
             self.gen = torch.Generator(device=device)
             # Distinct, well-mixed stream per chunk (SplitMix-style odd multipliers).
-            mix = (seed ^ (chunk[0] * 0x9E3779B97F4A7C15) ^ (chunk[1] * 0xBF58476D1CE4E5B9))
+            mix = seed ^ (chunk[0] * 0x9E3779B97F4A7C15) ^ (chunk[1] * 0xBF58476D1CE4E5B9)
             self.gen.manual_seed(mix % (2**63 - 1))
 
     @property
@@ -82,103 +99,201 @@ class Dropout:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-call preparation: everything shared by all chunks, computed once
+# ---------------------------------------------------------------------------------------------
+
+
+def use_folded_form(cfg: AlignerConfig, queries_per_item: int, n_tokens: int) -> bool:
+    """Cost model: fold the K/V projections into the queries when that needs fewer FLOPs.
+
+    Per item and layer, "kv" costs 4·P·D² + m·4·P·D, "folded" m·(4·D² + 4·H·P·D).
+    """
+    d, h, p = cfg.d_model, cfg.n_heads, n_tokens
+    return queries_per_item * (d + (h - 1) * p) < p * d
+
+
+class LayerPlan(NamedTuple):
+    """One layer's weights as the chunk stages consume them.
+
+    Each is its own tensor (a slice or per-head piece of a parameter made once per call), so
+    that a chunk's backward never slices a parameter: slicing in every chunk would zero-fill
+    a parameter-sized gradient per chunk.
+    """
+
+    norm2_w: Tensor  # [D]
+    norm2_b: Tensor  # [D]
+    q_w: Tensor  # [D, D]
+    q_b: Tensor  # [D]
+    kv_w: Tensor | None  # [2D, D], "kv" form
+    kv_b: Tensor | None  # [2D]
+    k_heads: tuple[Tensor, ...]  # H × [dh, D], scaled by 1/sqrt(dh), "folded" form
+    v_heads: tuple[Tensor, ...]  # H × [dh, D]
+    v_bias_heads: tuple[Tensor, ...]  # H × [dh]
+    out_w: Tensor  # [D, D]
+    out_b: Tensor  # [D]
+    norm3_w: Tensor  # [D]
+    norm3_b: Tensor  # [D]
+    linear1_w: Tensor  # [F, D]
+    linear1_b: Tensor  # [F]
+    linear2_w: Tensor  # [D, F]
+    linear2_b: Tensor  # [D]
+
+
+class Prepared(NamedTuple):
+    """Per-call state shared by every chunk."""
+
+    x0: Tensor  # [M, D] LN0(queries): each pair's initial residual stream
+    q1: Tensor  # [M, D] layer 1's projected query (it does not depend on the item)
+    norm0_w: Tensor  # [D]
+    norm0_b: Tensor  # [D]
+    layers: tuple[LayerPlan, ...]
+    head: tuple[tuple[Tensor, Tensor], ...]
+
+
+def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool) -> Prepared:
+    """Query stage and weight layout: queries `(M, D)` → `Prepared`."""
+    d, h, dh, eps = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.layer_norm_eps
+    layers = []
+    for lw in w.layers:
+        wk, wv = lw.in_proj_w[d : 2 * d], lw.in_proj_w[2 * d :]
+        bv = lw.in_proj_b[2 * d :]
+        scale = 1.0 / math.sqrt(dh)
+        heads = range(h) if folded else ()
+        layers.append(LayerPlan(
+            lw.norm2_w, lw.norm2_b, lw.in_proj_w[:d], lw.in_proj_b[:d],
+            None if folded else lw.in_proj_w[d:], None if folded else lw.in_proj_b[d:],
+            tuple(wk[i * dh : (i + 1) * dh] * scale for i in heads),
+            tuple(wv[i * dh : (i + 1) * dh] for i in heads),
+            tuple(bv[i * dh : (i + 1) * dh] for i in heads),
+            lw.out_proj_w, lw.out_proj_b, lw.norm3_w, lw.norm3_b,
+            lw.linear1_w, lw.linear1_b, lw.linear2_w, lw.linear2_b,
+        ))  # fmt: skip
+    x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
+    lp = layers[0]
+    q1 = F.linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
+    return Prepared(x0, q1, w.norm0_w, w.norm0_b, tuple(layers), w.head)
+
+
+# ---------------------------------------------------------------------------------------------
 # Stages (plain PyTorch; each fused kernel replaces one of these and is tested against it)
 # ---------------------------------------------------------------------------------------------
 
 
-def query_stage(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor) -> tuple[Tensor, Tensor]:
-    """queries `(M, D)` → (`x0 = LN0(q)`, layer-1 query projection `q1`), both `(M, D)`."""
-    d, eps = cfg.d_model, cfg.layer_norm_eps
-    x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
-    lw = w.layers[0]
-    y = F.layer_norm(x0, (d,), lw.norm2_w, lw.norm2_b, eps)
-    return x0, F.linear(y, lw.in_proj_w[:d], lw.in_proj_b[:d])
+def item_stage(prep: Prepared, cfg: AlignerConfig, memory: Tensor, folded: bool) -> list[Tensor]:
+    """memory `(n, P, D)` → what the pairs of these items attend over.
 
-
-def kv_stage(w: AlignerWeights, cfg: AlignerConfig, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """memory `(n, P, D)` → per layer (K, V), each `(n, P, D)`, from `LN0(memory)`."""
+    folded: `[LN0(memory)]`; otherwise per layer K and V, `[K_1, V_1, K_2, ...]`, `(n, P, D)`.
+    """
     d = cfg.d_model
-    normed = F.layer_norm(memory, (d,), w.norm0_w, w.norm0_b, cfg.layer_norm_eps)
+    normed = F.layer_norm(memory, (d,), prep.norm0_w, prep.norm0_b, cfg.layer_norm_eps)
+    if folded:
+        return [normed]
     kvs = []
-    for lw in w.layers:
-        kv = F.linear(normed, lw.in_proj_w[d:], lw.in_proj_b[d:])  # [n, P, 2D]
-        kvs.append((kv[..., :d], kv[..., d:]))
+    for lp in prep.layers:
+        kv = F.linear(normed, lp.kv_w, lp.kv_b)  # [n, P, 2D]
+        kvs += [kv[..., :d], kv[..., d:]]
     return kvs
 
 
-def attention_stage(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, n_heads: int, drop: Dropout
+def attention_kv(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, n_heads: int, drop: Dropout
 ) -> Tensor:
-    """Multi-head attention of each pair's query over its item's tokens (no projections).
+    """Multi-head attention over projected keys/values (no output projection).
 
-    q `(n, m, D)`, k/v `(n, P, D)`, keep bool `(n, 1, 1, P)` (True = attend) → `(n, m, D)`.
+    q `(n, m, D)`, k/v `(n, P, D)`, bias `(n, 1, P)` additive (-inf = masked) → `(n, m, D)`.
     """
     n, m, d = q.shape
     dh = d // n_heads
     qh = q.view(n, m, n_heads, dh).transpose(1, 2)  # [n, H, m, dh]
     kh = k.view(n, -1, n_heads, dh).transpose(1, 2)  # [n, H, P, dh]
     vh = v.view(n, -1, n_heads, dh).transpose(1, 2)  # [n, H, P, dh]
+    mask = None if bias is None else bias[:, None]  # [n, 1, 1, P]
     if not drop.active:
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     else:  # explicit form: the dropout mask must come from the chunk's generator
         s = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # [n, H, m, P]
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
+        if mask is not None:
+            s = s + mask
         o = torch.matmul(drop(torch.softmax(s, dim=-1)), vh)
     return o.transpose(1, 2).reshape(n, m, d)
 
 
-def layer_stage(
-    lw: LayerWeights,
-    cfg: AlignerConfig,
-    x: Tensor,
-    q: Tensor | None,
-    kv: tuple[Tensor, Tensor],
-    keep: Tensor | None,
-    drop: Dropout,
+def attention_folded(
+    q: Tensor, normed: Tensor, lp: LayerPlan, bias: Tensor | None, drop: Dropout, shared: bool
 ) -> Tensor:
-    """One decoder layer for a chunk of pairs: x `(n, m, D)` → `(n, m, D)`.
+    """Multi-head attention with the K/V projections folded into the query side (exact).
 
-    q, when given, is the layer's already projected query (layer 1 shares it across items).
+    q `(n·m, D)`, one row per pair, or `(m, D)` shared by all n items (`shared`, layer 1);
+    normed `(n, P, D)` = LN0(memory); bias `(n, 1, P)` additive → `(n, m, D)`, before the
+    output projection.
     """
-    d, eps = cfg.d_model, cfg.layer_norm_eps
-    if q is None:
-        y = F.layer_norm(x, (d,), lw.norm2_w, lw.norm2_b, eps)
-        q = F.linear(y, lw.in_proj_w[:d], lw.in_proj_b[:d])
-    o = attention_stage(q, kv[0], kv[1], keep, cfg.n_heads, drop)
-    x = x + drop(F.linear(o, lw.out_proj_w, lw.out_proj_b))
-    y = F.layer_norm(x, (d,), lw.norm3_w, lw.norm3_b, eps)
-    h = drop(torch.relu(F.linear(y, lw.linear1_w, lw.linear1_b)))
-    return x + drop(F.linear(h, lw.linear2_w, lw.linear2_b))
+    n, p, d = normed.shape
+    dh = lp.k_heads[0].shape[0]
+    m = q.shape[0] if shared else q.shape[0] // n
+    outs = []
+    for h, (wk, wv, bv) in enumerate(zip(lp.k_heads, lp.v_heads, lp.v_bias_heads)):
+        qk = q[:, h * dh : (h + 1) * dh] @ wk  # [rows, D]: the query in token space
+        if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
+            s = (qk @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
+        else:
+            s = torch.bmm(qk.view(n, m, d), normed.transpose(1, 2))  # [n, m, P]
+        if bias is not None:
+            s = s + bias
+        a = drop(torch.softmax(s, dim=-1))  # [n, m, P]
+        c = torch.bmm(a, normed)  # [n, m, D]: attention-weighted tokens
+        if drop.active:  # dropped weights no longer sum to one: bv scales with their sum
+            outs.append(F.linear(c, wv) + a.sum(-1, keepdim=True) * bv)
+        else:
+            outs.append(F.linear(c, wv, bv))  # [n, m, dh]
+    return torch.cat(outs, dim=-1)
 
 
-def head_stage(w: AlignerWeights, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
+def ffn_stage(lp: LayerPlan, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
+    """Pre-norm FFN with its residual: x `(..., D)` → `(..., D)`."""
+    y = F.layer_norm(x, (cfg.d_model,), lp.norm3_w, lp.norm3_b, cfg.layer_norm_eps)
+    h = drop(torch.relu_(F.linear(y, lp.linear1_w, lp.linear1_b)))
+    return x + drop(F.linear(h, lp.linear2_w, lp.linear2_b))
+
+
+def head_stage(prep: Prepared, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
     """decoder_norm then the MLP head: x `(..., D)` → logits `(...)`."""
-    x = drop(F.layer_norm(x, (cfg.d_model,), w.norm0_w, w.norm0_b, cfg.layer_norm_eps))
-    last = len(w.head) - 1
-    for i, (hw, hb) in enumerate(w.head):
+    x = drop(F.layer_norm(x, (cfg.d_model,), prep.norm0_w, prep.norm0_b, cfg.layer_norm_eps))
+    last = len(prep.head) - 1
+    for i, (hw, hb) in enumerate(prep.head):
         x = F.linear(x, hw, hb)
         if i < last:
-            x = drop(torch.relu(x))
+            x = drop(torch.relu_(x))
     return x.squeeze(-1)
 
 
 def pair_chunk_forward(
-    w: AlignerWeights,
+    prep: Prepared,
     cfg: AlignerConfig,
-    x0: Tensor,
-    q1: Tensor,
-    kvs: list[tuple[Tensor, Tensor]],
-    keep: Tensor | None,
+    queries: slice,
+    item: list[Tensor],
+    folded: bool,
+    bias: Tensor | None,
     drop: Dropout,
 ) -> Tensor:
-    """All layers and the head for `n` items × `m` queries: x0, q1 `(m, D)` → `(n, m)`."""
-    n = kvs[0][0].shape[0]
-    x = x0.expand(n, *x0.shape)
-    for i, lw in enumerate(w.layers):
-        x = layer_stage(lw, cfg, x, q1.expand(n, *q1.shape) if i == 0 else None, kvs[i], keep,
-                        drop)  # fmt: skip
-    return head_stage(w, cfg, x, drop)
+    """All layers and the head for n items (their `item_stage` state) × the queries in
+    `queries` (a slice of `prep.x0`/`prep.q1`) → logits `(n, m)`."""
+    n, d = item[0].shape[0], cfg.d_model
+    x = prep.x0[queries]  # [m, D], broadcast over the n items by the first residual add
+    m = x.shape[0]
+    for i, lp in enumerate(prep.layers):
+        if i == 0:
+            q = prep.q1[queries]  # [m, D]
+        else:
+            y = F.layer_norm(x, (d,), lp.norm2_w, lp.norm2_b, cfg.layer_norm_eps)
+            q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
+        if folded:
+            o = attention_folded(q.reshape(-1, d), item[0], lp, bias, drop, shared=i == 0)
+        else:
+            o = attention_kv(q.expand(n, m, d), item[2 * i], item[2 * i + 1], bias,
+                             cfg.n_heads, drop)  # fmt: skip
+        x = x + drop(F.linear(o, lp.out_w, lp.out_b))
+        x = ffn_stage(lp, cfg, x, drop)
+    return head_stage(prep, cfg, x, drop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +305,68 @@ def _chunks(total: int, step: int) -> list[tuple[int, int]]:
     return [(i, min(total, i + step)) for i in range(0, total, step)]
 
 
-def _keep_mask(mask: Tensor | None, n0: int, n1: int) -> Tensor | None:
-    return None if mask is None else (~mask[n0:n1])[:, None, None, :]
+def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Tensor | None:
+    """bool mask `(N, P)` (True = ignore) → additive bias `(n1-n0, 1, P)`: 0 or -inf."""
+    if mask is None:
+        return None
+    bias = torch.zeros(mask[n0:n1].shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(mask[n0:n1], float("-inf"))[:, None, :]
+
+
+def _leaves(tree: object) -> object:
+    """The same structure with every tensor detached (no copy) into a leaf that collects
+    gradients over many chunks."""
+    flat, spec = tree_flatten(tree)
+    return tree_unflatten(
+        [None if t is None else t.detach().requires_grad_(True) for t in flat], spec
+    )
+
+
+def _backward_tree(tree: object, leaves: object) -> None:
+    """Send the gradients collected by `_leaves(tree)` back through `tree`'s graph."""
+    pairs = [(t, g.grad) for t, g in zip(tree_flatten(tree)[0], tree_flatten(leaves)[0])
+             if g is not None and g.grad is not None and t.requires_grad]  # fmt: skip
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def _run_chunks(
+    prep: Prepared,
+    cfg: AlignerConfig,
+    plan: ChunkPlan,
+    seed: int | None,
+    training: bool,
+    memory: Tensor,
+    mask: Tensor | None,
+    out: Tensor,
+    g_out: Tensor | None = None,
+) -> None:
+    """The chunk loop shared by forward (writes logits into `out`) and backward (`g_out`
+    given: back-propagates each chunk and writes memory's gradient into `out`).
+
+    In backward, `prep` holds leaves that collect gradients; each item block's state is
+    detached so that its pairs' chunks back-propagate into one buffer, which then goes back
+    through the item stage once.
+    """
+    n, m = memory.shape[0], prep.x0.shape[0]
+    p_drop = cfg.dropout if training else 0.0
+    for n0, n1 in _chunks(n, plan.items):
+        mem = memory[n0:n1]
+        if g_out is not None:
+            mem = mem.detach().requires_grad_(True)
+        item = item_stage(prep, cfg, mem, plan.folded)
+        item_in = _leaves(item) if g_out is not None else item
+        bias = _mask_bias(mask, n0, n1, memory.dtype)
+        for m0, m1 in _chunks(m, plan.queries):
+            drop = Dropout(p_drop, seed, (n0, m0), memory.device)
+            s = pair_chunk_forward(prep, cfg, slice(m0, m1), item_in, plan.folded, bias, drop)
+            if g_out is None:
+                out[n0:n1, m0:m1] = s
+            else:
+                torch.autograd.backward(s, g_out[n0:n1, m0:m1])
+        if g_out is not None:
+            _backward_tree(item, item_in)
+            out[n0:n1] = mem.grad
 
 
 class _ChunkedAlign(torch.autograd.Function):
@@ -200,16 +375,9 @@ class _ChunkedAlign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, memory, queries, mask, cfg, plan, seed, training, *flat):  # noqa: ANN001
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
-        n, m = memory.shape[0], queries.shape[0]
-        out = memory.new_empty((n, m))
-        x0, q1 = query_stage(w, cfg, queries)
-        for n0, n1 in _chunks(n, plan.items):
-            kvs = kv_stage(w, cfg, memory[n0:n1])
-            keep = _keep_mask(mask, n0, n1)
-            for m0, m1 in _chunks(m, plan.queries):
-                drop = Dropout(cfg.dropout if training else 0.0, seed, (n0, m0), memory.device)
-                out[n0:n1, m0:m1] = pair_chunk_forward(w, cfg, x0[m0:m1], q1[m0:m1], kvs, keep,
-                                                       drop)  # fmt: skip
+        out = memory.new_empty((memory.shape[0], queries.shape[0]))
+        prep = prepare(w, cfg, queries, plan.folded)
+        _run_chunks(prep, cfg, plan, seed, training, memory, mask, out)
         ctx.save_for_backward(memory, queries, *flat)
         ctx.mask, ctx.cfg, ctx.plan, ctx.seed, ctx.training = mask, cfg, plan, seed, training
         return out
@@ -217,35 +385,19 @@ class _ChunkedAlign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):  # noqa: ANN001
         memory, queries, *flat = ctx.saved_tensors
-        cfg, plan, mask = ctx.cfg, ctx.plan, ctx.mask
-        n, m = memory.shape[0], queries.shape[0]
+        cfg = ctx.cfg
+        g_memory = torch.empty_like(memory)
         with torch.enable_grad():
-            mem_leaf = memory.detach().requires_grad_(ctx.needs_input_grad[0])
-            q_leaf = queries.detach().requires_grad_(ctx.needs_input_grad[1])
+            q_leaf = queries.detach().requires_grad_(True)
             flat_leaf = [t.detach().requires_grad_(True) for t in flat]
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
-            x0, q1 = query_stage(w, cfg, q_leaf)
-            x0_d = x0.detach().requires_grad_(True)
-            q1_d = q1.detach().requires_grad_(True)
-            for n0, n1 in _chunks(n, plan.items):
-                kvs = kv_stage(w, cfg, mem_leaf[n0:n1])
-                kvs_d = [(k.detach().requires_grad_(True), v.detach().requires_grad_(True))
-                         for k, v in kvs]  # fmt: skip
-                keep = _keep_mask(mask, n0, n1)
-                for m0, m1 in _chunks(m, plan.queries):
-                    drop = Dropout(cfg.dropout if ctx.training else 0.0, ctx.seed, (n0, m0),
-                                   memory.device)  # fmt: skip
-                    s = pair_chunk_forward(w, cfg, x0_d[m0:m1], q1_d[m0:m1], kvs_d, keep, drop)
-                    torch.autograd.backward(s, g_out[n0:n1, m0:m1])
-                # Back through this block's K/V projections into memory and weights.
-                torch.autograd.backward(
-                    [t for kv in kvs for t in kv], [t.grad for kv in kvs_d for t in kv]
-                )
-            torch.autograd.backward([x0, q1], [x0_d.grad, q1_d.grad])
-        grads_flat = [t.grad for t in flat_leaf]
-        return (mem_leaf.grad if ctx.needs_input_grad[0] else None,
-                q_leaf.grad if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, *grads_flat)  # fmt: skip
+            prep = prepare(w, cfg, q_leaf, ctx.plan.folded)
+            prep_in = _leaves(prep)
+            _run_chunks(prep_in, cfg, ctx.plan, ctx.seed, ctx.training, memory, ctx.mask,
+                        g_memory, g_out)  # fmt: skip
+            _backward_tree(prep, prep_in)
+        return (g_memory, q_leaf.grad, None, None, None, None, None,
+                *[t.grad for t in flat_leaf])  # fmt: skip
 
 
 def chunked_forward(
@@ -256,8 +408,14 @@ def chunked_forward(
     memory_mask: Tensor | None,
     training: bool,
     chunk_budget_bytes: int | None = None,
+    form: str = "auto",
 ) -> Tensor:
-    """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` → logits `(N, M)`, streamed."""
+    """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` → logits `(N, M)`, streamed.
+
+    form: "auto" (by the cost model), "kv" or "folded" (both exact; tests exercise each).
+    """
+    if form not in ("auto", "kv", "folded"):
+        raise ValueError(f"unknown attention form {form!r}; choose auto, kv or folded")
     n, p, _ = memory.shape
     m = queries.shape[0]
     budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else int(chunk_budget_bytes)
@@ -267,7 +425,8 @@ def chunked_forward(
     grad = torch.is_grad_enabled() and (
         memory.requires_grad or queries.requires_grad or any(t.requires_grad for t in flat)
     )
-    plan = plan_chunks(cfg, n, m, p, memory.element_size(), budget, training=grad)
+    folded = use_folded_form(cfg, m, p) if form == "auto" else form == "folded"
+    plan = plan_chunks(cfg, n, m, p, memory.element_size(), budget, grad, folded)
     seed = None
     if training and cfg.dropout > 0.0:
         # Drawn from torch's default CPU generator: reproducible under torch.manual_seed and
