@@ -42,7 +42,7 @@ class _Decoder(nn.Module):
 def _mlp_head(cfg: AlignerConfig) -> nn.Sequential:
     mods: list[nn.Module] = []
     widths = (cfg.d_model, *cfg.head_dims)
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
         mods += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(cfg.dropout)]
     mods.append(nn.Linear(widths[-1], 1))
     return nn.Sequential(*mods)  # Linear layers at indices 0, 3, 6, 9 as in CARZero

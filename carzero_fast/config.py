@@ -58,7 +58,7 @@ class AlignerConfig:
         d, p = self.d_model, n_tokens
         per_layer = 2 * d * d + 4 * p * d + 2 * d * d + 4 * d * self.d_ffn
         widths = (d, *self.head_dims, 1)
-        head = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+        head = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
         return self.n_layers * per_layer + head
 
     def kv_flops_per_item(self, n_tokens: int) -> int:

@@ -231,7 +231,7 @@ def attention_folded(
     dh = lp.k_heads[0].shape[0]
     m = q.shape[0] if shared else q.shape[0] // n
     outs = []
-    for h, (wk, wv, bv) in enumerate(zip(lp.k_heads, lp.v_heads, lp.v_bias_heads)):
+    for h, (wk, wv, bv) in enumerate(zip(lp.k_heads, lp.v_heads, lp.v_bias_heads, strict=True)):
         qk = q[:, h * dh : (h + 1) * dh] @ wk  # [rows, D]: the query in token space
         if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
             s = (qk @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
@@ -324,7 +324,7 @@ def _leaves(tree: object) -> object:
 
 def _backward_tree(tree: object, leaves: object) -> None:
     """Send the gradients collected by `_leaves(tree)` back through `tree`'s graph."""
-    pairs = [(t, g.grad) for t, g in zip(tree_flatten(tree)[0], tree_flatten(leaves)[0])
+    pairs = [(t, g.grad) for t, g in zip(tree_flatten(tree)[0], tree_flatten(leaves)[0], strict=True)
              if g is not None and g.grad is not None and t.requires_grad]  # fmt: skip
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])

@@ -1,0 +1,56 @@
+"""Shared helpers: seeded aligners with non-trivial weights, error measures, golden data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import carzero_fast as cf
+
+GOLDEN = Path(__file__).parent / "data" / "carzero_d64_l2.safetensors"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """‖a − b‖ / max(‖b‖, floor), in float64; NaN anywhere fails every comparison."""
+    a, b = a.detach().double(), b.detach().double()
+    if torch.isnan(a).any():
+        return float("inf")
+    return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
+
+
+def make_aligner(
+    cfg: cf.AlignerConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> cf.CrossAttentionAligner:
+    """An aligner whose every parameter is random (biases and norms included), so that no
+    term of the math hides behind a zero or a one."""
+    torch.manual_seed(seed)
+    al = cf.CrossAttentionAligner(cfg)
+    with torch.no_grad():
+        for name, p in al.named_parameters():
+            if name.endswith("norm2.weight") or "norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return al.to(dtype).eval()
+
+
+def random_mask(n: int, p: int, seed: int = 0) -> torch.Tensor:
+    """Ragged key-padding mask (True = ignore), at least one visible token per item."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, p + 1, (n,), generator=g)
+    return torch.arange(p)[None, :] >= lengths[:, None]
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, torch.Tensor]:
+    return load_file(str(GOLDEN))
+
+
+@pytest.fixture(scope="session")
+def golden_weights(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("weights.") :]: v for k, v in golden.items() if k.startswith("weights.")}
