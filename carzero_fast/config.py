@@ -36,7 +36,8 @@ class AlignerConfig:
                 )
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"AlignerConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"AlignerConfig.d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
             )
         if not self.head_dims or any(h <= 0 for h in self.head_dims):
             raise ValueError(

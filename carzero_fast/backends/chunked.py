@@ -324,7 +324,8 @@ def _leaves(tree: object) -> object:
 
 def _backward_tree(tree: object, leaves: object) -> None:
     """Send the gradients collected by `_leaves(tree)` back through `tree`'s graph."""
-    pairs = [(t, g.grad) for t, g in zip(tree_flatten(tree)[0], tree_flatten(leaves)[0], strict=True)
+    flat, flat_leaves = tree_flatten(tree)[0], tree_flatten(leaves)[0]
+    pairs = [(t, g.grad) for t, g in zip(flat, flat_leaves, strict=True)
              if g is not None and g.grad is not None and t.requires_grad]  # fmt: skip
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
