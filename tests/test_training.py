@@ -62,7 +62,7 @@ def test_gradcheck_with_dropout_in_both_forms():
         out = fn(mem, q, *flat)
         assert rel_err(out, _flat_fn(TINY, mask, 1, form)(mem, q, *flat)) == 0.0
         # inputs: every element; weights: random directions (fast mode), to keep it quick
-        assert torch.autograd.gradcheck(lambda m, x: fn(m, x, *flat), (mem, q), atol=1e-6)
+        assert torch.autograd.gradcheck(lambda m, x, f=fn: f(m, x, *flat), (mem, q), atol=1e-6)
         assert torch.autograd.gradcheck(fn, (mem, q, *flat), atol=1e-6, fast_mode=True)
 
 

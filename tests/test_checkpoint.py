@@ -1,0 +1,96 @@
+"""Loading CARZero weights: names, prefixes, unused keys, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_aligner, rel_err
+
+import carzero_fast as cf
+
+USED = [
+    "decoder.layers.{i}.multihead_attn.in_proj_weight",
+    "decoder.layers.{i}.multihead_attn.in_proj_bias",
+    "decoder.layers.{i}.multihead_attn.out_proj.weight",
+    "decoder.layers.{i}.multihead_attn.out_proj.bias",
+    "decoder.layers.{i}.norm2.weight",
+    "decoder.layers.{i}.norm2.bias",
+    "decoder.layers.{i}.norm3.weight",
+    "decoder.layers.{i}.norm3.bias",
+    "decoder.layers.{i}.linear1.weight",
+    "decoder.layers.{i}.linear1.bias",
+    "decoder.layers.{i}.linear2.weight",
+    "decoder.layers.{i}.linear2.bias",
+]
+
+
+def test_parameter_names_are_the_originals_used_names(golden_weights):
+    al = cf.CrossAttentionAligner(cf.AlignerConfig(d_model=64, n_layers=2))
+    expected = {k.format(i=i) for i in range(2) for k in USED}
+    expected |= {"decoder_norm.weight", "decoder_norm.bias"}
+    expected |= {f"mlp_head.{j}.{t}" for j in (0, 3, 6, 9) for t in ("weight", "bias")}
+    assert {n for n, _ in al.named_parameters()} == expected
+    # ... and exactly the golden file's keys less the original's unused ones
+    unused = {k for k in golden_weights if "self_attn" in k or "norm1" in k}
+    unused |= {"logit_scale", "decoder.norm.weight", "decoder.norm.bias"}
+    assert expected == set(golden_weights) - unused
+
+
+def test_round_trip(golden_weights):
+    al = cf.CrossAttentionAligner.from_carzero_state_dict(golden_weights)
+    again = cf.CrossAttentionAligner.from_carzero_state_dict(al.state_dict())
+    for (n, a), (_, b) in zip(al.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    for k, v in al.state_dict().items():
+        assert torch.equal(v, golden_weights[k])
+
+
+@pytest.mark.parametrize(
+    "prefix", ["fusion_module.", "CARZero.fusion_module.", "model.CARZero.fusion_module."]
+)
+def test_whole_model_and_lightning_checkpoints(golden, golden_weights, prefix):
+    sd = {prefix + k: v for k, v in golden_weights.items()}
+    sd["CARZero.img_encoder.cls_token"] = torch.zeros(1, 1, 64)  # other modules are skipped
+    sd["CARZero.text_encoder.embeddings.word_embeddings.weight"] = torch.zeros(10, 64)
+    for wrapped in (sd, {"state_dict": sd, "epoch": 3}):
+        al = cf.CrossAttentionAligner.from_carzero_state_dict(wrapped).eval()
+        with torch.no_grad():
+            i2t = al(golden["inputs.img_tokens"], golden["inputs.txt_tokens"][:, 0])
+        assert rel_err(i2t, golden["outputs.i2t"]) < 1e-5
+
+
+def test_missing_unknown_and_misshapen_keys(golden_weights):
+    sd = dict(golden_weights)
+    del sd["decoder.layers.1.linear2.bias"]
+    with pytest.raises(KeyError, match="missing key.*decoder.layers.1.linear2.bias"):
+        cf.CrossAttentionAligner.from_carzero_state_dict(sd)
+    sd = dict(golden_weights, **{"decoder.layers.0.extra.weight": torch.zeros(3)})
+    with pytest.raises(KeyError, match=r"unknown key.*decoder.layers.0.extra.weight"):
+        cf.CrossAttentionAligner.from_carzero_state_dict(sd)
+    sd = dict(golden_weights)
+    sd["decoder.layers.0.norm3.weight"] = torch.zeros(63)
+    with pytest.raises(ValueError, match=r"decoder.layers.0.norm3.weight' has shape \(63,\)"):
+        cf.CrossAttentionAligner.from_carzero_state_dict(sd)
+    with pytest.raises(KeyError, match="decoder_norm.weight"):
+        cf.CrossAttentionAligner.from_carzero_state_dict({"foo": torch.zeros(1)})
+    with pytest.raises(KeyError, match="missing key"):  # a config that does not fit
+        cf.CrossAttentionAligner.from_carzero_state_dict(
+            golden_weights, cf.AlignerConfig(d_model=64, n_layers=3)
+        )
+
+
+def test_unused_keys_are_ignored_only_when_they_are_the_originals(golden_weights):
+    sd = dict(golden_weights)
+    sd["decoder.layers.0.norm4.weight"] = torch.zeros(64)
+    with pytest.raises(KeyError, match="norm4"):
+        cf.CrossAttentionAligner.from_carzero_state_dict(sd)
+
+
+def test_default_config_state_dict_loads_back():
+    al = make_aligner()
+    sd = {"fusion_module." + k: v for k, v in al.state_dict().items()}
+    sd["fusion_module.logit_scale"] = torch.tensor(2.0)
+    back = cf.CrossAttentionAligner.from_carzero_state_dict(sd)
+    assert back.config == cf.AlignerConfig()
+    for k, v in al.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)

@@ -1,0 +1,95 @@
+"""Bad input gets a clear error that names the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_aligner
+
+import carzero_fast as cf
+
+CFG = cf.AlignerConfig(d_model=16, n_heads=2, n_layers=1, d_ffn=8, head_dims=(8,))
+
+
+@pytest.fixture(scope="module")
+def al():
+    return make_aligner(CFG)
+
+
+def _ok(n=3, m=2, p=5, dtype=torch.float32):
+    return torch.randn(n, p, 16, dtype=dtype), torch.randn(m, 16, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize(
+    ("make", "error", "words"),
+    [
+        (lambda: (torch.randn(3, 5, 12), torch.randn(2, 16)), ValueError, "D = 12"),
+        (lambda: (torch.randn(3, 5, 16), torch.randn(2, 12)), ValueError, "D = 12"),
+        (lambda: (torch.randn(5, 16), torch.randn(2, 16)), ValueError, "memory must be (N, P, D)"),
+        (
+            lambda: (torch.randn(3, 5, 16), torch.randn(1, 2, 16)),
+            ValueError,
+            "queries must be (M, D)",
+        ),
+        (lambda: (torch.randn(3, 0, 16), torch.randn(2, 16)), ValueError, "P = 0"),
+        (lambda: (torch.randn(3, 5, 16), torch.randn(2, 16).double()), TypeError, "float64"),
+        (lambda: (torch.randn(3, 5, 16).int(), torch.randn(2, 16)), TypeError, "int32"),
+        (lambda: (torch.randn(3, 5, 16).numpy(), torch.randn(2, 16)), TypeError, "ndarray"),
+        (lambda: (torch.randn(3, 5, 16), torch.randn(2, 16, device="meta")), ValueError, "meta"),
+    ],
+)
+def test_bad_tensors(al, backend, make, error, words):
+    mem, q = make()
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        al(mem, q, backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "words"),
+    [
+        (torch.zeros(3, 4, dtype=torch.bool), ValueError, r"memory_mask must be \(N, P\)"),
+        (torch.zeros(3, 5), TypeError, "bool"),
+        ([[False] * 5] * 3, TypeError, "bool"),
+        (torch.tensor([[False] * 5, [True] * 5, [True] * 5]), ValueError, r"item\(s\) \[1, 2\]"),
+    ],
+)
+def test_bad_masks(al, mask, error, words):
+    mem, q = _ok()
+    with pytest.raises(error, match=words):
+        al(mem, q, mask)
+
+
+def test_parameters_on_another_device(al):
+    mem, q = _ok()
+    meta = make_aligner(CFG).to("meta")
+    with pytest.raises(ValueError, match="parameters are on meta"):
+        meta(mem, q)
+
+
+def test_unknown_backend_and_budget(al):
+    mem, q = _ok()
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        al(mem, q, backend="fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        cf.CrossAttentionAligner(CFG, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_budget_bytes must be positive"):
+        al(mem, q, backend="chunked", chunk_budget_bytes=0)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="divisible"):
+        cf.AlignerConfig(d_model=10, n_heads=4)
+    with pytest.raises(ValueError, match="dropout"):
+        cf.AlignerConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="n_layers"):
+        cf.AlignerConfig(n_layers=0)
+
+
+def test_loss_and_scores_inputs(al):
+    with pytest.raises(ValueError, match="square"):
+        cf.carzero_loss(torch.randn(3, 4), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="differ in shape"):
+        cf.carzero_loss(torch.randn(3, 3), torch.randn(4, 4))
+    with pytest.raises(ValueError, match="img_tokens must be"):
+        cf.zero_shot_scores(al, torch.randn(3, 16), torch.randn(2, 4, 16))
