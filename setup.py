@@ -4,7 +4,7 @@ setup(
     name="carzero_fast",
     version="0.1.0",
     description="Exact, streaming and fused implementations of CARZero's cross-attention alignment",
-    packages=find_packages(include=["carzero_fast", "carzero_fast.*", "benchmarks"]),
+    packages=find_packages(include=["carzero_fast", "carzero_fast.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

@@ -1,0 +1,261 @@
+"""Benchmarks: every backend side by side in one process, against a GEMM ceiling measured
+in the same run (DESIGN.md §2). `python -m benchmarks` and `carzero-fast bench` run `main`.
+
+Figures:
+- time: median wall time of `repeats` runs, backends interleaved round by round so that a
+  slow phase of the machine hits all of them alike;
+- model GFLOP/s: the original algorithm's FLOPs (pairs × `flops_per_pair` + items × K/V
+  projections; ×3 for a training step: forward + backward) over time. The same count for
+  every backend, so it is a rate of useful work; a backend that recomputes or folds does other
+  FLOPs than it is credited with;
+- ceiling: the fastest dense GEMM of the dtype measured in this process, model GFLOP/s over it;
+- peak extra memory: tensor bytes alive at once beyond the inputs (`track_memory`), from a
+  separate, untimed run;
+- ratio: the reference's time (fp32, the baseline) over this row's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .aligner import CrossAttentionAligner
+from .config import AlignerConfig
+from .loss import alignment_logits, carzero_loss
+from .memory import track_memory
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Row:
+    task: str  # "forward" (one direction, no grad) or "train" (both directions + backward)
+    backend: str
+    dtype: str
+    n: int
+    m: int
+    p: int
+    time_s: float
+    pairs_per_s: float
+    model_gflops: float
+    ceiling_gflops: float
+    frac_ceiling: float
+    peak_extra_mib: float
+    speedup_vs_reference_fp32: float | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Fastest dense GEMM rate (GFLOP/s) over CARZero-like shapes, measured now."""
+    best = 0.0
+    rows = 8192 if device.type == "cpu" else 65536
+    for k, n in ((768, 1024), (1024, 768), (768, 768)):
+        a = torch.randn(rows, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        a @ b
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = max(best, 2 * rows * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _interleaved_median(fns: dict[str, Callable[[], object]], repeats: int, device) -> dict:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _peak_mib(fn: Callable[[], object]) -> float:
+    with track_memory() as tracker:
+        fn()
+    return tracker.peak_bytes / 2**20
+
+
+def run(
+    n: int = 64,
+    m: int = 64,
+    p_img: int = 197,
+    p_txt: int = 98,
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    backends: tuple[str, ...] = ("reference", "chunked"),
+    train_batch: int = 48,
+    repeats: int = 3,
+    config: AlignerConfig | None = None,
+    device: str = "cpu",
+    measure_memory: bool = True,
+) -> list[Row]:
+    """Forward rows (one direction, images as memory, N×M pairs) and training rows (a CARZero
+    step on a square batch, both directions); reference fp32 is the baseline of every ratio."""
+    dev = torch.device(device)
+    cfg = config or AlignerConfig()
+    torch.manual_seed(0)
+    al = CrossAttentionAligner(cfg).to(dev)
+    work = [(b, d) for d in dtypes for b in backends]
+    if ("reference", "fp32") not in work:
+        work.insert(0, ("reference", "fp32"))
+    ceilings = {d: gemm_ceiling(DTYPES[d], dev) for d in {d for _, d in work}}
+    rows: list[Row] = []
+
+    # forward: one direction, no grad
+    if n > 0 and m > 0:
+        al.eval()
+        mem = torch.randn(n, p_img, cfg.d_model, device=dev)
+        q = torch.randn(m, cfg.d_model, device=dev)
+        inputs = {d: (mem.to(DTYPES[d]), q.to(DTYPES[d])) for d in ceilings}
+
+        def fwd(b: str, d: str) -> Callable[[], object]:
+            def f() -> object:
+                with torch.no_grad():
+                    return al(*inputs[d], backend=b)
+
+            return f
+
+        times = _interleaved_median({w: fwd(*w) for w in work}, repeats, dev)
+        flops = n * m * cfg.flops_per_pair(p_img) + n * cfg.kv_flops_per_item(p_img)
+        for b, d in work:
+            t = times[(b, d)]
+            rows.append(Row("forward", b, d, n, m, p_img, t, n * m / t, flops / t / 1e9,
+                            ceilings[d], flops / t / 1e9 / ceilings[d],
+                            _peak_mib(fwd(b, d)) if measure_memory else float("nan")))  # fmt: skip
+
+    # training step: both directions, CARZero's loss, backward; fp32 (the training dtype here)
+    if train_batch > 0:
+        al.train()
+        bt = train_batch
+        img = torch.randn(bt, p_img, cfg.d_model, device=dev)
+        txt = torch.randn(bt, p_txt, cfg.d_model, device=dev)
+
+        def step(b: str) -> Callable[[], object]:
+            def f() -> object:
+                i = img.clone().requires_grad_(True)
+                t = txt.clone().requires_grad_(True)
+                al.zero_grad(set_to_none=True)
+                loss = carzero_loss(*alignment_logits(al, i, t, backend=b))
+                loss.backward()
+                return loss
+
+            return f
+
+        train_backends = [b for b in backends if b in ("reference", "chunked")]
+        if "reference" not in train_backends:
+            train_backends.insert(0, "reference")
+        times = _interleaved_median({b: step(b) for b in train_backends}, max(1, repeats - 1), dev)
+        flops = 3 * bt * bt * (cfg.flops_per_pair(p_img) + cfg.flops_per_pair(p_txt))
+        flops += 3 * bt * (cfg.kv_flops_per_item(p_img) + cfg.kv_flops_per_item(p_txt))
+        for b in train_backends:
+            t = times[b]
+            rows.append(Row("train", b, "fp32", bt, bt, p_img, t, 2 * bt * bt / t,
+                            flops / t / 1e9, ceilings["fp32"], flops / t / 1e9 / ceilings["fp32"],
+                            _peak_mib(step(b)) if measure_memory else float("nan")))  # fmt: skip
+        al.zero_grad(set_to_none=True)
+
+    for task in ("forward", "train"):
+        base = [
+            r for r in rows if r.task == task and r.backend == "reference" and r.dtype == "fp32"
+        ]
+        for r in rows:
+            if r.task == task and base:
+                r.speedup_vs_reference_fp32 = base[0].time_s / r.time_s
+    return rows
+
+
+def machine_info() -> dict[str, str]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "processor": platform.processor() or platform.machine(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            info["cpu"] = f"{names[0]} ({len(names)} logical cores)"
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = "unknown"
+    return info
+
+
+def markdown(rows: list[Row]) -> str:
+    head = ("| task | backend | dtype | N×M (P) | time | pairs/s | model GFLOP/s | of GEMM ceiling "
+            "| peak extra MiB | speed-up vs reference fp32 |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    lines = [head]
+    for r in rows:
+        ratio = "" if r.speedup_vs_reference_fp32 is None else f"{r.speedup_vs_reference_fp32:.2f}×"
+        lines.append(
+            f"| {r.task} | {r.backend} | {r.dtype} | {r.n}×{r.m} ({r.p}) | {r.time_s:.3f} s "
+            f"| {r.pairs_per_s:,.0f} | {r.model_gflops:.1f} | {100 * r.frac_ceiling:.0f}% of "
+            f"{r.ceiling_gflops:.0f} | {r.peak_extra_mib:.1f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="carzero-fast bench",
+        description="Time every backend side by side at CARZero dims (D=768, 4 layers).",
+    )
+    ap.add_argument("--n", type=int, default=64, help="memory items (images) per forward")
+    ap.add_argument("--m", type=int, default=64, help="queries (text globals) per forward")
+    ap.add_argument("--p", type=int, default=197, help="tokens per image (CLS + patches)")
+    ap.add_argument("--train-batch", type=int, default=48, help="training step batch, 0 = skip")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    ap.add_argument("--backends", default="reference,chunked", help="comma list of backends")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--d-model", type=int, default=768, help="smaller values for a smoke run")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--json", type=Path, help="also write rows and machine info as JSON here")
+    args = ap.parse_args(argv)
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    for d in dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    d_model = args.d_model
+    cfg = AlignerConfig(d_model=d_model, n_heads=4 if d_model % 4 == 0 else 1)
+    rows = run(args.n, args.m, args.p, 98, dtypes,
+               tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+               args.train_batch, args.repeats, cfg, args.device, not args.no_memory)  # fmt: skip
+    info = machine_info()
+    print(" ".join(f"{k}={v}" for k, v in info.items()))
+    print(markdown(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=1))
+        tmp.replace(args.json)
+    return 0
