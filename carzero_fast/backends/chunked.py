@@ -231,8 +231,11 @@ def attention_folded(
     dh = lp.k_heads[0].shape[0]
     m = q.shape[0] if shared else q.shape[0] // n
     outs = []
-    for h, (wk, wv, bv) in enumerate(zip(lp.k_heads, lp.v_heads, lp.v_bias_heads, strict=True)):
-        qk = q[:, h * dh : (h + 1) * dh] @ wk  # [rows, D]: the query in token space
+    # split, not per-head slicing: its backward is one concatenation, where slicing would
+    # zero-fill a query-sized gradient per head
+    q_heads = q.split(dh, dim=-1)
+    for q_h, wk, wv, bv in zip(q_heads, lp.k_heads, lp.v_heads, lp.v_bias_heads, strict=True):
+        qk = q_h @ wk  # [rows, D]: the query in token space
         if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
             s = (qk @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
         else:
@@ -313,20 +316,24 @@ def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Ten
     return bias.masked_fill_(mask[n0:n1], float("-inf"))[:, None, :]
 
 
+def _leaf(t: Tensor | None) -> Tensor | None:
+    if t is None or (t.is_leaf and t.requires_grad):
+        return t  # already collects its own gradient (a weight given to backward as a leaf)
+    return t.detach().requires_grad_(True)
+
+
 def _leaves(tree: object) -> object:
-    """The same structure with every tensor detached (no copy) into a leaf that collects
-    gradients over many chunks."""
+    """The same structure with every derived tensor detached (no copy) into a leaf that
+    collects gradients over many chunks."""
     flat, spec = tree_flatten(tree)
-    return tree_unflatten(
-        [None if t is None else t.detach().requires_grad_(True) for t in flat], spec
-    )
+    return tree_unflatten([_leaf(t) for t in flat], spec)
 
 
 def _backward_tree(tree: object, leaves: object) -> None:
     """Send the gradients collected by `_leaves(tree)` back through `tree`'s graph."""
     flat, flat_leaves = tree_flatten(tree)[0], tree_flatten(leaves)[0]
     pairs = [(t, g.grad) for t, g in zip(flat, flat_leaves, strict=True)
-             if g is not None and g.grad is not None and t.requires_grad]  # fmt: skip
+             if g is not None and g is not t and g.grad is not None]  # fmt: skip
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
@@ -397,8 +404,12 @@ class _ChunkedAlign(torch.autograd.Function):
             _run_chunks(prep_in, cfg, ctx.plan, ctx.seed, ctx.training, memory, ctx.mask,
                         g_memory, g_out)  # fmt: skip
             _backward_tree(prep, prep_in)
-        return (g_memory, q_leaf.grad, None, None, None, None, None,
-                *[t.grad for t in flat_leaf])  # fmt: skip
+        # Hand the gradients over without keeping references, so that autograd can steal
+        # them and accumulate in place (otherwise it copies: +1 weight-sized buffer).
+        grads = [t.grad for t in flat_leaf]
+        for t in flat_leaf:
+            t.grad = None
+        return (g_memory, q_leaf.grad, None, None, None, None, None, *grads)
 
 
 def chunked_forward(
