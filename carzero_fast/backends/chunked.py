@@ -94,8 +94,9 @@ class Dropout:
     def __call__(self, x: Tensor) -> Tensor:
         if not self.active:
             return x
-        keep = torch.rand(x.shape, generator=self.gen, device=x.device) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        dropped = torch.rand(x.shape, generator=self.gen, device=x.device) < self.p
+        # masked_fill keeps a bool mask for backward (a float mask would be 4× the bytes)
+        return x.masked_fill(dropped, 0.0).mul_(1.0 / (1.0 - self.p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,19 +153,23 @@ class Prepared(NamedTuple):
 
 def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool) -> Prepared:
     """Query stage and weight layout: queries `(M, D)` → `Prepared`."""
-    d, h, dh, eps = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.layer_norm_eps
+    d, dh, eps = cfg.d_model, cfg.head_dim, cfg.layer_norm_eps
+    scale = 1.0 / math.sqrt(dh)
     layers = []
     for lw in w.layers:
-        wk, wv = lw.in_proj_w[d : 2 * d], lw.in_proj_w[2 * d :]
-        bv = lw.in_proj_b[2 * d :]
-        scale = 1.0 / math.sqrt(dh)
-        heads = range(h) if folded else ()
+        # split (not slicing): one concatenation in backward instead of zero-filled
+        # parameter-sized gradients per piece
+        q_w, k_w, v_w = lw.in_proj_w.split(d)
+        q_b, _, v_b = lw.in_proj_b.split(d)
+        if folded:
+            kv_w = kv_b = None
+            k_heads = tuple(t * scale for t in k_w.split(dh))
+            v_heads, v_bias_heads = v_w.split(dh), v_b.split(dh)
+        else:
+            kv_w, kv_b = lw.in_proj_w[d:], lw.in_proj_b[d:]
+            k_heads = v_heads = v_bias_heads = ()
         layers.append(LayerPlan(
-            lw.norm2_w, lw.norm2_b, lw.in_proj_w[:d], lw.in_proj_b[:d],
-            None if folded else lw.in_proj_w[d:], None if folded else lw.in_proj_b[d:],
-            tuple(wk[i * dh : (i + 1) * dh] * scale for i in heads),
-            tuple(wv[i * dh : (i + 1) * dh] for i in heads),
-            tuple(bv[i * dh : (i + 1) * dh] for i in heads),
+            lw.norm2_w, lw.norm2_b, q_w, q_b, kv_w, kv_b, k_heads, v_heads, v_bias_heads,
             lw.out_proj_w, lw.out_proj_b, lw.norm3_w, lw.norm3_b,
             lw.linear1_w, lw.linear1_b, lw.linear2_w, lw.linear2_b,
         ))  # fmt: skip
