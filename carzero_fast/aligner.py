@@ -138,6 +138,52 @@ class CrossAttentionAligner(nn.Module):
             chunk_budget_bytes=budget,
         )
 
+    def both_directions(
+        self,
+        img_tokens: Tensor,
+        txt_tokens: Tensor,
+        img_mask: Tensor | None = None,
+        txt_mask: Tensor | None = None,
+        *,
+        backend: str | None = None,
+        chunk_budget_bytes: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """CARZero's two directions, the globals taken from row 0 of each token tensor.
+
+        Args:
+            img_tokens: `(N, Pi, D)`; txt_tokens: `(M, Pt, D)`; optional bool masks
+                `(N, Pi)`, `(M, Pt)` (True = ignore the token).
+
+        Returns:
+            (i2t `(N, M)`: images as memory, text globals as queries;
+             t2i `(M, N)`: texts as memory, image globals as queries). The streaming backend
+            runs both in one autograd node (one weight-gradient accumulation).
+        """
+        from .backends import run_backend_both
+
+        for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
+            if not isinstance(t, Tensor) or t.dim() != 3:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{name} must be (items, tokens, D) with the global in row 0, got {shape}"
+                )
+        param = self.decoder_norm.weight
+        check_inputs(self.config, img_tokens, txt_tokens[:, 0], img_mask, param)
+        check_inputs(self.config, txt_tokens, img_tokens[:, 0], txt_mask, param)
+        name = backend if backend is not None else self.backend
+        budget = chunk_budget_bytes if chunk_budget_bytes is not None else self.chunk_budget_bytes
+        return run_backend_both(
+            name,
+            self.weights().to(img_tokens.dtype),
+            self.config,
+            img_tokens,
+            txt_tokens,
+            img_mask,
+            txt_mask,
+            training=self.training,
+            chunk_budget_bytes=budget,
+        )
+
     @classmethod
     def from_carzero_state_dict(
         cls,

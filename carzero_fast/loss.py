@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .aligner import CrossAttentionAligner
+
 
 def _symmetric_ce(s: Tensor) -> Tensor:
     """(CE(S, diag) + CE(Sᵀ, diag)) / 2 for a square logit matrix S `(B, B)`."""
@@ -32,7 +34,7 @@ def carzero_loss(i2t: Tensor, t2i: Tensor) -> Tensor:
 
 
 def alignment_logits(
-    aligner: torch.nn.Module,
+    aligner: CrossAttentionAligner,
     img_tokens: Tensor,
     txt_tokens: Tensor,
     img_mask: Tensor | None = None,
@@ -44,19 +46,11 @@ def alignment_logits(
 
     img_tokens `(N, Pi, D)`, txt_tokens `(M, Pt, D)` → (i2t `(N, M)`, t2i `(M, N)`).
     """
-    for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be (items, tokens, D) with the global in row 0, got {shape}"
-            )
-    i2t = aligner(img_tokens, txt_tokens[:, 0], img_mask, backend=backend)
-    t2i = aligner(txt_tokens, img_tokens[:, 0], txt_mask, backend=backend)
-    return i2t, t2i
+    return aligner.both_directions(img_tokens, txt_tokens, img_mask, txt_mask, backend=backend)
 
 
 def zero_shot_scores(
-    aligner: torch.nn.Module,
+    aligner: CrossAttentionAligner,
     img_tokens: Tensor,
     txt_tokens: Tensor,
     img_mask: Tensor | None = None,

@@ -93,3 +93,19 @@ def test_golden_input_has_a_relu_tie_below_fp32_resolution(golden, golden_weight
             )
         )
     assert closest < 6e-8
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-5)])
+def test_both_directions_in_one_node_match_golden(golden, golden_weights, dtype, tol):
+    """`alignment_logits` (one autograd node for both directions on the chunked backend)."""
+    al = cf.CrossAttentionAligner.from_carzero_state_dict(golden_weights).eval().to(dtype)
+    img = golden["inputs.img_tokens"].to(dtype).clone().requires_grad_(True)
+    txt = golden["inputs.txt_tokens"].to(dtype).clone().requires_grad_(True)
+    i2t, t2i = cf.alignment_logits(al, img, txt, backend="chunked")
+    loss = cf.carzero_loss(i2t, t2i)
+    assert rel_err(i2t, golden["outputs.i2t"]) < tol
+    assert rel_err(t2i, golden["outputs.t2i"]) < tol
+    assert rel_err(loss.reshape(1), golden["outputs.loss"]) < tol
+    if dtype == torch.float64:  # fp32 gradients: see the ReLU-tie test below
+        loss.backward()
+        _check_grads(al, img, txt, golden, 1e-4)

@@ -6,7 +6,7 @@ import torch
 from conftest import make_aligner, random_mask, rel_err
 
 import carzero_fast as cf
-from carzero_fast.backends.chunked import Dropout, chunked_forward
+from carzero_fast.backends.chunked import Dropout, chunked_both_directions, chunked_forward
 from carzero_fast.memory import track_memory
 from carzero_fast.weights import AlignerWeights
 
@@ -64,6 +64,23 @@ def test_gradcheck_with_dropout_in_both_forms():
         # inputs: every element; weights: random directions (fast mode), to keep it quick
         assert torch.autograd.gradcheck(lambda m, x, f=fn: f(m, x, *flat), (mem, q), atol=1e-6)
         assert torch.autograd.gradcheck(fn, (mem, q, *flat), atol=1e-6, fast_mode=True)
+
+
+def test_gradcheck_both_directions_in_one_node():
+    """i2t and t2i share one autograd node; the globals (row 0) get gradients from both uses."""
+    al = make_aligner(TINY, seed=9, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    img = torch.randn(3, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(4, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    flat = [p.detach().clone().requires_grad_(True) for p in al.weights().flatten()]
+
+    def fn(i, t, *fl):
+        torch.manual_seed(99)
+        w = AlignerWeights.unflatten(list(fl), TINY.n_layers)
+        return chunked_both_directions(w, TINY, i, t, None, random_mask(4, 3), True, 1)
+
+    assert torch.autograd.gradcheck(lambda i, t: fn(i, t, *flat), (img, txt), atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (img, txt, *flat), atol=1e-6, fast_mode=True)
 
 
 def test_dropout_is_applied_and_seeded():

@@ -346,22 +346,20 @@ def _backward_tree(tree: object, leaves: object) -> None:
 def _run_chunks(
     prep: Prepared,
     cfg: AlignerConfig,
-    plan: ChunkPlan,
-    seed: int | None,
+    job: Job,
     training: bool,
     memory: Tensor,
-    mask: Tensor | None,
     out: Tensor,
     g_out: Tensor | None = None,
 ) -> None:
     """The chunk loop shared by forward (writes logits into `out`) and backward (`g_out`
-    given: back-propagates each chunk and writes memory's gradient into `out`).
+    given: back-propagates each chunk and adds memory's gradient into `out`).
 
     In backward, `prep` holds leaves that collect gradients; each item block's state is
     detached so that its pairs' chunks back-propagate into one buffer, which then goes back
     through the item stage once.
     """
-    n, m = memory.shape[0], prep.x0.shape[0]
+    n, m, plan = memory.shape[0], prep.x0.shape[0], job.plan
     p_drop = cfg.dropout if training else 0.0
     for n0, n1 in _chunks(n, plan.items):
         mem = memory[n0:n1]
@@ -369,9 +367,9 @@ def _run_chunks(
             mem = mem.detach().requires_grad_(True)
         item = item_stage(prep, cfg, mem, plan.folded)
         item_in = _leaves(item) if g_out is not None else item
-        bias = _mask_bias(mask, n0, n1, memory.dtype)
+        bias = _mask_bias(job.mask, n0, n1, memory.dtype)
         for m0, m1 in _chunks(m, plan.queries):
-            drop = Dropout(p_drop, seed, (n0, m0), memory.device)
+            drop = Dropout(p_drop, job.seed, (n0, m0), memory.device)
             s = pair_chunk_forward(prep, cfg, slice(m0, m1), item_in, plan.folded, bias, drop)
             if g_out is None:
                 out[n0:n1, m0:m1] = s
@@ -379,42 +377,118 @@ def _run_chunks(
                 torch.autograd.backward(s, g_out[n0:n1, m0:m1])
         if g_out is not None:
             _backward_tree(item, item_in)
-            out[n0:n1] = mem.grad
+            out[n0:n1] += mem.grad
+
+
+class Job(NamedTuple):
+    """One direction: the memory is `tokens[memory]`; the queries are `tokens[queries]` when
+    that is `(M, D)`, else its row 0 (the globals, as CARZero feeds them)."""
+
+    memory: int
+    queries: int
+    mask: Tensor | None
+    plan: ChunkPlan
+    seed: int | None  # dropout seed, None = no dropout
+
+
+def _queries(tokens: tuple[Tensor, ...], job: Job) -> Tensor:
+    src = tokens[job.queries]
+    return src if src.dim() == 2 else src[:, 0]
 
 
 class _ChunkedAlign(torch.autograd.Function):
-    """Forward saves only inputs; backward recomputes chunk by chunk (no per-pair activations)."""
+    """Forward saves only inputs; backward recomputes chunk by chunk (no per-pair activations).
+
+    Several directions over the same tokens (i2t and t2i of a training step) run in one node,
+    so the weights' gradient is accumulated once, and the global rows' gradients land in the
+    token gradients directly.
+    """
 
     @staticmethod
-    def forward(ctx, memory, queries, mask, cfg, plan, seed, training, *flat):  # noqa: ANN001
+    def forward(ctx, cfg, jobs, training, n_tokens, *tensors):  # noqa: ANN001
+        tokens, flat = tensors[:n_tokens], tensors[n_tokens:]
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
-        out = memory.new_empty((memory.shape[0], queries.shape[0]))
-        prep = prepare(w, cfg, queries, plan.folded)
-        _run_chunks(prep, cfg, plan, seed, training, memory, mask, out)
-        ctx.save_for_backward(memory, queries, *flat)
-        ctx.mask, ctx.cfg, ctx.plan, ctx.seed, ctx.training = mask, cfg, plan, seed, training
-        return out
+        outs = []
+        for job in jobs:
+            memory, queries = tokens[job.memory], _queries(tokens, job)
+            out = memory.new_empty((memory.shape[0], queries.shape[0]))
+            prep = prepare(w, cfg, queries, job.plan.folded)
+            _run_chunks(prep, cfg, job, training, memory, out)
+            outs.append(out)
+        ctx.save_for_backward(*tensors)
+        ctx.cfg, ctx.jobs, ctx.training, ctx.n_tokens = cfg, jobs, training, n_tokens
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g_out):  # noqa: ANN001
-        memory, queries, *flat = ctx.saved_tensors
+    def backward(ctx, *g_outs):  # noqa: ANN001
+        saved = ctx.saved_tensors
+        tokens, flat = saved[: ctx.n_tokens], saved[ctx.n_tokens :]
         cfg = ctx.cfg
-        g_memory = torch.empty_like(memory)
+        g_tokens = [torch.zeros_like(t) for t in tokens]
         with torch.enable_grad():
-            q_leaf = queries.detach().requires_grad_(True)
             flat_leaf = [t.detach().requires_grad_(True) for t in flat]
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
-            prep = prepare(w, cfg, q_leaf, ctx.plan.folded)
-            prep_in = _leaves(prep)
-            _run_chunks(prep_in, cfg, ctx.plan, ctx.seed, ctx.training, memory, ctx.mask,
-                        g_memory, g_out)  # fmt: skip
-            _backward_tree(prep, prep_in)
+            for job, g_out in zip(ctx.jobs, g_outs, strict=True):
+                if g_out is None:
+                    continue
+                q_leaf = _queries(tokens, job).detach().requires_grad_(True)
+                prep = prepare(w, cfg, q_leaf, job.plan.folded)
+                prep_in = _leaves(prep)
+                _run_chunks(prep_in, cfg, job, ctx.training, tokens[job.memory],
+                            g_tokens[job.memory], g_out)  # fmt: skip
+                _backward_tree(prep, prep_in)
+                g_q = g_tokens[job.queries]
+                (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_leaf.grad)
         # Hand the gradients over without keeping references, so that autograd can steal
         # them and accumulate in place (otherwise it copies: +1 weight-sized buffer).
         grads = [t.grad for t in flat_leaf]
         for t in flat_leaf:
             t.grad = None
-        return (g_memory, q_leaf.grad, None, None, None, None, None, *grads)
+        return (None, None, None, None, *g_tokens, *grads)
+
+
+def _check_form(form: str) -> None:
+    if form not in ("auto", "kv", "folded"):
+        raise ValueError(f"unknown attention form {form!r}; choose auto, kv or folded")
+
+
+def _budget(chunk_budget_bytes: int | None) -> int:
+    budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else int(chunk_budget_bytes)
+    if budget <= 0:
+        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
+    return budget
+
+
+def _make_job(cfg, tokens, mem_i, q_i, mask, training, budget, form, grad) -> Job:  # noqa: ANN001
+    memory = tokens[mem_i]
+    n, p, _ = memory.shape
+    m = tokens[q_i].shape[0]
+    folded = use_folded_form(cfg, m, p) if form == "auto" else form == "folded"
+    plan = plan_chunks(cfg, n, m, p, memory.element_size(), budget, grad, folded)
+    seed = None
+    if training and cfg.dropout > 0.0:
+        # From torch's default CPU generator: reproducible under torch.manual_seed, no sync.
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return Job(mem_i, q_i, mask, plan, seed)
+
+
+def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[Tensor, ...]:  # noqa: ANN001
+    """Run the jobs `pairs` = [(memory index, queries index, mask), ...] over `tokens`."""
+    _check_form(form)
+    budget = _budget(chunk_budget_bytes)
+    flat = w.flatten()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tokens, *flat))
+    jobs = [_make_job(cfg, tokens, mi, qi, mask, training, budget, form, grad)
+            for mi, qi, mask in pairs]  # fmt: skip
+    if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
+        # Empty batches: plain autograd-connected zeros (no chunk to run).
+        anchor = sum(0.0 * t.sum() for t in tokens)
+        return tuple(
+            tokens[j.memory].new_zeros((tokens[j.memory].shape[0], tokens[j.queries].shape[0]))
+            + anchor
+            for j in jobs
+        )
+    return _ChunkedAlign.apply(cfg, jobs, training, len(tokens), *tokens, *flat)
 
 
 def chunked_forward(
@@ -431,24 +505,24 @@ def chunked_forward(
 
     form: "auto" (by the cost model), "kv" or "folded" (both exact; tests exercise each).
     """
-    if form not in ("auto", "kv", "folded"):
-        raise ValueError(f"unknown attention form {form!r}; choose auto, kv or folded")
-    n, p, _ = memory.shape
-    m = queries.shape[0]
-    budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else int(chunk_budget_bytes)
-    if budget <= 0:
-        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
-    flat = w.flatten()
-    grad = torch.is_grad_enabled() and (
-        memory.requires_grad or queries.requires_grad or any(t.requires_grad for t in flat)
-    )
-    folded = use_folded_form(cfg, m, p) if form == "auto" else form == "folded"
-    plan = plan_chunks(cfg, n, m, p, memory.element_size(), budget, grad, folded)
-    seed = None
-    if training and cfg.dropout > 0.0:
-        # Drawn from torch's default CPU generator: reproducible under torch.manual_seed and
-        # no device sync.
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    if n == 0 or m == 0:
-        return memory.new_zeros((n, m)) + 0.0 * queries.sum() + 0.0 * memory.sum()
-    return _ChunkedAlign.apply(memory, queries, memory_mask, cfg, plan, seed, training, *flat)
+    (out,) = _apply(w, cfg, (memory, queries), [(0, 1, memory_mask)], training,
+                    chunk_budget_bytes, form)  # fmt: skip
+    return out
+
+
+def chunked_both_directions(
+    w: AlignerWeights,
+    cfg: AlignerConfig,
+    img_tokens: Tensor,
+    txt_tokens: Tensor,
+    img_mask: Tensor | None,
+    txt_mask: Tensor | None,
+    training: bool,
+    chunk_budget_bytes: int | None = None,
+    form: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """CARZero's two directions in one autograd node, globals taken from row 0:
+    img `(N, Pi, D)`, txt `(M, Pt, D)` → (i2t `(N, M)`, t2i `(M, N)`)."""
+    i2t, t2i = _apply(w, cfg, (img_tokens, txt_tokens), [(0, 1, img_mask), (1, 0, txt_mask)],
+                      training, chunk_budget_bytes, form)  # fmt: skip
+    return i2t, t2i
