@@ -59,7 +59,8 @@ class CrossAttentionAligner(nn.Module):
         config: the module's shape; CARZero's defaults when omitted.
         backend: "auto" (the best available for the inputs' device), "reference" (materialises
             every pair like the original: the oracle), or "chunked" (streams pair chunks).
-        chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs.
+        chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs
+            (None: 32 MiB, or 80 MiB when gradients are needed).
     """
 
     def __init__(

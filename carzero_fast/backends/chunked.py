@@ -36,7 +36,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
 
+# Defaults when the caller gives no budget. Training chunks are larger: their weight-gradient
+# GEMMs have the chunk's pairs as inner dimension, and small chunks starve them.
 DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
+DEFAULT_TRAIN_CHUNK_BUDGET_BYTES = 80 * 2**20
 
 
 class ChunkPlan(NamedTuple):
@@ -452,8 +455,10 @@ def _check_form(form: str) -> None:
         raise ValueError(f"unknown attention form {form!r}; choose auto, kv or folded")
 
 
-def _budget(chunk_budget_bytes: int | None) -> int:
-    budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else int(chunk_budget_bytes)
+def _budget(chunk_budget_bytes: int | None, grad: bool) -> int:
+    if chunk_budget_bytes is None:
+        return DEFAULT_TRAIN_CHUNK_BUDGET_BYTES if grad else DEFAULT_CHUNK_BUDGET_BYTES
+    budget = int(chunk_budget_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
     return budget
@@ -475,9 +480,9 @@ def _make_job(cfg, tokens, mem_i, q_i, mask, training, budget, form, grad) -> Jo
 def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[Tensor, ...]:  # noqa: ANN001
     """Run the jobs `pairs` = [(memory index, queries index, mask), ...] over `tokens`."""
     _check_form(form)
-    budget = _budget(chunk_budget_bytes)
     flat = w.flatten()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tokens, *flat))
+    budget = _budget(chunk_budget_bytes, grad)
     jobs = [_make_job(cfg, tokens, mi, qi, mask, training, budget, form, grad)
             for mi, qi, mask in pairs]  # fmt: skip
     if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
