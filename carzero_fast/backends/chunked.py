@@ -116,6 +116,22 @@ def use_folded_form(cfg: AlignerConfig, queries_per_item: int, n_tokens: int) ->
     return queries_per_item * (d + (h - 1) * p) < p * d
 
 
+def executed_flops(cfg: AlignerConfig, n: int, m: int, n_tokens: int, folded: bool) -> int:
+    """FLOPs this backend's forward executes for n items × m queries (GEMMs only; compare
+    `AlignerConfig.flops_per_pair`, the original's count). Layer 1's query work is per query."""
+    d, h, p, f = cfg.d_model, cfg.n_heads, n_tokens, cfg.d_ffn
+    widths = (d, *cfg.head_dims, 1)
+    head = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
+    proj = 2 * d * d  # one D×D projection of one row
+    if folded:
+        attn = 4 * h * p * d + 2 * proj  # scores, weighted tokens, Wv, Wo
+        pair = attn + 4 * d * f + (cfg.n_layers - 1) * (attn + 2 * proj + 4 * d * f) + head
+        return n * m * pair + m * 2 * proj
+    attn = 4 * p * d + proj  # q·Kᵀ, softmax·V, Wo
+    pair = attn + 4 * d * f + (cfg.n_layers - 1) * (attn + proj + 4 * d * f) + head
+    return n * m * pair + m * proj + n * cfg.kv_flops_per_item(p)
+
+
 class LayerPlan(NamedTuple):
     """One layer's weights as the chunk stages consume them.
 
