@@ -7,7 +7,12 @@ import torch
 from conftest import make_aligner, random_mask, rel_err
 
 import carzero_fast as cf
-from carzero_fast.backends.chunked import chunked_forward, plan_chunks, use_folded_form
+from carzero_fast.backends.chunked import (
+    chunked_forward,
+    executed_flops,
+    plan_chunks,
+    use_folded_form,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,18 @@ def test_cost_model_picks_the_cheaper_form():
     assert use_folded_form(cfg, 64, 197) and use_folded_form(cfg, 110, 197)
     assert not use_folded_form(cfg, 112, 197)
     assert use_folded_form(cfg, 70, 98) and not use_folded_form(cfg, 72, 98)
+
+
+def test_cost_model_agrees_with_executed_flops():
+    cfg = cf.AlignerConfig()
+    for p in (98, 197):
+        for m in (8, 48, 64, 150, 256, 1024):
+            cheaper = executed_flops(cfg, 64, m, p, True) < executed_flops(cfg, 64, m, p, False)
+            assert use_folded_form(cfg, m, p) == cheaper, (m, p)
+    # the original's count at N = M = 64: the kv form does the same per-item work
+    original = 64 * 64 * cfg.flops_per_pair(197) + 64 * cfg.kv_flops_per_item(197)
+    assert executed_flops(cfg, 64, 64, 197, False) < original
+    assert executed_flops(cfg, 64, 64, 197, True) < 0.75 * original
 
 
 def test_chunk_plan_depends_on_budget_not_batch():

@@ -1,0 +1,73 @@
+"""Cost model and chunk planning of the streaming executor (DESIGN.md §2–3)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..config import AlignerConfig
+
+# Defaults when the caller gives no budget. Training chunks are larger: their weight-gradient
+# GEMMs have the chunk's pairs as inner dimension, and small chunks starve them.
+DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
+DEFAULT_TRAIN_CHUNK_BUDGET_BYTES = 80 * 2**20
+
+
+class ChunkPlan(NamedTuple):
+    items: int  # memory items per chunk
+    queries: int  # queries per chunk
+    folded: bool  # attention form (see `use_folded_form`)
+
+
+def plan_chunks(
+    cfg: AlignerConfig,
+    n: int,
+    m: int,
+    p: int,
+    itemsize: int,
+    budget: int,
+    training: bool,
+    folded: bool,
+) -> ChunkPlan:
+    """Chunk shape from a memory budget (bytes), never from N·M.
+
+    A pair alive in a chunk holds a few D-wide rows, one FFN row, the head's widest row and
+    one head's attention state; in training, autograd keeps those of every layer and head for
+    the chunk's backward. An item holds its normalised tokens (and in the "kv" form every
+    layer's K and V).
+    """
+    d, f, h = cfg.d_model, cfg.d_ffn, cfg.n_heads
+    attn = 2 * d + 2 * p if folded else 2 * h * p
+    if training:
+        per_pair = cfg.n_layers * (7 * d + 2 * f + h * attn) + 2 * sum(cfg.head_dims) + 2 * d
+    else:
+        per_pair = 5 * d + f + max(cfg.head_dims) + attn
+    per_pair *= itemsize
+    per_item = (1 if folded else 2 * cfg.n_layers + 1) * p * d * itemsize
+    queries = max(1, min(m, budget // (2 * per_pair)))
+    items = max(1, min(n, budget // (queries * per_pair + per_item)))
+    return ChunkPlan(items, queries, folded)
+
+
+def use_folded_form(cfg: AlignerConfig, queries_per_item: int, n_tokens: int) -> bool:
+    """Cost model: fold the K/V projections into the queries when that needs fewer FLOPs.
+
+    Per item and layer, "kv" costs 4·P·D² + m·4·P·D, "folded" m·(4·D² + 4·H·P·D).
+    """
+    d, h, p = cfg.d_model, cfg.n_heads, n_tokens
+    return queries_per_item * (d + (h - 1) * p) < p * d
+
+
+def executed_flops(cfg: AlignerConfig, n: int, m: int, n_tokens: int, folded: bool) -> int:
+    """FLOPs this backend's forward executes for n items × m queries (GEMMs only; compare
+    `AlignerConfig.flops_per_pair`, the original's count). Layer 1's query work is per query."""
+    d, h, p, f = cfg.d_model, cfg.n_heads, n_tokens, cfg.d_ffn
+    widths = (d, *cfg.head_dims, 1)
+    head = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    proj = 2 * d * d  # one D×D projection of one row
+    if folded:
+        attn = 4 * h * p * d + 2 * proj  # scores, weighted tokens, Wv, Wo
+        pair = attn + 4 * d * f + (cfg.n_layers - 1) * (attn + 2 * proj + 4 * d * f) + head
+        return n * m * pair + m * 2 * proj
+    attn = 4 * p * d + proj  # q·Kᵀ, softmax·V, Wo
+    pair = attn + 4 * d * f + (cfg.n_layers - 1) * (attn + proj + 4 * d * f) + head
+    return n * m * pair + m * proj + n * cfg.kv_flops_per_item(p)
