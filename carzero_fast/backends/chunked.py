@@ -85,6 +85,7 @@ class Prepared(NamedTuple):
 
     x0: Tensor  # [M, D] LN0(queries): each pair's initial residual stream
     q1: Tensor  # [M, D] layer 1's projected query (it does not depend on the item)
+    q1_folded: tuple[Tensor, ...]  # H × [M, D]: q1 in token space per head ("folded" form)
     norm0_w: Tensor  # [D]
     norm0_b: Tensor  # [D]
     layers: tuple[LayerPlan, ...]
@@ -116,7 +117,17 @@ def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool
     x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
     lp = layers[0]
     q1 = F.linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
-    return Prepared(x0, q1, w.norm0_w, w.norm0_b, tuple(layers), w.head)
+    q1_folded = fold_query(q1, lp) if folded else ()
+    return Prepared(x0, q1, q1_folded, w.norm0_w, w.norm0_b, tuple(layers), w.head)
+
+
+def fold_query(q: Tensor, lp: LayerPlan) -> tuple[Tensor, ...]:
+    """Projected queries `(rows, D)` → per head `q_h·Wk_h / sqrt(dh)`, H × `(rows, D)`: the
+    query in token space, so that its scores are a product with LN0(memory) itself."""
+    # split, not per-head slicing: its backward is one concatenation, where slicing would
+    # zero-fill a query-sized gradient per head
+    dh = lp.k_heads[0].shape[0]
+    return tuple(q_h @ wk for q_h, wk in zip(q.split(dh, dim=-1), lp.k_heads, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,27 +175,27 @@ def attention_kv(
 
 
 def attention_folded(
-    q: Tensor, normed: Tensor, lp: LayerPlan, bias: Tensor | None, drop: Dropout, shared: bool
+    qk: tuple[Tensor, ...],
+    normed: Tensor,
+    lp: LayerPlan,
+    bias: Tensor | None,
+    drop: Dropout,
+    shared: bool,
 ) -> Tensor:
     """Multi-head attention with the K/V projections folded into the query side (exact).
 
-    q `(n·m, D)`, one row per pair, or `(m, D)` shared by all n items (`shared`, layer 1);
-    normed `(n, P, D)` = LN0(memory); bias `(n, 1, P)` additive → `(n, m, D)`, before the
-    output projection.
+    qk: per head the query in token space (`fold_query`), `(n·m, D)` with one row per pair,
+    or `(m, D)` shared by all n items (`shared`, layer 1); normed `(n, P, D)` = LN0(memory);
+    bias `(n, 1, P)` additive → `(n, m, D)`, before the output projection.
     """
     n, p, d = normed.shape
-    dh = lp.k_heads[0].shape[0]
-    m = q.shape[0] if shared else q.shape[0] // n
+    m = qk[0].shape[0] if shared else qk[0].shape[0] // n
     outs = []
-    # split, not per-head slicing: its backward is one concatenation, where slicing would
-    # zero-fill a query-sized gradient per head
-    q_heads = q.split(dh, dim=-1)
-    for q_h, wk, wv, bv in zip(q_heads, lp.k_heads, lp.v_heads, lp.v_bias_heads, strict=True):
-        qk = q_h @ wk  # [rows, D]: the query in token space
+    for qk_h, wv, bv in zip(qk, lp.v_heads, lp.v_bias_heads, strict=True):
         if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
-            s = (qk @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
+            s = (qk_h @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
         else:
-            s = torch.bmm(qk.view(n, m, d), normed.transpose(1, 2))  # [n, m, P]
+            s = torch.bmm(qk_h.view(n, m, d), normed.transpose(1, 2))  # [n, m, P]
         if bias is not None:
             s = s + bias
         a = drop(torch.softmax(s, dim=-1))  # [n, m, P]
@@ -229,16 +240,21 @@ def pair_chunk_forward(
     x = prep.x0[queries]  # [m, D], broadcast over the n items by the first residual add
     m = x.shape[0]
     for i, lp in enumerate(prep.layers):
-        if i == 0:
-            q = prep.q1[queries]  # [m, D]
+        if i == 0:  # layer 1's query does not depend on the item: prepared once per query
+            if folded:
+                o = attention_folded(tuple(t[queries] for t in prep.q1_folded), item[0], lp,
+                                     bias, drop, shared=True)  # fmt: skip
+            else:
+                o = attention_kv(prep.q1[queries].expand(n, m, d), item[0], item[1], bias,
+                                 cfg.n_heads, drop)  # fmt: skip
         else:
             y = F.layer_norm(x, (d,), lp.norm2_w, lp.norm2_b, cfg.layer_norm_eps)
             q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
-        if folded:
-            o = attention_folded(q.reshape(-1, d), item[0], lp, bias, drop, shared=i == 0)
-        else:
-            o = attention_kv(q.expand(n, m, d), item[2 * i], item[2 * i + 1], bias,
-                             cfg.n_heads, drop)  # fmt: skip
+            if folded:
+                o = attention_folded(fold_query(q.reshape(-1, d), lp), item[0], lp, bias, drop,
+                                     shared=False)  # fmt: skip
+            else:
+                o = attention_kv(q, item[2 * i], item[2 * i + 1], bias, cfg.n_heads, drop)
         x = x + drop(F.linear(o, lp.out_w, lp.out_b))
         x = ffn_stage(lp, cfg, x, drop)
     return head_stage(prep, cfg, x, drop)
