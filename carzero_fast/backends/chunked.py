@@ -26,6 +26,7 @@ Two exact forms of the attention, chosen per call by the cost model (`use_folded
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -117,17 +118,18 @@ def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool
     x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
     lp = layers[0]
     q1 = F.linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
-    q1_folded = fold_query(q1, lp) if folded else ()
+    q1_folded = tuple(fold_query(q1, lp)) if folded else ()
     return Prepared(x0, q1, q1_folded, w.norm0_w, w.norm0_b, tuple(layers), w.head)
 
 
-def fold_query(q: Tensor, lp: LayerPlan) -> tuple[Tensor, ...]:
-    """Projected queries `(rows, D)` → per head `q_h·Wk_h / sqrt(dh)`, H × `(rows, D)`: the
-    query in token space, so that its scores are a product with LN0(memory) itself."""
+def fold_query(q: Tensor, lp: LayerPlan) -> Iterator[Tensor]:
+    """Projected queries `(rows, D)` → per head `q_h·Wk_h / sqrt(dh)`, `(rows, D)`: the query
+    in token space, so that its scores are a product with LN0(memory) itself. Lazy: a chunk
+    holds one head's at a time."""
     # split, not per-head slicing: its backward is one concatenation, where slicing would
     # zero-fill a query-sized gradient per head
     dh = lp.k_heads[0].shape[0]
-    return tuple(q_h @ wk for q_h, wk in zip(q.split(dh, dim=-1), lp.k_heads, strict=True))
+    return (q_h @ wk for q_h, wk in zip(q.split(dh, dim=-1), lp.k_heads, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def attention_kv(
 
 
 def attention_folded(
-    qk: tuple[Tensor, ...],
+    qk: Iterable[Tensor],
     normed: Tensor,
     lp: LayerPlan,
     bias: Tensor | None,
@@ -189,9 +191,9 @@ def attention_folded(
     bias `(n, 1, P)` additive → `(n, m, D)`, before the output projection.
     """
     n, p, d = normed.shape
-    m = qk[0].shape[0] if shared else qk[0].shape[0] // n
     outs = []
     for qk_h, wv, bv in zip(qk, lp.v_heads, lp.v_bias_heads, strict=True):
+        m = qk_h.shape[0] if shared else qk_h.shape[0] // n
         if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
             s = (qk_h @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
         else:
