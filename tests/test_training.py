@@ -146,3 +146,27 @@ def test_training_memory_does_not_grow_with_pairs_times_width():
     )
     assert grow_ref > 4 * one_nmd  # the measurement sees materialised pair tensors
     assert grow_chunked < one_nmd / 3
+
+
+def test_frozen_aligner_or_frozen_features_match_reference():
+    """Only what needs a gradient is differentiated; the rest gets none, like the reference."""
+    cfg = cf.AlignerConfig(d_model=32, n_layers=2, d_ffn=40, head_dims=(24, 8), dropout=0.0)
+    al = make_aligner(cfg, seed=10)
+    g = torch.Generator().manual_seed(11)
+    img, txt = torch.randn(4, 6, 32, generator=g), torch.randn(5, 3, 32, generator=g)
+
+    def grads(backend, inputs, weights):
+        for p in al.parameters():
+            p.requires_grad_(weights)
+            p.grad = None
+        i, t = img.clone().requires_grad_(inputs), txt.clone().requires_grad_(inputs)
+        i2t, t2i = cf.alignment_logits(al, i, t, backend=backend)
+        (0.3 * i2t.sum() + (t2i**2).sum()).backward()
+        return [i.grad, t.grad] + [p.grad for p in al.parameters()]
+
+    for inputs, weights in ((True, False), (False, True)):
+        for a, b in zip(grads("chunked", inputs, weights), grads("reference", inputs, weights),
+                        strict=True):  # fmt: skip
+            assert (a is None) == (b is None)
+            if b is not None:
+                assert rel_err(a, b, floor=1e-3) < 1e-4

@@ -280,8 +280,8 @@ def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Ten
 
 
 def _leaf(t: Tensor | None) -> Tensor | None:
-    if t is None or (t.is_leaf and t.requires_grad):
-        return t  # already collects its own gradient (a weight given to backward as a leaf)
+    if t is None or t.is_leaf:
+        return t  # collects its own gradient already, or needs none
     return t.detach().requires_grad_(True)
 
 
@@ -322,7 +322,7 @@ def _run_chunks(
     for n0, n1 in _chunks(n, plan.items):
         mem = memory[n0:n1]
         if g_out is not None:
-            mem = mem.detach().requires_grad_(True)
+            mem = mem.detach().requires_grad_(memory.requires_grad)
         item = item_stage(prep, cfg, mem, plan.folded)
         item_in = _leaves(item) if g_out is not None else item
         bias = _mask_bias(job.mask, n0, n1, memory.dtype)
@@ -335,7 +335,8 @@ def _run_chunks(
                 torch.autograd.backward(s, g_out[n0:n1, m0:m1])
         if g_out is not None:
             _backward_tree(item, item_in)
-            out[n0:n1] += mem.grad
+            if mem.grad is not None:
+                out[n0:n1] += mem.grad
 
 
 class Job(NamedTuple):
@@ -382,23 +383,30 @@ class _ChunkedAlign(torch.autograd.Function):
         saved = ctx.saved_tensors
         tokens, flat = saved[: ctx.n_tokens], saved[ctx.n_tokens :]
         cfg = ctx.cfg
-        g_tokens = [torch.zeros_like(t) for t in tokens]
+        needs = ctx.needs_input_grad[4:]  # after (cfg, jobs, training, n_tokens)
+        needs_tokens, needs_flat = needs[: ctx.n_tokens], needs[ctx.n_tokens :]
+        g_tokens = [torch.zeros_like(t) if need else None
+                    for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
         with torch.enable_grad():
-            flat_leaf = [t.detach().requires_grad_(True) for t in flat]
+            # Only what needs a gradient is differentiated (a frozen aligner costs no dW).
+            tokens = [t.detach().requires_grad_(need)
+                      for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
+            flat_leaf = [t.detach().requires_grad_(need)
+                         for t, need in zip(flat, needs_flat, strict=True)]  # fmt: skip
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
             for job, g_out in zip(ctx.jobs, g_outs, strict=True):
                 if g_out is None:
                     continue
-                q_leaf = _queries(tokens, job).detach().requires_grad_(True)
+                q_leaf = _queries(tokens, job).detach().requires_grad_(needs_tokens[job.queries])
                 prep = prepare(w, cfg, q_leaf, job.plan.folded)
                 prep_in = _leaves(prep)
-                _run_chunks(prep_in, cfg, job, ctx.training, tokens[job.memory],
-                            g_tokens[job.memory], g_out)  # fmt: skip
+                g_mem = g_tokens[job.memory]
+                _run_chunks(prep_in, cfg, job, ctx.training, tokens[job.memory], g_mem, g_out)
                 _backward_tree(prep, prep_in)
                 g_q = g_tokens[job.queries]
-                (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_leaf.grad)
-        # Hand the gradients over without keeping references, so that autograd can steal
-        # them and accumulate in place (otherwise it copies: +1 weight-sized buffer).
+                if q_leaf.grad is not None:
+                    (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_leaf.grad)
+        # Drop the leaves' references so that autograd can take the gradients without a copy.
         grads = [t.grad for t in flat_leaf]
         for t in flat_leaf:
             t.grad = None
