@@ -19,7 +19,8 @@ def check_backend_name(name: str) -> str:
 
 
 def resolve_backend(name: str, device_type: str) -> str:
-    """The concrete backend `name` stands for on a device of this type."""
+    """The concrete backend `name` stands for on a device of this type. Today "auto" is
+    "chunked" everywhere; the device type is where a fused GPU backend will be chosen."""
     check_backend_name(name)
     return "chunked" if name == "auto" else name
 
