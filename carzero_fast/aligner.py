@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .checkpoint import extract_fusion_state_dict, infer_config, split_unused
+from .checkpoint import drop_unused, extract_fusion_state_dict, infer_config
 from .config import AlignerConfig
 from .validation import check_inputs
 from .weights import AlignerWeights, LayerWeights
@@ -100,6 +100,13 @@ class CrossAttentionAligner(nn.Module):
         layers = tuple(layer.weights() for layer in self.decoder.layers)
         return AlignerWeights(self.decoder_norm.weight, self.decoder_norm.bias, layers, head)
 
+    def _call_settings(self, backend: str | None, budget: int | None) -> tuple[str, int | None]:
+        """Per-call overrides of the module's backend and chunk budget."""
+        return (
+            backend if backend is not None else self.backend,
+            budget if budget is not None else self.chunk_budget_bytes,
+        )
+
     def forward(
         self,
         memory: Tensor,
@@ -125,8 +132,7 @@ class CrossAttentionAligner(nn.Module):
         from .backends import run_backend
 
         check_inputs(self.config, memory, queries, memory_mask, self.decoder_norm.weight)
-        name = backend if backend is not None else self.backend
-        budget = chunk_budget_bytes if chunk_budget_bytes is not None else self.chunk_budget_bytes
+        name, budget = self._call_settings(backend, chunk_budget_bytes)
         weights = self.weights().to(memory.dtype)
         return run_backend(
             name,
@@ -171,8 +177,7 @@ class CrossAttentionAligner(nn.Module):
         param = self.decoder_norm.weight
         check_inputs(self.config, img_tokens, txt_tokens[:, 0], img_mask, param)
         check_inputs(self.config, txt_tokens, img_tokens[:, 0], txt_mask, param)
-        name = backend if backend is not None else self.backend
-        budget = chunk_budget_bytes if chunk_budget_bytes is not None else self.chunk_budget_bytes
+        name, budget = self._call_settings(backend, chunk_budget_bytes)
         return run_backend_both(
             name,
             self.weights().to(img_tokens.dtype),
@@ -201,7 +206,7 @@ class CrossAttentionAligner(nn.Module):
         misshapen key raises a `KeyError`/`ValueError` naming it.
         """
         sd = extract_fusion_state_dict(state_dict)
-        used, _ = split_unused(sd)
+        used = drop_unused(sd)
         cfg = config if config is not None else infer_config(used)
         model = cls(cfg, **kwargs)
         expected = model.state_dict()

@@ -39,10 +39,9 @@ def extract_fusion_state_dict(state_dict: Mapping[str, object]) -> dict[str, Ten
     return out
 
 
-def split_unused(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """(used keys, the original's unused keys that were dropped)."""
-    used = {k: v for k, v in state_dict.items() if not _UNUSED.match(k)}
-    return used, sorted(k for k in state_dict if _UNUSED.match(k))
+def drop_unused(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The keys the computation uses: the original's unused parameters removed."""
+    return {k: v for k, v in state_dict.items() if not _UNUSED.match(k)}
 
 
 def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> AlignerConfig:

@@ -26,9 +26,8 @@ def _step(al, img, txt, backend="chunked", budget=None):
 
 
 def test_training_step_matches_reference_without_dropout():
-    al = make_aligner(cf.AlignerConfig(d_model=32, n_layers=2, d_ffn=40, head_dims=(24, 8)), 2)
-    al.train()
-    al.config = cf.AlignerConfig(d_model=32, n_layers=2, d_ffn=40, head_dims=(24, 8), dropout=0.0)
+    cfg = cf.AlignerConfig(d_model=32, n_layers=2, d_ffn=40, head_dims=(24, 8), dropout=0.0)
+    al = make_aligner(cfg, 2).train()
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(6, 9, 32, generator=g), torch.randn(6, 5, 32, generator=g)
     loss_r, grads_r = _step(al, img, txt, "reference")
