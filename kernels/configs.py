@@ -1,0 +1,98 @@
+"""Block sizes per GPU generation and dot kind: the configurations the kernels ship with.
+
+Dot kinds: "half" (bf16/fp16 operands), "tf32" (fp32 operands, TF32 allowed by the user) and
+"ieee" (fp32 without TF32: FMA code, exact fp32). Hopper (sm_90) first: 128×128 tiles with
+8 warps (two warpgroups for wgmma), 3 stages; Ampere (sm_80): 4-stage cp.async pipelines with
+4 warps (mma.sync). Every entry compiles without spills on both (`python -m
+carzero_fast.kernels --arch 90`, checked by tests/test_kernel_report.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+KINDS = ("half", "tf32", "ieee")
+
+
+class LinearConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+class AttentionConfig(NamedTuple):
+    block_m: int  # queries of one item per program
+    block_p: int  # keys per step of the online softmax
+    block_out: int  # output columns of a head per program (0 = the whole head)
+    num_warps: int
+    num_stages: int
+
+
+# (arch major, dot kind) → config; archs below 8 use the Ampere entries
+_LINEAR = {
+    (9, "half"): LinearConfig(128, 128, 64, 8, 3),
+    (9, "tf32"): LinearConfig(128, 128, 32, 8, 3),
+    (9, "ieee"): LinearConfig(128, 128, 32, 8, 3),
+    (8, "half"): LinearConfig(128, 128, 32, 4, 4),
+    (8, "tf32"): LinearConfig(128, 64, 32, 4, 3),
+    (8, "ieee"): LinearConfig(64, 64, 32, 4, 3),
+}
+# the MLP head's fused last layer: a whole row (≤ HEAD_MAX_WIDTH wide) per program
+_HEAD = {
+    (9, "half"): LinearConfig(64, 256, 64, 8, 3),
+    (9, "tf32"): LinearConfig(64, 256, 32, 8, 2),
+    (9, "ieee"): LinearConfig(64, 256, 32, 8, 2),
+    (8, "half"): LinearConfig(64, 256, 32, 8, 3),
+    (8, "tf32"): LinearConfig(64, 256, 32, 8, 2),
+    (8, "ieee"): LinearConfig(32, 256, 32, 8, 2),
+}
+_ATTENTION = {
+    (9, "half"): AttentionConfig(64, 64, 0, 8, 2),
+    (9, "tf32"): AttentionConfig(64, 32, 0, 8, 2),
+    (9, "ieee"): AttentionConfig(64, 32, 64, 8, 2),
+    (8, "half"): AttentionConfig(64, 32, 0, 8, 2),
+    (8, "tf32"): AttentionConfig(64, 32, 0, 8, 2),
+    (8, "ieee"): AttentionConfig(64, 32, 64, 8, 2),
+}
+HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and a GEMV
+
+
+def dot_kind(dtype: torch.dtype) -> str:
+    if dtype in (torch.bfloat16, torch.float16):
+        return "half"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton's `input_precision` for operands of this dtype: IEEE fp32 unless the user
+    allowed TF32 in PyTorch (`torch.backends.cuda.matmul.allow_tf32`); 16-bit ignore it."""
+    return "tf32" if dot_kind(dtype) == "tf32" else "ieee"
+
+
+def arch_of(device: torch.device) -> int:
+    """Major compute capability; CPU tensors (the interpreter) use the Hopper tables."""
+    if device.type != "cuda":
+        return 9
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def _key(arch: int, kind: str) -> tuple[int, str]:
+    return (9 if arch >= 9 else 8, kind)
+
+
+def linear_config(device: torch.device, dtype: torch.dtype, head: bool = False) -> LinearConfig:
+    return (_HEAD if head else _LINEAR)[_key(arch_of(device), dot_kind(dtype))]
+
+
+def attention_config(device: torch.device, dtype: torch.dtype) -> AttentionConfig:
+    return _ATTENTION[_key(arch_of(device), dot_kind(dtype))]
+
+
+def shipped(arch: int, kind: str) -> dict[str, NamedTuple]:
+    """The configurations shipped for one architecture and dot kind, by kernel."""
+    key = _key(arch, kind)
+    return {"linear": _LINEAR[key], "head": _HEAD[key], "attention": _ATTENTION[key]}

@@ -1,0 +1,200 @@
+"""Fused linear layer: `epilogue(prologue(A)·Wᵀ)` for every GEMM of the pair stage.
+
+One kernel, specialised at compile time by flags:
+
+- NORM: A is normalised as it is loaded, `(a − mean)·rstd·γ + β`, with per-row statistics from
+  `row_stats` (the pre-norm LayerNorms LN2, LN3, LN0 never get their own output tensor);
+- bias, then RELU, then RESIDUAL (`out = res + …`, the residual row `r % res_rows`, so that
+  layer 1 can add the per-query stream `x0` broadcast over a chunk's items);
+- HEAD: the MLP head's last hidden layer with the final `width → 1` layer in the epilogue:
+  one program holds a whole row block, reduces `relu(acc + b)·w_last + b_last` to one logit
+  per row, and writes it straight into the `(N, M)` score matrix.
+
+Accumulation is fp32; A and W are the activations' dtype (bf16/fp16/fp32). fp32 dots run in
+IEEE fp32 unless the caller allows TF32 (`torch.backends.cuda.matmul.allow_tf32`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import mma, upcast_dots
+from .configs import dot_precision, linear_config
+
+
+@triton.jit
+def linear_kernel(
+    p_a,  # [R, K]
+    p_w,  # [N_OUT, K] (torch Linear layout)
+    p_bias,  # [N_OUT]
+    p_out,  # [R, N_OUT]; HEAD: the (N, M) logits
+    p_res,  # [res_rows, N_OUT], RESIDUAL
+    p_mean,  # [R] fp32, NORM
+    p_rstd,  # [R] fp32, NORM
+    p_gamma,  # [K], NORM
+    p_beta,  # [K], NORM
+    p_head_w,  # [N_OUT], HEAD: the final layer's weight row
+    p_head_b,  # [1], HEAD: the final layer's bias (a pointer: no host read of it)
+    n_rows,
+    n_out,
+    K,
+    stride_a,
+    stride_w,
+    stride_out,
+    stride_res,
+    res_rows,
+    logit_cols,  # HEAD: row r is pair (r // logit_cols, r % logit_cols) of the chunk
+    NORM: tl.constexpr,
+    RELU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    HEAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped order: GROUP_M row blocks share each W column tile while it is in L2
+    pid = tl.program_id(0)
+    n_pid_m = tl.cdiv(n_rows, BLOCK_M)
+    n_pid_n = tl.cdiv(n_out, BLOCK_N)
+    group = pid // (GROUP_M * n_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * n_pid_n)) // group_size
+
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    m_m = o_m < n_rows
+    m_n = o_n < n_out
+    if NORM:
+        b_mean = tl.load(p_mean + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_rstd = tl.load(p_rstd + o_m, mask=m_m, other=0.0)
+
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        m_k = o_k < K
+        b_a = tl.load(
+            p_a + o_m[:, None] * stride_a + o_k[None, :],
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            b_g = tl.load(p_gamma + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_b = tl.load(p_beta + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_y = (b_a.to(tl.float32) - b_mean[:, None]) * b_rstd[:, None]
+            # rounded to the activations' dtype, as the unfused LayerNorm's output would be
+            b_a = (b_y * b_g[None, :] + b_b[None, :]).to(p_w.dtype.element_ty)
+        b_w = tl.load(
+            p_w + o_n[None, :] * stride_w + o_k[:, None],
+            mask=m_n[None, :] & m_k[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_N]
+        b_acc = mma(b_a, b_w, b_acc, PRECISION, UPCAST)
+
+    b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        b_acc = tl.maximum(b_acc, 0.0)
+    if HEAD:
+        b_hw = tl.load(p_head_w + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+        # the hidden row is rounded to the activations' dtype first, as the unfused head's is
+        b_h = b_acc.to(p_w.dtype.element_ty).to(tl.float32)
+        b_hb = tl.load(p_head_b).to(tl.float32)
+        b_logit = tl.sum(b_h * b_hw[None, :], axis=1) + b_hb  # [BLOCK_M]
+        o_pair = (o_m // logit_cols) * stride_out + (o_m % logit_cols)
+        tl.store(p_out + o_pair, b_logit.to(p_out.dtype.element_ty), mask=m_m)
+    else:
+        m_out = m_m[:, None] & m_n[None, :]
+        if RESIDUAL:
+            o_res = (o_m % res_rows)[:, None] * stride_res + o_n[None, :]
+            b_acc += tl.load(p_res + o_res, mask=m_out, other=0.0).to(tl.float32)
+        tl.store(
+            p_out + o_m[:, None] * stride_out + o_n[None, :],
+            b_acc.to(p_out.dtype.element_ty),
+            mask=m_out,
+        )
+
+
+def _check_rows(name: str, t: Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"linear: {name} needs unit stride along its last dimension")
+
+
+def linear(
+    a: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    *,
+    out: Tensor | None = None,
+    norm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    relu: bool = False,
+    residual: Tensor | None = None,
+    head: tuple[Tensor, Tensor] | None = None,
+    logit_cols: int = 1,
+) -> Tensor:
+    """Fused `epilogue(prologue(a)·wᵀ + bias)`.
+
+    a `(R, K)`, w `(N_OUT, K)`, bias `(N_OUT,)`; norm = (mean `(R,)`, rstd `(R,)`, γ `(K,)`,
+    β `(K,)`) normalises a's rows first; residual `(res_rows, N_OUT)` is added with row
+    `r % res_rows` (res_rows divides R); head = (w_last `(N_OUT,)`, b_last `(1,)`) reduces each
+    row to a logit written at `out[r // logit_cols, r % logit_cols]` (out is then the score
+    block, row stride `out.stride(0)`). Returns `out` `(R, N_OUT)` (or the score block).
+    `out` may be `residual` itself (in-place update of the stream: each element is read and
+    written by the same program).
+    """
+    n_rows, k = a.shape
+    n_out = w.shape[0]
+    for name, t in (("a", a), ("w", w)):
+        _check_rows(name, t)
+    if out is None:
+        out = a.new_empty((n_rows, n_out))
+    cfg = linear_config(a.device, a.dtype, head=head is not None)
+    block_n = cfg.block_n
+    if head is not None:
+        block_n = max(16, triton.next_power_of_2(n_out))  # one program holds the whole row
+    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_out, block_n),)
+    mean, rstd, gamma, beta = norm if norm is not None else (None,) * 4
+    head_w, head_b = head if head is not None else (None, None)
+    linear_kernel[grid](
+        a, w, bias, out, residual, mean, rstd, gamma, beta, head_w, head_b,
+        n_rows, n_out, k, a.stride(0), w.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        residual.shape[0] if residual is not None else 1,
+        logit_cols,
+        NORM=norm is not None, RELU=relu, RESIDUAL=residual is not None, HEAD=head is not None,
+        PRECISION=dot_precision(a.dtype), UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m,
+        BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def linear_torch(
+    a: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    *,
+    norm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    relu: bool = False,
+    residual: Tensor | None = None,
+    head: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """The PyTorch stages `linear` replaces (same arguments; HEAD returns the logits `(R,)`)."""
+    if norm is not None:
+        mean, rstd, gamma, beta = norm
+        a = ((a.float() - mean[:, None]) * rstd[:, None] * gamma.float() + beta.float()).to(a.dtype)
+    y = F.linear(a, w, bias)
+    if relu:
+        y = torch.relu(y)
+    if head is not None:
+        return F.linear(y, head[0][None], head[1]).squeeze(-1)
+    if residual is not None:
+        reps = y.shape[0] // residual.shape[0]
+        y = y + residual.repeat(reps, 1)
+    return y

@@ -1,0 +1,184 @@
+"""Compile report: every shipped kernel configuration built for one GPU architecture, no GPU
+needed (`python -m carzero_fast.kernels --arch 90 --json`).
+
+Each configuration is compiled with `triton.compile(ASTSource(...), target=GPUTarget(...))`;
+the cubin's resources come from the `cuobjdump` in Triton's wheel, and the PTX says whether
+the matrix code reached the tensor cores (`wgmma` on sm_90, `mma` on sm_80). fp32 in IEEE mode
+is, by design, FMA code (reported with `tensor_cores: false`, `ieee_fp32: true`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .attention import attention_kernel
+from .configs import shipped
+from .layernorm import STATS_BLOCK_ROWS, row_stats_kernel
+from .linear import linear_kernel
+
+# CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
+D_MODEL, HEAD_DIM = 768, 192
+
+# (dtype, dot kind, Triton input precision) compiled for every kernel
+DTYPES = (
+    ("bf16", "half", "ieee"),
+    ("fp16", "half", "ieee"),
+    ("fp32", "tf32", "tf32"),
+    ("fp32", "ieee", "ieee"),
+)
+
+# the flag sets of `linear` the backend launches: the kv/q projections (NORM), out_proj and
+# linear2 (RESIDUAL), linear1 and the head's first layer (NORM+RELU), the head's middle
+# layers (RELU), the head's last hidden layer with the final logit (RELU+HEAD)
+LINEAR_VARIANTS = {
+    "norm": dict(NORM=True, RELU=False, RESIDUAL=False, HEAD=False),
+    "residual": dict(NORM=False, RELU=False, RESIDUAL=True, HEAD=False),
+    "norm_relu": dict(NORM=True, RELU=True, RESIDUAL=False, HEAD=False),
+    "relu": dict(NORM=False, RELU=True, RESIDUAL=False, HEAD=False),
+    "relu_head": dict(NORM=False, RELU=True, RESIDUAL=False, HEAD=True),
+}
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+    finally:
+        os.unlink(path)
+
+    def grab(key: str) -> int:
+        m = re.search(rf"{key}[:=]\s*(\d+)", text)
+        return int(m.group(1)) if m else 0
+
+    # a stack frame is where spilled registers (and run-time indexed arrays) live
+    return {"registers": grab("REG"), "spill_bytes": grab("STACK") + grab("LOCAL")}
+
+
+# Integer arguments whose CARZero values are multiples of 16 (strides 768, 1024, 6144, …;
+# chunk sizes are planned as multiples of 16). At run time Triton's JIT specialises such
+# arguments (and 16-byte-aligned pointers) as divisible by 16, which is what lets it vectorise
+# and pipeline the loads (cp.async / wgmma operands in shared memory); the report must compile
+# the same specialisation. P = 197 (n_keys, the mask's row stride) is not a multiple of 16.
+ALIGNED_INTS = {"n_rows", "n_out", "K", "stride_a", "stride_w", "stride_out", "stride_res",
+                "res_rows", "logit_cols", "n_queries", "stride_q", "q_item_stride",
+                "stride_kv", "stride_x"}  # fmt: skip
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):  # noqa: ANN001
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    names = list(fn.arg_names)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, ty in signature.items()
+             if ty.startswith("*") or k in ALIGNED_INTS}  # fmt: skip
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    return triton.compile(src, target=target,
+                          options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+
+
+def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool]]:
+    """(kernel, config description, fn, signature, constexprs, warps, stages, matrix?)."""
+    jobs = []
+    for dt, kind, prec in DTYPES:
+        tables = shipped(arch, kind)
+        ptr = f"*{dt}"
+        for variant, flags in LINEAR_VARIANTS.items():
+            head = flags["HEAD"]
+            cfg = tables["head" if head else "linear"]
+            sig = {"p_a": ptr, "p_w": ptr, "p_bias": ptr, "p_out": ptr, "p_res": ptr,
+                   "p_mean": "*fp32", "p_rstd": "*fp32", "p_gamma": ptr, "p_beta": ptr,
+                   "p_head_w": ptr, "p_head_b": ptr, "n_rows": "i32", "n_out": "i32", "K": "i32",
+                   "stride_a": "i32", "stride_w": "i32", "stride_out": "i32",
+                   "stride_res": "i32", "res_rows": "i32", "logit_cols": "i32"}  # fmt: skip
+            const = dict(flags, PRECISION=prec, UPCAST=False, BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8)  # fmt: skip
+            desc = dict(variant=variant, dtype=dt, precision=prec, **cfg._asdict())
+            jobs.append(("linear", desc, linear_kernel, sig, const, cfg.num_warps,
+                         cfg.num_stages, True))  # fmt: skip
+        cfg = tables["attention"]
+        block_out = cfg.block_out or 256
+        for has_mask in (False, True):
+            sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
+                   "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
+                   "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
+                   "stride_out": "i32", "scale": "fp32"}  # fmt: skip
+            const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=has_mask, PRECISION=prec, UPCAST=False,
+                         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_DH=256, BLOCK_C=64,
+                         BLOCK_DO=block_out)  # fmt: skip
+            desc = dict(mask=has_mask, dtype=dt, precision=prec, head_dim=HEAD_DIM,
+                        **cfg._asdict())  # fmt: skip
+            jobs.append(("attention", desc, attention_kernel, sig, const, cfg.num_warps,
+                         cfg.num_stages, True))  # fmt: skip
+        if prec == "ieee":  # row statistics have no dot: one build per dtype
+            sig = {"p_x": ptr, "p_mean": "*fp32", "p_rstd": "*fp32", "n_rows": "i32",
+                   "stride_x": "i32", "eps": "fp32"}  # fmt: skip
+            const = dict(D=D_MODEL, BLOCK_R=STATS_BLOCK_ROWS, BLOCK_D=1024)
+            jobs.append(("row_stats", dict(dtype=dt, d_model=D_MODEL), row_stats_kernel, sig,
+                         const, 4, 1, False))  # fmt: skip
+    return jobs
+
+
+def compile_report(arch: int) -> list[dict]:
+    """One dict per shipped configuration: kernel, config, registers, spill_bytes,
+    shared_bytes, tensor_cores, error."""
+    rows = []
+    for kernel, desc, fn, sig, const, warps, stages, matrix in _jobs(arch):
+        row = {"kernel": kernel, "config": dict(desc, num_warps=warps, num_stages=stages),
+               "arch": arch, "matrix": matrix, "ieee_fp32": desc["dtype"] == "fp32"
+               and desc.get("precision") == "ieee", "registers": None, "spill_bytes": None,
+               "shared_bytes": None, "tensor_cores": None, "error": None}  # fmt: skip
+        try:
+            compiled = _compile(fn, sig, const, arch, warps, stages)
+            row.update(_resources(compiled.asm["cubin"]))
+            row["shared_bytes"] = int(compiled.metadata.shared)  # dynamic: Triton's buffers
+            ptx = compiled.asm["ptx"]
+            row["tensor_cores"] = bool(re.search(r"\bwgmma\b|\bwgmma\.|\bmma\.sync\b|\bmma\.", ptx))
+            row["wgmma"] = "wgmma" in ptx
+        except Exception as e:  # noqa: BLE001 — reported, not raised: the report lists all
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m carzero_fast.kernels",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 80")
+    parser.add_argument("--json", action="store_true", help="print the JSON list only")
+    args = parser.parse_args(argv)
+    rows = compile_report(args.arch)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+            status = r["error"] or (
+                f"regs {r['registers']}, spill {r['spill_bytes']} B, "
+                f"smem {r['shared_bytes']} B, tensor cores {r['tensor_cores']}"
+            )
+            print(f"sm_{args.arch} {r['kernel']:<10} [{cfg}]: {status}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
