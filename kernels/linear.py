@@ -170,7 +170,8 @@ def linear(
         logit_cols,
         NORM=norm is not None, RELU=relu, RESIDUAL=residual is not None, HEAD=head is not None,
         PRECISION=dot_precision(a.dtype), UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m,
-        BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
