@@ -7,9 +7,13 @@ MLP-head epilogues), `attention` (a query block over one item's keys, online sof
 """
 
 from .attention import attention, attention_torch
+from .common import fix_interpreter_rounding, interpreting
 from .configs import dot_precision
 from .layernorm import row_stats, row_stats_torch
 from .linear import linear, linear_torch
+
+if interpreting():
+    fix_interpreter_rounding()
 
 __all__ = ["attention", "attention_torch", "dot_precision", "linear", "linear_torch",
            "row_stats", "row_stats_torch"]  # fmt: skip

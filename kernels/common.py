@@ -21,6 +21,31 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def fix_interpreter_rounding() -> None:
+    """Make Triton's interpreter round fp32 → bf16 to nearest-even, as the GPU does.
+
+    The interpreter (≤ 3.9) truncates those conversions (round toward zero), which biases
+    every bf16 result and would double the error the kernels are judged by. Applied only under
+    `TRITON_INTERPRET=1`; idempotent.
+    """
+    import numpy as np
+    import triton.language as tl_
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "_carzero_rtne", False):
+        return
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):  # noqa: ANN001, ANN202
+        if input_dtype == tl_.float32 and output_dtype == tl_.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
+            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    convert._carzero_rtne = True
+    interpreter._convert_float = convert
+
+
 @triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a·b on the tensor cores (fp32 accumulator)."""

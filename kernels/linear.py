@@ -155,7 +155,7 @@ def linear(
         _check_rows(name, t)
     if out is None:
         out = a.new_empty((n_rows, n_out))
-    cfg = linear_config(a.device, a.dtype, head=head is not None)
+    cfg = linear_config(a.device, w.dtype, head=head is not None)
     block_n = cfg.block_n
     if head is not None:
         block_n = max(16, triton.next_power_of_2(n_out))  # one program holds the whole row
@@ -169,7 +169,7 @@ def linear(
         residual.shape[0] if residual is not None else 1,
         logit_cols,
         NORM=norm is not None, RELU=relu, RESIDUAL=residual is not None, HEAD=head is not None,
-        PRECISION=dot_precision(a.dtype), UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m,
+        PRECISION=dot_precision(w.dtype), UPCAST=upcast_dots(w.dtype), BLOCK_M=cfg.block_m,
         BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .chunked import chunked_both_directions, chunked_forward
+from .fused import kernels_available, triton_both_directions, triton_forward
 from .reference import reference_forward
 
-BACKENDS = ("auto", "reference", "chunked")
+BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
 def check_backend_name(name: str) -> str:
@@ -19,10 +21,21 @@ def check_backend_name(name: str) -> str:
 
 
 def resolve_backend(name: str, device_type: str) -> str:
-    """The concrete backend `name` stands for on a device of this type. Today "auto" is
-    "chunked" everywhere; the device type is where a fused GPU backend will be chosen."""
+    """The concrete backend `name` stands for on a device of this type: "auto" is "triton"
+    on CUDA devices (when Triton is installed), "chunked" elsewhere."""
     check_backend_name(name)
-    return "chunked" if name == "auto" else name
+    if name != "auto":
+        return name
+    return "triton" if device_type == "cuda" and kernels_available() else "chunked"
+
+
+def _needs_autograd(w: AlignerWeights, cfg: AlignerConfig, training: bool, *t: Tensor) -> bool:
+    """Whether a call needs what only the chunked path has today: gradients or dropout (the
+    triton backend's backward arrives with its own issue; until then those calls run the
+    chunked backend, which computes the same function)."""
+    if training and cfg.dropout > 0.0:
+        return True
+    return torch.is_grad_enabled() and any(x.requires_grad for x in (*t, *w.flatten()))
 
 
 def run_backend(
@@ -40,6 +53,8 @@ def run_backend(
     name = resolve_backend(name, memory.device.type)
     if name == "reference":
         return reference_forward(w, cfg, memory, queries, memory_mask, training)
+    if name == "triton" and not _needs_autograd(w, cfg, training, memory, queries):
+        return triton_forward(w, cfg, memory, queries, memory_mask, chunk_budget_bytes)
     return chunked_forward(w, cfg, memory, queries, memory_mask, training, chunk_budget_bytes)
 
 
@@ -61,6 +76,10 @@ def run_backend_both(
         return (
             reference_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, training),
             reference_forward(w, cfg, txt_tokens, img_tokens[:, 0], txt_mask, training),
+        )
+    if name == "triton" and not _needs_autograd(w, cfg, training, img_tokens, txt_tokens):
+        return triton_both_directions(
+            w, cfg, img_tokens, txt_tokens, img_mask, txt_mask, chunk_budget_bytes
         )
     return chunked_both_directions(
         w, cfg, img_tokens, txt_tokens, img_mask, txt_mask, training, chunk_budget_bytes
