@@ -1,0 +1,400 @@
+"""GPU check of the `triton` backend: correctness against `reference`, then timings.
+
+    python -m benchmarks.gpu_check --out DIR          # on a CUDA machine, < 5 minutes
+    TRITON_INTERPRET=1 python -m benchmarks.gpu_check --smoke --out DIR   # CPU dry run
+
+1. Correctness at CARZero dims: `triton` and `chunked` against `reference` fp32, in fp32
+   (IEEE unless TF32 is allowed) and bf16 (judged against chunked's own bf16 error, ×2).
+2. One direction (images as memory, P = 197) at N = M ∈ {256, 1024}: `reference` (fp16
+   autocast, as CARZero ran), `chunked` (bf16), `torch.compile` of chunked's pair stage (bf16),
+   `triton` (bf16); flash-attn / xformers variants only when installed (they are not, here).
+3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
+   CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
+   first images and extrapolated to 2048 (said so in the output).
+
+Every figure comes with model TFLOP/s (the original's FLOP count, DESIGN.md §2), the fraction
+of the bf16 GEMM ceiling measured in this run, and the peak extra memory of the call.
+Writes `gpu_check.json` and `gpu_check.md` into --out; sections fail independently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import carzero_fast as cf
+from carzero_fast.backends import chunked as chunked_mod
+
+BUDGET = 256 * 2**20  # the same chunk budget for chunked and triton
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def median_time(fn: Callable[[], object], dev: torch.device, reps: int = 3) -> float:
+    fn()  # warm-up: JIT, autotuning caches, allocator
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
+    """Peak memory of one call above what was allocated before it."""
+    if dev.type != "cuda":
+        from carzero_fast.memory import track_memory
+
+        with track_memory() as tracker:
+            fn()
+        return tracker.peak_bytes / 2**20
+    sync(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    sync(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+
+
+def gemm_ceiling_tflops(dev: torch.device, smoke: bool) -> dict[str, float]:
+    """bf16 GEMM rates now: a large square product and CARZero's FFN shape."""
+    shapes = {"8192^3": (8192, 8192, 8192), "65536x768x1024": (65536, 768, 1024)}
+    if smoke:
+        shapes = {"256^3": (256, 256, 256)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
+        t = median_time(lambda a=a, b=b: a @ b, dev, reps=10)
+        out[name] = 2 * m * k * n / t / 1e12
+    return out
+
+
+def make_model(cfg: cf.AlignerConfig, dev: torch.device) -> cf.CrossAttentionAligner:
+    """Random weights everywhere (norms and biases too), eval mode."""
+    torch.manual_seed(0)
+    al = cf.CrossAttentionAligner(cfg)
+    with torch.no_grad():
+        for name, p in al.named_parameters():
+            if "norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return al.to(dev).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm())
+
+
+def autocast(dev: torch.device):  # noqa: ANN201
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+class Check:
+    def __init__(self, dev: torch.device, smoke: bool) -> None:
+        self.dev, self.smoke = dev, smoke
+        tiny = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=96, head_dims=(80, 48, 24))
+        self.cfg = tiny if smoke else cf.AlignerConfig()
+        self.al = make_model(self.cfg, dev)
+        self.al16 = make_model(self.cfg, dev).to(torch.bfloat16)
+        self.results: dict = {"sections": {}, "rows": []}
+        self.ceiling = 0.0
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, device=self.dev).to(dtype)
+
+    # -- 1. correctness ------------------------------------------------------------------------
+    def correctness(self) -> dict:
+        n, m = (5, 7) if self.smoke else (24, 40)
+        d = self.cfg.d_model
+        img, txt = self.randn(n, 197, d), self.randn(m, 98, d)
+        lengths = torch.randint(5, 99, (m,), device=self.dev)
+        txt_mask = torch.arange(98, device=self.dev)[None, :] >= lengths[:, None]
+        out = {}
+        with torch.no_grad():
+            ref = self.al.both_directions(img, txt, None, txt_mask, backend="reference")
+            for backend in ("triton", "chunked"):
+                got = self.al.both_directions(img, txt, None, txt_mask, backend=backend)
+                out[f"{backend}_fp32"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+                img16, txt16 = img.bfloat16(), txt.bfloat16()
+                got = self.al16.both_directions(img16, txt16, None, txt_mask, backend=backend)
+                out[f"{backend}_bf16"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+            zs_ref = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="reference")
+            zs = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="triton")
+            out["zero_shot_fp32"] = rel(zs, zs_ref)
+        out["tf32_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        out["pass_fp32"] = max(*out["triton_fp32"], out["zero_shot_fp32"]) < 1e-4
+        pairs = zip(out["triton_bf16"], out["chunked_bf16"], strict=True)
+        out["pass_bf16"] = all(t <= 2 * c for t, c in pairs)
+        return out
+
+    # -- 2./3. timings -------------------------------------------------------------------------
+    def row(self, case: str, backend: str, dtype: str, seconds: float, flops: float,
+            peak_mib: float, note: str = "") -> dict:  # fmt: skip
+        r = {"case": case, "backend": backend, "dtype": dtype, "ms": seconds * 1e3,
+             "tflops": flops / seconds / 1e12, "frac_ceiling": flops / seconds / 1e12
+             / self.ceiling, "peak_extra_mib": peak_mib, "note": note}  # fmt: skip
+        self.results["rows"].append(r)
+        print(f"  {case:<28} {backend:<22} {dtype:<10} {r['ms']:9.2f} ms "
+              f"{r['tflops']:7.1f} TFLOP/s  peak {peak_mib:9.1f} MiB {note}",
+              flush=True)  # fmt: skip
+        return r
+
+    def flops(self, n: int, m: int, p: int) -> float:
+        return n * m * self.cfg.flops_per_pair(p) + n * self.cfg.kv_flops_per_item(p)
+
+    def compiled_chunked(self) -> Callable[..., object]:
+        """chunked with its pair stage under torch.compile (the executor's loop stays eager)."""
+        compiled = torch.compile(chunked_mod.pair_chunk_forward, dynamic=False)
+
+        def run(fn: Callable[[], object]) -> object:
+            original = chunked_mod.pair_chunk_forward
+            chunked_mod.pair_chunk_forward = compiled
+            try:
+                return fn()
+            finally:
+                chunked_mod.pair_chunk_forward = original
+
+        return run
+
+    def one_direction(self, sizes: tuple[int, ...], with_compile: bool) -> None:
+        for nm in sizes:
+            self._one_size(nm, with_compile)
+
+    def _one_size(self, nm: int, with_compile: bool) -> None:
+        d = self.cfg.d_model
+        case = f"one direction N=M={nm}"
+        mem, q = self.randn(nm, 197, d), self.randn(nm, d)
+        mem16, q16 = mem.bfloat16(), q.bfloat16()
+        fns: dict[str, tuple[str, Callable[[], object]]] = {}
+
+        def ref() -> object:
+            with torch.no_grad(), autocast(self.dev):
+                return self.al(mem, q, backend="reference")
+
+        fns["reference"] = ("fp16-autocast" if self.dev.type == "cuda" else "fp32", ref)
+        fns["chunked"] = ("bf16", lambda: self._call(self.al16, mem16, q16, "chunked"))
+        if with_compile:
+            wrap = self.compiled_chunked()
+            fns["chunked+torch.compile"] = (
+                "bf16",
+                lambda: wrap(lambda: self._call(self.al16, mem16, q16, "chunked")),
+            )
+        fns["triton"] = ("bf16", lambda: self._call(self.al16, mem16, q16, "triton"))
+        self._time_all(case, fns, self.flops(nm, nm, 197))
+
+    def _call(self, al: cf.CrossAttentionAligner, mem, q, backend: str):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            return al(mem, q, backend=backend, chunk_budget_bytes=BUDGET)
+
+    def _time_all(self, case: str, fns: dict, flops: float, reps: int = 3) -> None:
+        base = {}
+        for backend, (dtype, fn) in fns.items():
+            try:
+                t = median_time(fn, self.dev, reps)
+                peak = peak_extra_mib(fn, self.dev)
+            except Exception as e:  # noqa: BLE001 — recorded; the other rows still run
+                print(f"  {case} {backend}: FAILED {type(e).__name__}: {e}", flush=True)
+                self.results["rows"].append({"case": case, "backend": backend, "error": repr(e)})
+                continue
+            r = self.row(case, backend, dtype, t, flops, peak)
+            base[backend] = r
+        for r in base.values():
+            if "reference" in base:
+                r["x_reference"] = base["reference"]["ms"] / r["ms"]
+            if "chunked" in base:
+                r["x_chunked"] = base["chunked"]["ms"] / r["ms"]
+            if "carzero-loop" in base:
+                r["x_carzero_loop"] = base["carzero-loop"]["ms"] / r["ms"]
+
+    def zero_shot(self, n_img: int, n_txt: int, loop_images: int) -> None:
+        d = self.cfg.d_model
+        img, txt = self.randn(n_img, 197, d), self.randn(n_txt, 98, d)
+        img16, txt16 = img.bfloat16(), txt.bfloat16()
+        case = f"zero-shot {n_img}x{n_txt} both dirs"
+        flops = self.flops(n_img, n_txt, 197) + self.flops(n_txt, n_img, 98)
+
+        def loop() -> object:
+            # CARZero's released inference: one image at a time through the fusion module
+            out = []
+            with torch.no_grad(), autocast(self.dev):
+                for i in range(loop_images):
+                    i2t = self.al(img[i : i + 1], txt[:, 0], backend="reference")
+                    t2i = self.al(txt, img[i : i + 1, 0], backend="reference")
+                    out.append((i2t[0] + t2i[:, 0]) / 2)
+            return out
+
+        t_loop = median_time(loop, self.dev, reps=1) * n_img / loop_images
+        self.row(case, "carzero-loop", "fp16-autocast", t_loop, flops,
+                 peak_extra_mib(loop, self.dev),
+                 note=f"timed on {loop_images} images, ×{n_img / loop_images:g}")  # fmt: skip
+        loop_row = self.results["rows"][-1]
+
+        def batched(al, a, b, backend):  # noqa: ANN001, ANN202
+            def f() -> object:
+                with torch.no_grad(), autocast(self.dev) if backend == "reference" else _null():
+                    return cf.zero_shot_scores(al, a, b, backend=backend)
+
+            return f
+
+        fns = {
+            "reference": ("fp16-autocast", batched(self.al, img, txt, "reference")),
+            "chunked": ("bf16", batched(self.al16, img16, txt16, "chunked")),
+            "triton": ("bf16", batched(self.al16, img16, txt16, "triton")),
+        }
+        self._time_all(case, fns, flops)
+        for r in self.results["rows"]:
+            if r.get("case") == case and "ms" in r:
+                r["x_carzero_loop"] = loop_row["ms"] / r["ms"]
+
+
+def _profile(chk: Check, nm: int) -> list[dict]:
+    """Where the triton backend's time goes: CUDA time per kernel over one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    d = chk.cfg.d_model
+    mem, q = chk.randn(nm, 197, d, dtype=torch.bfloat16), chk.randn(nm, d, dtype=torch.bfloat16)
+    chk._call(chk.al16, mem, q, "triton")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        chk._call(chk.al16, mem, q, "triton")
+        sync(chk.dev)
+    rows = []
+    for e in prof.key_averages():
+        cuda_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if cuda_us:
+            rows.append({"name": e.key[:80], "calls": e.count, "cuda_ms": cuda_us / 1e3})
+    rows.sort(key=lambda r: -r["cuda_ms"])
+    for r in rows[:12]:
+        print(f"  {r['name']:<60} {r['calls']:6d} {r['cuda_ms']:9.2f} ms", flush=True)
+    return rows[:25]
+
+
+Check.profile = _profile  # type: ignore[attr-defined]
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def environment(dev: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if dev.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(dev)
+    for pkg in ("flash_attn", "xformers"):
+        try:
+            __import__(pkg)
+            info[pkg] = "installed (not wired in: chunked uses SDPA)"
+        except ImportError:
+            info[pkg] = "not installed"
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                        capture_output=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = os.environ.get("CARZERO_COMMIT", "unknown")
+    return info
+
+
+def markdown(results: dict) -> str:
+    lines = ["| case | backend | dtype | ms | TFLOP/s | % of bf16 GEMM ceiling | × reference "
+             "| × chunked | × CARZero loop | peak extra MiB | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in results["rows"]:
+        if "ms" not in r:
+            lines.append(f"| {r['case']} | {r['backend']} | | failed: {r['error'][:80]} |||||||")
+            continue
+
+        def f(key: str, fmt: str = "{:.2f}", r: dict = r) -> str:
+            return fmt.format(r[key]) if key in r else ""
+
+        lines.append(
+            f"| {r['case']} | {r['backend']} | {r['dtype']} | {r['ms']:.2f} | {r['tflops']:.1f} "
+            f"| {100 * r['frac_ceiling']:.1f}% | {f('x_reference')} | {f('x_chunked')} "
+            f"| {f('x_carzero_loop', '{:.1f}')} | {r['peak_extra_mib']:.0f} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    t_start = time.perf_counter()
+    chk = Check(dev, args.smoke)
+    res = chk.results
+    res["environment"] = environment(dev)
+    print(json.dumps(res["environment"]), flush=True)
+
+    def section(name: str, fn: Callable[[], object]) -> None:
+        t0 = time.perf_counter()
+        try:
+            res["sections"][name] = {"result": fn()}
+        except Exception as e:  # noqa: BLE001 — recorded; later sections still run
+            traceback.print_exc()
+            res["sections"][name] = {"error": f"{type(e).__name__}: {e}"}
+        res["sections"][name]["seconds"] = time.perf_counter() - t0
+        print(f"[{name}] {time.perf_counter() - t0:.1f} s: "
+              f"{json.dumps(res['sections'][name])[:400]}", flush=True)  # fmt: skip
+        (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+
+    section("ceiling", lambda: gemm_ceiling_tflops(dev, args.smoke))
+    chk.ceiling = max(res["sections"]["ceiling"].get("result", {"x": float("nan")}).values())
+    section("correctness", chk.correctness)
+    sizes = (8, 16) if args.smoke else (256, 1024)
+    section("one_direction", lambda: chk.one_direction(sizes, with_compile=False))
+    section("zero_shot", lambda: chk.zero_shot(*((12, 5, 3) if args.smoke else (2048, 192, 32))))
+    if not args.smoke:
+        section("profile", lambda: chk.profile(1024))
+    if not args.no_compile and time.perf_counter() - t_start < 240:
+        section("torch_compile", lambda: chk.one_direction(sizes[:1], with_compile=True))
+    res["total_seconds"] = time.perf_counter() - t_start
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+    table = markdown(res)
+    (out / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    print(f"total {res['total_seconds']:.0f} s", flush=True)
+    ok = res["sections"].get("correctness", {}).get("result", {})
+    return 0 if ok.get("pass_fp32") and ok.get("pass_bf16") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
