@@ -7,8 +7,8 @@ Queries are per pair (`q_item_stride` = queries per item) or shared by every ite
 its query does not depend on the item, `q_item_stride` = 0). An optional key mask (True =
 ignore) comes per item.
 
-Head dimensions that are not a power of two (CARZero: 192) are padded to the next one in
-registers (masked loads); the padding costs FLOPs only in this stage (~9% of a pair's work).
+Head dimensions that are not a power of two (CARZero: 192 = 3 × 64) are held as up to four
+power-of-two column slices, each with its own query block and accumulator (no padding).
 """
 
 from __future__ import annotations
@@ -23,6 +23,22 @@ from torch import Tensor
 
 from .common import mma, upcast_dots
 from .configs import attention_config, dot_precision
+
+
+@triton.jit
+def _slice_rows(p_rows, col0, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns col0 : col0 + BLOCK_C of a head (zero past HEAD_DIM) for rows `p_rows`."""
+    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    return tl.load(p_rows + o_c[None, :], mask=m_rows[:, None] & (o_c[None, :] < HEAD_DIM),
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _slice_cols(p_rows, col0, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The same slice transposed, `[BLOCK_C, rows]` (keys as the right operand of Q·Kᵀ)."""
+    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    return tl.load(p_rows + o_c[:, None], mask=m_rows[None, :] & (o_c[:, None] < HEAD_DIM),
+                   other=0.0)  # fmt: skip
 
 
 @triton.jit
@@ -46,47 +62,52 @@ def attention_kernel(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    SPLIT_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # head-dim slice; the head is 1 to 4 slices (HEAD_DIM ≤ 4·BLOCK_C)
 ):
-    pid, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # a program writes BLOCK_DO of the head's (padded) BLOCK_DH output columns: fp32 without
-    # tensor cores cannot hold a whole [BLOCK_M, BLOCK_DH] accumulator without spilling
-    pid_m, pid_d = pid // (BLOCK_DH // BLOCK_DO), pid % (BLOCK_DH // BLOCK_DO)
+    pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] queries of this item
-    o_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)  # [BLOCK_DO]
     m_m = o_m < n_queries
-    m_d = o_d < HEAD_DIM
-    o_col = head * HEAD_DIM + o_d  # this head's columns
+    c0 = head * HEAD_DIM
+    p_qrows = p_q + (item * q_item_stride + o_m)[:, None] * stride_q + c0  # [BLOCK_M, 1]
 
-    p_qrow = p_q + (item * q_item_stride + o_m)[:, None] * stride_q  # [BLOCK_M, 1]
+    # The head dim is held as up to four power-of-two slices (192 = 3 × 64), each slice its
+    # own query block and accumulator: no padding to 256, and q stays in registers.
+    b_q0 = _slice_rows(p_qrows, 0, m_m, HEAD_DIM, BLOCK_C)  # [BLOCK_M, BLOCK_C]
+    b_q1 = b_q0
+    b_q2 = b_q0
+    b_q3 = b_q0
+    if N_SLICES > 1:
+        b_q1 = _slice_rows(p_qrows, BLOCK_C, m_m, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 2:
+        b_q2 = _slice_rows(p_qrows, 2 * BLOCK_C, m_m, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 3:
+        b_q3 = _slice_rows(p_qrows, 3 * BLOCK_C, m_m, HEAD_DIM, BLOCK_C)
+    b_o0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # [BLOCK_M, BLOCK_C]
+    b_o1 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    b_o2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    b_o3 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
 
     # running max starts finite so that a fully masked key block gives exp(−inf) = 0, not NaN
     b_max = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # [BLOCK_M]
     b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M]
-    b_acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)  # [BLOCK_M, BLOCK_DO]
     for p0 in range(0, n_keys, BLOCK_P):
         o_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P]
         m_p = o_p < n_keys
-        o_kv = item * n_keys + o_p  # [BLOCK_P] rows of K/V
-        # scores over head-dim slices: the query block is re-read (from L1/L2) rather than
-        # held whole in registers beside the accumulator
+        p_krows = p_k + (item * n_keys + o_p)[None, :] * stride_kv + c0  # [1, BLOCK_P]
+        p_vrows = p_v + (item * n_keys + o_p)[:, None] * stride_kv + c0  # [BLOCK_P, 1]
         b_s = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)  # [BLOCK_M, BLOCK_P]
-        for c0 in tl.static_range(0, BLOCK_DH, BLOCK_C):
-            o_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-            m_c = o_c < HEAD_DIM
-            b_q = tl.load(
-                p_qrow + head * HEAD_DIM + o_c[None, :], mask=m_m[:, None] & m_c[None, :], other=0.0
-            )  # [BLOCK_M, BLOCK_C]
-            b_kt = tl.load(
-                p_k + o_kv[None, :] * stride_kv + head * HEAD_DIM + o_c[:, None],
-                mask=m_p[None, :] & m_c[:, None],
-                other=0.0,
-            )  # [BLOCK_C, BLOCK_P]
-            b_s = mma(b_q, b_kt, b_s, PRECISION, UPCAST)
-        b_s = b_s * scale  # [BLOCK_M, BLOCK_P]
+        b_s = mma(b_q0, _slice_cols(p_krows, 0, m_p, HEAD_DIM, BLOCK_C), b_s, PRECISION, UPCAST)
+        if N_SLICES > 1:
+            b_kt = _slice_cols(p_krows, BLOCK_C, m_p, HEAD_DIM, BLOCK_C)  # [BLOCK_C, BLOCK_P]
+            b_s = mma(b_q1, b_kt, b_s, PRECISION, UPCAST)
+        if N_SLICES > 2:
+            b_kt = _slice_cols(p_krows, 2 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
+            b_s = mma(b_q2, b_kt, b_s, PRECISION, UPCAST)
+        if N_SLICES > 3:
+            b_kt = _slice_cols(p_krows, 3 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
+            b_s = mma(b_q3, b_kt, b_s, PRECISION, UPCAST)
+        b_s = b_s * scale
         m_key = m_p
         if HAS_MASK:
             b_ignore = tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1)
@@ -96,24 +117,36 @@ def attention_kernel(
         b_alpha = tl.exp(b_max - b_new)
         b_p = tl.exp(b_s - b_new[:, None])  # [BLOCK_M, BLOCK_P]
         b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(
-            p_v + o_kv[:, None] * stride_kv + o_col[None, :],
-            mask=m_p[:, None] & m_d[None, :],
-            other=0.0,
-        )  # [BLOCK_P, BLOCK_DO]
-        b_acc = b_acc * b_alpha[:, None]
-        # 16-bit weights in two parts (hi + lo): rounding softmax weights to bf16 alone would
-        # add ~2⁻⁹ relative error per layer, more than the rest of the stage; the second
-        # product costs ~2% of a pair's FLOPs
-        b_p_hi = b_p.to(b_v.dtype)
-        b_acc = mma(b_p_hi, b_v, b_acc, PRECISION, UPCAST)
-        if SPLIT_P:
-            b_p_lo = (b_p - b_p_hi.to(tl.float32)).to(b_v.dtype)
-            b_acc = mma(b_p_lo, b_v, b_acc, PRECISION, UPCAST)
         b_max = b_new
-    b_out = b_acc / b_sum[:, None]
-    o_out = (item * n_queries + o_m)[:, None] * stride_out + o_col[None, :]
-    tl.store(p_out + o_out, b_out.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+        b_p = b_p.to(p_v.dtype.element_ty)  # rounded like flash attention's P
+        b_v = _slice_rows(p_vrows, 0, m_p, HEAD_DIM, BLOCK_C)  # [BLOCK_P, BLOCK_C]
+        b_o0 = mma(b_p, b_v, b_o0 * b_alpha[:, None], PRECISION, UPCAST)
+        if N_SLICES > 1:
+            b_v = _slice_rows(p_vrows, BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
+            b_o1 = mma(b_p, b_v, b_o1 * b_alpha[:, None], PRECISION, UPCAST)
+        if N_SLICES > 2:
+            b_v = _slice_rows(p_vrows, 2 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
+            b_o2 = mma(b_p, b_v, b_o2 * b_alpha[:, None], PRECISION, UPCAST)
+        if N_SLICES > 3:
+            b_v = _slice_rows(p_vrows, 3 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
+            b_o3 = mma(b_p, b_v, b_o3 * b_alpha[:, None], PRECISION, UPCAST)
+
+    b_inv = 1.0 / b_sum[:, None]  # [BLOCK_M, 1]
+    p_orows = p_out + (item * n_queries + o_m)[:, None] * stride_out + c0  # [BLOCK_M, 1]
+    _store_slice(p_orows, 0, b_o0 * b_inv, m_m, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 1:
+        _store_slice(p_orows, BLOCK_C, b_o1 * b_inv, m_m, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 2:
+        _store_slice(p_orows, 2 * BLOCK_C, b_o2 * b_inv, m_m, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 3:
+        _store_slice(p_orows, 3 * BLOCK_C, b_o3 * b_inv, m_m, HEAD_DIM, BLOCK_C)
+
+
+@triton.jit
+def _store_slice(p_rows, col0, b_x, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    tl.store(p_rows + o_c[None, :], b_x.to(p_rows.dtype.element_ty),
+             mask=m_rows[:, None] & (o_c[None, :] < HEAD_DIM))  # fmt: skip
 
 
 def attention(
@@ -145,18 +178,17 @@ def attention(
         out = q.new_empty((n_items * n_queries, d))
     head_dim = d // n_heads
     cfg = attention_config(q.device, q.dtype)
-    block_dh = max(16, triton.next_power_of_2(head_dim))
+    # slices of ≤ 64 columns, at most four (power-of-two widths ≥ 16 for the tensor cores)
+    block_c = max(16, min(64, triton.next_power_of_2(head_dim)))
+    block_c = max(block_c, triton.next_power_of_2(triton.cdiv(head_dim, 4)))
     block_p = min(cfg.block_p, max(16, triton.next_power_of_2(n_keys)))
-    block_out = block_dh if cfg.block_out == 0 else min(cfg.block_out, block_dh)
-    grid = (triton.cdiv(n_queries, cfg.block_m) * (block_dh // block_out), n_heads, n_items)
+    grid = (triton.cdiv(n_queries, cfg.block_m), n_heads, n_items)
     attention_kernel[grid](
         q, k, v, mask, out, n_queries, n_keys, q.stride(0),
         0 if shared_queries else n_queries, k.stride(0),
         mask.stride(0) if mask is not None else 0, out.stride(0), 1.0 / math.sqrt(head_dim),
         HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dots(q.dtype), BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_DH=block_dh,
-        BLOCK_C=min(64, block_dh), BLOCK_DO=block_out,
-        SPLIT_P=q.dtype in (torch.bfloat16, torch.float16),
+        UPCAST=upcast_dots(q.dtype), BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

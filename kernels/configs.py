@@ -27,7 +27,6 @@ class LinearConfig(NamedTuple):
 class AttentionConfig(NamedTuple):
     block_m: int  # queries of one item per program
     block_p: int  # keys per step of the online softmax
-    block_out: int  # output columns of a head per program (0 = the whole head)
     num_warps: int
     num_stages: int
 
@@ -51,12 +50,12 @@ _HEAD = {
     (8, "ieee"): LinearConfig(32, 256, 32, 8, 2),
 }
 _ATTENTION = {
-    (9, "half"): AttentionConfig(64, 64, 0, 8, 2),
-    (9, "tf32"): AttentionConfig(64, 32, 0, 8, 2),
-    (9, "ieee"): AttentionConfig(64, 32, 64, 8, 2),
-    (8, "half"): AttentionConfig(64, 32, 0, 8, 2),
-    (8, "tf32"): AttentionConfig(64, 32, 0, 8, 2),
-    (8, "ieee"): AttentionConfig(64, 32, 64, 8, 2),
+    (9, "half"): AttentionConfig(128, 64, 8, 2),
+    (9, "tf32"): AttentionConfig(64, 32, 4, 2),
+    (9, "ieee"): AttentionConfig(32, 32, 4, 2),
+    (8, "half"): AttentionConfig(64, 64, 4, 2),
+    (8, "tf32"): AttentionConfig(64, 32, 4, 2),
+    (8, "ieee"): AttentionConfig(32, 32, 4, 2),
 }
 HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and a GEMV
 
@@ -90,6 +89,14 @@ def linear_config(device: torch.device, dtype: torch.dtype, head: bool = False) 
 
 def attention_config(device: torch.device, dtype: torch.dtype) -> AttentionConfig:
     return _ATTENTION[_key(arch_of(device), dot_kind(dtype))]
+
+
+def override(kernel: str, arch: int, kind: str, config: NamedTuple) -> NamedTuple:
+    """Replace one shipped configuration (for tuning sweeps); returns the previous one."""
+    table = {"linear": _LINEAR, "head": _HEAD, "attention": _ATTENTION}[kernel]
+    key = _key(arch, kind)
+    previous, table[key] = table[key], config
+    return previous
 
 
 def shipped(arch: int, kind: str) -> dict[str, NamedTuple]:

@@ -116,15 +116,13 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             jobs.append(("linear", desc, linear_kernel, sig, const, cfg.num_warps,
                          cfg.num_stages, True))  # fmt: skip
         cfg = tables["attention"]
-        block_out = cfg.block_out or 256
         for has_mask in (False, True):
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
                    "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                    "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
                    "stride_out": "i32", "scale": "fp32"}  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=has_mask, PRECISION=prec, UPCAST=False,
-                         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_DH=256, BLOCK_C=64,
-                         BLOCK_DO=block_out)  # fmt: skip
+                         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_C=64)  # fmt: skip
             desc = dict(mask=has_mask, dtype=dt, precision=prec, head_dim=HEAD_DIM,
                         **cfg._asdict())  # fmt: skip
             jobs.append(("attention", desc, attention_kernel, sig, const, cfg.num_warps,
