@@ -33,7 +33,7 @@ class AttentionConfig(NamedTuple):
 
 # (arch major, dot kind) → config; archs below 8 use the Ampere entries
 _LINEAR = {
-    (9, "half"): LinearConfig(128, 128, 64, 8, 3),
+    (9, "half"): LinearConfig(128, 256, 64, 8, 3),
     (9, "tf32"): LinearConfig(128, 128, 32, 8, 3),
     (9, "ieee"): LinearConfig(128, 128, 32, 8, 3),
     (8, "half"): LinearConfig(128, 128, 32, 4, 4),
@@ -50,10 +50,10 @@ _HEAD = {
     (8, "ieee"): LinearConfig(32, 256, 32, 8, 2),
 }
 _ATTENTION = {
-    (9, "half"): AttentionConfig(128, 64, 8, 2),
+    (9, "half"): AttentionConfig(64, 32, 4, 3),
     (9, "tf32"): AttentionConfig(64, 32, 4, 2),
     (9, "ieee"): AttentionConfig(32, 32, 4, 2),
-    (8, "half"): AttentionConfig(64, 64, 4, 2),
+    (8, "half"): AttentionConfig(32, 64, 4, 2),
     (8, "tf32"): AttentionConfig(64, 32, 4, 2),
     (8, "ieee"): AttentionConfig(32, 32, 4, 2),
 }
@@ -80,7 +80,9 @@ def arch_of(device: torch.device) -> int:
 
 
 def _key(arch: int, kind: str) -> tuple[int, str]:
-    return (9 if arch >= 9 else 8, kind)
+    """arch: a major version (9) or a compute capability (90, 80)."""
+    major = arch // 10 if arch >= 10 else arch
+    return (9 if major >= 9 else 8, kind)
 
 
 def linear_config(device: torch.device, dtype: torch.dtype, head: bool = False) -> LinearConfig:

@@ -1,73 +1,113 @@
-"""LayerNorm row statistics: the prologue data of every normalised GEMM.
+"""Residual add + LayerNorm: the memory-bound pass between the pair stage's GEMMs.
 
-A pre-norm GEMM `LN(x)·Wᵀ` needs each row's mean and 1/std before any of its column tiles can
-start. One pass over `x` computes them once per row (instead of once per column tile of every
-consumer); `linear` then normalises its A tiles in registers as it loads them.
+Every residual add of the pre-norm decoder is followed by a LayerNorm (LN3 after attention,
+the next layer's LN2 — or decoder_norm after the last layer — after the FFN), so one pass does
+both: `x ← x + delta` on the fp32 residual stream, then `y = LN(x)·γ + β` written in the next
+GEMM's operand dtype. The GEMMs then run plain 16-bit main loops (`linear`).
+
+Layer 1 reads its stream from the per-query `x0` broadcast over a chunk's items (row
+`r % res_rows`); LN0 of the memory tokens is the same pass without an add.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-STATS_BLOCK_ROWS = 8
+BLOCK_ROWS = 8
 
 
 @triton.jit
-def row_stats_kernel(
-    p_x,  # [R, D] rows to normalise
-    p_mean,  # [R] fp32
-    p_rstd,  # [R] fp32
+def add_layer_norm_kernel(
+    p_x,  # [res_rows, D] stream in (row r % res_rows); any float dtype
+    p_delta,  # [R, D] branch output to add, HAS_DELTA
+    p_x_out,  # [R, D] fp32 stream out, WRITE_X (may be p_x itself)
+    p_w,  # [D] γ
+    p_b,  # [D] β
+    p_y,  # [R, D] LN(x + delta), the next GEMM's operand dtype
     n_rows,
+    res_rows,
     stride_x,
+    stride_delta,
+    stride_x_out,
+    stride_y,
     eps,
     D: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    WRITE_X: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    m_r = o_r < n_rows
-    m_x = m_r[:, None] & (o_d[None, :] < D)
-    b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
-    b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
+    m_d = o_d < D
+    m_x = (o_r < n_rows)[:, None] & m_d[None, :]  # [BLOCK_R, BLOCK_D]
+    b_x = tl.load(p_x + (o_r % res_rows)[:, None] * stride_x + o_d[None, :], mask=m_x,
+                  other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_DELTA:
+        b_x += tl.load(p_delta + o_r[:, None] * stride_delta + o_d[None, :], mask=m_x,
+                       other=0.0).to(tl.float32)  # fmt: skip
+    if WRITE_X:
+        tl.store(p_x_out + o_r[:, None] * stride_x_out + o_d[None, :], b_x, mask=m_x)
     # two passes over the registers (mean, then centred variance), as torch's layer_norm:
     # E[x²] − E[x]² would cancel on rows with a large mean
     b_mean = tl.sum(b_x, axis=1) / D  # [BLOCK_R]
     b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)
-    b_var = tl.sum(b_c * b_c, axis=1) / D
-    tl.store(p_mean + o_r, b_mean, mask=m_r)
-    tl.store(p_rstd + o_r, 1.0 / tl.sqrt(b_var + eps), mask=m_r)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
+    b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
+    b_b = tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_y = b_c * b_rstd[:, None] * b_w[None, :] + b_b[None, :]
+    tl.store(p_y + o_r[:, None] * stride_y + o_d[None, :], b_y.to(p_y.dtype.element_ty),
+             mask=m_x)  # fmt: skip
 
 
-def row_stats(
-    x: Tensor, eps: float, out: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor]:
-    """x `(R, D)` (rows contiguous) → (mean `(R,)`, rstd `(R,)`), fp32."""
-    n_rows, d = x.shape
-    if x.stride(1) != 1:
-        raise ValueError("row_stats needs rows with unit stride")
-    mean, rstd = (
-        out
-        if out is not None
-        else (
-            torch.empty(n_rows, dtype=torch.float32, device=x.device),
-            torch.empty(n_rows, dtype=torch.float32, device=x.device),
-        )
-    )
-    grid = (triton.cdiv(n_rows, STATS_BLOCK_ROWS),)
+def add_layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    y: Tensor,
+    *,
+    delta: Tensor | None = None,
+    x_out: Tensor | None = None,
+) -> Tensor:
+    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r]) in y's dtype; with `x_out` (fp32
+    `(R, D)`, may be `x` itself) the sum is stored there too.
+
+    x `(res_rows, D)` with res_rows dividing R = y.shape[0]; delta `(R, D)` or None.
+    """
+    n_rows, d = y.shape
+    for name, t in (("x", x), ("delta", delta), ("x_out", x_out), ("y", y)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"add_layer_norm: {name} needs unit stride along its rows")
+    if x_out is not None and x_out.dtype != torch.float32:
+        raise TypeError(f"add_layer_norm: the residual stream is fp32, got {x_out.dtype}")
     block_d = triton.next_power_of_2(d)
-    row_stats_kernel[grid](
-        x, mean, rstd, n_rows, x.stride(0), eps,
-        D=d, BLOCK_R=STATS_BLOCK_ROWS, BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8,
+    add_layer_norm_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+        x, delta, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
+        delta.stride(0) if delta is not None else 0,
+        x_out.stride(0) if x_out is not None else 0, y.stride(0), eps,
+        D=d, HAS_DELTA=delta is not None, WRITE_X=x_out is not None, BLOCK_R=BLOCK_ROWS,
+        BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8,
     )  # fmt: skip
-    return mean, rstd
+    return y
 
 
-def row_stats_torch(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The PyTorch stage `row_stats` replaces."""
-    xf = x.float()
-    var, mean = torch.var_mean(xf, dim=-1, correction=0)
-    return mean, torch.rsqrt(var + eps)
+def add_layer_norm_torch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    rows: int,
+    delta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The PyTorch stages `add_layer_norm` replaces → (x + delta in fp32, LN of it in dtype)."""
+    s = x.float().repeat(rows // x.shape[0], 1)
+    if delta is not None:
+        s = s + delta.float()
+    y = F.layer_norm(s, (x.shape[-1],), weight.float(), bias.float(), eps)
+    return s, y.to(dtype)

@@ -1,14 +1,16 @@
-"""Fused linear layer: `epilogue(prologue(A)·Wᵀ)` for every GEMM of the pair stage.
+"""Fused linear layer: `epilogue(A·Wᵀ + b)` for every GEMM of the pair stage.
 
-One kernel, specialised at compile time by flags:
+A plain 16-bit main loop (operands straight from memory through shared memory to the tensor
+cores) with the epilogue specialised at compile time:
 
-- NORM: A is normalised as it is loaded, `(a − mean)·rstd·γ + β`, with per-row statistics from
-  `row_stats` (the pre-norm LayerNorms LN2, LN3, LN0 never get their own output tensor);
-- bias, then RELU, then RESIDUAL (`out = res + …`, the residual row `r % res_rows`, so that
-  layer 1 can add the per-query stream `x0` broadcast over a chunk's items);
+- RELU after the bias (FFN and MLP-head hidden layers);
 - HEAD: the MLP head's last hidden layer with the final `width → 1` layer in the epilogue:
   one program holds a whole row block, reduces `relu(acc + b)·w_last + b_last` to one logit
   per row, and writes it straight into the `(N, M)` score matrix.
+
+LayerNorms and residual adds are not in here: on an H200 a LayerNorm prologue (A through
+registers) and an fp32 residual epilogue each halved this kernel's rate (BENCHMARKS.md), so
+they live in `add_layer_norm`, one memory-bound pass per residual add.
 
 Accumulation is fp32; A and W are the activations' dtype (bf16/fp16/fp32). fp32 dots run in
 IEEE fp32 unless the caller allows TF32 (`torch.backends.cuda.matmul.allow_tf32`).
@@ -32,11 +34,6 @@ def linear_kernel(
     p_w,  # [N_OUT, K] (torch Linear layout)
     p_bias,  # [N_OUT]
     p_out,  # [R, N_OUT]; HEAD: the (N, M) logits
-    p_res,  # [res_rows, N_OUT], RESIDUAL
-    p_mean,  # [R] fp32, NORM
-    p_rstd,  # [R] fp32, NORM
-    p_gamma,  # [K], NORM
-    p_beta,  # [K], NORM
     p_head_w,  # [N_OUT], HEAD: the final layer's weight row
     p_head_b,  # [1], HEAD: the final layer's bias (a pointer: no host read of it)
     n_rows,
@@ -45,12 +42,8 @@ def linear_kernel(
     stride_a,
     stride_w,
     stride_out,
-    stride_res,
-    res_rows,
     logit_cols,  # HEAD: row r is pair (r // logit_cols, r % logit_cols) of the chunk
-    NORM: tl.constexpr,
     RELU: tl.constexpr,
-    RESIDUAL: tl.constexpr,
     HEAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -73,9 +66,6 @@ def linear_kernel(
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_m = o_m < n_rows
     m_n = o_n < n_out
-    if NORM:
-        b_mean = tl.load(p_mean + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
-        b_rstd = tl.load(p_rstd + o_m, mask=m_m, other=0.0)
 
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -86,12 +76,6 @@ def linear_kernel(
             mask=m_m[:, None] & m_k[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_K]
-        if NORM:
-            b_g = tl.load(p_gamma + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_b = tl.load(p_beta + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_y = (b_a.to(tl.float32) - b_mean[:, None]) * b_rstd[:, None]
-            # rounded to the activations' dtype, as the unfused LayerNorm's output would be
-            b_a = (b_y * b_g[None, :] + b_b[None, :]).to(p_w.dtype.element_ty)
         b_w = tl.load(
             p_w + o_n[None, :] * stride_w + o_k[:, None],
             mask=m_n[None, :] & m_k[:, None],
@@ -111,20 +95,8 @@ def linear_kernel(
         o_pair = (o_m // logit_cols) * stride_out + (o_m % logit_cols)
         tl.store(p_out + o_pair, b_logit.to(p_out.dtype.element_ty), mask=m_m)
     else:
-        m_out = m_m[:, None] & m_n[None, :]
-        if RESIDUAL:
-            o_res = (o_m % res_rows)[:, None] * stride_res + o_n[None, :]
-            b_acc += tl.load(p_res + o_res, mask=m_out, other=0.0).to(tl.float32)
-        tl.store(
-            p_out + o_m[:, None] * stride_out + o_n[None, :],
-            b_acc.to(p_out.dtype.element_ty),
-            mask=m_out,
-        )
-
-
-def _check_rows(name: str, t: Tensor) -> None:
-    if t.stride(-1) != 1:
-        raise ValueError(f"linear: {name} needs unit stride along its last dimension")
+        tl.store(p_out + o_m[:, None] * stride_out + o_n[None, :],
+                 b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 def linear(
@@ -133,43 +105,39 @@ def linear(
     bias: Tensor,
     *,
     out: Tensor | None = None,
-    norm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     relu: bool = False,
-    residual: Tensor | None = None,
     head: tuple[Tensor, Tensor] | None = None,
     logit_cols: int = 1,
 ) -> Tensor:
-    """Fused `epilogue(prologue(a)·wᵀ + bias)`.
+    """Fused `epilogue(a·wᵀ + bias)`.
 
-    a `(R, K)`, w `(N_OUT, K)`, bias `(N_OUT,)`; norm = (mean `(R,)`, rstd `(R,)`, γ `(K,)`,
-    β `(K,)`) normalises a's rows first; residual `(res_rows, N_OUT)` is added with row
-    `r % res_rows` (res_rows divides R); head = (w_last `(N_OUT,)`, b_last `(1,)`) reduces each
-    row to a logit written at `out[r // logit_cols, r % logit_cols]` (out is then the score
-    block, row stride `out.stride(0)`). Returns `out` `(R, N_OUT)` (or the score block).
-    `out` may be `residual` itself (in-place update of the stream: each element is read and
-    written by the same program).
+    a `(R, K)`, w `(N_OUT, K)`, bias `(N_OUT,)`, all one dtype. head = (w_last `(N_OUT,)`,
+    b_last `(1,)`) reduces each row to a logit written at `out[r // logit_cols, r %
+    logit_cols]` (out is then the score block, row stride `out.stride(0)`, N_OUT ≤ 256).
+    Returns `out` `(R, N_OUT)` (or the score block).
     """
     n_rows, k = a.shape
     n_out = w.shape[0]
-    for name, t in (("a", a), ("w", w)):
-        _check_rows(name, t)
+    for name, t in (("a", a), ("w", w), ("out", out)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"linear: {name} needs unit stride along its last dimension")
+    if a.dtype != w.dtype:
+        raise TypeError(f"linear: a is {a.dtype} but w is {w.dtype}")
     if out is None:
         out = a.new_empty((n_rows, n_out))
-    cfg = linear_config(a.device, w.dtype, head=head is not None)
+    cfg = linear_config(a.device, a.dtype, head=head is not None)
     block_n = cfg.block_n
     if head is not None:
         block_n = max(16, triton.next_power_of_2(n_out))  # one program holds the whole row
+        if block_n > cfg.block_n:
+            raise ValueError(f"linear: a fused head needs N_OUT ≤ {cfg.block_n}, got {n_out}")
     grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_out, block_n),)
-    mean, rstd, gamma, beta = norm if norm is not None else (None,) * 4
     head_w, head_b = head if head is not None else (None, None)
     linear_kernel[grid](
-        a, w, bias, out, residual, mean, rstd, gamma, beta, head_w, head_b,
-        n_rows, n_out, k, a.stride(0), w.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        residual.shape[0] if residual is not None else 1,
-        logit_cols,
-        NORM=norm is not None, RELU=relu, RESIDUAL=residual is not None, HEAD=head is not None,
-        PRECISION=dot_precision(w.dtype), UPCAST=upcast_dots(w.dtype), BLOCK_M=cfg.block_m,
+        a, w, bias, out, head_w, head_b,
+        n_rows, n_out, k, a.stride(0), w.stride(0), out.stride(0), logit_cols,
+        RELU=relu, HEAD=head is not None,
+        PRECISION=dot_precision(a.dtype), UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m,
         BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -181,21 +149,13 @@ def linear_torch(
     w: Tensor,
     bias: Tensor,
     *,
-    norm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     relu: bool = False,
-    residual: Tensor | None = None,
     head: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The PyTorch stages `linear` replaces (same arguments; HEAD returns the logits `(R,)`)."""
-    if norm is not None:
-        mean, rstd, gamma, beta = norm
-        a = ((a.float() - mean[:, None]) * rstd[:, None] * gamma.float() + beta.float()).to(a.dtype)
     y = F.linear(a, w, bias)
     if relu:
         y = torch.relu(y)
     if head is not None:
         return F.linear(y, head[0][None], head[1]).squeeze(-1)
-    if residual is not None:
-        reps = y.shape[0] // residual.shape[0]
-        y = y + residual.repeat(reps, 1)
     return y

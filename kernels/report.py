@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .attention import attention_kernel
 from .configs import shipped
-from .layernorm import STATS_BLOCK_ROWS, row_stats_kernel
+from .layernorm import BLOCK_ROWS, add_layer_norm_kernel
 from .linear import linear_kernel
 
 # CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
@@ -34,15 +34,13 @@ DTYPES = (
     ("fp32", "ieee", "ieee"),
 )
 
-# the flag sets of `linear` the backend launches: the kv/q projections (NORM), out_proj and
-# linear2 (RESIDUAL), linear1 and the head's first layer (NORM+RELU), the head's middle
-# layers (RELU), the head's last hidden layer with the final logit (RELU+HEAD)
+# the flag sets of `linear` the backend launches: Q/K/V/output projections and linear2
+# (plain), linear1 and the head's hidden layers (RELU), the head's last hidden layer with the
+# final logit (RELU+HEAD)
 LINEAR_VARIANTS = {
-    "norm": dict(NORM=True, RELU=False, RESIDUAL=False, HEAD=False),
-    "residual": dict(NORM=False, RELU=False, RESIDUAL=True, HEAD=False),
-    "norm_relu": dict(NORM=True, RELU=True, RESIDUAL=False, HEAD=False),
-    "relu": dict(NORM=False, RELU=True, RESIDUAL=False, HEAD=False),
-    "relu_head": dict(NORM=False, RELU=True, RESIDUAL=False, HEAD=True),
+    "plain": dict(RELU=False, HEAD=False),
+    "relu": dict(RELU=True, HEAD=False),
+    "relu_head": dict(RELU=True, HEAD=True),
 }
 
 
@@ -75,9 +73,9 @@ def _resources(cubin: bytes) -> dict:
 # arguments (and 16-byte-aligned pointers) as divisible by 16, which is what lets it vectorise
 # and pipeline the loads (cp.async / wgmma operands in shared memory); the report must compile
 # the same specialisation. P = 197 (n_keys, the mask's row stride) is not a multiple of 16.
-ALIGNED_INTS = {"n_rows", "n_out", "K", "stride_a", "stride_w", "stride_out", "stride_res",
-                "res_rows", "logit_cols", "n_queries", "stride_q", "q_item_stride",
-                "stride_kv", "stride_x"}  # fmt: skip
+ALIGNED_INTS = {"n_rows", "n_out", "K", "stride_a", "stride_w", "stride_out", "res_rows",
+                "logit_cols", "n_queries", "stride_q", "q_item_stride", "stride_kv", "stride_x",
+                "stride_delta", "stride_x_out", "stride_y"}  # fmt: skip
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):  # noqa: ANN001
@@ -105,11 +103,10 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
         for variant, flags in LINEAR_VARIANTS.items():
             head = flags["HEAD"]
             cfg = tables["head" if head else "linear"]
-            sig = {"p_a": ptr, "p_w": ptr, "p_bias": ptr, "p_out": ptr, "p_res": ptr,
-                   "p_mean": "*fp32", "p_rstd": "*fp32", "p_gamma": ptr, "p_beta": ptr,
-                   "p_head_w": ptr, "p_head_b": ptr, "n_rows": "i32", "n_out": "i32", "K": "i32",
+            sig = {"p_a": ptr, "p_w": ptr, "p_bias": ptr, "p_out": ptr, "p_head_w": ptr,
+                   "p_head_b": ptr, "n_rows": "i32", "n_out": "i32", "K": "i32",
                    "stride_a": "i32", "stride_w": "i32", "stride_out": "i32",
-                   "stride_res": "i32", "res_rows": "i32", "logit_cols": "i32"}  # fmt: skip
+                   "logit_cols": "i32"}  # fmt: skip
             const = dict(flags, PRECISION=prec, UPCAST=False, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8)  # fmt: skip
             desc = dict(variant=variant, dtype=dt, precision=prec, **cfg._asdict())
@@ -127,12 +124,19 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                         **cfg._asdict())  # fmt: skip
             jobs.append(("attention", desc, attention_kernel, sig, const, cfg.num_warps,
                          cfg.num_stages, True))  # fmt: skip
-        if prec == "ieee":  # row statistics have no dot: one build per dtype
-            sig = {"p_x": ptr, "p_mean": "*fp32", "p_rstd": "*fp32", "n_rows": "i32",
-                   "stride_x": "i32", "eps": "fp32"}  # fmt: skip
-            const = dict(D=D_MODEL, BLOCK_R=STATS_BLOCK_ROWS, BLOCK_D=1024)
-            jobs.append(("row_stats", dict(dtype=dt, d_model=D_MODEL), row_stats_kernel, sig,
-                         const, 4, 1, False))  # fmt: skip
+        if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
+            # and the residual add + LN (fp32 stream in and out, 16-bit delta)
+            for name, x_ty, flags in (
+                ("ln", ptr, dict(HAS_DELTA=False, WRITE_X=False)),
+                ("add_ln", "*fp32", dict(HAS_DELTA=True, WRITE_X=True)),
+            ):
+                sig = {"p_x": x_ty, "p_delta": ptr, "p_x_out": "*fp32", "p_w": ptr, "p_b": ptr,
+                       "p_y": ptr, "n_rows": "i32", "res_rows": "i32", "stride_x": "i32",
+                       "stride_delta": "i32", "stride_x_out": "i32", "stride_y": "i32",
+                       "eps": "fp32"}  # fmt: skip
+                const = dict(D=D_MODEL, BLOCK_R=BLOCK_ROWS, BLOCK_D=1024, **flags)
+                jobs.append(("add_layer_norm", dict(variant=name, dtype=dt, d_model=D_MODEL),
+                             add_layer_norm_kernel, sig, const, 4, 1, False))  # fmt: skip
     return jobs
 
 

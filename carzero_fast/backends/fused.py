@@ -4,17 +4,18 @@ Same split of work as `chunked` (DESIGN.md §3), in the "kv" form (on a GPU the 
 projections are cheap next to the pairs at the batch sizes this backend is for):
 
 - per query (plain PyTorch, O(M·D²)): `x0 = LN0(q)` and layer 1's query projection;
-- per block of memory items: the K and V of every layer in one GEMM over `LN0(memory)`
-  (`linear` with the LayerNorm in its prologue) into a `(items·P, L·2D)` buffer;
-- per chunk of pairs (those items × a block of queries, item-major rows): for each layer
-  `row_stats` → Q projection (LN2 prologue) → `attention` → output projection (+ residual)
-  → `row_stats` → linear1 (LN3 prologue, ReLU) → linear2 (+ residual); then `row_stats` →
-  the MLP head (LN0 prologue), whose last hidden layer reduces each row to its logit and
-  writes it straight into the `(N, M)` scores.
+- per block of memory items: `LN0(memory)` (`add_layer_norm` without an add), then the K and
+  V of every layer in one GEMM into a `(items·P, L·2D)` buffer;
+- per chunk of pairs (those items × a block of queries, item-major rows), for each layer:
+  Q projection → `attention` → output projection → `add_layer_norm` (residual add, LN3) →
+  linear1 (ReLU) → linear2 → `add_layer_norm` (residual add, the next LN2 or decoder_norm);
+  then the MLP head, whose last hidden layer reduces each row to its logit and writes it
+  straight into the `(N, M)` scores.
 
-Chunk buffers are allocated once per call and reused, so memory is
-`rows·(2·D + F + max(head))` elements + `rows·D` fp32 (the residual stream) +
-`items·P·L·2D` elements (K/V) + the scores, never O(N·M·D).
+The residual stream is fp32 in every dtype (16-bit inputs round only GEMM operands, as
+autocast does). Chunk buffers are allocated once per call and reused, so memory is
+`rows·(3·D + F + max(head))` elements + `rows·D` fp32 (the stream) + `items·P·(L·2D + D)`
+elements (LN0(memory), K/V) + the scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
 Forward only: the backward kernels are a later issue (issue 4). `run_backend` sends calls that
@@ -61,8 +62,8 @@ def plan_fused(
 ) -> tuple[int, int]:
     """(items per block, queries per chunk) for a memory budget in bytes."""
     widest = max(cfg.d_ffn, *cfg.head_dims)
-    per_pair = itemsize * (2 * cfg.d_model + widest + max(cfg.head_dims)) + 4 * cfg.d_model + 8
-    per_item = p * (itemsize * 2 * cfg.n_layers * cfg.d_model + 8)
+    per_pair = itemsize * (3 * cfg.d_model + widest + max(cfg.head_dims)) + 4 * cfg.d_model
+    per_item = p * itemsize * (2 * cfg.n_layers + 1) * cfg.d_model
     queries = max(1, min(m, budget // (2 * per_pair)))
     items = max(1, min(n, budget // (queries * per_pair + per_item)))
     return items, queries
@@ -83,7 +84,7 @@ def triton_forward(
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd, no dropout)."""
-    from ..kernels import attention, linear, row_stats
+    from ..kernels import add_layer_norm, attention, linear
 
     check_device(memory)
     n, p, d = memory.shape
@@ -116,74 +117,69 @@ def triton_forward(
     widest = max(cfg.d_ffn, *cfg.head_dims)
     kw = dict(dtype=memory.dtype, device=memory.device)
     x = torch.empty((rows, d), dtype=torch.float32, device=memory.device)  # residual stream
-    q, o = (torch.empty((rows, d), **kw) for _ in range(2))
+    y, q, o = (torch.empty((rows, d), **kw) for _ in range(3))  # LN out, q / branch out, attn
     pool_a = torch.empty(rows * widest, **kw)  # FFN hidden, head layers 0, 2, …
     pool_b = torch.empty(rows * max(cfg.head_dims), **kw)  # head layers 1, 3, …
-    mean, rstd = (torch.empty(max(rows, items * p), dtype=torch.float32, device=memory.device)
-                  for _ in range(2))  # fmt: skip
+    y_mem = torch.empty((items * p, d), **kw)
     kv = torch.empty((items * p, 2 * n_layers * d), **kw)
+    norms = [(lw.norm2_w, lw.norm2_b) for lw in w.layers[1:]] + [(w.norm0_w, w.norm0_b)]
 
     for n0 in range(0, n, items):
         ni = min(items, n - n0)
-        mem = memory[n0 : n0 + ni].reshape(ni * p, d).contiguous()
-        stats = row_stats(mem, eps, (mean[: ni * p], rstd[: ni * p]))
-        kv_i = linear(mem, kv_w, kv_b, out=kv[: ni * p],
-                      norm=(*stats, w.norm0_w, w.norm0_b))  # fmt: skip
+        mem = memory[n0 : n0 + ni].reshape(ni * p, d)
+        if mem.stride(-1) != 1:
+            mem = mem.contiguous()
+        add_layer_norm(mem, w.norm0_w, w.norm0_b, eps, y_mem[: ni * p])
+        kv_i = linear(y_mem[: ni * p], kv_w, kv_b, out=kv[: ni * p])
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
         for m0 in range(0, m, block_q):
             mc = min(block_q, m - m0)
             r = ni * mc
-            xc, qc, oc = x[:r], q[:r], o[:r]
-            st = (mean[:r], rstd[:r])
+            xc, yc, qc, oc = x[:r], y[:r], q[:r], o[:r]
             for li, lw in enumerate(w.layers):
                 k_l = kv_i[:, 2 * li * d : (2 * li + 1) * d]  # [ni·P, D] strided views
                 v_l = kv_i[:, (2 * li + 1) * d : (2 * li + 2) * d]
-                if li == 0:
+                if li == 0:  # the stream starts as x0, broadcast over the chunk's items
                     attention(q1[m0 : m0 + mc], k_l, v_l, n_heads, ni, mc, shared_queries=True,
                               mask=mask_i, out=oc)  # fmt: skip
-                    linear(oc, lw.out_proj_w, lw.out_proj_b, residual=x0[m0 : m0 + mc], out=xc)
-                else:
-                    row_stats(xc, eps, st)
-                    linear(xc, q_w[li], q_b[li], norm=(*st, lw.norm2_w, lw.norm2_b), out=qc)
+                    stream = x0[m0 : m0 + mc]
+                else:  # yc holds this layer's LN2(x), from the previous add_layer_norm
+                    linear(yc, q_w[li], q_b[li], out=qc)
                     attention(qc, k_l, v_l, n_heads, ni, mc, mask=mask_i, out=oc)
-                    linear(oc, lw.out_proj_w, lw.out_proj_b, residual=xc, out=xc)
-                row_stats(xc, eps, st)
+                    stream = xc
+                linear(oc, lw.out_proj_w, lw.out_proj_b, out=qc)  # branch output
+                add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, yc, delta=qc, x_out=xc)
                 h = _buffer(pool_a, r, cfg.d_ffn)
-                linear(xc, lw.linear1_w, lw.linear1_b, norm=(*st, lw.norm3_w, lw.norm3_b),
-                       relu=True, out=h)  # fmt: skip
-                linear(h, lw.linear2_w, lw.linear2_b, residual=xc, out=xc)
-            row_stats(xc, eps, st)
-            _head(head, xc, (*st, w.norm0_w, w.norm0_b), pool_a, pool_b,
-                  out[n0 : n0 + ni, m0 : m0 + mc])  # fmt: skip
+                linear(yc, lw.linear1_w, lw.linear1_b, relu=True, out=h)
+                linear(h, lw.linear2_w, lw.linear2_b, out=qc)
+                add_layer_norm(xc, *norms[li], eps, yc, delta=qc, x_out=xc)
+            _head(head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc])
     return out
 
 
 def _head(
     head: list[tuple[Tensor, Tensor]],
-    x: Tensor,
-    norm: tuple[Tensor, Tensor, Tensor, Tensor],
+    y: Tensor,
     pool_a: Tensor,
     pool_b: Tensor,
     scores: Tensor,
 ) -> None:
-    """decoder_norm and the MLP head over a chunk's rows `(r, D)` → `scores` `(ni, mc)` (a
-    view of the output), with the last hidden layer and the logit fused when narrow enough."""
+    """The MLP head over a chunk's decoder_norm'ed rows `(r, D)` → `scores` `(ni, mc)` (a view
+    of the output), with the last hidden layer and the logit fused when narrow enough."""
     from ..kernels import linear
     from ..kernels.configs import HEAD_MAX_WIDTH
 
-    r, last = x.shape[0], len(head) - 2  # head[last] is the last hidden layer
-    a, a_norm = x, norm
+    r, last = y.shape[0], len(head) - 2  # head[last] is the last hidden layer
+    a = y
     for i in range(last):
         out = _buffer(pool_a if i % 2 == 0 else pool_b, r, head[i][0].shape[0])
-        a = linear(a, *head[i], norm=a_norm, relu=True, out=out)
-        a_norm = None
+        a = linear(a, *head[i], relu=True, out=out)
     (hw, hb), (lw, lb) = head[last], head[last + 1]
     if hw.shape[0] <= HEAD_MAX_WIDTH:
-        linear(a, hw, hb, norm=a_norm, relu=True, head=(lw[0], lb), out=scores,
-               logit_cols=scores.shape[1])  # fmt: skip
+        linear(a, hw, hb, relu=True, head=(lw[0], lb), out=scores, logit_cols=scores.shape[1])
     else:
         out = _buffer(pool_a if last % 2 == 0 else pool_b, r, hw.shape[0])
-        a = linear(a, hw, hb, norm=a_norm, relu=True, out=out)
+        a = linear(a, hw, hb, relu=True, out=out)
         scores.copy_(F.linear(a, lw, lb).view(scores.shape))
 
 
