@@ -9,6 +9,7 @@ carzero_fast.kernels --arch 90`, checked by tests/test_kernel_report.py).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ class AttentionConfig(NamedTuple):
 
 # (arch major, dot kind) → config; archs below 8 use the Ampere entries
 _LINEAR = {
-    (9, "half"): LinearConfig(128, 256, 64, 8, 3),
+    (9, "half"): LinearConfig(128, 128, 64, 8, 3),
     (9, "tf32"): LinearConfig(128, 128, 32, 8, 3),
     (9, "ieee"): LinearConfig(128, 128, 32, 8, 3),
     (8, "half"): LinearConfig(128, 128, 32, 4, 4),
@@ -76,7 +77,13 @@ def arch_of(device: torch.device) -> int:
     """Major compute capability; CPU tensors (the interpreter) use the Hopper tables."""
     if device.type != "cuda":
         return 9
-    return torch.cuda.get_device_capability(device)[0]
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    # cached: asked once per kernel launch, and the driver query costs microseconds
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _key(arch: int, kind: str) -> tuple[int, str]:

@@ -32,8 +32,9 @@ from ..config import AlignerConfig
 from ..weights import AlignerWeights
 
 # Default memory for one chunk's buffers (plus one item block's K/V). Large chunks keep each
-# GEMM large (≥ 10k rows) and the launches few (~30 per chunk).
-DEFAULT_FUSED_BUDGET_BYTES = 256 * 2**20
+# GEMM large (~45k rows at CARZero dims) and the launches few (~38 per chunk): at 256 MiB an
+# H200 waited on kernel launches (BENCHMARKS.md).
+DEFAULT_FUSED_BUDGET_BYTES = 512 * 2**20
 
 
 def kernels_available() -> bool:
