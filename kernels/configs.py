@@ -80,7 +80,7 @@ def arch_of(device: torch.device) -> int:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> int:
     # cached: asked once per kernel launch, and the driver query costs microseconds
     return torch.cuda.get_device_capability(index)[0]
