@@ -321,11 +321,15 @@ def environment(dev: torch.device) -> dict:
             info[pkg] = "installed (not wired in: chunked uses SDPA)"
         except ImportError:
             info[pkg] = "not installed"
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                        capture_output=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = os.environ.get("CARZERO_COMMIT", "unknown")
+    # the device machine's copy of the tree may carry a stale .git: the caller's word first
+    info["commit"] = os.environ.get("CARZERO_COMMIT")
+    if not info["commit"]:
+        try:
+            git = ["git", "rev-parse", "--short", "HEAD"]
+            info["commit"] = subprocess.run(git, text=True, capture_output=True,
+                                            check=True).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            info["commit"] = "unknown"
     return info
 
 

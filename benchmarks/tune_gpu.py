@@ -25,16 +25,18 @@ from carzero_fast.kernels import configs as kc
 
 # every candidate compiles without spills for sm_90 (the first is the shipped one)
 LINEAR_CANDIDATES = [
-    kc.LinearConfig(128, 256, 64, 8, 3),
     kc.LinearConfig(128, 128, 64, 8, 3),
-    kc.LinearConfig(128, 256, 64, 8, 4),
-    kc.LinearConfig(128, 128, 64, 8, 4),
+    kc.LinearConfig(128, 128, 128, 8, 3),
+    kc.LinearConfig(128, 128, 128, 8, 2),
+    kc.LinearConfig(128, 128, 64, 4, 4),
+    kc.LinearConfig(128, 128, 64, 4, 3),
+    kc.LinearConfig(256, 128, 64, 8, 3),
 ]
 ATTENTION_CANDIDATES = [
     kc.AttentionConfig(64, 32, 4, 3),
-    kc.AttentionConfig(64, 64, 4, 3),
-    kc.AttentionConfig(128, 64, 8, 3),
-    kc.AttentionConfig(64, 32, 4, 4),
+    kc.AttentionConfig(64, 32, 4, 2),
+    kc.AttentionConfig(64, 16, 4, 3),
+    kc.AttentionConfig(128, 32, 8, 3),
 ]
 
 
