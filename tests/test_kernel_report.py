@@ -1,0 +1,84 @@
+"""Compile gate (DESIGN.md §4): every shipped kernel configuration builds for sm_90 and sm_80
+without a GPU, without local-memory spills, and its matrix code reaches the tensor cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ARCHS = (90, 80)
+KERNELS = {"linear", "attention", "add_layer_norm"}
+
+
+def _describe(row: dict) -> str:
+    cfg = ", ".join(f"{k}={v}" for k, v in row["config"].items())
+    return f"sm_{row['arch']} {row['kernel']} [{cfg}]"
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[int, list[dict]]:
+    """`python -m carzero_fast.kernels --arch A --json` for each arch, run in parallel."""
+    # The compiler, not the interpreter: other test modules set TRITON_INTERPRET=1 in this
+    # process (before Triton's first import), and a child would inherit it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, "-m", "carzero_fast.kernels", "--arch", str(arch), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=root,
+        )
+        for arch in ARCHS
+    }
+    out = {}
+    for arch, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            pytest.fail(f"the sm_{arch} compile report took over 10 minutes")
+        try:
+            out[arch] = json.loads(stdout)
+        except json.JSONDecodeError:
+            pytest.fail(f"sm_{arch} report (exit {proc.returncode}) printed no JSON:\n{stderr}")
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles(reports, arch):
+    rows = reports[arch]
+    assert KERNELS <= {r["kernel"] for r in rows}
+    errors = [f"{_describe(r)}: {r['error']}" for r in rows if r["error"]]
+    assert not errors, "\n".join(errors)
+    for r in rows:
+        assert r["arch"] == arch and r["registers"], _describe(r)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_spills(reports, arch):
+    spills = [f"{_describe(r)}: {r['spill_bytes']} B" for r in reports[arch] if r["spill_bytes"]]
+    assert not spills, "\n".join(spills)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matrix_kernels_use_tensor_cores(reports, arch):
+    """Every dot but IEEE fp32 (FMA code by design) must run on the tensor cores; on sm_90
+    the 16-bit ones as wgmma."""
+    rows = [r for r in reports[arch] if r["matrix"]]
+    assert rows
+    scalar = [_describe(r) for r in rows if not r["ieee_fp32"] and not r["tensor_cores"]]
+    assert not scalar, "\n".join(scalar)
+    if arch == 90:
+        half = [r for r in rows if r["config"]["dtype"] in ("bf16", "fp16")]
+        assert half
+        no_wgmma = [_describe(r) for r in half if not r["wgmma"]]
+        assert not no_wgmma, "\n".join(no_wgmma)

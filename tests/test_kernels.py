@@ -1,0 +1,259 @@
+"""Each Triton kernel against the PyTorch stage it replaces, under Triton's CPU interpreter.
+
+fp32 must agree with the PyTorch stage to 1e-5. bf16/fp16 are judged by error, not by a fixed
+tolerance: against the stage evaluated in float64 on the same rounded inputs, the kernel's
+relative RMS error may be at most twice that of the PyTorch stage run in the same dtype.
+Output buffers start as NaN so that an element a kernel fails to write fails the comparison.
+Shapes are derived from the shipped block sizes (the interpreter uses the sm_90 tables), so
+that every kernel runs several blocks with a ragged last one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The interpreter must be chosen before Triton is first imported: `triton.language`'s own
+# jitted helpers (tl.sum, tl.max, …) are built at import time, and a kernel interpreted with
+# compiled helpers fails. No test module collected before this one imports Triton.
+_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from carzero_fast.kernels import (  # noqa: E402
+    add_layer_norm,
+    add_layer_norm_torch,
+    attention,
+    attention_torch,
+    linear,
+    linear_torch,
+)
+from carzero_fast.kernels.configs import attention_config, linear_config  # noqa: E402
+from carzero_fast.kernels.layernorm import BLOCK_ROWS  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = 1e-5
+NAN = float("nan")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_active():
+    if _TRITON_PRELOADED:
+        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set (see this module's top)")
+
+
+def _double(x):
+    """Every floating tensor of a (nested) argument in float64; the rest as is."""
+    if isinstance(x, torch.Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, tuple):
+        return tuple(_double(t) for t in x)
+    if isinstance(x, dict):
+        return {k: _double(v) for k, v in x.items()}
+    return x
+
+
+def _check(out, ref, exact, dtype):
+    """The kernel's `out` against the PyTorch stage's `ref` (fp32) or, in 16 bits, both
+    against `exact`, the stage in float64 on the same rounded inputs."""
+    if dtype == torch.float32:
+        assert rel_err(out, ref) < 1e-5
+        return
+    kernel_err, torch_err = rel_err(out, exact), rel_err(ref, exact)
+    assert kernel_err <= 2 * torch_err + 1e-6, (kernel_err, torch_err)
+
+
+def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (shift + scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def _ids(x):
+    return str(x)[6:] if isinstance(x, torch.dtype) else str(x)
+
+
+# ----------------------------------------------------------------------- add_layer_norm
+
+
+def _add_ln_exact(x, weight, bias, rows, delta=None):
+    """`add_layer_norm_torch` in float64 (the stage's own fp32 sum would cap the reference)."""
+    s = x.double().repeat(rows // x.shape[0], 1)
+    if delta is not None:
+        s = s + delta.double()
+    return s, F.layer_norm(s, (x.shape[-1],), weight.double(), bias.double(), EPS)
+
+
+# How the backend calls it: LN0 of memory tokens (16-bit rows in, no add, no stream out);
+# layer 1's add onto x0 broadcast over a chunk's items (fp32 stream written to x_out); every
+# later add in place on the fp32 stream (x_out is x).
+LN_VARIANTS = ["ln", "add_broadcast", "add_in_place"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("d", [64, 97])
+@pytest.mark.parametrize("variant", LN_VARIANTS)
+def test_add_layer_norm(dtype, d, variant):
+    res_rows = 7
+    rows = 5 * res_rows  # not a multiple of the kernel's row block
+    assert rows % BLOCK_ROWS
+    weight = _randn(d, dtype=dtype, seed=1, scale=0.2, shift=1.0)
+    bias = _randn(d, dtype=dtype, seed=2, scale=0.1)
+    # the inputs are rows of wider buffers (row stride ≠ D), the outputs slices of longer ones
+    y_buf = torch.full((rows + 3, d + 5), NAN, dtype=dtype)
+    y = y_buf[:rows, :d]
+    delta, x_out = None, None
+    if variant == "ln":
+        x = _randn(rows, d + 9, dtype=dtype, seed=d, scale=2.0, shift=0.5)[:, 4 : 4 + d]
+    else:
+        delta = _randn(rows, d + 3, dtype=dtype, seed=d + 1)[:, :d]
+        if variant == "add_broadcast":
+            x = _randn(res_rows, d, seed=d + 2, scale=2.0, shift=0.5)
+            x_out = torch.full((rows, d), NAN)
+        else:
+            x = _randn(rows, d, seed=d + 2, scale=2.0, shift=0.5)
+            x_out = x
+    x_in = x.clone()
+    got = add_layer_norm(x, weight, bias, EPS, y, delta=delta, x_out=x_out)
+    assert got.data_ptr() == y.data_ptr()
+    assert torch.isnan(y_buf[rows:]).all() and torch.isnan(y_buf[:, d:]).all()
+    s_ref, y_ref = add_layer_norm_torch(x_in, weight, bias, EPS, dtype, rows, delta)
+    s_exact, y_exact = _add_ln_exact(x_in, weight, bias, rows, delta)
+    _check(y, y_ref, y_exact, dtype)
+    if x_out is not None:
+        assert x_out.dtype == torch.float32
+        _check(x_out, s_ref, s_exact, dtype)
+    else:
+        assert torch.equal(x, x_in)
+
+
+def test_add_layer_norm_survives_a_large_mean():
+    """Two passes (mean, then centred variance): E[x²] − E[x]² would lose every digit here."""
+    rows, d = 21, 768
+    x = _randn(rows, d, seed=3, shift=1000.0)
+    weight, bias = torch.ones(d), torch.zeros(d)
+    y = add_layer_norm(x, weight, bias, EPS, torch.full((rows, d), NAN))
+    _, y_exact = _add_ln_exact(x, weight, bias, rows)
+    _, y_torch = add_layer_norm_torch(x, weight, bias, EPS, torch.float32, rows)
+    # what is left is the fp32 rounding of the mean itself (ulp(1000) ≈ 6e-5 of a unit std)
+    assert rel_err(y, y_exact) <= max(2 * rel_err(y_torch, y_exact), 1e-6)
+    assert rel_err(y, y_exact) < 1e-4
+
+
+def test_add_layer_norm_rejects_a_16_bit_stream():
+    x = _randn(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="fp32"):
+        add_layer_norm(x, torch.ones(16), torch.zeros(16), EPS, torch.empty(8, 16), x_out=x)
+
+
+# ------------------------------------------------------------------------------- linear
+
+
+def _linear_inputs(dtype, rows, k, n_out, seed=0):
+    a = _randn(rows, k, dtype=dtype, seed=seed, scale=2.0, shift=0.5)
+    w = _randn(n_out, k, dtype=dtype, seed=seed + 1, scale=k**-0.5)
+    bias = _randn(n_out, dtype=dtype, seed=seed + 2, scale=0.1)
+    return a, w, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_linear(dtype, relu):
+    cfg = linear_config(CPU, dtype)
+    # more row blocks than GROUP_M (8), two column blocks, K not a multiple of BLOCK_K; a is
+    # a row-strided view (as the backend's buffers are)
+    rows, k, n_out = 8 * cfg.block_m + 11, 3 * cfg.block_k + 5, cfg.block_n + 37
+    a, w, bias = _linear_inputs(dtype, rows, k + 6, n_out)
+    a, w = a[:, 3 : 3 + k], w[:, :k].contiguous()
+    out = torch.full((rows, n_out), NAN, dtype=dtype)
+    got = linear(a, w, bias, out=out, relu=relu)
+    assert got.data_ptr() == out.data_ptr()
+    ref = linear_torch(a, w, bias, relu=relu)
+    exact = linear_torch(*_double((a, w, bias)), relu=relu)
+    _check(out, ref, exact, dtype)
+
+
+def test_linear_allocates_its_output():
+    a, w, bias = _linear_inputs(torch.float32, 9, 20, 30)
+    out = linear(a, w, bias)
+    assert out.shape == (9, 30) and out.dtype == torch.float32
+    assert rel_err(out, linear_torch(a, w, bias)) < 1e-5
+
+
+def test_linear_rejects_mixed_dtypes():
+    a, w, bias = _linear_inputs(torch.float32, 4, 8, 8)
+    with pytest.raises(TypeError):
+        linear(a, w.bfloat16(), bias.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_linear_head_writes_logits_into_a_score_block(dtype):
+    """relu(a·wᵀ + b)·w_last + b_last per row, written at (r // mc, r % mc) of a strided
+    block of the scores; nothing else of the score matrix is touched."""
+    cfg = linear_config(CPU, dtype, head=True)
+    ni, mc, width, k = 7, cfg.block_m // 4 + 3, 40, cfg.block_k + 9  # ragged last row block
+    assert (ni * mc) % cfg.block_m and ni * mc > cfg.block_m
+    a, w, bias = _linear_inputs(dtype, ni * mc, k, width, seed=5)
+    head = (_randn(width, dtype=dtype, seed=8, scale=width**-0.5), _randn(1, dtype=dtype, seed=9))
+    scores = torch.full((ni + 4, mc + 6), NAN, dtype=dtype)
+    block = scores[2 : 2 + ni, 3 : 3 + mc]
+    linear(a, w, bias, out=block, relu=True, head=head, logit_cols=mc)
+    untouched = torch.ones_like(scores, dtype=torch.bool)
+    untouched[2 : 2 + ni, 3 : 3 + mc] = False
+    assert torch.isnan(scores[untouched]).all()
+    ref = linear_torch(a, w, bias, relu=True, head=head).view(ni, mc)
+    exact = linear_torch(*_double((a, w, bias)), relu=True, head=_double(head)).view(ni, mc)
+    _check(block, ref, exact, dtype)
+
+
+# ---------------------------------------------------------------------------- attention
+
+# (D, heads, P): head_dim 16 and 48 (one 64-column slice, padded) at every key count; 96 (two
+# slices, the second ragged) and 200 (four slices: 3 × 64 + 8) at one
+ATTENTION_SHAPES = [(d, h, p) for d, h in [(64, 4), (96, 2)] for p in (1, 17, 97, 197)] + [
+    (192, 2, 97),
+    (200, 1, 97),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize(("d", "heads", "p"), ATTENTION_SHAPES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_pair", "shared"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_attention(dtype, d, heads, p, shared, masked):
+    n_items = 3
+    # shared: two query blocks, the second ragged; per pair: one ragged block
+    n_queries = attention_config(CPU, dtype).block_m + 3 if shared else 5
+    seed = d + p + 2 * shared + masked
+    # K and V are column slices of a wider per-item buffer (as the backend's all-layer K/V);
+    # its other columns are NaN, so reading outside the head's columns would show
+    kv = torch.full((n_items * p, 4 * d), NAN, dtype=dtype)
+    kv[:, d : 2 * d] = _randn(n_items * p, d, dtype=dtype, seed=seed)
+    kv[:, 3 * d : 4 * d] = _randn(n_items * p, d, dtype=dtype, seed=seed + 1)
+    k, v = kv[:, d : 2 * d], kv[:, 3 * d : 4 * d]
+    # sharper softmax than unit-variance scores
+    q = _randn(n_queries if shared else n_items * n_queries, d, dtype=dtype, seed=seed + 2)
+    q = q * 2.0
+    mask = None
+    if masked:
+        # ragged lengths (≥ 1 visible key): all, one, two thirds of the keys; rows 1… of a
+        # longer mask, as the backend's item blocks slice it
+        lengths = torch.tensor([1, p, 1, (2 * p + 1) // 3, p])
+        mask = (torch.arange(p)[None, :] >= lengths[:, None]).to(torch.int8)[1 : 1 + n_items]
+    out = torch.full((n_items * n_queries, d), NAN, dtype=dtype)
+    kw = dict(shared_queries=shared, mask=mask)
+    got = attention(q, k, v, heads, n_items, n_queries, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr()
+    ref = attention_torch(q, k, v, heads, n_items, n_queries, **kw)
+    exact = attention_torch(*_double((q, k, v)), heads, n_items, n_queries, **kw)
+    _check(out, ref, exact, dtype)
+
+
+def test_attention_allocates_its_output():
+    q, kv = _randn(6, 64, seed=1), _randn(2 * 9, 128, seed=2)
+    out = attention(q, kv[:, :64], kv[:, 64:], 4, 2, 3)
+    assert out.shape == (6, 64) and out.dtype == torch.float32
+    assert rel_err(out, attention_torch(q, kv[:, :64], kv[:, 64:], 4, 2, 3)) < 1e-5

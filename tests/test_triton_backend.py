@@ -1,0 +1,216 @@
+"""The whole `triton` backend under Triton's CPU interpreter: golden vectors, the `reference`
+oracle at small odd shapes with tiny chunk budgets, 16-bit error, fallbacks and memory."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before Triton's first import (see tests/test_kernels.py): its own jitted helpers are built
+# at import time, in the mode the environment selects then.
+_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import make_aligner, random_mask, rel_err  # noqa: E402
+
+import carzero_fast as cf  # noqa: E402
+import carzero_fast.backends as backends  # noqa: E402
+from carzero_fast.backends import resolve_backend  # noqa: E402
+from carzero_fast.backends.fused import check_device, plan_fused  # noqa: E402
+from carzero_fast.memory import track_memory  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_active():
+    if _TRITON_PRELOADED:
+        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set (see this module's top)")
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """Fail if a call meant for the fused kernels falls back to the chunked backend."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the triton backend fell back to chunked")
+
+    monkeypatch.setattr(backends, "chunked_forward", refuse)
+    monkeypatch.setattr(backends, "chunked_both_directions", refuse)
+
+
+# small configs covering the head's three shapes: a normalised first layer then a fused last
+# hidden layer; one hidden layer (LN0 prologue and logit in one kernel); a last hidden layer
+# wider than HEAD_MAX_WIDTH (plain kernel + GEMV). 96/2 gives a head_dim (48) that is padded.
+CONFIGS = {
+    "d96h2": cf.AlignerConfig(d_model=96, n_heads=2, n_layers=2, d_ffn=160, head_dims=(48, 24)),
+    "d64h4_head1": cf.AlignerConfig(d_model=64, n_heads=4, n_layers=3, d_ffn=96, head_dims=(40,)),
+    "d64h4_wide": cf.AlignerConfig(d_model=64, n_heads=4, n_layers=1, d_ffn=64, head_dims=(300,)),
+}
+N, M, P = 5, 7, 19
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def small(request):
+    return make_aligner(CONFIGS[request.param], seed=2)
+
+
+def _inputs(d, n=N, m=M, p=P, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, p, d, generator=g).to(dtype),
+        torch.randn(m, d, generator=g).to(dtype),
+    )
+
+
+def _budget(cfg, itemsize, want, n=N, m=M, p=P):
+    """The smallest budget whose plan (items per block, queries per chunk) is `want`."""
+    b = 1
+    while plan_fused(cfg, n, m, p, itemsize, b) != want:
+        b = int(b * 1.02) + 1
+        assert b < 2**30, want
+    return b
+
+
+# ----------------------------------------------------------------------------- golden
+
+
+def test_matches_golden(golden, golden_weights, triton_only):
+    al = cf.CrossAttentionAligner.from_carzero_state_dict(golden_weights).eval()
+    img, txt = golden["inputs.img_tokens"], golden["inputs.txt_tokens"]
+    with torch.no_grad():
+        i2t, t2i = cf.alignment_logits(al, img, txt, backend="triton")
+        zs = cf.zero_shot_scores(al, img, txt, backend="triton")
+    assert rel_err(i2t, golden["outputs.i2t"]) < 1e-5
+    assert rel_err(t2i, golden["outputs.t2i"]) < 1e-5
+    assert rel_err(zs, golden["outputs.zero_shot"]) < 1e-5
+
+
+# -------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_fp32_matches_reference(small, masked, triton_only):
+    cfg = small.config
+    mem, q = _inputs(cfg.d_model, seed=1)
+    mask = random_mask(N, P, seed=3) if masked else None
+    # (1, 3): several item blocks and ragged query chunks; (2, M): item blocks of two (the
+    # last one ragged) over all queries. (The planner fills the queries first, so one plan
+    # cannot have both several items per block and several query chunks.)
+    plans = [(1, 3), (2, M)]
+    with torch.no_grad():
+        ref = small(mem, q, mask, backend="reference")
+        for plan in plans:
+            budget = _budget(cfg, 4, plan)
+            out = small(mem, q, mask, backend="triton", chunk_budget_bytes=budget)
+            assert out.shape == (N, M) and out.dtype == torch.float32
+            assert rel_err(out, ref) < 1e-5, plan
+
+
+def test_both_directions_match_reference(triton_only):
+    al = make_aligner(CONFIGS["d96h2"], seed=4)
+    img, txt = _inputs(96, n=3, p=11, seed=5)[0], _inputs(96, n=5, p=7, seed=6)[0]
+    img_mask, txt_mask = random_mask(3, 11, seed=7), random_mask(5, 7, seed=8)
+    with torch.no_grad():
+        got = cf.alignment_logits(al, img, txt, img_mask, txt_mask, backend="triton")
+        ref = cf.alignment_logits(al, img, txt, img_mask, txt_mask, backend="reference")
+    assert got[0].shape == (3, 5) and got[1].shape == (5, 3)
+    assert rel_err(got[0], ref[0]) < 1e-5
+    assert rel_err(got[1], ref[1]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_no_worse_than_chunked(dtype):
+    """Relative RMS error against the fp32 reference, judged by the chunked backend's error
+    in the same dtype (×2)."""
+    al = make_aligner(CONFIGS["d96h2"], seed=5)
+    mem, q = _inputs(96, p=33, seed=9)
+    mask = random_mask(N, 33, seed=10)
+    with torch.no_grad():
+        exact = al(mem, q, mask, backend="reference")
+        mem_, q_ = mem.to(dtype), q.to(dtype)
+        chunked = al(mem_, q_, mask, backend="chunked")
+        out = al(mem_, q_, mask, backend="triton", chunk_budget_bytes=_budget(al.config, 2, (1, 3)))
+    assert out.dtype == dtype and out.shape == (N, M)
+    assert rel_err(out, exact) <= 2 * rel_err(chunked, exact)
+
+
+@pytest.mark.parametrize(("n", "m"), [(0, 3), (3, 0), (0, 0)])
+def test_empty_batches_give_empty_results(n, m, triton_only):
+    al = make_aligner(CONFIGS["d64h4_head1"])
+    mem, q = _inputs(64, n=n, m=m, p=9)
+    with torch.no_grad():
+        out = al(mem, q, backend="triton")
+    assert out.shape == (n, m)
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+def _grads(al, backend, mem, q, mask, seed=0):
+    mem_, q_ = mem.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    al.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks in both runs (training mode)
+    out = al(mem_, q_, mask, backend=backend)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * g_out).sum().backward()
+    return [out, mem_.grad, q_.grad] + [p.grad for p in al.parameters()]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gradients_fall_back_to_chunked(training):
+    """With gradients (or dropout) needed, "triton" runs the chunked backend: same outputs,
+    same gradients."""
+    al = make_aligner(CONFIGS["d96h2"])
+    assert al.config.dropout > 0.0
+    al.train(training)
+    mem, q = _inputs(96, seed=11)
+    mask = random_mask(N, P, seed=12)
+    got = _grads(al, "triton", mem, q, mask)
+    expected = _grads(al, "chunked", mem, q, mask)
+    names = ["out", "memory", "queries"] + [n for n, _ in al.named_parameters()]
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert a is not None and rel_err(a, b) < 1e-6, name
+    assert got[0].requires_grad
+
+
+# ------------------------------------------------------------------------- dispatching
+
+
+def test_auto_picks_triton_on_cuda_only():
+    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("triton", "cpu") == "triton"
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        check_device(torch.zeros(1))
+    al = make_aligner(CONFIGS["d64h4_head1"])
+    mem, q = _inputs(64, n=2, m=2, p=3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="CUDA"):
+        al(mem, q, backend="triton")
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def test_memory_does_not_grow_with_pairs(triton_only):
+    """At a fixed budget (the same plan at both sizes) the buffers are per chunk: from N = M = 8
+    to N = M = 32 only the (N, M) scores and the per-query arrays (O(M·D)) grow, never
+    O(N·M·D)."""
+    cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=1, d_ffn=64, head_dims=(40,))
+    al = make_aligner(cfg)
+    d, p = cfg.d_model, 5
+    budget = _budget(cfg, 4, (1, 8), n=8, m=8, p=p)
+    peaks = {}
+    for nm in (8, 32):
+        assert plan_fused(cfg, nm, nm, p, 4, budget) == (1, 8)
+        mem, q = _inputs(d, n=nm, m=nm, p=p, seed=nm)
+        with torch.no_grad(), track_memory() as tracker:
+            out = al(mem, q, backend="triton", chunk_budget_bytes=budget)
+        assert out.shape == (nm, nm)
+        peaks[nm] = tracker.peak_bytes
+    pair_state = 32 * 32 * d * 4  # one fp32 row of D per pair at N = M = 32
+    assert peaks[32] - peaks[8] < pair_state / 8, peaks
