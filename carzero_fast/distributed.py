@@ -1,0 +1,286 @@
+"""Past one GPU: CARZero's InfoNCE over the global batch, and sharded zero-shot scoring.
+
+Built on `torch.distributed` (NCCL on GPUs, gloo on CPU); no transport of our own.
+
+**Global-negative loss.** Rank r holds B_r images and their B_r texts (pair b ↔ b; ranks may
+hold different B_r, G = Σ B_r). CARZero's loss needs two G×G matrices, I2T (images as memory,
+text globals as queries) and T2I. Each rank
+
+1. all-gathers, with autograd, the *globals* (row 0 of each token tensor) of every rank:
+   2·G·D elements;
+2. scores its own row blocks of both matrices — its B_r images against all G text globals,
+   its B_r texts against all G image globals — so every pair of the global batch is scored
+   exactly once across ranks, and no per-pair activation ever leaves a rank;
+3. all-gathers the score blocks (2·G·G elements) and takes its share of the loss: the
+   row-wise cross-entropies of its own rows and the column-wise ones of its own columns.
+
+The shares sum to the single-process loss, so the gradients (through the gathers' backward,
+an all-reduce of the gathered tensors' gradients) sum to the single-process gradients.
+
+Communication per step and rank (elements of the activations' dtype; fp32 for scores),
+forward: all-gather of 2 × (R·max B_r)·D globals and 2 × (R·max B_r)·G scores (padded to the
+largest B_r, plus one all-gather of R sizes); backward: all-reduce of 2 × G·D and 2 × G·G
+gradients. Nothing of size B·P·D (tokens) or per pair (activations) crosses ranks.
+
+**Gradient scale.** `DistributedCARZeroLoss(reduction="mean")` (the default, for
+`DistributedDataParallel`, which averages gradients over ranks) back-propagates world_size ×
+this rank's share: after DDP's average the parameters see exactly the single-process
+gradient, and the token gradients are world_size × exact (what the encoders' own DDP average
+then brings back to exact). `reduction="sum"` back-propagates the share itself: token
+gradients exact, parameter gradients summing to the exact ones over ranks.
+
+**Sharded scoring.** `score_shards_to_csv` gives each rank a disjoint shard of the images,
+appends its rows to its own part file batch by batch (flushed, so a killed rank loses at most
+the batch in flight, and `resume=True` continues after the last complete row), and rank 0
+merges the parts into the one CSV through a temporary file and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .aligner import CrossAttentionAligner
+from .loss import zero_shot_scores
+
+__all__ = ["DistributedCARZeroLoss", "gather_rows", "init_from_env", "score_shards_to_csv"]
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "carzero_fast.distributed needs an initialised process group "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
+    """`init_process_group` from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, …),
+    NCCL when CUDA is available else gloo, with a timeout so that a rank that dies makes the
+    others fail instead of waiting forever. Returns (rank, world size)."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
+    """Every rank's row count (one small all-gather: the only host read of a step)."""
+    _, world = _world(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    all_sizes = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(all_sizes, mine, group=group)
+    return [int(s) for s in torch.cat(all_sizes).tolist()]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows `(B_r, ...)` → `(Σ B_r, ...)`, with autograd: the
+    backward sums the gathered tensor's gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:  # noqa: ANN001
+        rank, _ = _world(group)
+        pad = max(sizes)
+        padded = x.new_zeros((pad, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, rank
+        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)  # every rank's loss share reaches every row
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_rows(x: Tensor, group: dist.ProcessGroup | None = None,
+                sizes: list[int] | None = None) -> Tensor:  # fmt: skip
+    """All ranks' `x` `(B_r, ...)` concatenated in rank order, differentiably; ranks may hold
+    different B_r (pass `sizes` when known, else one all-gather finds them)."""
+    if sizes is None:
+        sizes = _sizes(x.shape[0], x.device, group)
+    return _GatherRows.apply(x, sizes, group)
+
+
+def _share(s_full: Tensor, start: int, n: int, g: int) -> Tensor:
+    """This rank's share of `sym(S)` (the global mean over rows and columns): the CE of its
+    rows [start, start+n) plus the CE of its columns [start, start+n), over 2·G."""
+    s = s_full.float()
+    idx = torch.arange(start, start + n, device=s.device)
+    rows = F.cross_entropy(s[start : start + n], idx, reduction="sum")
+    cols = F.cross_entropy(s[:, start : start + n].t(), idx, reduction="sum")
+    return (rows + cols) / (2 * g)
+
+
+class DistributedCARZeroLoss(nn.Module):
+    """CARZero's loss over the global batch of all ranks (module docstring: the algorithm,
+    the communication, the gradient scale). Wrap it in `DistributedDataParallel` to train.
+
+    forward(img_tokens `(B_r, Pi, D)`, txt_tokens `(B_r, Pt, D)`, optional bool masks) →
+    scalar fp32: the global loss (the same value on every rank).
+    """
+
+    def __init__(
+        self,
+        aligner: CrossAttentionAligner,
+        *,
+        reduction: str = "mean",
+        group: dist.ProcessGroup | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' (DDP) or 'sum', got {reduction!r}")
+        self.aligner, self.reduction, self.group, self.backend = aligner, reduction, group, backend
+
+    def forward(
+        self,
+        img_tokens: Tensor,
+        txt_tokens: Tensor,
+        img_mask: Tensor | None = None,
+        txt_mask: Tensor | None = None,
+    ) -> Tensor:
+        rank, world = _world(self.group)
+        if img_tokens.shape[0] != txt_tokens.shape[0]:
+            raise ValueError(f"rank {rank}: {img_tokens.shape[0]} images but "
+                             f"{txt_tokens.shape[0]} texts; pairs must match")  # fmt: skip
+        sizes = _sizes(img_tokens.shape[0], img_tokens.device, self.group)
+        g, start, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
+        if g == 0:
+            raise ValueError("the global batch is empty on every rank")
+        img_glob = gather_rows(img_tokens[:, 0], self.group, sizes)  # [G, D]
+        txt_glob = gather_rows(txt_tokens[:, 0], self.group, sizes)  # [G, D]
+        al = self.aligner
+        i2t = al(img_tokens, txt_glob, img_mask, backend=self.backend)  # [B_r, G] own rows
+        t2i = al(txt_tokens, img_glob, txt_mask, backend=self.backend)  # [B_r, G]
+        i2t_full = gather_rows(i2t, self.group, sizes)  # [G, G] score blocks only
+        t2i_full = gather_rows(t2i, self.group, sizes)
+        share = _share(i2t_full, start, n, g) + _share(t2i_full, start, n, g)
+        total = share.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        scaled = share * world if self.reduction == "mean" else share
+        return scaled + (total - scaled).detach()  # value: the global loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded zero-shot scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def _part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part-{rank:05d}-of-{world:05d}")
+
+
+def _complete_rows(part: Path, header: list[str]) -> list[list[str]]:
+    """The complete rows of a part file (a torn last line, from a rank killed mid-write, is
+    dropped)."""
+    if not part.exists():
+        return []
+    lines = part.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    rows = list(csv.reader(lines))
+    if not rows or rows[0] != header:
+        raise ValueError(f"{part} is not a part file of this job (header {rows[:1]})")
+    return [r for r in rows[1:] if len(r) == len(header)]
+
+
+def score_shards_to_csv(
+    aligner: CrossAttentionAligner,
+    image_ids: Sequence[str],
+    load_images: Callable[[Sequence[int]], Tensor],
+    txt_tokens: Tensor,
+    class_names: Sequence[str],
+    out_csv: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    resume: bool = False,
+    probabilities: bool = False,
+    backend: str | None = None,
+    group: dist.ProcessGroup | None = None,
+    _stop_after_batches: int | None = None,
+) -> Path | None:
+    """Zero-shot scores of every image for every class, sharded over the ranks.
+
+    image_ids: N ids (the CSV's first column, in this order in the merged file);
+    load_images(indices) → image tokens `(len(indices), Pi, D)` (row 0 the global) for those
+    positions of `image_ids`; txt_tokens `(C, Pt, D)` one prompt per class. Rank r scores
+    the batches (blocks of `batch_size` positions) r, r+R, … and appends each to its part
+    file as soon as it is done; rank 0 then merges
+    the parts in `image_ids` order into `out_csv` (temporary file + atomic rename) and removes
+    the parts. Returns the CSV's path on rank 0, None elsewhere. Works without a process
+    group too (one shard). `_stop_after_batches` is for tests: the rank raises after that many
+    batches, as if killed.
+    """
+    rank, world = _world(group) if dist.is_initialized() else (0, 1)
+    out = Path(out_csv)
+    header = ["image", *class_names]
+    if txt_tokens.shape[0] != len(class_names):
+        raise ValueError(f"{txt_tokens.shape[0]} prompts for {len(class_names)} classes")
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("image ids must be unique (they key the resume)")
+    part = _part_path(out, rank, world)
+    # Batches are fixed blocks of positions (block k → rank k % R), the same in every run and
+    # for every world size, so a resumed or re-sharded run computes each score in the same
+    # batch as an uninterrupted single process: the CSV comes out identical, bit for bit.
+    blocks = [range(lo, min(len(image_ids), lo + batch_size))
+              for lo in range(0, len(image_ids), batch_size)][rank::world]  # fmt: skip
+    kept: list[list[str]] = []
+    if resume:
+        have = {r[0]: r for r in _complete_rows(part, header)}
+        done = [b for b in blocks if all(image_ids[i] in have for i in b)]
+        kept = [have[image_ids[i]] for b in done for i in b]
+        blocks = [b for b in blocks if b not in done]
+    with open(part, "w", newline="") as f:  # rewritten: the complete blocks, then the rest
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(kept)
+        f.flush()
+        for n_done, idx in enumerate(blocks):
+            if _stop_after_batches is not None and n_done >= _stop_after_batches:
+                raise RuntimeError(f"rank {rank}: stopped after {n_done} batches (test hook)")
+            with torch.no_grad():
+                s = zero_shot_scores(aligner, load_images(list(idx)), txt_tokens, backend=backend)
+            if probabilities:
+                s = torch.sigmoid(s)
+            for i, row in zip(idx, s.float().cpu().tolist(), strict=True):
+                w.writerow([image_ids[i], *(f"{v:.9g}" for v in row)])
+            f.flush()
+            os.fsync(f.fileno())
+    if world > 1:
+        dist.barrier(group)
+    if rank != 0:
+        return None
+    parts = [_part_path(out, r, world) for r in range(world)]
+    rows: dict[str, list[str]] = {}
+    for p in parts:
+        for r in list(csv.reader(p.open(newline="")))[1:]:
+            rows[r[0]] = r
+    missing = [i for i in image_ids if i not in rows]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no scores (first: {missing[0]})")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows[i] for i in image_ids)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    for p in parts:
+        p.unlink()
+    return out

@@ -1,0 +1,232 @@
+"""Global-negative InfoNCE and sharded scoring on torch.distributed (gloo, spawned ranks)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import make_aligner, rel_err
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import carzero_fast as cf
+from carzero_fast.distributed import DistributedCARZeroLoss, score_shards_to_csv
+
+CFG = cf.AlignerConfig(d_model=32, n_heads=4, n_layers=2, d_ffn=48, head_dims=(40, 24, 16),
+                       dropout=0.0)  # fmt: skip
+P_IMG, P_TXT = 7, 5
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(sizes: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    return (torch.randn(n, P_IMG, CFG.d_model, generator=g),
+            torch.randn(n, P_TXT, CFG.d_model, generator=g))  # fmt: skip
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
+
+
+def _loss_worker(rank: int, world: int, port: int, sizes: list[int], mode: str, out: str) -> None:
+    _init(rank, world, port)
+    torch.set_num_threads(1)
+    comm: list[tuple[str, int]] = []
+    for name in ("all_gather", "all_reduce"):
+        original = getattr(dist, name)
+
+        def record(*args, _name=name, _orig=original, **kw):  # noqa: ANN002, ANN003, ANN202
+            t = args[1] if _name == "all_gather" else args[0]
+            comm.append((_name, t.numel()))
+            return _orig(*args, **kw)
+
+        setattr(dist, name, record)
+    img, txt = _batch(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    img, txt = img[lo:hi].clone().requires_grad_(True), txt[lo:hi].clone().requires_grad_(True)
+    al = make_aligner(CFG)
+    crit = DistributedCARZeroLoss(al, reduction="mean" if mode == "ddp" else "sum")
+    model = DDP(crit) if mode == "ddp" else crit
+    n_forward = len(comm)
+    loss = model(img, txt)
+    n_before_backward = len(comm)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in al.named_parameters()}
+    comm_log = (comm[n_forward:n_before_backward], comm[n_before_backward:])
+    torch.save({"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "params": grads,
+                "comm": comm_log}, f"{out}/rank{rank}.pt")  # fmt: skip
+    dist.destroy_process_group()
+
+
+def _single(sizes: list[int]) -> dict:
+    img, txt = _batch(sizes)
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    al = make_aligner(CFG)
+    loss = cf.carzero_loss(*al.both_directions(img, txt))
+    loss.backward()
+    return {"loss": loss.detach(), "img": img.grad, "txt": txt.grad,
+            "params": {k: p.grad for k, p in al.named_parameters()}}  # fmt: skip
+
+
+def _spawn(fn, world: int, *args) -> None:  # noqa: ANN001
+    mp.spawn(fn, args=(world, _port(), *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("sizes", [[3, 2], [2, 1, 3]], ids=["2ranks-uneven", "3ranks-uneven"])
+@pytest.mark.parametrize("mode", ["sum", "ddp"])
+def test_global_loss_and_gradients_equal_single_process(sizes, mode, tmp_path):
+    world = len(sizes)
+    _spawn(_loss_worker, world, sizes, mode, str(tmp_path))
+    ref = _single(sizes)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    bounds = [sum(sizes[:r]) for r in range(world + 1)]
+    scale = world if mode == "ddp" else 1  # DDP mode: token gradients are world × exact
+    for r, res in enumerate(ranks):
+        assert rel_err(res["loss"], ref["loss"]) < 1e-6
+        lo, hi = bounds[r], bounds[r + 1]
+        assert rel_err(res["img"] / scale, ref["img"][lo:hi]) < 1e-5
+        assert rel_err(res["txt"] / scale, ref["txt"][lo:hi]) < 1e-5
+    for name, g in ref["params"].items():
+        if mode == "ddp":  # DDP averaged: every rank holds the exact gradient
+            for res in ranks:
+                assert rel_err(res["params"][name], g, floor=1e-2) < 1e-5, name
+        else:  # shares: they sum to the exact gradient
+            total = sum(res["params"][name] for res in ranks)
+            assert rel_err(total, g, floor=1e-2) < 1e-5, name
+
+
+def test_only_globals_and_scores_cross_ranks(tmp_path):
+    """Communication volume: exactly the stated messages, none of token or pair size."""
+    sizes = [3, 2]
+    _spawn(_loss_worker, 2, sizes, "sum", str(tmp_path))
+    g, d, world, bmax = sum(sizes), CFG.d_model, 2, max(sizes)
+    for r in range(world):
+        fwd, bwd = torch.load(tmp_path / f"rank{r}.pt")["comm"]
+        # sizes; image and text globals (padded to the largest batch); the two score blocks;
+        # the loss value
+        assert fwd == [
+            ("all_gather", 1),
+            ("all_gather", bmax * d),
+            ("all_gather", bmax * d),
+            ("all_gather", bmax * g),
+            ("all_gather", bmax * g),
+            ("all_reduce", 1),
+        ]
+        # the gathered scores' and globals' gradients
+        assert sorted(bwd) == sorted([("all_reduce", g * g)] * 2 + [("all_reduce", g * d)] * 2)
+        largest = max(n for _, n in fwd + bwd)
+        assert largest < min(sizes) * P_TXT * d  # smaller than any rank's tokens
+        assert largest < g * g * d  # nothing per pair
+
+
+def test_loss_needs_a_process_group():
+    crit = DistributedCARZeroLoss(make_aligner(CFG))
+    img, txt = _batch([2])
+    with pytest.raises(RuntimeError, match="process group"):
+        crit(img, txt)
+
+
+# --------------------------------------------------------------------------- sharded scoring
+
+N_IMG, CLASSES = 11, ["atelectasis", "effusion", "edema", "nodule", "pneumonia"]
+
+
+def _score_inputs():
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.randn(N_IMG, P_IMG, CFG.d_model, generator=g)
+    txt = torch.randn(len(CLASSES), P_TXT, CFG.d_model, generator=g)
+    ids = [f"img{i:03d}.png" for i in range(N_IMG)]
+    return ids, imgs, txt
+
+
+def _score(out: str, resume: bool = False, stop: int | None = None) -> None:
+    ids, imgs, txt = _score_inputs()
+    score_shards_to_csv(make_aligner(CFG), ids, lambda idx: imgs[idx], txt, CLASSES, out,
+                        batch_size=3, resume=resume, _stop_after_batches=stop)  # fmt: skip
+
+
+def _score_worker(rank: int, world: int, port: int, out: str, resume: bool,
+                  stop_rank: int | None) -> None:  # fmt: skip
+    _init(rank, world, port)
+    torch.set_num_threads(1)
+    _score(out, resume, stop=1 if rank == stop_rank else None)
+    dist.destroy_process_group()
+
+
+def _one_thread_score(out: str) -> None:
+    """One process, one thread like each spawned rank (the GEMM path, and so the last bits,
+    depends on the thread count; the batches are the same by construction)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _score(out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sharded_scoring_equals_one_process_and_resumes(tmp_path):
+    single = tmp_path / "single.csv"
+    _one_thread_score(str(single))
+    rows = list(csv.reader(single.open()))
+    assert rows[0] == ["image", *CLASSES] and len(rows) == N_IMG + 1
+    expected = single.read_text()
+
+    sharded = tmp_path / "sharded.csv"
+    _spawn(_score_worker, 2, str(sharded), False, None)
+    assert sharded.read_text() == expected
+    assert not list(tmp_path.glob("sharded.csv.part-*"))  # parts merged and removed
+
+    resumed = tmp_path / "resumed.csv"
+    with pytest.raises(Exception, match="stopped after 1 batches"):
+        _spawn(_score_worker, 2, str(resumed), False, 1)  # rank 1 dies after one batch
+    assert not resumed.exists()  # nothing half-written in the output's place
+    part1 = tmp_path / "resumed.csv.part-00001-of-00002"
+    assert len(part1.read_text().splitlines()) == 1 + 3  # header + its first batch
+    with part1.open("a") as f:
+        f.write("img999.png,0.1")  # a torn line, as from a kill mid-write
+    _spawn(_score_worker, 2, str(resumed), True, None)
+    assert resumed.read_text() == expected
+
+
+def _fail_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    if rank == 1:
+        raise ValueError("rank 1 broke on purpose")
+    t = torch.ones(1)
+    dist.all_reduce(t)  # would wait for rank 1 forever without the launcher's teardown
+    dist.destroy_process_group()
+
+
+def test_a_failing_rank_fails_the_job_with_its_error():
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="rank 1 broke on purpose"):
+        _spawn(_fail_worker, 2)
+    assert time.monotonic() - t0 < 50  # not the 60 s collective timeout: no hang
+
+
+def test_score_without_process_group_writes_the_csv(tmp_path):
+    out = tmp_path / "scores.csv"
+    _score(str(out))
+    ids, imgs, txt = _score_inputs()
+    with torch.no_grad():
+        ref = cf.zero_shot_scores(make_aligner(CFG), imgs, txt)
+    rows = list(csv.reader(out.open()))[1:]
+    got = torch.tensor([[float(v) for v in r[1:]] for r in rows])
+    assert [r[0] for r in rows] == ids
+    assert rel_err(got, ref) < 1e-6
+    assert Path(out).exists()
