@@ -1,21 +1,29 @@
-"""`carzero-fast` command line."""
+"""`carzero-fast` command line: one subcommand per module, each with its own `--help`."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# name: (what it does, "module:function" taking argv and returning an exit code)
+COMMANDS = {
+    "bench": ("time every backend side by side at CARZero dims", "carzero_fast.bench:main"),
+    "convert": ("a CARZero checkpoint → our model directory", "carzero_fast.model:convert_main"),
+    "score": ("zero-shot scores of images for a vocabulary → CSV", "carzero_fast.score:main"),
+    "evaluate": ("AUROC / AUPRC of a scores CSV against labels", "carzero_fast.evaluate:main"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "time every backend side by side at CARZero dims"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: carzero-fast COMMAND [options]\n\ncommands:")
-        for name, what in commands.items():
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: carzero-fast COMMAND [options]   (COMMAND --help for its options)\n\n"
+              "commands:")  # fmt: skip
+        for name, (what, _) in COMMANDS.items():
             print(f"  {name:10s} {what}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from .bench import main as bench_main
-
-    return bench_main(argv[1:])
+    module, func = COMMANDS[argv[0]][1].split(":")
+    return getattr(importlib.import_module(module), func)(argv[1:])
 
 
 if __name__ == "__main__":

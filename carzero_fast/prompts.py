@@ -1,0 +1,101 @@
+"""Disease vocabularies → CARZero prompts, and an on-disk cache of their embeddings.
+
+A class file is either `.txt` (one finding per line, turned into a prompt by a template,
+CARZero's `"There is {finding}."` by default) or `.json` (class → prompt or list of prompts,
+used as written). Several prompts per class are ensembled by the scorer (mean of logits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+DEFAULT_TEMPLATE = "There is {finding}."
+
+
+def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> dict[str, list[str]]:
+    """Class file → {class name: [prompt, ...]} in file order.
+
+    Raises ValueError naming the problem: a missing file, an empty line, a duplicate class,
+    an empty prompt list, a template without `{finding}`, an unknown suffix.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"class file {p} does not exist")
+    if "{finding}" not in template:
+        raise ValueError(f"the prompt template must contain '{{finding}}', got {template!r}")
+    if p.suffix.lower() == ".json":
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"class file {p} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"class file {p} must map class names to prompts")
+        out: dict[str, list[str]] = {}
+        for name, prompts in raw.items():
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, list) or not prompts or not all(
+                isinstance(t, str) and t.strip() for t in prompts
+            ):
+                raise ValueError(f"class {name!r} in {p} needs a non-empty list of prompts")
+            if not name.strip():
+                raise ValueError(f"class file {p} has an empty class name")
+            out[name] = [t.strip() for t in prompts]
+        return out
+    if p.suffix.lower() != ".txt":
+        raise ValueError(f"class file {p} must be .txt (one class per line) or .json")
+    lines = p.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # a trailing newline is not an empty class
+    out = {}
+    for i, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name:
+            raise ValueError(f"class file {p}: line {i} is empty")
+        if name in out:
+            raise ValueError(f"class file {p}: line {i} repeats class {name!r}")
+        out[name] = [template.format(finding=name)]
+    if not out:
+        raise ValueError(f"class file {p} lists no classes")
+    return out
+
+
+class PromptCache:
+    """Prompt embeddings on disk, one safetensors file per text-encoder fingerprint, keyed by
+    the prompt's text: a vocabulary is encoded once per model."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str) -> None:
+        self.path = Path(directory) / f"prompts-{fingerprint[:32]}.safetensors"
+        self._store: dict[str, Tensor] = load_file(str(self.path)) if self.path.exists() else {}
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, texts: list[str]) -> list[Tensor | None]:
+        return [self._store.get(self.key(t)) for t in texts]
+
+    def put(self, texts: list[str], embeddings: Tensor) -> None:
+        """Add `(len(texts), Pt, D)` embeddings and rewrite the file atomically."""
+        for t, e in zip(texts, embeddings, strict=True):
+            self._store[self.key(t)] = e.detach().to("cpu", torch.float32).contiguous()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        save_file(self._store, str(tmp))
+        os.replace(tmp, self.path)
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's parameter names, shapes and bytes (fp32), to key caches."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()

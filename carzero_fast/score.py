@@ -1,0 +1,256 @@
+"""`carzero-fast score`: zero-shot scores of a folder of chest X-rays for a disease vocabulary.
+
+Images stream in fixed batches (blocks of `--batch-size` consecutive images of the sorted
+list) through a loader thread pool that decodes and preprocesses the next batches while the
+current one is scored. Each batch's rows are appended to the CSV in one write, flushed and
+synced, so the file holds complete rows only (a row torn by a kill is dropped on `--resume`),
+and `--resume` skips the batches already complete: a resumed run computes every score in the
+same batch as an uninterrupted one, so the CSV comes out identical. Unreadable images go to an
+errors CSV (`path,error`) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, state_fingerprint
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# test hook: die without cleanup (like a kill) after this many batches
+_STOP_ENV = "CARZERO_FAST_SCORE_DIE_AFTER_BATCHES"
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def list_images(sources: list[str]) -> list[Path]:
+    """A directory (searched recursively), a CSV (first column: paths, relative to the CSV's
+    folder; a header row whose first cell is not a file is skipped) or image files."""
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        root = Path(sources[0])
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        return paths
+    if len(sources) == 1 and sources[0].lower().endswith(".csv"):
+        src = Path(sources[0])
+        if not src.is_file():
+            raise UsageError(f"image list {src} does not exist")
+        rows = [r for r in csv.reader(src.open(newline="")) if r]
+        paths = [(src.parent / r[0]) for r in rows]
+        if paths and not paths[0].exists() and rows[0][0].lower() in ("path", "image", "file"):
+            paths = paths[1:]
+    else:
+        paths = [Path(s) for s in sources]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"{len(missing)} image file(s) do not exist, first: {missing[0]}")
+    if not paths:
+        raise UsageError("no images given")
+    if len(set(paths)) != len(paths):
+        raise UsageError("the image list names a file twice")
+    return paths
+
+
+def _complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:
+    """Complete rows of an existing CSV (a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    rows = list(csv.reader(lines))
+    if header is not None and rows and rows[0] != header:
+        raise UsageError(f"{path} has columns {rows[0][:4]}…, not this run's: resume needs the "
+                         "same classes in the same order")  # fmt: skip
+    width = len(rows[0]) if rows else 0
+    return [r for r in rows[1:] if len(r) == width]
+
+
+def _load_batch(pool: ThreadPoolExecutor, paths: list[Path]) -> list[Future]:
+    from .encoders.image import preprocess_file
+
+    return [pool.submit(preprocess_file, p) for p in paths]
+
+
+Batch = tuple[range, list[Path], "Tensor | None", list]
+
+
+def _batches(paths: list[Path], blocks: list[range], workers: int,
+             prefetch: int = 2) -> Iterator[Batch]:  # fmt: skip
+    """(block, readable paths, pixels `(n, 3, 224, 224)`, [(path, error)]) per block, with
+    the next `prefetch` blocks decoding in the background."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [_load_batch(pool, [paths[i] for i in b]) for b in blocks[:prefetch]]
+        for k, block in enumerate(blocks):
+            if k + prefetch < len(blocks):
+                pending.append(_load_batch(pool, [paths[i] for i in blocks[k + prefetch]]))
+            futures = pending.pop(0)
+            ok, pixels, errors = [], [], []
+            for i, fut in zip(block, futures, strict=True):
+                try:
+                    pixels.append(fut.result())
+                    ok.append(paths[i])
+                except Exception as e:  # noqa: BLE001 — reported per image, the run goes on
+                    errors.append((paths[i], f"{type(e).__name__}: {e}"))
+            yield block, ok, torch.stack(pixels) if pixels else None, errors
+
+
+def _format_rows(paths: list[Path], scores: Tensor) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    for p, row in zip(paths, scores.float().cpu().tolist(), strict=True):
+        w.writerow([str(p), *(f"{v:.9g}" for v in row)])
+    return buf.getvalue()
+
+
+def _rewrite(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append(f: io.TextIOBase, text: str) -> None:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run(args: argparse.Namespace) -> int:
+    from .model import CARZeroModel
+
+    classes = read_classes(args.classes, args.template)
+    paths = list_images(args.images)
+    out, errors_path = Path(args.out), Path(args.errors or f"{args.out}.errors.csv")
+    if out.exists() and not args.resume:
+        raise UsageError(f"{out} exists: pass --resume to continue it, or remove it")
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    model = CARZeroModel.from_checkpoint(args.model).to(device=device, dtype=dtype)
+
+    # prompts: encoded once per model (disk cache), ensembled per class
+    names = list(classes)
+    prompts = [t for n in names for t in classes[n]]
+    owner = torch.tensor([i for i, n in enumerate(names) for _ in classes[n]], device=device)
+    with torch.no_grad():
+        txt = _encode_prompts(model, prompts, args.cache_dir)
+    txt = txt.to(device=device, dtype=dtype)
+
+    header = ["path", *names]
+    done_rows = _complete_rows(out, header) if args.resume else []
+    done_err = _complete_rows(errors_path, ["path", "error"]) if args.resume else []
+    finished = {r[0] for r in done_rows} | {r[0] for r in done_err}
+    blocks = [range(lo, min(len(paths), lo + args.batch_size))
+              for lo in range(0, len(paths), args.batch_size)]  # fmt: skip
+    complete = [b for b in blocks if all(str(paths[i]) in finished for i in b)]
+    kept = {str(paths[i]) for b in complete for i in b}
+    todo = [b for b in blocks if b not in complete]
+
+    # what is kept (complete batches only) replaces the files atomically, then each batch is
+    # appended as it is scored
+    _rewrite(out, header, [r for r in done_rows if r[0] in kept])
+    _rewrite(errors_path, ["path", "error"], [r for r in done_err if r[0] in kept])
+    with open(out, "a", newline="") as f_out, open(errors_path, "a", newline="") as f_err:
+        n_total, n_done, t0 = len(paths), len(kept), time.perf_counter()
+        die_after = int(os.environ.get(_STOP_ENV, "-1"))
+        for k, (block, ok, pixels, errors) in enumerate(_batches(paths, todo, args.workers)):
+            if k == die_after:
+                os._exit(137)  # as if killed: no cleanup, no flush beyond what is on disk
+            if pixels is not None:
+                with torch.no_grad():
+                    scores = _score(model, pixels.to(device=device, dtype=dtype), txt, owner,
+                                    len(names), args.backend)  # fmt: skip
+                if args.probabilities:
+                    scores = torch.sigmoid(scores)
+                _append(f_out, _format_rows(ok, scores))
+            if errors:
+                buf = io.StringIO()
+                csv.writer(buf).writerows([str(p), e] for p, e in errors)
+                _append(f_err, buf.getvalue())
+            n_done += len(block)
+            rate = (n_done - len(kept)) / max(time.perf_counter() - t0, 1e-9)
+            print(f"\r{n_done}/{n_total} images, {rate:.1f} images/s", end="", file=sys.stderr,
+                  flush=True)  # fmt: skip
+    print(file=sys.stderr)
+    n_err = len(_complete_rows(errors_path, None))
+    if n_err == 0:
+        errors_path.unlink()
+    else:
+        print(f"{n_err} image(s) could not be read: see {errors_path}", file=sys.stderr)
+    return 0
+
+
+def _encode_prompts(model, prompts: list[str], cache_dir: str | None) -> Tensor:  # noqa: ANN001
+    if cache_dir is None:
+        return model.encode_texts(prompts)
+    cache = PromptCache(cache_dir, state_fingerprint(model.text_encoder))
+    have = cache.get(prompts)
+    todo = [t for t, e in zip(prompts, have, strict=True) if e is None]
+    if todo:
+        cache.put(todo, model.encode_texts(todo))
+        have = cache.get(prompts)
+    return torch.stack(have)
+
+
+def _score(model, pixels: Tensor, txt: Tensor, owner: Tensor, n_classes: int,
+           backend: str) -> Tensor:  # noqa: ANN001 # fmt: skip
+    """images → (N, C): zero-shot logits per prompt, averaged over each class's prompts."""
+    from .loss import zero_shot_scores
+
+    per_prompt = zero_shot_scores(model.aligner, model.encode_images(pixels), txt,
+                                  backend=backend).float()  # fmt: skip
+    sums = torch.zeros(per_prompt.shape[0], n_classes, device=per_prompt.device)
+    sums.index_add_(1, owner, per_prompt)
+    counts = torch.bincount(owner, minlength=n_classes).clamp_min(1)
+    return sums / counts
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="carzero-fast score", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="our model directory (carzero-fast convert)")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="a directory (recursive), a CSV whose first column lists paths, or files")
+    p.add_argument("--classes", required=True, help=".txt (one finding per line) or .json "
+                   "(class → prompts)")  # fmt: skip
+    p.add_argument("--out", required=True, help="scores CSV (path, one column per class)")
+    p.add_argument("--errors", help="CSV of unreadable images (default: OUT.errors.csv)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--backend", default="auto", help="aligner backend (auto, chunked, triton, …)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template for .txt classes")
+    p.add_argument("--probabilities", action="store_true", help="sigmoid of the logits")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted OUT")
+    p.add_argument("--cache-dir", default=None, help="prompt-embedding cache directory")
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.batch_size <= 0:
+        print("carzero-fast score: --batch-size must be positive", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except (UsageError, ValueError, KeyError) as e:
+        print(f"carzero-fast score: {e}", file=sys.stderr)
+        return 2
