@@ -1,0 +1,258 @@
+"""Zero-shot scoring end to end: checkpoints, prompts, `convert`, `score` (tiny random models)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_aligner, rel_err
+from PIL import Image
+
+import carzero_fast as cf
+from carzero_fast.cli import main as cli
+from carzero_fast.model import CARZeroModel
+from carzero_fast.prompts import PromptCache, read_classes
+
+transformers = pytest.importorskip("transformers")
+pydicom = pytest.importorskip("pydicom")
+
+from carzero_fast.encoders.image import VisionTransformer, ViTConfig, preprocess_file  # noqa: E402
+from carzero_fast.encoders.text import TextEncoder  # noqa: E402
+
+D = 32
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "there", "is", "a", "no", "left",
+         "effusion", "edema", "pne", "##umo", "##thorax", "nodule", "cardio", "##megaly",
+         "."]  # fmt: skip
+CLASSES = ["effusion", "pneumothorax", "cardiomegaly"]
+
+
+def _bert_dir(root: Path) -> Path:
+    d = root / "bert"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tok = transformers.BertTokenizer(str(d / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=D, num_hidden_layers=4,
+                                  num_attention_heads=4, intermediate_size=48,
+                                  max_position_embeddings=128)  # fmt: skip
+    tok.save_pretrained(d)
+    cfg.save_pretrained(d)
+    return d
+
+
+def _model(bert_dir: Path) -> CARZeroModel:
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(img_size=224, patch_size=32, embed_dim=D, depth=1,
+                                      num_heads=4))  # fmt: skip
+    bert = transformers.BertModel(transformers.BertConfig.from_pretrained(bert_dir))
+    tok = transformers.AutoTokenizer.from_pretrained(bert_dir, local_files_only=True)
+    al_cfg = cf.AlignerConfig(d_model=D, n_heads=4, n_layers=1, d_ffn=48, head_dims=(24, 16))
+    return CARZeroModel(vit, TextEncoder(bert, tok), make_aligner(al_cfg)).eval()
+
+
+def _carzero_ckpt(model: CARZeroModel, path: Path, extra: object = None) -> Path:
+    """A checkpoint laid out like CARZero's Lightning one."""
+    sd = {}
+    for k, v in model.img_encoder.state_dict().items():
+        sd[f"CARZero.img_encoder.model.{k}"] = v
+    for k, v in model.text_encoder.model.state_dict().items():
+        sd[f"CARZero.text_encoder.model.{k}"] = v
+    for k, v in model.aligner.state_dict().items():
+        sd[f"CARZero.fusion_module.{k}"] = v
+    sd["CARZero.fusion_module.logit_scale"] = torch.ones(())
+    ckpt = {"state_dict": sd, "epoch": 7}
+    if extra is not None:
+        ckpt["hyper_parameters"] = extra
+    torch.save(ckpt, path)
+    return path
+
+
+def _write_dicom(path: Path, arr: np.ndarray) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zs")
+    bert = _bert_dir(root)
+    model = _model(bert)
+    model_dir = model.save_pretrained(root / "model")
+    imgs = root / "images"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(17):
+        h, w = (300 + 13 * i, 260 + 7 * (i % 5))
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(imgs / f"x{i:02d}.png")
+    for i in range(3):
+        _write_dicom(imgs / f"d{i}.dcm", rng.integers(0, 4096, (280, 240)))
+    (imgs / "broken.png").write_bytes(b"\x89PNG not really")
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    return Namespace(root=root, bert=bert, model=model, model_dir=model_dir, images=imgs,
+                     classes=classes)  # fmt: skip
+
+
+def _direct_scores(model: CARZeroModel, paths: list[Path]) -> torch.Tensor:
+    prompts = [f"There is {c}." for c in CLASSES]
+    with torch.no_grad():
+        txt = model.encode_texts(prompts)
+        img = model.encode_images(torch.stack([preprocess_file(p) for p in paths]))
+        return cf.zero_shot_scores(model.aligner, img, txt)
+
+
+def _read(path: Path) -> list[list[str]]:
+    return list(csv.reader(path.open(newline="")))
+
+
+def _score_args(s: Namespace, out: Path, *extra: str) -> list[str]:
+    return ["score", "--model", str(s.model_dir), "--images", str(s.images), "--classes",
+            str(s.classes), "--out", str(out), "--batch-size", "4", "--workers", "2",
+            *extra]  # fmt: skip
+
+
+def test_checkpoint_and_directory_load_back_identically(setup, tmp_path):
+    s = setup
+    ckpt = _carzero_ckpt(s.model, tmp_path / "carzero.ckpt")
+    from_ckpt = CARZeroModel.from_checkpoint(ckpt, tokenizer=s.bert, vit_heads=4)
+    from_dir = CARZeroModel.from_checkpoint(s.model_dir)
+    paths = sorted(s.images.glob("x0*.png"))[:3]
+    ref = _direct_scores(s.model, paths)
+    assert torch.equal(_direct_scores(from_ckpt, paths), ref)
+    assert torch.equal(_direct_scores(from_dir, paths), ref)
+
+
+def test_convert_command(setup, tmp_path):
+    s = setup
+    ckpt = _carzero_ckpt(s.model, tmp_path / "carzero.ckpt")
+    out = tmp_path / "converted"
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 0  # fmt: skip
+    paths = sorted(s.images.glob("x1*.png"))[:2]
+    assert torch.equal(_direct_scores(CARZeroModel.from_checkpoint(out), paths),
+                       _direct_scores(s.model, paths))  # fmt: skip
+
+
+def test_convert_rejects_bad_checkpoints_and_leaves_nothing(setup, tmp_path, capsys):
+    s = setup
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"encoder.layer.0.weight": torch.zeros(2)}}, other)
+    out = tmp_path / "out"
+    assert cli(["convert", str(other), str(out), "--tokenizer", str(s.bert)]) == 2
+    assert "not a CARZero checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+
+    pickled = _carzero_ckpt(s.model, tmp_path / "pickled.ckpt", extra=Namespace(lr=1e-4))
+    assert cli(["convert", str(pickled), str(out), "--tokenizer", str(s.bert)]) == 2
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli(["convert", str(pickled), str(out), "--tokenizer", str(s.bert), "--vit-heads",
+                "4", "--trust-checkpoint"]) == 0  # fmt: skip
+
+    assert cli(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_score_end_to_end(setup, tmp_path):
+    s = setup
+    out = tmp_path / "scores.csv"
+    assert cli(_score_args(s, out)) == 0
+    rows = _read(out)
+    assert rows[0] == ["path", *CLASSES]
+    readable = sorted(p for p in s.images.iterdir() if p.name != "broken.png")
+    assert [Path(r[0]) for r in rows[1:]] == readable
+    got = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
+    assert rel_err(got, _direct_scores(s.model, readable)) < 1e-6
+    errors = _read(Path(f"{out}.errors.csv"))
+    assert [Path(r[0]).name for r in errors[1:]] == ["broken.png"]
+
+
+def test_score_killed_then_resumed_gives_the_same_csv(setup, tmp_path):
+    s = setup
+    full = tmp_path / "full.csv"
+    assert cli(_score_args(s, full)) == 0
+    out = tmp_path / "resumed.csv"
+    env = dict(os.environ, CARZERO_FAST_SCORE_DIE_AFTER_BATCHES="2")
+    proc = subprocess.run([sys.executable, "-m", "carzero_fast.cli", *_score_args(s, out)],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 137
+    assert 1 < len(_read(out)) < len(_read(full))  # header + the batches before the kill
+    with out.open("a") as f:
+        f.write(str(s.images / "x16.png") + ",0.5")  # a row torn by the kill
+    assert cli(_score_args(s, out, "--resume")) == 0
+    assert out.read_text() == full.read_text()
+    assert Path(f"{out}.errors.csv").read_text() == Path(f"{full}.errors.csv").read_text()
+
+
+def test_score_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
+    s = setup
+    out = tmp_path / "s.csv"
+    dup = tmp_path / "dup.txt"
+    dup.write_text("effusion\nedema\neffusion\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("effusion\n\nedema\n")
+    cases = [
+        (["--images", str(tmp_path / "nope.png")], "do not exist"),
+        (["--classes", str(dup)], "repeats class 'effusion'"),
+        (["--classes", str(empty)], "line 2 is empty"),
+        (["--model", str(tmp_path)], "not a carzero_fast model directory"),
+    ]
+    for override, message in cases:
+        args = _score_args(s, out)
+        for k in range(0, len(override), 2):
+            args[args.index(override[k]) + 1] = override[k + 1]
+        assert cli(args) == 2, override
+        assert message in capsys.readouterr().err, override
+        assert not out.exists() and not Path(f"{out}.errors.csv").exists()
+    out.write_text("path,x\n")
+    assert cli(_score_args(s, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_prompt_ensembles_and_cache(setup, tmp_path):
+    s = setup
+    classes = tmp_path / "c.json"
+    classes.write_text('{"effusion": ["There is effusion.", "There is left effusion."], '
+                       '"edema": "There is edema."}')  # fmt: skip
+    parsed = read_classes(classes)
+    assert parsed == {"effusion": ["There is effusion.", "There is left effusion."],
+                      "edema": ["There is edema."]}  # fmt: skip
+    out, cache = tmp_path / "e.csv", tmp_path / "cache"
+    args = _score_args(s, out, "--cache-dir", str(cache))
+    args[args.index("--classes") + 1] = str(classes)
+    assert cli(args) == 0
+    files = list(cache.glob("prompts-*.safetensors"))
+    assert len(files) == 1
+    prompts = [t for ts in parsed.values() for t in ts]
+    cached = PromptCache(cache, files[0].name[len("prompts-") : -len(".safetensors")])
+    assert all(e is not None for e in cached.get(prompts))
+    rows = _read(out)[1:]
+    paths = [Path(r[0]) for r in rows]
+    with torch.no_grad():
+        img = s.model.encode_images(torch.stack([preprocess_file(p) for p in paths]))
+        per = cf.zero_shot_scores(s.model.aligner, img, s.model.encode_texts(prompts))
+    want = torch.stack([per[:, :2].mean(1), per[:, 2]], dim=1)
+    got = torch.tensor([[float(v) for v in r[1:]] for r in rows])
+    assert rel_err(got, want) < 1e-6
+    assert read_classes(s.classes, "No {finding} is seen.")["effusion"] == ["No effusion is seen."]
+    with pytest.raises(ValueError, match="finding"):
+        read_classes(s.classes, "There is nothing.")
