@@ -17,8 +17,15 @@ setup(
     extras_require={
         # encoders, image reading and evaluation for zero-shot scoring (`carzero-fast score`)
         "zeroshot": ["transformers", "pillow", "pydicom"],
-        "test": ["pytest", "pytest-benchmark", "ruff", "transformers", "pillow", "pydicom",
-                 "scikit-learn"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "ruff",
+            "transformers",
+            "pillow",
+            "pydicom",
+            "scikit-learn",
+        ],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["carzero-fast=carzero_fast.cli:main"]},

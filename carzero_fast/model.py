@@ -243,8 +243,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", help="the new model directory (must not exist or be empty)")
     p.add_argument("--tokenizer", help="local BERT directory (config + tokenizer files) the "
                    "checkpoint's text encoder was trained from")  # fmt: skip
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow pickled Python objects in the checkpoint (only for trusted files)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled Python objects in the checkpoint (only for trusted files)",
+    )
     p.add_argument("--vit-heads", type=int, default=None, help="ViT heads (default D/64)")
     args = p.parse_args(argv)
     try:

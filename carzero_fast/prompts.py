@@ -40,8 +40,10 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
         out: dict[str, list[str]] = {}
         for name, prompts in raw.items():
             prompts = [prompts] if isinstance(prompts, str) else prompts
-            if not isinstance(prompts, list) or not prompts or not all(
-                isinstance(t, str) and t.strip() for t in prompts
+            if (
+                not isinstance(prompts, list)
+                or not prompts
+                or not all(isinstance(t, str) and t.strip() for t in prompts)
             ):
                 raise ValueError(f"class {name!r} in {p} needs a non-empty list of prompts")
             if not name.strip():

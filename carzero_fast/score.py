@@ -226,8 +226,12 @@ def _score(model, pixels: Tensor, txt: Tensor, owner: Tensor, n_classes: int,
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="carzero-fast score", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="our model directory (carzero-fast convert)")
-    p.add_argument("--images", required=True, nargs="+",
-                   help="a directory (recursive), a CSV whose first column lists paths, or files")
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        help="a directory (recursive), a CSV whose first column lists paths, or files",
+    )
     p.add_argument("--classes", required=True, help=".txt (one finding per line) or .json "
                    "(class → prompts)")  # fmt: skip
     p.add_argument("--out", required=True, help="scores CSV (path, one column per class)")
