@@ -7,6 +7,10 @@ synced, so the file holds complete rows only (a row torn by a kill is dropped on
 and `--resume` skips the batches already complete: a resumed run computes every score in the
 same batch as an uninterrupted one, so the CSV comes out identical. Unreadable images go to an
 errors CSV (`path,error`) and the run goes on.
+
+Under `torchrun` (WORLD_SIZE > 1) each rank scores every R-th batch into its own part files
+(resumable per shard with `--resume`), and rank 0 merges them into the one CSV, in the image
+list's order, through a temporary file and a rename: the same CSV as one process.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, state_fingerpr
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# test hook: die without cleanup (like a kill) after this many batches
+# test hooks: die without cleanup (like a kill) after this many batches (on this rank only)
 _STOP_ENV = "CARZERO_FAST_SCORE_DIE_AFTER_BATCHES"
+_STOP_RANK_ENV = "CARZERO_FAST_SCORE_DIE_RANK"
 
 
 class UsageError(ValueError):
@@ -134,15 +139,31 @@ def _append(f: io.TextIOBase, text: str) -> None:
     os.fsync(f.fileno())
 
 
+def _shard() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is set up here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from .distributed import init_from_env
+
+    return init_from_env()
+
+
+def _part(path: Path, rank: int, world: int) -> Path:
+    return path if world == 1 else path.with_name(f"{path.name}.part-{rank:05d}-of-{world:05d}")
+
+
 def run(args: argparse.Namespace) -> int:
     from .model import CARZeroModel
 
     classes = read_classes(args.classes, args.template)
     paths = list_images(args.images)
     out, errors_path = Path(args.out), Path(args.errors or f"{args.out}.errors.csv")
+    rank, world = _shard()
     if out.exists() and not args.resume:
         raise UsageError(f"{out} exists: pass --resume to continue it, or remove it")
     device = torch.device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = DTYPES[args.dtype]
     model = CARZeroModel.from_checkpoint(args.model).to(device=device, dtype=dtype)
 
@@ -151,26 +172,30 @@ def run(args: argparse.Namespace) -> int:
     prompts = [t for n in names for t in classes[n]]
     owner = torch.tensor([i for i, n in enumerate(names) for _ in classes[n]], device=device)
     with torch.no_grad():
-        txt = _encode_prompts(model, prompts, args.cache_dir)
+        txt = _encode_prompts(model, prompts, args.cache_dir if rank == 0 else None)
     txt = txt.to(device=device, dtype=dtype)
 
-    header = ["path", *names]
-    done_rows = _complete_rows(out, header) if args.resume else []
-    done_err = _complete_rows(errors_path, ["path", "error"]) if args.resume else []
+    # Batches are fixed blocks of the sorted list; rank r takes blocks r, r+R, … into its own
+    # part files (the output itself when alone), rank 0 merges them at the end.
+    header, err_header = ["path", *names], ["path", "error"]
+    part, err_part = _part(out, rank, world), _part(errors_path, rank, world)
+    done_rows = _complete_rows(part, header) if args.resume else []
+    done_err = _complete_rows(err_part, err_header) if args.resume else []
     finished = {r[0] for r in done_rows} | {r[0] for r in done_err}
     blocks = [range(lo, min(len(paths), lo + args.batch_size))
-              for lo in range(0, len(paths), args.batch_size)]  # fmt: skip
+              for lo in range(0, len(paths), args.batch_size)][rank::world]  # fmt: skip
     complete = [b for b in blocks if all(str(paths[i]) in finished for i in b)]
     kept = {str(paths[i]) for b in complete for i in b}
     todo = [b for b in blocks if b not in complete]
 
     # what is kept (complete batches only) replaces the files atomically, then each batch is
     # appended as it is scored
-    _rewrite(out, header, [r for r in done_rows if r[0] in kept])
-    _rewrite(errors_path, ["path", "error"], [r for r in done_err if r[0] in kept])
-    with open(out, "a", newline="") as f_out, open(errors_path, "a", newline="") as f_err:
-        n_total, n_done, t0 = len(paths), len(kept), time.perf_counter()
-        die_after = int(os.environ.get(_STOP_ENV, "-1"))
+    _rewrite(part, header, [r for r in done_rows if r[0] in kept])
+    _rewrite(err_part, err_header, [r for r in done_err if r[0] in kept])
+    die_rank = int(os.environ.get(_STOP_RANK_ENV, "-1"))
+    die_after = int(os.environ.get(_STOP_ENV, "-1")) if die_rank in (-1, rank) else -1
+    with open(part, "a", newline="") as f_out, open(err_part, "a", newline="") as f_err:
+        n_total, n_done, t0 = sum(len(b) for b in blocks), len(kept), time.perf_counter()
         for k, (block, ok, pixels, errors) in enumerate(_batches(paths, todo, args.workers)):
             if k == die_after:
                 os._exit(137)  # as if killed: no cleanup, no flush beyond what is on disk
@@ -187,15 +212,35 @@ def run(args: argparse.Namespace) -> int:
                 _append(f_err, buf.getvalue())
             n_done += len(block)
             rate = (n_done - len(kept)) / max(time.perf_counter() - t0, 1e-9)
-            print(f"\r{n_done}/{n_total} images, {rate:.1f} images/s", end="", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            shard = f" (rank {rank}/{world})" if world > 1 else ""
+            print(f"\r{n_done}/{n_total} images{shard}, {rate:.1f} images/s", end="",
+                  file=sys.stderr, flush=True)  # fmt: skip
     print(file=sys.stderr)
-    n_err = len(_complete_rows(errors_path, None))
-    if n_err == 0:
-        errors_path.unlink()
-    else:
-        print(f"{n_err} image(s) could not be read: see {errors_path}", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _merge(paths, [_part(out, r, world) for r in range(world)], out, header)
+            _merge(paths, [_part(errors_path, r, world) for r in range(world)], errors_path,
+                   err_header)  # fmt: skip
+        dist.barrier()  # no rank reports success before the merged file exists
+        dist.destroy_process_group()
+    if rank == 0:
+        n_err = len(_complete_rows(errors_path, None))
+        if n_err == 0:
+            errors_path.unlink()
+        else:
+            print(f"{n_err} image(s) could not be read: see {errors_path}", file=sys.stderr)
     return 0
+
+
+def _merge(paths: list[Path], parts: list[Path], out: Path, header: list[str]) -> None:
+    """The ranks' part files → one file in the image list's order (temp file + rename)."""
+    rows = {r[0]: r for p in parts for r in _complete_rows(p, header)}
+    _rewrite(out, header, [rows[str(p)] for p in paths if str(p) in rows])
+    for p in parts:
+        p.unlink()
 
 
 def _encode_prompts(model, prompts: list[str], cache_dir: str | None) -> Tensor:  # noqa: ANN001

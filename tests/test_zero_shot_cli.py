@@ -256,3 +256,50 @@ def test_prompt_ensembles_and_cache(setup, tmp_path):
     assert read_classes(s.classes, "No {finding} is seen.")["effusion"] == ["No effusion is seen."]
     with pytest.raises(ValueError, match="finding"):
         read_classes(s.classes, "There is nothing.")
+
+
+def _torchrun_worker(rank: int, world: int, port: int, args: list[str], die_rank: int) -> None:
+    """One rank of `carzero-fast score` as torchrun would start it (env:// rendezvous)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    if die_rank >= 0:
+        os.environ.update(CARZERO_FAST_SCORE_DIE_AFTER_BATCHES="1",
+                          CARZERO_FAST_SCORE_DIE_RANK=str(die_rank))  # fmt: skip
+    torch.set_num_threads(1)
+    code = cli(args)
+    if code:
+        raise SystemExit(code)
+
+
+def _torchrun(args: list[str], world: int = 2, die_rank: int = -1) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_torchrun_worker, args=(world, port, args, die_rank), nprocs=world, join=True)
+
+
+def test_score_sharded_under_torchrun_equals_one_process_and_resumes(setup, tmp_path):
+    s = setup
+    single = tmp_path / "single.csv"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same GEMM path, so the same last bits
+    try:
+        assert cli(_score_args(s, single)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    sharded = tmp_path / "sharded.csv"
+    _torchrun(_score_args(s, sharded))
+    assert sharded.read_text() == single.read_text()
+    assert Path(f"{sharded}.errors.csv").read_text() == Path(f"{single}.errors.csv").read_text()
+    assert not list(tmp_path.glob("*.part-*"))
+
+    resumed = tmp_path / "resumed.csv"
+    with pytest.raises(Exception):  # noqa: B017 — rank 1 dies (exit 137) after one batch
+        _torchrun(_score_args(s, resumed), die_rank=1)
+    assert not resumed.exists()  # only part files so far: the CSV appears once complete
+    _torchrun(_score_args(s, resumed, "--resume"))
+    assert resumed.read_text() == single.read_text()
