@@ -1,0 +1,531 @@
+"""`carzero-fast align-prompts`: free-text reports or label phrases → CARZero prompts, for review.
+
+CARZero's prompt alignment rewrites every report or label into one standard sentence per
+finding, `"There is {finding}."` (a finding that is absent: `"There is no {finding}."`). This
+command does that with a local text-generation model (`--model DIR`, a `transformers`
+directory: nothing is downloaded) or, without one, with deterministic rules. Its output is a
+CSV meant to be read by a person before the prompts are used (e.g. as a `score --classes`
+file); no input is ever left out of it.
+
+Input: a `.txt` (one phrase or report per line; trailing empty lines are ignored) or a `.csv`
+with a header row (the text is the `--column` column, the first one by default).
+
+Output CSV, one row per extracted finding, at least one row per input record:
+
+* `row`: 1-based number of the input record (the line of a `.txt`, the data row of a `.csv`
+  after its header), so several findings of one report point back to it;
+* `source`: the input text as given;
+* `prompt`: the template with the finding filled in, or empty when nothing usable was found.
+  Every non-empty prompt matches the template's shape (the template's fixed text around a
+  lower-case finding of letters, digits, spaces and `,-/()`, at most 12 words), whichever path
+  produced it: unvalidated text never reaches this column;
+* `method`: `llm` (the model's line, validated) or `rules`;
+* `status`: `ok`; `negated` (an absent finding, rendered with "no": CARZero keeps negative
+  findings as prompts of their own, "There is no pneumothorax."); `needs_review` (the model's
+  output failed validation and the rules stood in, uncertain wording such as "possible", a
+  clause that is not a noun phrase, a normal statement or remark, an empty line, nothing found);
+* `note`: why a row needs review, or what to check (e.g. words of a model's finding that are
+  not in the input: a model may paraphrase "heart is enlarged" as cardiomegaly, or invent).
+
+The model is asked, with a fixed instruction and three worked examples, for one finding per
+line in the template's exact form, and decodes greedily (the same input gives the same
+output). Its answer is taken only if every line it wrote matches the template's shape;
+otherwise that input gets the rules' rows, all `needs_review`, with the model's offending line
+in `note`. A model that cannot be loaded, or that raises while generating, stops the run with
+exit code 2 and nothing written: quietly falling back to rules for every input would hide it.
+
+Rules, in order: lower-case; drop the sections that are not findings (indication, history,
+comparison, technique, recommendation, …) and keep the text of findings / impression /
+conclusion; split into sentences on `. ; ? !`, line breaks, list numbers ("1.") and the
+NegEx termination words "but", "however", "although"; in a sentence, a negation cue ("no",
+"without", "negative for", "free of", "no evidence of", "resolved", …) negates everything after
+it up to the sentence's end, so "no effusion, pneumothorax or edema" gives three negated
+findings, and a trailing cue ("is not seen", "has resolved") negates the clause before it;
+split findings on commas and "and" (and "or" when negated), but only where every part has a
+head word, so "left and right effusions" stays whole; strip "there is/are", "evidence of", "is
+seen/noted/present", articles and "interval"; keep laterality, size and severity words (left,
+small, mild, …: they are part of the finding). Normal statements and remarks ("heart size is
+normal", "no interval change", "recommend follow-up") become no prompt (the rules cannot tell
+which finding they deny) but a `needs_review` row naming the clause. Duplicate prompts of one
+record are kept once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompts import DEFAULT_TEMPLATE
+
+__all__ = ["Finding", "align", "llm_align", "load_generator", "main", "prompt_pattern",
+           "read_inputs", "rule_align"]  # fmt: skip
+
+PROG = "carzero-fast align-prompts"
+COLUMNS = ["row", "source", "prompt", "method", "status", "note"]
+MAX_WORDS = 12  # a finding longer than this is a sentence, not a label: review it
+
+# a finding: starts with a letter, digit or "(", then letters, digits, spaces, ",-/()" and
+# decimal points between digits ("1.5 cm")
+FINDING_RE = r"[a-z0-9(](?:[a-z0-9 ,\-/()]|(?<=\d)\.(?=\d))*"
+
+KEEP_SECTIONS = {"findings", "finding", "impression", "impressions", "conclusion",
+                 "conclusions", "opinion", "summary"}  # fmt: skip
+SECTION_RE = re.compile(
+    r"\b(findings|finding|impressions|impression|conclusions|conclusion|opinion|summary"
+    r"|clinical history|clinical information|history|indications|indication"
+    r"|reason for examination|reason for exam|comparisons|comparison|technique|examination"
+    r"|exam|procedure|recommendations|recommendation)\s*:"
+)
+# "1." or "2)" before a space: a list number, read as a sentence break ("1.5" is not one)
+NUMBERING_RE = re.compile(r"(?:^|(?<=[\s:;.]))\d{1,2}[.)](?=\s|$)")
+SENTENCE_RE = re.compile(r"[;?!]|\.(?!\d)|\b(?:but|however|although|though)\b")
+PRE_NEGATION_RE = re.compile(
+    r"\b(?:no evidence of|no signs? of|no|without|negative for|free of|absence of"
+    r"|resolution of|resolved)\b"
+)
+POST_NEGATION_RE = re.compile(
+    r"\s+(?:(?:is|are|was|were|has|have)\s+)?(?:been\s+)?(?:resolved|absent"
+    r"|not (?:seen|identified|present|visualized|evident|appreciated)"
+    r"|no longer (?:seen|present|visualized|evident|appreciated))$"
+)
+# remarks and normal statements: not findings, and the rules cannot tell which finding they
+# deny ("heart size is normal"), so they are shown for review instead of being guessed at
+NON_FINDING_RE = re.compile(
+    r"\b(?:normal|unremarkable|clear|within normal limits|intact|recommend\w*|correlat\w*"
+    r"|follow[- ]?up|compared?|comparison|discussed|notified|called|change|changes)\b"
+)
+NEGATED_LIST_RE = r"\s*,\s*(?:and\s+|or\s+|nor\s+)?|\s+(?:and|or|nor)\s+"
+UNCERTAIN_RE = re.compile(
+    r"\b(?:possible|possibly|probable|probably|likely|questionable|suspected|suspicious for"
+    r"|suggestive of|suggesting|concerning for|may represent|may be|could represent|could be"
+    r"|cannot be excluded|can not be excluded|cannot exclude|not excluded|definite)\b"
+)
+# uncertain too, but removing the word would merge two findings into one ("a versus b")
+UNCERTAIN_KEEP_RE = re.compile(r"\b(?:versus|vs)\b")
+LEAD_RE = re.compile(
+    r"^(?:there (?:is|are|was|were|has been|have been)|(?:findings|evidence|signs?) (?:of|for)"
+    r"|consistent with|compatible with)(?:\s+|$)"
+)
+SEEN_RE = re.compile(
+    r"\b(?:is|are|was|were|has been|have been)(?: (?:again|also|now|still|newly))? (?:seen"
+    r"|noted|present|identified|demonstrated|visualized|observed|evident|redemonstrated"
+    r"|visible|appreciated)\b"
+)
+VERB_RE = re.compile(r"\b(?:is|are|was|were|has|have|appears?|seems?)\b")
+FILLER_WORDS = {"a", "an", "the", "interval", "again", "also", "otherwise"}
+# words that qualify a finding but are none by themselves ("left and right effusions")
+MODIFIERS = {"left", "right", "bilateral", "bibasilar", "basilar", "apical", "upper", "lower",
+             "middle", "small", "large", "tiny", "trace", "minimal", "mild", "moderate",
+             "severe", "new", "increased", "decreased", "stable", "of", "in", "at", "with",
+             "on", "to"} | FILLER_WORDS  # fmt: skip
+
+# few-shot examples for the model: (input, findings as "finding" / "no finding")
+EXAMPLES = [
+    ("Pleural Effusion", ["pleural effusion"]),
+    ("FINDINGS: Small left pleural effusion. No pneumothorax.",
+     ["small left pleural effusion", "no pneumothorax"]),
+    ("IMPRESSION: 1. The heart is enlarged. 2. No focal consolidation or edema.",
+     ["cardiomegaly", "no focal consolidation", "no edema"]),
+]  # fmt: skip
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One output row's result for an input record (its `row` and `source` come from it)."""
+
+    prompt: str
+    status: str  # ok, negated or needs_review
+    method: str  # llm or rules
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The template
+# ---------------------------------------------------------------------------------------------
+
+
+def check_template(template: str) -> None:
+    """Raise UsageError unless `template` holds `{finding}` once and no other braces."""
+    rest = template.replace("{finding}", "")
+    if template.count("{finding}") != 1 or "{" in rest or "}" in rest:
+        raise UsageError(f"the template must contain '{{finding}}' exactly once and no other "
+                         f"braces, got {template!r}")  # fmt: skip
+
+
+def render(template: str, finding: str, negated: bool = False) -> str:
+    """The prompt for `finding` ("no " before it when negated)."""
+    return template.replace("{finding}", f"no {finding}" if negated else finding)
+
+
+def prompt_pattern(template: str) -> re.Pattern[str]:
+    """The shape every prompt must have: the template's fixed text (any case) around an
+    optional "no " (group `neg`) and a finding (group `finding`)."""
+    before, after = template.split("{finding}")
+    return re.compile(
+        "^" + re.escape(before) + rf"(?P<neg>no )?(?P<finding>{FINDING_RE})" + re.escape(after)
+        + "$", re.IGNORECASE,
+    )  # fmt: skip
+
+
+def _check_finding(finding: str) -> str:
+    """'' if `finding` is a valid finding, else why not."""
+    if not re.fullmatch(FINDING_RE, finding) or finding != finding.strip(" ,"):
+        return "has characters outside a-z 0-9 space ,-/()"
+    if len(finding.split()) > MAX_WORDS:
+        return f"is longer than {MAX_WORDS} words"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _sentences(text: str) -> list[str]:
+    """Lower-cased sentences of the finding sections of `text`."""
+    t = re.sub(r"[\r\n]+", " ; ", text.lower())
+    t = re.sub(r"\s+", " ", t)
+    parts = SECTION_RE.split(t)  # [text before any header, header, body, header, body, …]
+    kept = [parts[0]] + [body for head, body in zip(parts[1::2], parts[2::2], strict=True)
+                         if head in KEEP_SECTIONS]  # fmt: skip
+    out = []
+    for body in kept:
+        body = NUMBERING_RE.sub(" ; ", body)
+        out += [s.strip(" ,:-") for s in SENTENCE_RE.split(body)]
+    return [s for s in out if s]
+
+
+def _has_head(part: str) -> bool:
+    return any(w not in MODIFIERS for w in re.findall(r"[a-z0-9]+", part))
+
+
+def _split_items(text: str, separators: str) -> list[str]:
+    """`text` split on `separators` when every part has a head word, else `[text]`."""
+    parts = [p.strip(" ,") for p in re.split(separators, text)]
+    parts = [p for p in parts if p]
+    if len(parts) > 1 and all(_has_head(p) for p in parts):
+        return parts
+    return [text.strip(" ,")]
+
+
+def _clean(item: str) -> tuple[str, list[str]]:
+    """(the finding in `item`, the uncertainty cues found)."""
+    s = item.strip(" ,:-")
+    while (m := LEAD_RE.match(s)) is not None:  # "there is evidence of …"
+        s = s[m.end() :]
+    s = SEEN_RE.sub(" ", s)
+    cues = UNCERTAIN_RE.findall(s) + UNCERTAIN_KEEP_RE.findall(s)
+    s = UNCERTAIN_RE.sub(" ", s)
+    s = " ".join(w for w in s.split() if w not in FILLER_WORDS)
+    return s.strip(" ,:-"), cues
+
+
+def _rule_finding(item: str, negated: bool, template: str) -> Finding | None:
+    """The row for one item, or None for a fragment without a head word."""
+    finding, cues = _clean(item)
+    if not finding or not _has_head(finding):
+        return None
+    problem = _check_finding(finding)
+    if problem:
+        return Finding("", "needs_review", "rules", f"{finding!r} {problem}")
+    prompt = render(template, finding, negated)
+    if cues:
+        return Finding(prompt, "needs_review", "rules", f"uncertain wording: {', '.join(cues)}")
+    if VERB_RE.search(finding):
+        return Finding(prompt, "needs_review", "rules", "not reduced to a noun phrase")
+    return Finding(prompt, "negated" if negated else "ok", "rules")
+
+
+def _clauses(sentence: str) -> list[tuple[str, bool]]:
+    """(clause, negated) pairs of a sentence, NegEx style."""
+    m = POST_NEGATION_RE.search(sentence)
+    if m is not None:
+        # a trailing cue negates back to the last comma ("pneumothorax has resolved")
+        head, _, clause = sentence[: m.start()].rpartition(",")
+        return _clauses(head) + [(clause, True)]
+    m = PRE_NEGATION_RE.search(sentence)
+    if m is not None:
+        # the cue negates the rest of the sentence; what comes before it is read on its own
+        return _clauses(sentence[: m.start()]) + [(sentence[m.end() :], True)]
+    return [(sentence, False)] if sentence.strip(" ,") else []
+
+
+def rule_align(text: str, template: str = DEFAULT_TEMPLATE) -> list[Finding]:
+    """Deterministic findings of one report or phrase: at least one row, see the module doc."""
+    check_template(template)
+    if not text.strip():
+        return [Finding("", "needs_review", "rules", "empty input")]
+    rows: list[Finding] = []
+    for sentence in _sentences(text):
+        for clause, negated in _clauses(sentence):
+            if negated:  # "no effusion, pneumothorax or edema": a list, all negated
+                segments = _split_items(clause, NEGATED_LIST_RE)
+            else:  # "small effusion, lungs otherwise clear": the comma ends a finding
+                segments = [s for s in clause.split(",") if s.strip()]
+            for segment in segments:
+                if NON_FINDING_RE.search(segment):
+                    rows.append(Finding("", "needs_review", "rules",
+                                        f"no finding in {segment.strip()!r}: a normal statement "
+                                        "or a remark"))  # fmt: skip
+                    continue
+                items = [segment] if negated else _split_items(segment, r"\s+and\s+")
+                rows += [f for f in (_rule_finding(i, negated, template) for i in items) if f]
+    return _dedupe(rows) or [Finding("", "needs_review", "rules", "no finding found")]
+
+
+def _dedupe(rows: list[Finding]) -> list[Finding]:
+    seen, out = set(), []
+    for f in rows:
+        key = f.prompt or f.note
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_generator(model_dir: str | os.PathLike) -> Callable:
+    """A greedy CPU `transformers` text-generation pipeline from a local directory."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UsageError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a transformers model directory (no config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    try:
+        # loaded here with local_files_only, so a bad directory never turns into a download
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=-1)
+    except Exception as e:  # whatever transformers raises, the user needs the one line
+        raise UsageError(f"{path} could not be loaded as a local text-generation model: "
+                         f"{type(e).__name__}: {e}") from e  # fmt: skip
+    tok = generator.tokenizer
+    if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
+        generator.model.generation_config.pad_token_id = tok.eos_token_id  # quiets a warning
+    return generator
+
+
+def instruction(text: str, template: str) -> str:
+    """The few-shot prompt asking the model for the findings of `text`, one per line."""
+    pos, neg = render(template, "[finding]"), render(template, "[finding]", negated=True)
+    head = (f'Rewrite each chest X-ray report as its findings, one per line, each written '
+            f'exactly as "{pos}", or "{neg}" when the finding is absent. Write the finding in '
+            "lower case, keep words such as left, right, small and large, and write nothing "
+            "else.\n\n")  # fmt: skip
+    shots = []
+    for report, findings in EXAMPLES:
+        lines = [render(template, f[3:], True) if f.startswith("no ") else render(template, f)
+                 for f in findings]  # fmt: skip
+        shots.append(f"Report: {report}\nFindings:\n" + "\n".join(lines) + "\n")
+    one_line = " ".join(text.split())  # a line break in the report would read as a new finding
+    return head + "\n".join(shots) + f"\nReport: {one_line}\nFindings:\n"
+
+
+def _generate(generator: Callable, prompt: str, max_new_tokens: int) -> str:
+    """The model's continuation of `prompt` (greedy, so the same input gives the same text)."""
+    out = generator(prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                    return_full_text=False)  # fmt: skip
+    return out[0]["generated_text"]
+
+
+def _model_lines(raw: str) -> list[str]:
+    """The model's answer lines: up to the first blank line after them or the next example."""
+    lines: list[str] = []
+    for line in raw.splitlines():
+        s = line.strip()
+        if not s:
+            if lines:
+                break
+            continue
+        if s.lower().startswith(("report:", "findings:")):
+            break
+        lines.append(re.sub(r"^(?:[-*•]|\d{1,2}[.)])\s+", "", s))  # list bullets are fine
+    return lines
+
+
+def llm_align(generator: Callable, text: str, template: str = DEFAULT_TEMPLATE,
+              max_new_tokens: int = 48) -> list[Finding]:  # fmt: skip
+    """The model's findings of `text` if every line it wrote has the template's shape, else the
+    rules' findings, all marked needs_review with the reason."""
+    check_template(template)
+    if not text.strip():
+        return rule_align(text, template)
+    try:
+        raw = _generate(generator, instruction(text, template), max_new_tokens)
+    except Exception as e:
+        # a run that quietly fell back to rules for every input would hide a broken model
+        raise UsageError(f"the model failed: {type(e).__name__}: {e} (an input too long for "
+                         "the model? shorten or split it)") from e  # fmt: skip
+    lines = _model_lines(raw)
+    if not lines:
+        return _fallback(text, template, f"model output has no finding line: {raw[:80]!r}")
+    pattern, source_words = prompt_pattern(template), set(re.findall(r"[a-z0-9]+", text.lower()))
+    rows = []
+    for i, line in enumerate(lines):
+        m = pattern.match(line)
+        finding = m["finding"].lower() if m is not None else ""
+        problem = "does not match the template" if m is None else _check_finding(finding)
+        if problem:
+            cut = i == len(lines) - 1 and not raw.rstrip(" ").endswith("\n")
+            hint = " (the last line may be cut off: raise --max-new-tokens)" if cut else ""
+            return _fallback(text, template, f"model output failed validation: {line[:80]!r} "
+                             f"{problem}{hint}")  # fmt: skip
+        negated = m["neg"] is not None
+        new = [w for w in re.findall(r"[a-z0-9]+", finding) if w not in source_words]
+        note = f"not in the input: {' '.join(new)}" if new else ""
+        status = "negated" if negated else "ok"
+        rows.append(Finding(render(template, finding, negated), status, "llm", note))
+    return _dedupe(rows)
+
+
+def _fallback(text: str, template: str, reason: str) -> list[Finding]:
+    """The rules' rows for `text`, all needs_review: the model was asked and did not answer."""
+    rows = []
+    for f in rule_align(text, template):
+        note = f"{reason}; rule-based instead" + (f" ({f.note})" if f.note else "")
+        rows.append(Finding(f.prompt, "needs_review", "rules", note))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and the command
+# ---------------------------------------------------------------------------------------------
+
+
+def read_inputs(path: str | os.PathLike, column: str | None = None) -> list[str]:
+    """The input records: the lines of a `.txt` (trailing empty lines dropped) or the
+    `column` cells (default: the first column) of a `.csv` with a header row."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"input {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix not in (".txt", ".csv"):
+        raise UsageError(f"input {p} must be .txt (one text per line) or .csv")
+    if suffix == ".txt":
+        if column is not None:
+            raise UsageError("--column applies to .csv input only")
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()  # the file's last newline(s), not empty records
+        if not lines:
+            raise UsageError(f"input {p} has no lines")
+        return lines
+    with p.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise UsageError(f"input {p} is empty")
+    header = rows[0]
+    name = header[0] if column is None else column
+    if name not in header:
+        raise UsageError(f"input {p} has no column {name!r}; its columns: {', '.join(header)}")
+    k = header.index(name)
+    records = [r[k] if k < len(r) else "" for r in rows[1:]]
+    if not records:
+        raise UsageError(f"input {p} has a header but no rows")
+    return records
+
+
+def align(texts: list[str], template: str = DEFAULT_TEMPLATE, generator: Callable | None = None,
+          max_new_tokens: int = 48, progress: bool = False) -> list[dict[str, str]]:  # fmt: skip
+    """Output rows (COLUMNS) for the input records, at least one per record."""
+    check_template(template)
+    out = []
+    for i, text in enumerate(texts, 1):
+        if generator is None:
+            found = rule_align(text, template)
+        else:
+            try:
+                found = llm_align(generator, text, template, max_new_tokens)
+            except UsageError as e:
+                if progress:
+                    print(file=sys.stderr)  # end the progress line before the message
+                raise UsageError(f"input row {i}: {e}") from e
+        for f in found:
+            out.append({"row": str(i), "source": text, "prompt": f.prompt, "method": f.method,
+                        "status": f.status, "note": f.note})  # fmt: skip
+        if progress:
+            print(f"\r{i}/{len(texts)} inputs", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    """Write through a temporary file and an atomic rename: never a half-written CSV."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Standardise reports or label phrases into CARZero prompts "
+        '("There is {finding}.") with a local text-generation model or rules, as a CSV to '
+        "review: row, source, prompt, method (llm/rules), status (ok/negated/needs_review), "
+        "note.",
+    )
+    p.add_argument("input", help=".txt (one phrase or report per line) or .csv with a header")
+    p.add_argument("--out", required=True, help="output CSV (written atomically)")
+    p.add_argument("--model", help="local transformers text-generation model directory "
+                   "(default: rules only)")  # fmt: skip
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template, with "
+                   "{finding} (default: %(default)r)")  # fmt: skip
+    p.add_argument("--column", help=".csv input: the text column (default: the first)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="model tokens per input "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`carzero-fast align-prompts`; 2 on bad input, with nothing written."""
+    args = parser().parse_args(argv)
+    try:
+        check_template(args.template)
+        if args.max_new_tokens <= 0:
+            raise UsageError("--max-new-tokens must be positive")
+        out = Path(args.out)
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a directory")
+        if out.exists() and not args.force:
+            raise UsageError(f"{out} exists: pass --force to overwrite it")
+        if not out.parent.is_dir():
+            raise UsageError(f"output directory {out.parent} does not exist")
+        texts = read_inputs(args.input, args.column)
+        generator = load_generator(args.model) if args.model else None
+        rows = align(texts, args.template, generator, args.max_new_tokens,
+                     progress=generator is not None)  # fmt: skip
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    write_csv(out, rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "negated", "needs_review")}
+    print(f"{len(texts)} inputs → {len(rows)} rows in {out}: {counts['ok']} ok, "
+          f"{counts['negated']} negated, {counts['needs_review']} needs_review",
+          file=sys.stderr)  # fmt: skip
+    return 0
