@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from carzero_fast.kernels import add_layer_norm, attention, linear
 from carzero_fast.kernels import configs as kc
 
-# every candidate compiles without spills for sm_90 (the first is the shipped one)
+# (config, TMA kernel?) — every candidate compiles without spills for sm_90; the first is
+# the shipped one
 LINEAR_CANDIDATES = [
-    kc.LinearConfig(128, 128, 64, 8, 3),
-    kc.LinearConfig(128, 128, 128, 8, 3),
-    kc.LinearConfig(128, 128, 128, 8, 2),
-    kc.LinearConfig(128, 128, 64, 4, 4),
-    kc.LinearConfig(128, 128, 64, 4, 3),
-    kc.LinearConfig(256, 128, 64, 8, 3),
+    (kc.LinearConfig(128, 128, 64, 8, 3), True),
+    (kc.LinearConfig(128, 256, 64, 8, 3), True),
+    (kc.LinearConfig(128, 128, 64, 8, 4), True),
+    (kc.LinearConfig(128, 256, 64, 8, 4), True),
+    (kc.LinearConfig(128, 128, 64, 8, 3), False),
 ]
 ATTENTION_CANDIDATES = [
     kc.AttentionConfig(64, 32, 4, 3),
@@ -80,16 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     kv_rows = rows // 4
     y_d, y_f = torch.empty_like(a_d), torch.empty_like(a_f)
     y_h, y_kv = rnd(rows, f // 2), rnd(kv_rows, 8 * d)
-    variants = {  # name: (launch, flops, cuBLAS on the same product)
-        "q/out proj": (lambda: linear(a_d, w_dd, b_d, out=y_d),
+    variants = {  # name: (launch(tma), flops, cuBLAS on the same product)
+        "q/out proj": (lambda t: linear(a_d, w_dd, b_d, out=y_d, tma=t),
                        2 * rows * d * d, lambda: torch.mm(a_d, w_dd.t())),
-        "kv proj (4 layers)": (lambda: linear(a_d[:kv_rows], w_kv, b_kv, out=y_kv),
+        "kv proj (4 layers)": (lambda t: linear(a_d[:kv_rows], w_kv, b_kv, out=y_kv, tma=t),
                                2 * kv_rows * d * 8 * d, lambda: torch.mm(a_d[:kv_rows], w_kv.t())),
-        "linear1 relu": (lambda: linear(a_d, w_fd, b_f, relu=True, out=y_f),
+        "linear1 relu": (lambda t: linear(a_d, w_fd, b_f, relu=True, out=y_f, tma=t),
                          2 * rows * d * f, lambda: torch.mm(a_d, w_fd.t())),
-        "linear2": (lambda: linear(a_f, w_df, b_d, out=y_d),
+        "linear2": (lambda t: linear(a_f, w_df, b_d, out=y_d, tma=t),
                     2 * rows * d * f, lambda: torch.mm(a_f, w_df.t())),
-        "head relu": (lambda: linear(a_f, hw1, hb1, relu=True, out=y_h),
+        "head relu": (lambda t: linear(a_f, hw1, hb1, relu=True, out=y_h, tma=t),
                       rows * f * f, lambda: torch.mm(a_f, hw1.t())),
     }  # fmt: skip
     t_ln = bench(lambda: add_layer_norm(x, g, bt, 1e-5, y_d, delta=a_d, x_out=x), dev)
@@ -105,17 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda":
         results["device"] = torch.cuda.get_device_name(dev)
 
-    base_lin = kc.override("linear", arch, "half", LINEAR_CANDIDATES[0])
-    for cand in LINEAR_CANDIDATES:
+    base_lin = kc.override("linear", arch, "half", LINEAR_CANDIDATES[0][0])
+    for cand, tma in LINEAR_CANDIDATES:
         kc.override("linear", arch, "half", cand)
+        config = dict(cand._asdict(), tma=tma)
         for name, (fn, flops, cublas) in variants.items():
             try:
-                t = bench(fn, dev)
+                t = bench(lambda fn=fn, tma=tma: fn(tma), dev)
                 tc = bench(cublas, dev)
-                row = {"config": cand._asdict(), "variant": name, "us": t * 1e6,
+                row = {"config": config, "variant": name, "us": t * 1e6,
                        "tflops": flops / t / 1e12, "cublas_tflops": flops / tc / 1e12}  # fmt: skip
             except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
-                row = {"config": cand._asdict(), "variant": name, "error": repr(e)[:300]}
+                row = {"config": config, "variant": name, "error": repr(e)[:300]}
             results["linear"].append(row)
             print("linear", json.dumps(row), flush=True)
     kc.override("linear", arch, "half", base_lin)
@@ -166,14 +167,25 @@ def main(argv: list[str] | None = None) -> int:
         nm = 1024
         mem, qq = rnd(nm, 197, d), rnd(nm, d)
         timing = {}
-        for label, lin_cfg, att_cfg in (("shipped", None, None), ("best", best_lin, best_att)):
+        import carzero_fast.kernels.linear as kl
+
+        auto_tma = kl.use_tma
+        never = lambda a, w: False  # noqa: E731
+        runs = (("shipped", None, None, auto_tma), ("pointer GEMMs", None, None, never),
+                ("best", best_lin, best_att, None))  # fmt: skip
+        for label, lin_cfg, att_cfg, tma_rule in runs:
             if lin_cfg is not None:
+                lin_cfg = dict(lin_cfg)
+                tma = lin_cfg.pop("tma")
                 kc.override("linear", arch, "half", kc.LinearConfig(**lin_cfg))
                 kc.override("attention", arch, "half", kc.AttentionConfig(**att_cfg))
+                tma_rule = auto_tma if tma else never
+            kl.use_tma = tma_rule
             with torch.no_grad():
                 t = bench(lambda: triton_forward(w, cfg, mem, qq, None), dev)
             timing[label] = t * 1e3
             print(f"triton_forward N=M={nm} bf16 [{label}]: {t * 1e3:.1f} ms", flush=True)
+        kl.use_tma = auto_tma
         results["triton_forward_ms"] = timing
     (out_dir / "tune_gpu.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -11,6 +11,11 @@ COMMANDS = {
     "convert": ("a CARZero checkpoint → our model directory", "carzero_fast.model:convert_main"),
     "score": ("zero-shot scores of images for a vocabulary → CSV", "carzero_fast.score:main"),
     "evaluate": ("AUROC / AUPRC of a scores CSV against labels", "carzero_fast.evaluate:main"),
+    "align-prompts": (
+        "reports or label phrases → CARZero prompts (reviewed CSV)",
+        "carzero_fast.align_prompts:main",
+    ),
+    "ground": ("cross-attention map of a prompt over an X-ray → PNG", "carzero_fast.ground:main"),
 }
 
 

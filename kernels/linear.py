@@ -23,9 +23,47 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import mma, upcast_dots
-from .configs import dot_precision, linear_config
+from .configs import arch_of, dot_precision, linear_config
+
+
+@triton.jit
+def _tile(pid, n_rows, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          GROUP_M: tl.constexpr):  # fmt: skip
+    """Program id → (row block, column block) in grouped order: GROUP_M row blocks share
+    each W column tile while it is in L2."""
+    n_pid_m = tl.cdiv(n_rows, BLOCK_M)
+    n_pid_n = tl.cdiv(n_out, BLOCK_N)
+    group = pid // (GROUP_M * n_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * n_pid_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
+              logit_cols, RELU: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+    """bias, ReLU, then either the tile or (HEAD) one logit per row, stored."""
+    m_m = o_m < n_rows  # [BLOCK_M]
+    m_n = o_n < n_out  # [BLOCK_N]
+    b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        b_acc = tl.maximum(b_acc, 0.0)
+    if HEAD:
+        b_hw = tl.load(p_head_w + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+        # the hidden row is rounded to the activations' dtype first, as the unfused head's is
+        b_h = b_acc.to(p_head_w.dtype.element_ty).to(tl.float32)
+        b_hb = tl.load(p_head_b).to(tl.float32)
+        b_logit = tl.sum(b_h * b_hw[None, :], axis=1) + b_hb  # [BLOCK_M]
+        o_pair = (o_m // logit_cols) * stride_out + (o_m % logit_cols)
+        tl.store(p_out + o_pair, b_logit.to(p_out.dtype.element_ty), mask=m_m)
+    else:
+        tl.store(p_out + o_m[:, None] * stride_out + o_n[None, :],
+                 b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -52,16 +90,7 @@ def linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped order: GROUP_M row blocks share each W column tile while it is in L2
-    pid = tl.program_id(0)
-    n_pid_m = tl.cdiv(n_rows, BLOCK_M)
-    n_pid_n = tl.cdiv(n_out, BLOCK_N)
-    group = pid // (GROUP_M * n_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * n_pid_n)) // group_size
-
+    pid_m, pid_n = _tile(tl.program_id(0), n_rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_m = o_m < n_rows
@@ -82,21 +111,58 @@ def linear_kernel(
             other=0.0,
         )  # [BLOCK_K, BLOCK_N]
         b_acc = mma(b_a, b_w, b_acc, PRECISION, UPCAST)
+    _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
+              logit_cols, RELU, HEAD)  # fmt: skip
 
-    b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        b_acc = tl.maximum(b_acc, 0.0)
-    if HEAD:
-        b_hw = tl.load(p_head_w + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        # the hidden row is rounded to the activations' dtype first, as the unfused head's is
-        b_h = b_acc.to(p_w.dtype.element_ty).to(tl.float32)
-        b_hb = tl.load(p_head_b).to(tl.float32)
-        b_logit = tl.sum(b_h * b_hw[None, :], axis=1) + b_hb  # [BLOCK_M]
-        o_pair = (o_m // logit_cols) * stride_out + (o_m % logit_cols)
-        tl.store(p_out + o_pair, b_logit.to(p_out.dtype.element_ty), mask=m_m)
-    else:
-        tl.store(p_out + o_m[:, None] * stride_out + o_n[None, :],
-                 b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
+
+@triton.jit
+def linear_tma_kernel(
+    d_a,  # descriptor of A [R, K], blocks [BLOCK_M, BLOCK_K]
+    d_w,  # descriptor of W [N_OUT, K], blocks [BLOCK_N, BLOCK_K]
+    p_bias,
+    p_out,
+    p_head_w,
+    p_head_b,
+    n_rows,
+    n_out,
+    K,
+    stride_out,
+    logit_cols,
+    RELU: tl.constexpr,
+    HEAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Hopper: the copy engine (TMA) moves A and W tiles into shared memory, where wgmma reads
+    # them: no per-element addresses in registers, out-of-bounds rows filled with zeros.
+    pid_m, pid_n = _tile(tl.program_id(0), n_rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        b_a = d_a.load([pid_m * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K]
+        b_w = d_w.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K]
+        b_acc = mma(b_a, b_w.T, b_acc, PRECISION, UPCAST)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
+              logit_cols, RELU, HEAD)  # fmt: skip
+
+
+def _tma_ok(*tensors: Tensor) -> bool:
+    """TMA needs 16-byte aligned base addresses and row strides (and unit inner stride)."""
+    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in tensors)  # fmt: skip
+
+
+def use_tma(a: Tensor, w: Tensor) -> bool:
+    """The TMA kernel for 16-bit operands on Hopper (and under the interpreter, which runs
+    both kernels), the pointer kernel elsewhere (Ampere, fp32)."""
+    if a.dtype not in (torch.bfloat16, torch.float16) or arch_of(a.device) < 9:
+        return False
+    return _tma_ok(a, w)
 
 
 def linear(
@@ -108,13 +174,15 @@ def linear(
     relu: bool = False,
     head: tuple[Tensor, Tensor] | None = None,
     logit_cols: int = 1,
+    tma: bool | None = None,
 ) -> Tensor:
     """Fused `epilogue(a·wᵀ + bias)`.
 
     a `(R, K)`, w `(N_OUT, K)`, bias `(N_OUT,)`, all one dtype. head = (w_last `(N_OUT,)`,
     b_last `(1,)`) reduces each row to a logit written at `out[r // logit_cols, r %
     logit_cols]` (out is then the score block, row stride `out.stride(0)`, N_OUT ≤ 256).
-    Returns `out` `(R, N_OUT)` (or the score block).
+    Returns `out` `(R, N_OUT)` (or the score block). tma: force (True) or forbid (False) the
+    TMA kernel; None picks it where it applies (`use_tma`).
     """
     n_rows, k = a.shape
     n_out = w.shape[0]
@@ -133,14 +201,22 @@ def linear(
             raise ValueError(f"linear: a fused head needs N_OUT ≤ {cfg.block_n}, got {n_out}")
     grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_out, block_n),)
     head_w, head_b = head if head is not None else (None, None)
-    linear_kernel[grid](
-        a, w, bias, out, head_w, head_b,
-        n_rows, n_out, k, a.stride(0), w.stride(0), out.stride(0), logit_cols,
-        RELU=relu, HEAD=head is not None,
-        PRECISION=dot_precision(a.dtype), UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m,
-        BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )  # fmt: skip
+    flags = dict(RELU=relu, HEAD=head is not None, PRECISION=dot_precision(a.dtype),
+                 UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+                 BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)  # fmt: skip
+    if tma is None:
+        tma = use_tma(a, w)
+    if tma:
+        if not _tma_ok(a, w):
+            raise ValueError("linear: TMA needs 16-byte aligned rows of a and w")
+        d_a = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+        d_w = TensorDescriptor.from_tensor(w, [block_n, cfg.block_k])
+        linear_tma_kernel[grid](d_a, d_w, bias, out, head_w, head_b, n_rows, n_out, k,
+                                out.stride(0), logit_cols, **flags)  # fmt: skip
+    else:
+        linear_kernel[grid](a, w, bias, out, head_w, head_b, n_rows, n_out, k, a.stride(0),
+                            w.stride(0), out.stride(0), logit_cols, **flags)  # fmt: skip
     return out
 
 

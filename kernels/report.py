@@ -21,7 +21,7 @@ from pathlib import Path
 from .attention import attention_kernel
 from .configs import shipped
 from .layernorm import BLOCK_ROWS, add_layer_norm_kernel
-from .linear import linear_kernel
+from .linear import linear_kernel, linear_tma_kernel
 
 # CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
 D_MODEL, HEAD_DIM = 768, 192
@@ -88,6 +88,8 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
     names = list(fn.arg_names)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, ty in signature.items()
              if ty.startswith("*") or k in ALIGNED_INTS}  # fmt: skip
+    if any(ty.startswith("tensordesc") for ty in signature.values()):
+        attrs = {}  # descriptors carry their own alignment; the JIT adds no hints with them
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(src, target=target,
@@ -112,6 +114,14 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             desc = dict(variant=variant, dtype=dt, precision=prec, **cfg._asdict())
             jobs.append(("linear", desc, linear_kernel, sig, const, cfg.num_warps,
                          cfg.num_stages, True))  # fmt: skip
+            if kind == "half" and arch >= 90:  # Hopper's 16-bit path: TMA-fed tiles
+                bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+                sig = {"d_a": f"tensordesc<{dt}[{bm}, {bk}]>",
+                       "d_w": f"tensordesc<{dt}[{bn}, {bk}]>", "p_bias": ptr, "p_out": ptr,
+                       "p_head_w": ptr, "p_head_b": ptr, "n_rows": "i32", "n_out": "i32",
+                       "K": "i32", "stride_out": "i32", "logit_cols": "i32"}  # fmt: skip
+                jobs.append(("linear_tma", dict(desc), linear_tma_kernel, sig, const,
+                             cfg.num_warps, cfg.num_stages, True))  # fmt: skip
         cfg = tables["attention"]
         for has_mask in (False, True):
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
