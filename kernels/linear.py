@@ -157,6 +157,15 @@ def _tma_ok(*tensors: Tensor) -> bool:
                and t.data_ptr() % 16 == 0 for t in tensors)  # fmt: skip
 
 
+def _descriptor(t: Tensor, block: list[int], cache: dict | None) -> TensorDescriptor:
+    if cache is None:
+        return TensorDescriptor.from_tensor(t, block)
+    key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, tuple(block))
+    if key not in cache:
+        cache[key] = TensorDescriptor.from_tensor(t, block)
+    return cache[key]
+
+
 def use_tma(a: Tensor, w: Tensor) -> bool:
     """The TMA kernel for 16-bit operands on Hopper (and under the interpreter, which runs
     both kernels), the pointer kernel elsewhere (Ampere, fp32)."""
@@ -175,6 +184,7 @@ def linear(
     head: tuple[Tensor, Tensor] | None = None,
     logit_cols: int = 1,
     tma: bool | None = None,
+    descriptors: dict | None = None,
 ) -> Tensor:
     """Fused `epilogue(a·wᵀ + bias)`.
 
@@ -182,7 +192,9 @@ def linear(
     b_last `(1,)`) reduces each row to a logit written at `out[r // logit_cols, r %
     logit_cols]` (out is then the score block, row stride `out.stride(0)`, N_OUT ≤ 256).
     Returns `out` `(R, N_OUT)` (or the score block). tma: force (True) or forbid (False) the
-    TMA kernel; None picks it where it applies (`use_tma`).
+    TMA kernel; None picks it where it applies (`use_tma`). descriptors: a dict the caller
+    keeps for the life of its buffers (e.g. one call of the backend), so that the TMA
+    descriptors of reused buffers are built once, not at every launch.
     """
     n_rows, k = a.shape
     n_out = w.shape[0]
@@ -210,8 +222,8 @@ def linear(
     if tma:
         if not _tma_ok(a, w):
             raise ValueError("linear: TMA needs 16-byte aligned rows of a and w")
-        d_a = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-        d_w = TensorDescriptor.from_tensor(w, [block_n, cfg.block_k])
+        d_a = _descriptor(a, [cfg.block_m, cfg.block_k], descriptors)
+        d_w = _descriptor(w, [block_n, cfg.block_k], descriptors)
         linear_tma_kernel[grid](d_a, d_w, bias, out, head_w, head_b, n_rows, n_out, k,
                                 out.stride(0), logit_cols, **flags)  # fmt: skip
     else:

@@ -24,6 +24,9 @@ need gradients or dropout to the `chunked` backend, which computes the same func
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -85,7 +88,11 @@ def triton_forward(
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd, no dropout)."""
-    from ..kernels import add_layer_norm, attention, linear
+    from ..kernels import add_layer_norm, attention
+    from ..kernels import linear as linear_kernel
+
+    # one TMA descriptor per (buffer, block) for the whole call: the buffers are reused
+    linear = functools.partial(linear_kernel, descriptors={})
 
     check_device(memory)
     n, p, d = memory.shape
@@ -154,11 +161,12 @@ def triton_forward(
                 linear(yc, lw.linear1_w, lw.linear1_b, relu=True, out=h)
                 linear(h, lw.linear2_w, lw.linear2_b, out=qc)
                 add_layer_norm(xc, *norms[li], eps, yc, delta=qc, x_out=xc)
-            _head(head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc])
+            _head(linear, head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc])
     return out
 
 
 def _head(
+    linear: Callable[..., Tensor],
     head: list[tuple[Tensor, Tensor]],
     y: Tensor,
     pool_a: Tensor,
@@ -167,7 +175,6 @@ def _head(
 ) -> None:
     """The MLP head over a chunk's decoder_norm'ed rows `(r, D)` → `scores` `(ni, mc)` (a view
     of the output), with the last hidden layer and the logit fused when narrow enough."""
-    from ..kernels import linear
     from ..kernels.configs import HEAD_MAX_WIDTH
 
     r, last = y.shape[0], len(head) - 2  # head[last] is the last hidden layer
