@@ -4,10 +4,12 @@ from .aligner import CrossAttentionAligner
 from .backends import BACKENDS
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss, zero_shot_scores
+from .model import CARZeroModel
 
 __all__ = [
     "BACKENDS",
     "AlignerConfig",
+    "CARZeroModel",
     "CrossAttentionAligner",
     "alignment_logits",
     "carzero_loss",
