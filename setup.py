@@ -16,7 +16,7 @@ setup(
     ],
     extras_require={
         # encoders, image reading and evaluation for zero-shot scoring (`carzero-fast score`)
-        "zeroshot": ["transformers", "pillow", "pydicom"],
+        "zeroshot": ["transformers", "pillow", "pydicom", "matplotlib"],
         "test": [
             "pytest",
             "pytest-benchmark",
