@@ -27,6 +27,8 @@ setup(
             "scikit-learn",
         ],
         "bench": ["pytest-benchmark"],
+        # off-the-shelf attention kernels the GPU check compares against (CUDA builds)
+        "gpu": ["flash-attn", "xformers"],
     },
     entry_points={"console_scripts": ["carzero-fast=carzero_fast.cli:main"]},
 )

@@ -6,8 +6,9 @@
 1. Correctness at CARZero dims: `triton` and `chunked` against `reference` fp32, in fp32
    (IEEE unless TF32 is allowed) and bf16 (judged against chunked's own bf16 error, ×2).
 2. One direction (images as memory, P = 197) at N = M ∈ {256, 1024}: `reference` (fp16
-   autocast, as CARZero ran), `chunked` (bf16), `torch.compile` of chunked's pair stage (bf16),
-   `triton` (bf16); flash-attn / xformers variants only when installed (they are not, here).
+   autocast, as CARZero ran), `chunked` (bf16), `chunked` with its attention on flash-attn's
+   and xformers' kernels (when the `[gpu]` extras are installed), `torch.compile` of
+   chunked's pair stage (bf16), `triton` (bf16).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
@@ -204,6 +205,16 @@ class Check:
                 "bf16",
                 lambda: wrap(lambda: self._call(self.al16, mem16, q16, "chunked")),
             )
+        from carzero_fast.backends.external_attention import available, use_attention
+
+        for impl, found in available().items():  # the [gpu] extras, when installed
+            if impl != "sdpa" and found:
+
+                def on_impl(impl: str = impl) -> object:
+                    with use_attention(impl):
+                        return self._call(self.al16, mem16, q16, "chunked")
+
+                fns[f"chunked+{impl}"] = ("bf16", on_impl)
         fns["triton"] = ("bf16", lambda: self._call(self.al16, mem16, q16, "triton"))
         self._time_all(case, fns, self.flops(nm, nm, 197))
 
@@ -318,7 +329,7 @@ def environment(dev: torch.device) -> dict:
     for pkg in ("flash_attn", "xformers"):
         try:
             __import__(pkg)
-            info[pkg] = "installed (not wired in: chunked uses SDPA)"
+            info[pkg] = "installed: chunked+" + pkg + " rows"
         except ImportError:
             info[pkg] = "not installed"
     # the device machine's copy of the tree may carry a stale .git: the caller's word first

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .dropout import Dropout
+from .external_attention import external_attention
 from .plan import (
     DEFAULT_CHUNK_BUDGET_BYTES,
     DEFAULT_TRAIN_CHUNK_BUDGET_BYTES,
@@ -166,6 +167,11 @@ def attention_kv(
     kh = k.view(n, -1, n_heads, dh).transpose(1, 2)  # [n, H, P, dh]
     vh = v.view(n, -1, n_heads, dh).transpose(1, 2)  # [n, H, P, dh]
     mask = None if bias is None else bias[:, None]  # [n, 1, 1, P]
+    if not drop.active and mask is None:  # flash-attn / xformers when selected (GPU check)
+        o = external_attention(q.view(n, m, n_heads, dh), k.view(n, -1, n_heads, dh),
+                               v.view(n, -1, n_heads, dh))  # fmt: skip
+        if o is not None:
+            return o.reshape(n, m, d)
     if not drop.active:
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     else:  # explicit form: the dropout mask must come from the chunk's generator
