@@ -64,6 +64,13 @@ def test_clean_text():
     assert clean_text("There is a  Left-sided EFFUSION.") == "there is a left sided effusion"
     assert clean_text("  ...!!  ") == ""
     assert clean_text("No\npneumothorax;\tsmall") == "no pneumothorax small"
+    # CARZero's process_text: sentences split at "." and numbering, one-word sentences dropped,
+    # non-ASCII characters removed from words
+    assert clean_text("Effusion.") == ""
+    assert clean_text("1. Small effusion. 2. Edema. No pneumothorax") == (
+        "small effusion no pneumothorax"
+    )
+    assert clean_text("Pleural effusión seen.") == "pleural effusin seen"
 
 
 def test_hand_computed_memory(encoder):

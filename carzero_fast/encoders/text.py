@@ -2,7 +2,9 @@
 inherits from GLoRIA (`aggregate_tokens`).
 
 Recipe, per text:
-  1. clean: lower-case, keep the `\\w+` runs, join them with single spaces;
+  1. clean as CARZero's inference does (`process_text`): split into sentences at "." and at
+     numbering ("1."), drop sentences of fewer than two `\\w+` words, lower-case, keep the
+     ASCII of each `\\w+` run, join everything with single spaces;
   2. tokenise to `max_length` (97) tokens: [CLS] ... [SEP], truncated, padded with [PAD];
   3. run BERT with all hidden states and sum the last `n_layers_summed` (4) → (97, D);
   4. merge word pieces into words by summing ("pne", "##umo", "##thorax" → one row), keep the
@@ -23,6 +25,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 _WORD_RE = re.compile(r"\w+")
+_NUMBERING_RE = re.compile(r"[0-9]+\.")
 _CONTINUATION = "##"  # WordPiece marks a piece that continues the previous one with this prefix
 # AutoTokenizer silently builds an empty-vocabulary tokenizer from a bare model directory, so the
 # presence of a vocabulary is checked by hand before loading.
@@ -36,11 +39,23 @@ _WEIGHT_FILES = (
 
 
 def clean_text(text: str) -> str:
-    """Lower-case `text` and keep only its `\\w+` runs, joined by single spaces.
+    """CARZero's prompt cleaning (its `process_text`): sentences split at "." and at numbering,
+    those of fewer than two `\\w+` words dropped, the rest lower-cased `\\w+` runs (ASCII only)
+    joined by single spaces.
 
-    "There is a  Left-sided EFFUSION." → "there is a left sided effusion"
+    "There is a  Left-sided EFFUSION." → "there is a left sided effusion"; "Effusion." → ""
+    (a one-word sentence is dropped, as CARZero drops it).
     """
-    return " ".join(_WORD_RE.findall(text.lower()))
+    text = text.replace("\n", " ")
+    sentences = [s for part in _NUMBERING_RE.split(text) for s in part.split(".")]
+    kept = []
+    for sentence in sentences:
+        words = _WORD_RE.findall(sentence.replace("\ufffd\ufffd", " ").lower())
+        if len(words) <= 1:
+            continue
+        ascii_words = [w.encode("ascii", "ignore").decode("ascii") for w in words]
+        kept.append(" ".join(w for w in ascii_words if w))
+    return " ".join(kept)
 
 
 def _group_wordpieces(tokens: list[str], sep_token: str) -> tuple[list[int], list[str]]:
