@@ -6,7 +6,7 @@ One op family per module, each with its kernel, launcher and the PyTorch stage i
 `report` compiles every shipped configuration without a GPU (`python -m carzero_fast.kernels`).
 """
 
-from .attention import attention, attention_torch
+from .attention import attention, attention_backward, attention_torch
 from .common import fix_interpreter_rounding, interpreting
 from .configs import dot_precision
 from .layernorm import add_layer_norm, add_layer_norm_torch
@@ -15,5 +15,6 @@ from .linear import linear, linear_torch
 if interpreting():
     fix_interpreter_rounding()
 
-__all__ = ["add_layer_norm", "add_layer_norm_torch", "attention", "attention_torch",
+__all__ = ["add_layer_norm", "add_layer_norm_torch", "attention", "attention_backward",
+           "attention_torch",
            "dot_precision", "linear", "linear_torch"]  # fmt: skip

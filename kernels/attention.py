@@ -48,6 +48,7 @@ def attention_kernel(
     p_v,  # [items·P, *] values
     p_mask,  # [items, P] int8, 1 = ignore the key; HAS_MASK
     p_out,  # [items·m, D]
+    p_lse,  # [items·m, H] fp32 log-sum-exp of the scaled scores, STORE_LSE (for backward)
     n_queries,  # queries per item in this chunk (m)
     n_keys,  # P
     stride_q,
@@ -63,6 +64,7 @@ def attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,  # head-dim slice; the head is 1 to 4 slices (HEAD_DIM ≤ 4·BLOCK_C)
+    STORE_LSE: tl.constexpr,
 ):
     pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
@@ -131,6 +133,10 @@ def attention_kernel(
             b_v = _slice_rows(p_vrows, 3 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
             b_o3 = mma(b_p, b_v, b_o3 * b_alpha[:, None], PRECISION, UPCAST)
 
+    if STORE_LSE:
+        n_heads = tl.num_programs(1)
+        tl.store(p_lse + (item * n_queries + o_m) * n_heads + head, b_max + tl.log(b_sum),
+                 mask=m_m)  # fmt: skip
     b_inv = 1.0 / b_sum[:, None]  # [BLOCK_M, 1]
     p_orows = p_out + (item * n_queries + o_m)[:, None] * stride_out + c0  # [BLOCK_M, 1]
     _store_slice(p_orows, 0, b_o0 * b_inv, m_m, HEAD_DIM, BLOCK_C)
@@ -160,12 +166,15 @@ def attention(
     shared_queries: bool = False,
     mask: Tensor | None = None,
     out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> Tensor:
     """Multi-head attention of each item's queries over its own keys (no projections).
 
     q `(n_items·n_queries, D)` one row per pair, item-major (or `(n_queries, D)` shared by
     every item); k, v `(n_items·P, D)` (row-strided views are fine, e.g. column slices of one
-    K/V buffer); mask `(n_items, P)` int8 (1 = ignore) → `(n_items·n_queries, D)`.
+    K/V buffer); mask `(n_items, P)` int8 (1 = ignore) → `(n_items·n_queries, D)`. With
+    `lse` (fp32 `(n_items·n_queries, H)`) the softmax log-sum-exp of every row and head is
+    stored there, what `attention_backward` needs.
     """
     d = q.shape[1]
     n_keys = k.shape[0] // max(n_items, 1)
@@ -184,14 +193,164 @@ def attention(
     block_p = min(cfg.block_p, max(16, triton.next_power_of_2(n_keys)))
     grid = (triton.cdiv(n_queries, cfg.block_m), n_heads, n_items)
     attention_kernel[grid](
-        q, k, v, mask, out, n_queries, n_keys, q.stride(0),
+        q, k, v, mask, out, lse, n_queries, n_keys, q.stride(0),
         0 if shared_queries else n_queries, k.stride(0),
         mask.stride(0) if mask is not None else 0, out.stride(0), 1.0 / math.sqrt(head_dim),
         HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_dots(q.dtype), BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORE_LSE=lse is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+BWD_BLOCK_M, BWD_BLOCK_P, BWD_WARPS = 32, 16, 8  # backward tiles: spill-free on sm_90 and sm_80
+
+# ---------------------------------------------------------------------------------------------
+# Backward (FlashAttention-2 style, recomputing P from the forward's log-sum-exp). First,
+# correctness-first version: a head is one padded power-of-two tile (192 → 256), not the
+# forward's 64-wide slices; dK/dV of an item's key block stay in one program (item-major).
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(p_base, o_rows, stride, col0, m_rows, HEAD_DIM: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """`[rows, BLOCK_DH]` of a head's columns (zero past HEAD_DIM and for masked rows)."""
+    o_d = tl.arange(0, BLOCK_DH)  # [BLOCK_DH]
+    return tl.load(p_base + o_rows[:, None] * stride + col0 + o_d[None, :],
+                   mask=m_rows[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)  # fmt: skip
+
+
+@triton.jit
+def attention_dkdv_kernel(
+    p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dk, p_dv,  # noqa: ANN001
+    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
+    stride_dkv, scale,  # noqa: ANN001
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+):  # fmt: skip
+    pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_heads = tl.num_programs(1)
+    c0 = head * HEAD_DIM
+    o_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] keys of this item
+    m_p = o_p < n_keys
+    if HAS_MASK:
+        m_p = m_p & (tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1) == 0)
+    o_kv = item * n_keys + o_p
+    b_k = _rows(p_k, o_kv, stride_kv, c0, m_p, HEAD_DIM, BLOCK_DH)  # [BLOCK_P, BLOCK_DH]
+    b_v = _rows(p_v, o_kv, stride_kv, c0, m_p, HEAD_DIM, BLOCK_DH)
+    b_dk = tl.zeros((BLOCK_P, BLOCK_DH), dtype=tl.float32)
+    b_dv = tl.zeros((BLOCK_P, BLOCK_DH), dtype=tl.float32)
+    for m0 in range(0, n_queries, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        m_m = o_m < n_queries
+        o_row = item * n_queries + o_m  # this pair's rows of do / lse / delta
+        b_q = _rows(p_q, item * q_item_stride + o_m, stride_q, c0, m_m, HEAD_DIM, BLOCK_DH)
+        b_do = _rows(p_do, o_row, stride_do, c0, m_m, HEAD_DIM, BLOCK_DH)  # [BLOCK_M, BLOCK_DH]
+        b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_delta = tl.load(p_delta + o_row * n_heads + head, mask=m_m, other=0.0)
+        b_st = mma(b_k, tl.trans(b_q), tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32),
+                   PRECISION, UPCAST) * scale  # [BLOCK_P, BLOCK_M] scores, transposed  # fmt: skip
+        m_pm = m_p[:, None] & m_m[None, :]
+        b_pt = tl.where(m_pm, tl.exp(b_st - b_lse[None, :]), 0.0)  # softmax weights, transposed
+        b_dv = mma(b_pt.to(b_do.dtype), b_do, b_dv, PRECISION, UPCAST)
+        b_dpt = mma(b_v, tl.trans(b_do), tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32),
+                    PRECISION, UPCAST)  # fmt: skip
+        b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BLOCK_P, BLOCK_M] score gradients
+        b_dk = mma(b_dst.to(b_q.dtype), b_q, b_dk, PRECISION, UPCAST)
+    o_d = tl.arange(0, BLOCK_DH)
+    m_out = (o_p < n_keys)[:, None] & (o_d[None, :] < HEAD_DIM)
+    o_out = o_kv[:, None] * stride_dkv + c0 + o_d[None, :]
+    tl.store(p_dk + o_out, b_dk * scale, mask=m_out)
+    tl.store(p_dv + o_out, b_dv, mask=m_out)
+
+
+@triton.jit
+def attention_dq_kernel(
+    p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
+    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
+    stride_dq, scale,  # noqa: ANN001
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+):  # fmt: skip
+    pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_heads = tl.num_programs(1)
+    c0 = head * HEAD_DIM
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_m = o_m < n_queries
+    o_row = item * n_queries + o_m
+    b_q = _rows(p_q, item * q_item_stride + o_m, stride_q, c0, m_m, HEAD_DIM, BLOCK_DH)
+    b_do = _rows(p_do, o_row, stride_do, c0, m_m, HEAD_DIM, BLOCK_DH)
+    b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)
+    b_delta = tl.load(p_delta + o_row * n_heads + head, mask=m_m, other=0.0)
+    b_dq = tl.zeros((BLOCK_M, BLOCK_DH), dtype=tl.float32)
+    for p0 in range(0, n_keys, BLOCK_P):
+        o_p = p0 + tl.arange(0, BLOCK_P)
+        m_p = o_p < n_keys
+        if HAS_MASK:
+            m_p = m_p & (tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1) == 0)
+        o_kv = item * n_keys + o_p
+        b_k = _rows(p_k, o_kv, stride_kv, c0, m_p, HEAD_DIM, BLOCK_DH)  # [BLOCK_P, BLOCK_DH]
+        b_v = _rows(p_v, o_kv, stride_kv, c0, m_p, HEAD_DIM, BLOCK_DH)
+        b_s = mma(b_q, tl.trans(b_k), tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32),
+                  PRECISION, UPCAST) * scale  # [BLOCK_M, BLOCK_P]  # fmt: skip
+        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = mma(b_do, tl.trans(b_v), tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32),
+                   PRECISION, UPCAST)  # fmt: skip
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = mma(b_ds.to(b_k.dtype), b_k, b_dq, PRECISION, UPCAST)
+    o_d = tl.arange(0, BLOCK_DH)
+    tl.store(p_dq + o_row[:, None] * stride_dq + c0 + o_d[None, :], b_dq * scale,
+             mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))  # fmt: skip
+
+
+def attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    n_heads: int,
+    n_items: int,
+    n_queries: int,
+    *,
+    shared_queries: bool = False,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention` (same arguments, plus its output `out`, the output's gradient
+    `dout` and the `lse` it stored) → (dq per pair `(n_items·n_queries, D)`, dk, dv
+    `(n_items·P, D)`), fp32. With shared queries, the shared rows' gradient is the per-pair
+    dq summed over items (left to the caller, who owns that reduction's order).
+    """
+    d = q.shape[1]
+    n_keys = k.shape[0] // max(n_items, 1)
+    head_dim = d // n_heads
+    rows = n_items * n_queries
+    dout = dout.contiguous()
+    # delta = rowsum(dO ∘ O) per row and head: the softmax Jacobian's diagonal term
+    delta = (dout.float() * out.float()).view(rows, n_heads, head_dim).sum(-1).contiguous()
+    dq = torch.zeros((rows, d), dtype=torch.float32, device=q.device)
+    dk = torch.zeros((n_items * n_keys, d), dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    block_dh = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_p = BWD_BLOCK_M, min(BWD_BLOCK_P, max(16, triton.next_power_of_2(n_keys)))
+    scale = 1.0 / math.sqrt(head_dim)
+    common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
+                  UPCAST=upcast_dots(q.dtype), BLOCK_M=block_m, BLOCK_P=block_p,
+                  BLOCK_DH=block_dh, num_warps=BWD_WARPS)  # fmt: skip
+    q_item_stride = 0 if shared_queries else n_queries
+    mask_stride = mask.stride(0) if mask is not None else 0
+    attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
+        q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
+        k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, **common,
+    )  # fmt: skip
+    attention_dq_kernel[(triton.cdiv(n_queries, block_m), n_heads, n_items)](
+        q, k, v, mask, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
+        k.stride(0), mask_stride, dout.stride(0), dq.stride(0), scale, **common,
+    )  # fmt: skip
+    return dq, dk, dv
 
 
 def attention_torch(

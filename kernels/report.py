@@ -18,7 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .attention import attention_kernel
+from .attention import (
+    BWD_BLOCK_M,
+    BWD_BLOCK_P,
+    BWD_WARPS,
+    attention_dkdv_kernel,
+    attention_dq_kernel,
+    attention_kernel,
+)
 from .configs import shipped
 from .layernorm import BLOCK_ROWS, add_layer_norm_kernel
 from .linear import linear_kernel, linear_tma_kernel
@@ -74,8 +81,9 @@ def _resources(cubin: bytes) -> dict:
 # and pipeline the loads (cp.async / wgmma operands in shared memory); the report must compile
 # the same specialisation. P = 197 (n_keys, the mask's row stride) is not a multiple of 16.
 ALIGNED_INTS = {"n_rows", "n_out", "K", "stride_a", "stride_w", "stride_out", "res_rows",
-                "logit_cols", "n_queries", "stride_q", "q_item_stride", "stride_kv", "stride_x",
-                "stride_delta", "stride_x_out", "stride_y"}  # fmt: skip
+                "stride_do", "stride_dkv", "stride_dq", "logit_cols", "n_queries", "stride_q",
+                "q_item_stride", "stride_kv", "stride_x", "stride_delta", "stride_x_out",
+                "stride_y"}  # fmt: skip
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):  # noqa: ANN001
@@ -125,15 +133,32 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
         cfg = tables["attention"]
         for has_mask in (False, True):
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
-                   "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
+                   "p_lse": "*fp32", "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                    "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
                    "stride_out": "i32", "scale": "fp32"}  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=has_mask, PRECISION=prec, UPCAST=False,
-                         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_C=64)  # fmt: skip
+                         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_C=64,
+                         STORE_LSE=False)  # fmt: skip
             desc = dict(mask=has_mask, dtype=dt, precision=prec, head_dim=HEAD_DIM,
                         **cfg._asdict())  # fmt: skip
             jobs.append(("attention", desc, attention_kernel, sig, const, cfg.num_warps,
                          cfg.num_stages, True))  # fmt: skip
+        for name, fn in (
+            ("attention_dkdv", attention_dkdv_kernel),
+            ("attention_dq", attention_dq_kernel),
+        ):  # backward, as launched
+            sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_do": ptr,
+                   "p_lse": "*fp32", "p_delta": "*fp32"}  # fmt: skip
+            sig.update({"p_dk": "*fp32", "p_dv": "*fp32"} if name == "attention_dkdv"
+                       else {"p_dq": "*fp32"})  # fmt: skip
+            sig.update({"n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
+                        "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
+                        "stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
+                        else "stride_dq": "i32", "scale": "fp32"})  # fmt: skip
+            const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=True, PRECISION=prec, UPCAST=False,
+                         BLOCK_M=BWD_BLOCK_M, BLOCK_P=BWD_BLOCK_P, BLOCK_DH=256)  # fmt: skip
+            jobs.append((name, dict(dtype=dt, precision=prec, head_dim=HEAD_DIM),
+                         fn, sig, const, BWD_WARPS, 2, True))  # fmt: skip
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
             # and the residual add + LN (fp32 stream in and out, 16-bit delta)
             for name, x_ty, flags in (

@@ -1,0 +1,82 @@
+"""The attention backward kernels and the forward's log-sum-exp, under the interpreter,
+against PyTorch autograd of the stage they differentiate (fp64 on the same rounded inputs)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from carzero_fast.kernels import attention, attention_backward, attention_torch  # noqa: E402
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """Relative error; the floor keeps analytically-zero gradients (one key: the softmax is
+    constant, so dq = dk = 0) from dividing rounding noise by zero."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / max(float(b.norm()), floor))
+
+
+def _case(n, m, p, heads, d, shared, masked, dtype, seed=0):  # noqa: ANN001, ANN202
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(m if shared else n * m, d, generator=g)
+    kv = torch.randn(n * p, 3 * d, generator=g)  # K and V as column slices of a wider buffer
+    mask = None
+    if masked:
+        lengths = torch.randint(1, p + 1, (n,), generator=g)
+        mask = (torch.arange(p)[None, :] >= lengths[:, None]).to(torch.int8)
+    dout = torch.randn(n * m, d, generator=g)
+    return q.to(dtype), kv.to(dtype), mask, dout.to(dtype)
+
+
+def _grads(q, k, v, dout, heads, n, m, shared, mask, dtype):  # noqa: ANN001, ANN202
+    """PyTorch autograd of `attention_torch` in `dtype` → (dq, dk, dv)."""
+    leaves = [t.detach().to(dtype).contiguous().requires_grad_(True) for t in (q, k, v)]
+    out = attention_torch(*leaves, heads, n, m, shared_queries=shared, mask=mask)
+    out.backward(dout.to(dtype))
+    return [t.grad for t in leaves]
+
+
+CASES = [(3, 37, 19, 2, 96), (2, 5, 1, 4, 64), (2, 9, 97, 4, 64), (1, 33, 197, 1, 48)]
+
+
+@pytest.mark.parametrize("n,m,p,heads,d", CASES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-pair", "shared"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "ragged-mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_matches_autograd(n, m, p, heads, d, shared, masked, dtype):
+    q, kv, mask, dout = _case(n, m, p, heads, d, shared, masked, dtype)
+    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
+    lse = torch.full((n * m, heads), float("nan"))
+    out = attention(q, k, v, heads, n, m, shared_queries=shared, mask=mask, lse=lse)
+    dq, dk, dv = attention_backward(q, k, v, out, dout, lse, heads, n, m,
+                                    shared_queries=shared, mask=mask)  # fmt: skip
+    if shared:  # the shared rows' gradient sums the per-pair ones over items
+        dq = dq.view(n, m, d).sum(0)
+    ref = _grads(q, k, v, dout, heads, n, m, shared, mask, torch.float64)
+    floor = 0.1 * float(ref[2].norm())  # dv's scale: the size of the terms dq and dk sum
+    if dtype == torch.float32:
+        for got, want in zip((dq, dk, dv), ref, strict=True):
+            assert _rel(got, want, floor) < 1e-5
+    else:  # no worse than twice PyTorch's own bf16 autograd of the same stage
+        own = _grads(q, k, v, dout, heads, n, m, shared, mask, dtype)
+        for got, mine, want in zip((dq, dk, dv), own, ref, strict=True):
+            assert _rel(got, want, floor) <= 2 * _rel(mine, want, floor) + 1e-6
+
+
+def test_forward_stores_the_log_sum_exp():
+    n, m, p, heads, d = 2, 7, 13, 2, 32
+    q, kv, mask, _ = _case(n, m, p, heads, d, False, True, torch.float32)
+    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
+    lse = torch.full((n * m, heads), float("nan"))
+    attention(q, k, v, heads, n, m, mask=mask, lse=lse)
+    qh = q.view(n, m, heads, d // heads).transpose(1, 2)
+    kh = k.reshape(n, p, heads, d // heads).transpose(1, 2)
+    s = qh @ kh.transpose(-1, -2) / math.sqrt(d // heads)  # [n, H, m, P]
+    s = s.masked_fill(mask.bool()[:, None, None, :], float("-inf"))
+    want = torch.logsumexp(s, dim=-1).transpose(1, 2).reshape(n * m, heads)
+    assert _rel(lse, want) < 1e-6
