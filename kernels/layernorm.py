@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_ROWS = 8
+LN_BWD_WARPS = 8  # the backward holds ~4 row tiles at once: 4 warps sit at the register limit
 
 
 @triton.jit
@@ -94,6 +95,79 @@ def add_layer_norm(
         BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def layer_norm_backward_kernel(
+    p_x,  # [R, D] fp32 stream rows the LayerNorm saw (x + delta, recomputed)
+    p_w,  # [D] γ
+    p_dy,  # [R, D] gradient of the LayerNorm's output
+    p_dres,  # [R, D] fp32 gradient reaching the stream from later layers, HAS_DRES
+    p_dx,  # [R, D] fp32 gradient of the stream (= of delta, and of x)
+    p_dw_part,  # [programs, D] fp32 partial dγ of this program's rows
+    p_db_part,  # [programs, D] fp32 partial dβ
+    n_rows,
+    stride_x,
+    stride_dy,
+    stride_dres,
+    stride_dx,
+    eps,
+    D: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    o_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_d = o_d < D
+    m_x = (o_r < n_rows)[:, None] & m_d[None, :]
+    b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
+    b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
+    b_mean = tl.sum(b_x, axis=1) / D
+    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
+    b_xhat = b_c * b_rstd[:, None]
+    b_dy = tl.load(p_dy + o_r[:, None] * stride_dy + o_d[None, :], mask=m_x, other=0.0)
+    b_dy = b_dy.to(tl.float32)
+    b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
+    b_g = b_dy * b_w[None, :]  # gradient of x̂
+    # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), the LayerNorm Jacobian applied to g
+    b_dx = (b_g - (tl.sum(b_g, axis=1) / D)[:, None]
+            - b_xhat * (tl.sum(b_g * b_xhat, axis=1) / D)[:, None]) * b_rstd[:, None]  # fmt: skip
+    if HAS_DRES:
+        b_dx += tl.load(p_dres + o_r[:, None] * stride_dres + o_d[None, :], mask=m_x,
+                        other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(p_dx + o_r[:, None] * stride_dx + o_d[None, :], b_dx, mask=m_x)
+    # per-program partial sums (no atomics): the caller adds the few rows of partials
+    tl.store(p_dw_part + pid * D + o_d, tl.sum(b_dy * b_xhat, axis=0), mask=m_d)
+    tl.store(p_db_part + pid * D + o_d, tl.sum(b_dy, axis=0), mask=m_d)
+
+
+def layer_norm_backward(
+    x: Tensor, weight: Tensor, dy: Tensor, eps: float, dres: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of `add_layer_norm`'s LayerNorm (and of its add: the stream's gradient is
+    the gradient of delta and of the stream before it).
+
+    x `(R, D)` the rows the LayerNorm saw, dy `(R, D)` its output's gradient, dres `(R, D)`
+    the gradient the stream receives from later (residual) uses → (dx `(R, D)`, dγ `(D,)`,
+    dβ `(D,)`), fp32, deterministic (partials reduced in a fixed order).
+    """
+    n_rows, d = x.shape
+    block_d = triton.next_power_of_2(d)
+    programs = triton.cdiv(n_rows, BLOCK_ROWS)
+    dx = torch.empty((n_rows, d), dtype=torch.float32, device=x.device)
+    parts = torch.zeros((2, max(programs, 1), d), dtype=torch.float32, device=x.device)
+    if n_rows:
+        layer_norm_backward_kernel[(programs,)](
+            x, weight, dy, dres, dx, parts[0], parts[1], n_rows, x.stride(0), dy.stride(0),
+            dres.stride(0) if dres is not None else 0, dx.stride(0), eps,
+            D=d, HAS_DRES=dres is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d,
+            num_warps=LN_BWD_WARPS,
+        )  # fmt: skip
+    dw, db = parts.sum(dim=1)
+    return dx, dw, db
 
 
 def add_layer_norm_torch(

@@ -27,7 +27,7 @@ from .attention import (
     attention_kernel,
 )
 from .configs import shipped
-from .layernorm import BLOCK_ROWS, add_layer_norm_kernel
+from .layernorm import BLOCK_ROWS, LN_BWD_WARPS, add_layer_norm_kernel, layer_norm_backward_kernel
 from .linear import linear_kernel, linear_tma_kernel
 
 # CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
@@ -83,7 +83,7 @@ def _resources(cubin: bytes) -> dict:
 ALIGNED_INTS = {"n_rows", "n_out", "K", "stride_a", "stride_w", "stride_out", "res_rows",
                 "stride_do", "stride_dkv", "stride_dq", "logit_cols", "n_queries", "stride_q",
                 "q_item_stride", "stride_kv", "stride_x", "stride_delta", "stride_x_out",
-                "stride_y"}  # fmt: skip
+                "stride_y", "stride_dy", "stride_dres", "stride_dx"}  # fmt: skip
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):  # noqa: ANN001
@@ -172,6 +172,14 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 const = dict(D=D_MODEL, BLOCK_R=BLOCK_ROWS, BLOCK_D=1024, **flags)
                 jobs.append(("add_layer_norm", dict(variant=name, dtype=dt, d_model=D_MODEL),
                              add_layer_norm_kernel, sig, const, 4, 1, False))  # fmt: skip
+            sig = {"p_x": "*fp32", "p_w": ptr, "p_dy": ptr, "p_dres": "*fp32", "p_dx": "*fp32",
+                   "p_dw_part": "*fp32", "p_db_part": "*fp32", "n_rows": "i32",
+                   "stride_x": "i32", "stride_dy": "i32", "stride_dres": "i32",
+                   "stride_dx": "i32", "eps": "fp32"}  # fmt: skip
+            const = dict(D=D_MODEL, HAS_DRES=True, BLOCK_R=BLOCK_ROWS, BLOCK_D=1024)
+            desc = dict(dtype=dt, d_model=D_MODEL)
+            jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
+                         LN_BWD_WARPS, 1, False))  # fmt: skip
     return jobs
 
 
