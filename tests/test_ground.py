@@ -25,43 +25,22 @@ from carzero_fast.model import CARZeroModel
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_carzero import D, bert_dir, tiny_model  # noqa: E402
+
 from carzero_fast.encoders.image import (  # noqa: E402
-    VisionTransformer,
-    ViTConfig,
     preprocess_file,
 )
-from carzero_fast.encoders.text import TextEncoder  # noqa: E402
 
-D = 32
 GRID = 7  # 224 / patch 32
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "there", "is", "a", "no", "left",
-         "effusion", "edema", "pne", "##umo", "##thorax", "nodule", "cardio", "##megaly",
-         "."]  # fmt: skip
 PROMPT = "There is left effusion."
 
 
 def _bert_dir(root: Path) -> Path:
-    d = root / "bert"
-    d.mkdir()
-    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tok = transformers.BertTokenizer(str(d / "vocab.txt"))
-    cfg = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=D, num_hidden_layers=4,
-                                  num_attention_heads=4, intermediate_size=48,
-                                  max_position_embeddings=128)  # fmt: skip
-    tok.save_pretrained(d)
-    cfg.save_pretrained(d)
-    return d
+    return bert_dir(root)
 
 
-def _model(bert_dir: Path) -> CARZeroModel:
-    """A tiny CARZero: ViT 224/32 (7×7 grid), 4-layer BERT, 2-layer 4-head aligner."""
-    torch.manual_seed(0)
-    vit = VisionTransformer(ViTConfig(img_size=224, patch_size=32, embed_dim=D, depth=1,
-                                      num_heads=4))  # fmt: skip
-    bert = transformers.BertModel(transformers.BertConfig.from_pretrained(bert_dir))
-    tok = transformers.AutoTokenizer.from_pretrained(bert_dir, local_files_only=True)
-    al_cfg = cf.AlignerConfig(d_model=D, n_heads=4, n_layers=2, d_ffn=48, head_dims=(24, 16))
-    return CARZeroModel(vit, TextEncoder(bert, tok), make_aligner(al_cfg)).eval()
+def _model(bert: Path) -> CARZeroModel:
+    return tiny_model(bert, aligner_layers=2)
 
 
 @pytest.fixture(scope="module")
