@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aligner import CrossAttentionAligner
+from .csvfiles import complete_rows, part_path, rewrite_csv
 from .loss import zero_shot_scores
 
 __all__ = ["DistributedCARZeroLoss", "gather_rows", "init_from_env", "score_shards_to_csv"]
@@ -181,24 +182,6 @@ class DistributedCARZeroLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _part_path(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f"{out.name}.part-{rank:05d}-of-{world:05d}")
-
-
-def _complete_rows(part: Path, header: list[str]) -> list[list[str]]:
-    """The complete rows of a part file (a torn last line, from a rank killed mid-write, is
-    dropped)."""
-    if not part.exists():
-        return []
-    lines = part.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-    rows = list(csv.reader(lines))
-    if not rows or rows[0] != header:
-        raise ValueError(f"{part} is not a part file of this job (header {rows[:1]})")
-    return [r for r in rows[1:] if len(r) == len(header)]
-
-
 def score_shards_to_csv(
     aligner: CrossAttentionAligner,
     image_ids: Sequence[str],
@@ -233,7 +216,7 @@ def score_shards_to_csv(
         raise ValueError(f"{txt_tokens.shape[0]} prompts for {len(class_names)} classes")
     if len(set(image_ids)) != len(image_ids):
         raise ValueError("image ids must be unique (they key the resume)")
-    part = _part_path(out, rank, world)
+    part = part_path(out, rank, world)
     # Batches are fixed blocks of positions (block k → rank k % R), the same in every run and
     # for every world size, so a resumed or re-sharded run computes each score in the same
     # batch as an uninterrupted single process: the CSV comes out identical, bit for bit.
@@ -241,7 +224,7 @@ def score_shards_to_csv(
               for lo in range(0, len(image_ids), batch_size)][rank::world]  # fmt: skip
     kept: list[list[str]] = []
     if resume:
-        have = {r[0]: r for r in _complete_rows(part, header)}
+        have = {r[0]: r for r in complete_rows(part, header)}
         done = [b for b in blocks if all(image_ids[i] in have for i in b)]
         kept = [have[image_ids[i]] for b in done for i in b]
         blocks = [b for b in blocks if b not in done]
@@ -265,22 +248,12 @@ def score_shards_to_csv(
         dist.barrier(group)
     if rank != 0:
         return None
-    parts = [_part_path(out, r, world) for r in range(world)]
-    rows: dict[str, list[str]] = {}
-    for p in parts:
-        for r in list(csv.reader(p.open(newline="")))[1:]:
-            rows[r[0]] = r
+    parts = [part_path(out, r, world) for r in range(world)]
+    rows = {r[0]: r for p in parts for r in complete_rows(p, header)}
     missing = [i for i in image_ids if i not in rows]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no scores (first: {missing[0]})")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows[i] for i in image_ids)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    rewrite_csv(out, header, [rows[i] for i in image_ids])
     for p in parts:
         p.unlink()
     return out

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .csvfiles import complete_rows, part_path, rewrite_csv
 from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, state_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
@@ -70,21 +71,6 @@ def list_images(sources: list[str]) -> list[Path]:
     return paths
 
 
-def _complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:
-    """Complete rows of an existing CSV (a torn last line is dropped)."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-    rows = list(csv.reader(lines))
-    if header is not None and rows and rows[0] != header:
-        raise UsageError(f"{path} has columns {rows[0][:4]}…, not this run's: resume needs the "
-                         "same classes in the same order")  # fmt: skip
-    width = len(rows[0]) if rows else 0
-    return [r for r in rows[1:] if len(r) == width]
-
-
 def _load_batch(pool: ThreadPoolExecutor, paths: list[Path]) -> list[Future]:
     from .encoders.image import preprocess_file
 
@@ -122,17 +108,6 @@ def _format_rows(paths: list[Path], scores: Tensor) -> str:
     return buf.getvalue()
 
 
-def _rewrite(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append(f: io.TextIOBase, text: str) -> None:
     f.write(text)
     f.flush()
@@ -149,7 +124,7 @@ def _shard() -> tuple[int, int]:
 
 
 def _part(path: Path, rank: int, world: int) -> Path:
-    return path if world == 1 else path.with_name(f"{path.name}.part-{rank:05d}-of-{world:05d}")
+    return path if world == 1 else part_path(path, rank, world)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     # part files (the output itself when alone), rank 0 merges them at the end.
     header, err_header = ["path", *names], ["path", "error"]
     part, err_part = _part(out, rank, world), _part(errors_path, rank, world)
-    done_rows = _complete_rows(part, header) if args.resume else []
-    done_err = _complete_rows(err_part, err_header) if args.resume else []
+    done_rows = complete_rows(part, header) if args.resume else []
+    done_err = complete_rows(err_part, err_header) if args.resume else []
     finished = {r[0] for r in done_rows} | {r[0] for r in done_err}
     blocks = [range(lo, min(len(paths), lo + args.batch_size))
               for lo in range(0, len(paths), args.batch_size)][rank::world]  # fmt: skip
@@ -190,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
     # what is kept (complete batches only) replaces the files atomically, then each batch is
     # appended as it is scored
-    _rewrite(part, header, [r for r in done_rows if r[0] in kept])
-    _rewrite(err_part, err_header, [r for r in done_err if r[0] in kept])
+    rewrite_csv(part, header, [r for r in done_rows if r[0] in kept])
+    rewrite_csv(err_part, err_header, [r for r in done_err if r[0] in kept])
     die_rank = int(os.environ.get(_STOP_RANK_ENV, "-1"))
     die_after = int(os.environ.get(_STOP_ENV, "-1")) if die_rank in (-1, rank) else -1
     with open(part, "a", newline="") as f_out, open(err_part, "a", newline="") as f_err:
@@ -227,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier()  # no rank reports success before the merged file exists
         dist.destroy_process_group()
     if rank == 0:
-        n_err = len(_complete_rows(errors_path, None))
+        n_err = len(complete_rows(errors_path, None))
         if n_err == 0:
             errors_path.unlink()
         else:
@@ -237,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _merge(paths: list[Path], parts: list[Path], out: Path, header: list[str]) -> None:
     """The ranks' part files → one file in the image list's order (temp file + rename)."""
-    rows = {r[0]: r for p in parts for r in _complete_rows(p, header)}
-    _rewrite(out, header, [rows[str(p)] for p in paths if str(p) in rows])
+    rows = {r[0]: r for p in parts for r in complete_rows(p, header)}
+    rewrite_csv(out, header, [rows[str(p)] for p in paths if str(p) in rows])
     for p in parts:
         p.unlink()
 
