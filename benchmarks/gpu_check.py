@@ -36,13 +36,10 @@ import torch
 
 import carzero_fast as cf
 from carzero_fast.backends import chunked as chunked_mod
+from carzero_fast.memory import device_sync as sync
+from carzero_fast.memory import peak_extra_mib
 
 BUDGET = 512 * 2**20  # the same chunk budget for chunked and triton (triton's default)
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def median_time(fn: Callable[[], object], dev: torch.device, reps: int = 3) -> float:
@@ -55,22 +52,6 @@ def median_time(fn: Callable[[], object], dev: torch.device, reps: int = 3) -> f
         sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
-    """Peak memory of one call above what was allocated before it."""
-    if dev.type != "cuda":
-        from carzero_fast.memory import track_memory
-
-        with track_memory() as tracker:
-            fn()
-        return tracker.peak_bytes / 2**20
-    sync(dev)
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    fn()
-    sync(dev)
-    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
 
 
 def gemm_ceiling_tflops(dev: torch.device, smoke: bool) -> dict[str, float]:

@@ -25,27 +25,10 @@ import numpy as np
 import torch
 
 import carzero_fast as cf
-from carzero_fast.memory import track_memory
+from carzero_fast.memory import device_sync as _sync
+from carzero_fast.memory import peak_extra_mib as _peak_mib
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _peak_mib(fn: Callable[[], object], dev: torch.device) -> float:
-    if dev.type == "cuda":
-        _sync(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        fn()
-        _sync(dev)
-        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-    with track_memory() as tracker:
-        fn()
-    return tracker.peak_bytes / 2**20
 
 
 def make_step(al: cf.CrossAttentionAligner, backend: str, b: int, dev: torch.device,

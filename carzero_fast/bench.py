@@ -35,6 +35,7 @@ from .aligner import CrossAttentionAligner
 from .backends.chunked import executed_flops, use_folded_form
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss
+from .memory import device_sync as _sync
 from .memory import track_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,11 +57,6 @@ class Row:
     frac_ceiling: float  # executed over the GEMM ceiling
     peak_extra_mib: float
     speedup_vs_reference_fp32: float | None = None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:

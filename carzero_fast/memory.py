@@ -10,7 +10,7 @@ show that a path's memory does not grow with N·M·D. Overhead: one Python call 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -58,3 +58,24 @@ def track_memory() -> Iterator[MemoryTracker]:
     tracker = MemoryTracker()
     with tracker:
         yield tracker
+
+
+def device_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): before reading a host clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call of `fn` above what was allocated before it, in MiB: the CUDA
+    allocator's peak on a GPU, live tensor bytes (`track_memory`) elsewhere."""
+    if device.type != "cuda":
+        with track_memory() as tracker:
+            fn()
+        return tracker.peak_bytes / 2**20
+    device_sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    device_sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
