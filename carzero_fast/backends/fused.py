@@ -18,14 +18,15 @@ autocast does). Chunk buffers are allocated once per call and reused, so memory 
 elements (LN0(memory), K/V) + the scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
-Forward only: the backward kernels are a later issue (issue 4). `run_backend` sends calls that
-need gradients or dropout to the `chunked` backend, which computes the same function.
+The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
+one set of buffers per layer and keeps them for the chunk's backward.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +69,135 @@ def plan_fused(
     widest = max(cfg.d_ffn, *cfg.head_dims)
     per_pair = itemsize * (3 * cfg.d_model + widest + max(cfg.head_dims)) + 4 * cfg.d_model
     per_item = p * itemsize * (2 * cfg.n_layers + 1) * cfg.d_model
+    return fit_plan(n, m, per_pair, per_item, budget)
+
+
+def fit_plan(n: int, m: int, per_pair: int, per_item: int, budget: int) -> tuple[int, int]:
+    """(items, queries) per chunk: queries first (half the budget at most), then items."""
     queries = max(1, min(m, budget // (2 * per_pair)))
     items = max(1, min(n, budget // (queries * per_pair + per_item)))
     return items, queries
 
 
-def _buffer(pool: Tensor, rows: int, cols: int) -> Tensor:
-    """A contiguous `(rows, cols)` view at the start of a flat pool."""
-    return pool[: rows * cols].view(rows, cols)
+def check_budget(chunk_budget_bytes: int | None, default: int) -> int:
+    budget = default if chunk_budget_bytes is None else int(chunk_budget_bytes)
+    if budget <= 0:
+        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
+    return budget
+
+
+class CallPlan(NamedTuple):
+    """Per-call state shared by every chunk: the query stage's results and the weights laid
+    out for the kernels."""
+
+    x0: Tensor  # [M, D] fp32 LN0(queries): each pair's initial residual stream
+    q1: Tensor  # [M, D] layer 1's projected queries (shared by every item)
+    kv_w: Tensor  # [L·2D, D] every layer's K and V projections, stacked
+    kv_b: Tensor  # [L·2D]
+    q_w: tuple[Tensor, ...]  # L × [D, D]
+    q_b: tuple[Tensor, ...]  # L × [D]
+    next_norm: tuple[tuple[Tensor, Tensor], ...]  # L × the LayerNorm after the FFN add
+    head: tuple[tuple[Tensor, Tensor], ...]
+
+
+def query_stage(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """queries `(M, D)` → (x0 fp32, q1 in the queries' dtype), differentiable.
+
+    The residual stream stays fp32 in every dtype: 16-bit inputs then round only GEMM
+    operands, as autocast would (half the error of a 16-bit stream, for D·4 bytes a row)."""
+    d, eps, l0 = cfg.d_model, cfg.layer_norm_eps, w.layers[0]
+    x0 = F.layer_norm(queries.float(), (d,), w.norm0_w.float(), w.norm0_b.float(), eps)
+    y0 = F.layer_norm(x0, (d,), l0.norm2_w.float(), l0.norm2_b.float(), eps).to(queries.dtype)
+    return x0, F.linear(y0, l0.in_proj_w[:d], l0.in_proj_b[:d])
+
+
+def call_plan(w: AlignerWeights, cfg: AlignerConfig, x0: Tensor, q1: Tensor) -> CallPlan:
+    d = cfg.d_model
+    return CallPlan(
+        x0=x0.detach(),
+        q1=q1.detach().contiguous(),
+        kv_w=torch.cat([lw.in_proj_w[d:] for lw in w.layers]).contiguous(),
+        kv_b=torch.cat([lw.in_proj_b[d:] for lw in w.layers]).contiguous(),
+        q_w=tuple(lw.in_proj_w[:d].contiguous() for lw in w.layers),
+        q_b=tuple(lw.in_proj_b[:d].contiguous() for lw in w.layers),
+        next_norm=tuple((lw.norm2_w, lw.norm2_b) for lw in w.layers[1:])
+        + ((w.norm0_w, w.norm0_b),),
+        head=tuple((hw.contiguous(), hb.contiguous()) for hw, hb in w.head),
+    )
+
+
+class LayerBuffers(NamedTuple):
+    """Where one layer of a chunk writes, `r` pair rows each (item-major).
+
+    Inference aliases every layer onto one set (a stream, an LN output, …); training gives
+    each layer its own and keeps them for the backward.
+    """
+
+    q: Tensor  # [r, D] projected queries (layers after the first)
+    o: Tensor  # [r, D] attention output
+    lse: Tensor | None  # [r, H] fp32 softmax log-sum-exp (training)
+    x_mid: Tensor  # [r, D] fp32 stream after the attention's residual add
+    y3: Tensor  # [r, D] LN3(x_mid)
+    h: Tensor  # [r, F] relu(linear1(y3))
+    x_out: Tensor  # [r, D] fp32 stream after the FFN's residual add
+    y_next: Tensor  # [r, D] the next LayerNorm of x_out (the next LN2, or decoder_norm)
+    branch: Tensor  # [r, D] scratch: out_proj / linear2 outputs before their adds
+
+    def rows(self, r: int) -> LayerBuffers:
+        return LayerBuffers(*(t[:r] if t is not None else None for t in self))
+
+
+def pair_layers(
+    linear: Callable[..., Tensor],
+    w: AlignerWeights,
+    cfg: AlignerConfig,
+    cp: CallPlan,
+    kv: Tensor,
+    mask: Tensor | None,
+    n_items: int,
+    queries: slice,
+    bufs: list[LayerBuffers],
+) -> Tensor:
+    """Every layer for `n_items` items (their K/V rows `kv` `(n_items·P, L·2D)`, int8 mask)
+    × the queries `queries` → the decoder_norm'ed rows `(r, D)` the MLP head takes."""
+    from ..kernels import add_layer_norm, attention
+
+    d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
+    mc = cp.x0[queries].shape[0]
+    for li, lw in enumerate(w.layers):
+        b = bufs[li]
+        k_l = kv[:, 2 * li * d : (2 * li + 1) * d]  # [n_items·P, D] strided views
+        v_l = kv[:, (2 * li + 1) * d : (2 * li + 2) * d]
+        if li == 0:  # the stream starts as x0, broadcast over the chunk's items
+            attention(cp.q1[queries], k_l, v_l, n_heads, n_items, mc, shared_queries=True,
+                      mask=mask, out=b.o, lse=b.lse)  # fmt: skip
+            stream = cp.x0[queries]
+        else:  # the previous layer's y_next is this layer's LN2(x)
+            linear(bufs[li - 1].y_next, cp.q_w[li], cp.q_b[li], out=b.q)
+            attention(b.q, k_l, v_l, n_heads, n_items, mc, mask=mask, out=b.o, lse=b.lse)
+            stream = bufs[li - 1].x_out
+        linear(b.o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
+        add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, delta=b.branch, x_out=b.x_mid)
+        linear(b.y3, lw.linear1_w, lw.linear1_b, relu=True, out=b.h)
+        linear(b.h, lw.linear2_w, lw.linear2_b, out=b.branch)
+        add_layer_norm(b.x_mid, *cp.next_norm[li], eps, b.y_next, delta=b.branch, x_out=b.x_out)
+    return bufs[-1].y_next
+
+
+def item_stage(
+    linear: Callable[..., Tensor],
+    w: AlignerWeights,
+    cfg: AlignerConfig,
+    cp: CallPlan,
+    mem: Tensor,
+    y_mem: Tensor,
+    kv: Tensor,
+) -> None:
+    """memory rows `(items·P, D)` → `y_mem` = LN0(memory) and `kv`, every layer's K and V."""
+    from ..kernels import add_layer_norm
+
+    add_layer_norm(mem, w.norm0_w, w.norm0_b, cfg.layer_norm_eps, y_mem)
+    linear(y_mem, cp.kv_w, cp.kv_b, out=kv)
 
 
 def triton_forward(
@@ -88,7 +210,6 @@ def triton_forward(
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd, no dropout)."""
-    from ..kernels import add_layer_norm, attention
     from ..kernels import linear as linear_kernel
 
     # one TMA descriptor per (buffer, block) for the whole call: the buffers are reused
@@ -100,74 +221,46 @@ def triton_forward(
     out = memory.new_zeros((n, m))
     if n == 0 or m == 0:
         return out
-    eps, n_layers, n_heads = cfg.layer_norm_eps, cfg.n_layers, cfg.n_heads
-    budget = DEFAULT_FUSED_BUDGET_BYTES if chunk_budget_bytes is None else chunk_budget_bytes
-    if budget <= 0:
-        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
+    budget = check_budget(chunk_budget_bytes, DEFAULT_FUSED_BUDGET_BYTES)
     items, block_q = plan_fused(cfg, n, m, p, memory.element_size(), budget)
-
-    # per query: the initial residual stream and layer 1's query (independent of the item).
-    # The residual stream stays fp32 in every dtype: 16-bit inputs then round only GEMM
-    # operands, as autocast would (half the error of a 16-bit stream, for D·4 bytes a row).
-    x0 = F.layer_norm(queries.float(), (d,), w.norm0_w.float(), w.norm0_b.float(), eps)
-    l0 = w.layers[0]
-    y0 = F.layer_norm(x0, (d,), l0.norm2_w.float(), l0.norm2_b.float(), eps).to(memory.dtype)
-    q1 = F.linear(y0, l0.in_proj_w[:d], l0.in_proj_b[:d]).contiguous()
-    # every layer's K and V projections stacked: one GEMM per item block
-    kv_w = torch.cat([lw.in_proj_w[d:] for lw in w.layers]).contiguous()  # [L·2D, D]
-    kv_b = torch.cat([lw.in_proj_b[d:] for lw in w.layers]).contiguous()
-    q_w = [lw.in_proj_w[:d].contiguous() for lw in w.layers]
-    q_b = [lw.in_proj_b[:d].contiguous() for lw in w.layers]
-    head = [(hw.contiguous(), hb.contiguous()) for hw, hb in w.head]
+    cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
     mask8 = memory_mask.to(torch.int8) if memory_mask is not None else None
 
     rows = items * block_q
-    widest = max(cfg.d_ffn, *cfg.head_dims)
     kw = dict(dtype=memory.dtype, device=memory.device)
     x = torch.empty((rows, d), dtype=torch.float32, device=memory.device)  # residual stream
     y, q, o = (torch.empty((rows, d), **kw) for _ in range(3))  # LN out, q / branch out, attn
-    pool_a = torch.empty(rows * widest, **kw)  # FFN hidden, head layers 0, 2, …
+    pool_a = torch.empty(rows * max(cfg.d_ffn, *cfg.head_dims), **kw)  # FFN, head 0, 2, …
     pool_b = torch.empty(rows * max(cfg.head_dims), **kw)  # head layers 1, 3, …
     y_mem = torch.empty((items * p, d), **kw)
-    kv = torch.empty((items * p, 2 * n_layers * d), **kw)
-    norms = [(lw.norm2_w, lw.norm2_b) for lw in w.layers[1:]] + [(w.norm0_w, w.norm0_b)]
+    kv = torch.empty((items * p, 2 * cfg.n_layers * d), **kw)
+    # every layer aliases one set of buffers: nothing is kept for a backward
+    shared = LayerBuffers(q, o, None, x, y, _buffer(pool_a, rows, cfg.d_ffn), x, y, q)
 
     for n0 in range(0, n, items):
         ni = min(items, n - n0)
         mem = memory[n0 : n0 + ni].reshape(ni * p, d)
         if mem.stride(-1) != 1:
             mem = mem.contiguous()
-        add_layer_norm(mem, w.norm0_w, w.norm0_b, eps, y_mem[: ni * p])
-        kv_i = linear(y_mem[: ni * p], kv_w, kv_b, out=kv[: ni * p])
+        item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv[: ni * p])
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
         for m0 in range(0, m, block_q):
             mc = min(block_q, m - m0)
-            r = ni * mc
-            xc, yc, qc, oc = x[:r], y[:r], q[:r], o[:r]
-            for li, lw in enumerate(w.layers):
-                k_l = kv_i[:, 2 * li * d : (2 * li + 1) * d]  # [ni·P, D] strided views
-                v_l = kv_i[:, (2 * li + 1) * d : (2 * li + 2) * d]
-                if li == 0:  # the stream starts as x0, broadcast over the chunk's items
-                    attention(q1[m0 : m0 + mc], k_l, v_l, n_heads, ni, mc, shared_queries=True,
-                              mask=mask_i, out=oc)  # fmt: skip
-                    stream = x0[m0 : m0 + mc]
-                else:  # yc holds this layer's LN2(x), from the previous add_layer_norm
-                    linear(yc, q_w[li], q_b[li], out=qc)
-                    attention(qc, k_l, v_l, n_heads, ni, mc, mask=mask_i, out=oc)
-                    stream = xc
-                linear(oc, lw.out_proj_w, lw.out_proj_b, out=qc)  # branch output
-                add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, yc, delta=qc, x_out=xc)
-                h = _buffer(pool_a, r, cfg.d_ffn)
-                linear(yc, lw.linear1_w, lw.linear1_b, relu=True, out=h)
-                linear(h, lw.linear2_w, lw.linear2_b, out=qc)
-                add_layer_norm(xc, *norms[li], eps, yc, delta=qc, x_out=xc)
-            _head(linear, head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc])
+            bufs = [shared.rows(ni * mc)] * cfg.n_layers
+            yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
+                             slice(m0, m0 + mc), bufs)  # fmt: skip
+            _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc])
     return out
+
+
+def _buffer(pool: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous `(rows, cols)` view at the start of a flat pool."""
+    return pool[: rows * cols].view(rows, cols)
 
 
 def _head(
     linear: Callable[..., Tensor],
-    head: list[tuple[Tensor, Tensor]],
+    head: tuple[tuple[Tensor, Tensor], ...],
     y: Tensor,
     pool_a: Tensor,
     pool_b: Tensor,
