@@ -9,6 +9,7 @@ from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .chunked import chunked_both_directions, chunked_forward
 from .fused import kernels_available, triton_both_directions, triton_forward
+from .fused_train import Job, triton_train
 from .reference import reference_forward
 
 BACKENDS = ("auto", "reference", "chunked", "triton")
@@ -29,12 +30,13 @@ def resolve_backend(name: str, device_type: str) -> str:
     return "triton" if device_type == "cuda" and kernels_available() else "chunked"
 
 
-def _needs_autograd(w: AlignerWeights, cfg: AlignerConfig, training: bool, *t: Tensor) -> bool:
-    """Whether a call needs what only the chunked path has today: gradients or dropout (the
-    triton backend's backward arrives with its own issue; until then those calls run the
-    chunked backend, which computes the same function)."""
-    if training and cfg.dropout > 0.0:
-        return True
+def _dropout_active(cfg: AlignerConfig, training: bool) -> bool:
+    """Dropout is not in the fused kernels: training-mode calls with dropout run the chunked
+    backend, which computes the same function with reproducible masks."""
+    return training and cfg.dropout > 0.0
+
+
+def _needs_autograd(w: AlignerWeights, *t: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in (*t, *w.flatten()))
 
 
@@ -53,7 +55,11 @@ def run_backend(
     name = resolve_backend(name, memory.device.type)
     if name == "reference":
         return reference_forward(w, cfg, memory, queries, memory_mask, training)
-    if name == "triton" and not _needs_autograd(w, cfg, training, memory, queries):
+    if name == "triton" and not _dropout_active(cfg, training):
+        if _needs_autograd(w, memory, queries):
+            (out,) = triton_train(w, cfg, (memory, queries), [Job(0, 1, memory_mask)],
+                                  chunk_budget_bytes)  # fmt: skip
+            return out
         return triton_forward(w, cfg, memory, queries, memory_mask, chunk_budget_bytes)
     return chunked_forward(w, cfg, memory, queries, memory_mask, training, chunk_budget_bytes)
 
@@ -77,7 +83,11 @@ def run_backend_both(
             reference_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, training),
             reference_forward(w, cfg, txt_tokens, img_tokens[:, 0], txt_mask, training),
         )
-    if name == "triton" and not _needs_autograd(w, cfg, training, img_tokens, txt_tokens):
+    if name == "triton" and not _dropout_active(cfg, training):
+        if _needs_autograd(w, img_tokens, txt_tokens):
+            jobs = [Job(0, 1, img_mask), Job(1, 0, txt_mask)]
+            i2t, t2i = triton_train(w, cfg, (img_tokens, txt_tokens), jobs, chunk_budget_bytes)
+            return i2t, t2i
         return triton_both_directions(
             w, cfg, img_tokens, txt_tokens, img_mask, txt_mask, chunk_budget_bytes
         )

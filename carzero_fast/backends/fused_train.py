@@ -1,0 +1,351 @@
+"""Training on the `triton` backend: a recomputing `autograd.Function` over the fused kernels.
+
+Forward: `triton_forward` per direction; the node saves the inputs only (tokens, weights).
+Backward, per direction (DESIGN.md §3, "backward recomputes"):
+
+- the query stage (`x0 = LN0(q)`, layer 1's Q) runs under PyTorch autograd once; its outputs'
+  gradients are summed over every chunk and sent back through it at the end;
+- per block of memory items: LN0(memory) and every layer's K/V (kernels), and an fp32 dK/dV
+  accumulator for the block;
+- per chunk of pairs: the forward again (`pair_layers`, now one buffer set per layer and the
+  softmax log-sum-exp kept), then back through the head, decoder_norm and the layers in
+  reverse: `layer_norm_backward` for every residual add + LayerNorm, `attention_backward` for
+  the attention (dK/dV of an item's key block in one program, added into the block's
+  accumulator; layer 1's shared queries get their per-pair dq summed over items), GEMMs for
+  every linear layer;
+- after a block's chunks: the K/V projection's and LN0's backward give the memory tokens'
+  gradient.
+
+Weight gradients accumulate in fp32, one `dW += dYᵀ·X` GEMM per linear layer and chunk (no
+atomics); every reduction runs in a fixed order, so gradients are deterministic.
+Memory: the inputs, the `(N, M)` logits and one chunk's activations (`plan_train`), never
+O(N·M·D). Dropout is not in these kernels: training-mode calls with dropout run `chunked`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..config import AlignerConfig
+from ..weights import AlignerWeights
+from .fused import (
+    CallPlan,
+    LayerBuffers,
+    call_plan,
+    check_budget,
+    check_device,
+    fit_plan,
+    item_stage,
+    pair_layers,
+    query_stage,
+    triton_forward,
+)
+
+# Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
+# 1 GiB holds ~14k pairs, enough to keep the GEMMs large.
+DEFAULT_FUSED_TRAIN_BUDGET_BYTES = 2**30
+
+
+def plan_train(
+    cfg: AlignerConfig, n: int, m: int, p: int, itemsize: int, budget: int
+) -> tuple[int, int]:
+    """(items per block, queries per chunk) of the backward for a memory budget in bytes."""
+    d, f, n_layers, s = cfg.d_model, cfg.d_ffn, cfg.n_layers, itemsize
+    widest = max(f, *cfg.head_dims)
+    saved = n_layers * (8 * d + s * (4 * d + f) + 4 * cfg.n_heads) + s * sum(cfg.head_dims)
+    per_pair = saved + s * d + 16 * d + 2 * s * widest  # + scratch and the gradients in flight
+    per_item = p * (s * d + (s + 4) * 2 * n_layers * d + 4 * d)  # LN0, K/V, dK/dV, dmemory
+    return fit_plan(n, m, per_pair, per_item, budget)
+
+
+def linear_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    g_w: Tensor | None,
+    g_b: Tensor | None,
+    relu_of: Tensor | None = None,
+) -> Tensor:
+    """Backward of `y = x·Wᵀ + b`: dy `(r, out)`, x `(r, in)` → dx `(r, in)`.
+
+    Adds dW = dyᵀ·x and db = Σ dy into the fp32 accumulators (when given). With `relu_of`
+    (the ReLU output that was x), dx is the gradient before that ReLU.
+    """
+    dy = dy.to(weight.dtype)
+    if g_w is not None:
+        g_w.add_(torch.mm(dy.t(), x))
+        g_b.add_(dy.sum(0, dtype=torch.float32))
+    dx = torch.mm(dy, weight)
+    if relu_of is not None:
+        dx.masked_fill_(relu_of <= 0, 0.0)
+    return dx
+
+
+class _Chunk(NamedTuple):
+    """One chunk's recomputed forward."""
+
+    bufs: list[LayerBuffers]
+    head_in: list[Tensor]  # the input of every head layer: decoder_norm'ed rows, then hiddens
+
+
+def _recompute(linear, w, cfg, cp, kv, mask, ni, queries, bufs, head_bufs) -> _Chunk:  # noqa: ANN001
+    y = pair_layers(linear, w, cfg, cp, kv, mask, ni, queries, bufs)
+    acts = [y]
+    for (hw, hb), out in zip(cp.head[:-1], head_bufs, strict=True):
+        acts.append(linear(acts[-1], hw, hb, relu=True, out=out))
+    return _Chunk(bufs, acts)
+
+
+def _chunk_backward(
+    w: AlignerWeights,
+    grads: AlignerWeights | None,
+    cfg: AlignerConfig,
+    cp: CallPlan,
+    chunk: _Chunk,
+    kv: Tensor,
+    mask: Tensor | None,
+    ni: int,
+    queries: slice,
+    g_scores: Tensor,
+    g_kv: Tensor,
+    g_x0: Tensor,
+    g_q1: Tensor,
+) -> None:
+    """Back-propagate one chunk: g_scores `(ni·mc,)` → adds into the weight gradients, the
+    item block's dK/dV `g_kv` `(ni·P, L·2D)` and the per-query `g_x0`, `g_q1` `(M, D)`."""
+    from ..kernels import attention_backward, layer_norm_backward
+
+    d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
+    gh = grads.head if grads is not None else [(None, None)] * len(w.head)
+    acts, head = chunk.head_in, cp.head
+    # the logit layer (width → 1), then the hidden layers back to decoder_norm's output
+    if grads is not None:
+        gh[-1][0].add_(g_scores[None, :] @ acts[-1].float())
+        gh[-1][1].add_(g_scores.sum())
+    da = (g_scores[:, None] * head[-1][0].float()).masked_fill_(acts[-1] <= 0, 0.0)
+    for i in reversed(range(len(head) - 1)):
+        da = linear_backward(da, acts[i], head[i][0], *gh[i], relu_of=acts[i] if i else None)
+    bufs = chunk.bufs
+    dx, dg, db = layer_norm_backward(bufs[-1].x_out, w.norm0_w, da, eps)
+    if grads is not None:
+        grads.norm0_w.add_(dg)
+        grads.norm0_b.add_(db)
+    mc = g_x0[queries].shape[0]
+    for li in reversed(range(cfg.n_layers)):
+        b, lw = bufs[li], w.layers[li]
+        gl = grads.layers[li] if grads is not None else None
+
+        def g(name: str, rows: slice | None = None, gl=gl) -> Tensor | None:  # noqa: ANN001
+            t = getattr(gl, name) if gl is not None else None
+            return t[rows] if t is not None and rows is not None else t
+
+        # x_out = x_mid + linear2(relu(linear1(LN3(x_mid))))
+        dh = linear_backward(dx, b.h, lw.linear2_w, g("linear2_w"), g("linear2_b"), relu_of=b.h)
+        dy3 = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"))
+        dx_mid, dg, db = layer_norm_backward(b.x_mid, lw.norm3_w, dy3, eps, dres=dx)
+        if gl is not None:
+            gl.norm3_w.add_(dg)
+            gl.norm3_b.add_(db)
+        # x_mid = x_in + out_proj(attention(q, K, V))
+        do = linear_backward(dx_mid, b.o, lw.out_proj_w, g("out_proj_w"), g("out_proj_b"))
+        k_cols = slice(2 * li * d, (2 * li + 1) * d)
+        v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
+        q = cp.q1[queries] if li == 0 else b.q
+        dq, dk, dv = attention_backward(q, kv[:, k_cols], kv[:, v_cols], b.o, do, b.lse,
+                                        n_heads, ni, mc, shared_queries=li == 0,
+                                        mask=mask)  # fmt: skip
+        g_kv[:, k_cols] += dk
+        g_kv[:, v_cols] += dv
+        if li == 0:  # x_in is x0 and q is q1, both shared by the chunk's items
+            g_q1[queries] += dq.view(ni, mc, d).sum(0)
+            g_x0[queries] += dx_mid.view(ni, mc, d).sum(0)
+        else:  # q = LN2(x_in)·Wqᵀ + bq, x_in the previous layer's x_out
+            rows = slice(0, d)
+            dy2 = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li], g("in_proj_w", rows),
+                                  g("in_proj_b", rows))  # fmt: skip
+            dx, dg, db = layer_norm_backward(bufs[li - 1].x_out, lw.norm2_w, dy2, eps,
+                                             dres=dx_mid)  # fmt: skip
+            if gl is not None:
+                gl.norm2_w.add_(dg)
+                gl.norm2_b.add_(db)
+
+
+def _chunk_buffers(cfg: AlignerConfig, rows: int, dtype: torch.dtype, device: torch.device):  # noqa: ANN202
+    """Per-layer buffers (one scratch `branch` shared by all layers) and the head's."""
+    d, f = cfg.d_model, cfg.d_ffn
+    kw = dict(dtype=dtype, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    branch = torch.empty((rows, d), **kw)
+    bufs = [
+        LayerBuffers(
+            q=torch.empty((rows, d), **kw) if li else torch.empty((0, d), **kw),
+            o=torch.empty((rows, d), **kw),
+            lse=torch.empty((rows, cfg.n_heads), **f32),
+            x_mid=torch.empty((rows, d), **f32),
+            y3=torch.empty((rows, d), **kw),
+            h=torch.empty((rows, f), **kw),
+            x_out=torch.empty((rows, d), **f32),
+            y_next=torch.empty((rows, d), **kw),
+            branch=branch,
+        )
+        for li in range(cfg.n_layers)
+    ]
+    head = [torch.empty((rows, width), **kw) for width in cfg.head_dims]
+    return bufs, head
+
+
+def direction_backward(
+    w: AlignerWeights,
+    grads: AlignerWeights | None,
+    cfg: AlignerConfig,
+    cp: CallPlan,
+    memory: Tensor,
+    mask: Tensor | None,
+    g_out: Tensor,
+    g_memory: Tensor | None,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """One direction's backward: g_out `(N, M)` → adds into `grads` (fp32) and `g_memory`
+    `(N, P, D)`; returns the gradients of the query stage's outputs (g_x0, g_q1) `(M, D)`."""
+    from ..kernels import layer_norm_backward
+    from ..kernels import linear as linear_kernel
+
+    linear = functools.partial(linear_kernel, descriptors={})
+    n, p, d = memory.shape
+    m = cp.x0.shape[0]
+    items, block_q = plan_train(cfg, n, m, p, memory.element_size(), budget)
+    kw = dict(dtype=memory.dtype, device=memory.device)
+    bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
+    y_mem = torch.empty((items * p, d), **kw)
+    kv = torch.empty((items * p, 2 * cfg.n_layers * d), **kw)
+    g_kv = torch.empty((items * p, 2 * cfg.n_layers * d), dtype=torch.float32,
+                       device=memory.device)  # fmt: skip
+    g_x0 = torch.zeros((m, d), dtype=torch.float32, device=memory.device)
+    g_q1 = torch.zeros_like(g_x0)
+    g_kv_w = torch.zeros(cp.kv_w.shape, dtype=torch.float32, device=memory.device)
+    g_kv_b = torch.zeros(cp.kv_b.shape, dtype=torch.float32, device=memory.device)
+    mask8 = mask.to(torch.int8) if mask is not None else None
+    g_out = g_out.float()
+    for n0 in range(0, n, items):
+        ni = min(items, n - n0)
+        mem = memory[n0 : n0 + ni].reshape(ni * p, d)
+        if mem.stride(-1) != 1:
+            mem = mem.contiguous()
+        y_i, kv_i, g_kv_i = y_mem[: ni * p], kv[: ni * p], g_kv[: ni * p]
+        item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
+        g_kv_i.zero_()
+        mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
+        for m0 in range(0, m, block_q):
+            mc = min(block_q, m - m0)
+            r, queries = ni * mc, slice(m0, m0 + mc)
+            chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, queries,
+                               [b.rows(r) for b in bufs], [h[:r] for h in head_bufs])  # fmt: skip
+            g_scores = g_out[n0 : n0 + ni, m0 : m0 + mc].reshape(r)
+            _chunk_backward(w, grads, cfg, cp, chunk, kv_i, mask_i, ni, queries, g_scores,
+                            g_kv_i, g_x0, g_q1)  # fmt: skip
+        # kv = LN0(memory)·Wkvᵀ + bkv, then LN0's backward to the memory tokens
+        g_w = g_kv_w if grads is not None else None
+        dy_mem = linear_backward(g_kv_i, y_i, cp.kv_w, g_w, g_kv_b)
+        d_mem, dg, db = layer_norm_backward(mem, w.norm0_w, dy_mem, cfg.layer_norm_eps)
+        if g_memory is not None:
+            g_memory[n0 : n0 + ni] += d_mem.view(ni, p, d)
+        if grads is not None:
+            grads.norm0_w.add_(dg)
+            grads.norm0_b.add_(db)
+    if grads is not None:  # the stacked K/V projection back into each layer's in_proj
+        for li, gl in enumerate(grads.layers):
+            gl.in_proj_w[d:].add_(g_kv_w[2 * li * d : (2 * li + 2) * d])
+            gl.in_proj_b[d:].add_(g_kv_b[2 * li * d : (2 * li + 2) * d])
+    return g_x0, g_q1
+
+
+class Job(NamedTuple):
+    """One direction: memory `tokens[memory]`, queries `tokens[queries]` (row 0 if 3-D)."""
+
+    memory: int
+    queries: int
+    mask: Tensor | None
+
+
+def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
+    src = tokens[job.queries]
+    return src if src.dim() == 2 else src[:, 0]
+
+
+class _TritonAlign(torch.autograd.Function):
+    """Forward on the fused kernels saving only inputs; backward recomputes chunk by chunk.
+    Both directions of a training step share one node (one set of weight accumulators)."""
+
+    @staticmethod
+    def forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
+        tokens, flat = tensors[:n_tokens], tensors[n_tokens:]
+        w = AlignerWeights.unflatten(flat, cfg.n_layers)
+        outs = tuple(
+            triton_forward(w, cfg, tokens[j.memory], _queries(tokens, j), j.mask, budget)
+            for j in jobs
+        )
+        ctx.save_for_backward(*tensors)
+        ctx.cfg, ctx.jobs, ctx.budget, ctx.n_tokens = cfg, jobs, budget, n_tokens
+        return outs
+
+    @staticmethod
+    def backward(ctx, *g_outs):  # noqa: ANN001
+        saved = ctx.saved_tensors
+        cfg, n_tokens = ctx.cfg, ctx.n_tokens
+        tokens, flat = saved[:n_tokens], saved[n_tokens:]
+        needs = ctx.needs_input_grad[4:]  # after (cfg, jobs, budget, n_tokens)
+        needs_tokens, needs_flat = needs[:n_tokens], needs[n_tokens:]
+        need_w = any(needs_flat)
+        g_tokens = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
+                    for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
+        g_flat = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in flat]
+        grads = AlignerWeights.unflatten(g_flat, cfg.n_layers) if need_w else None
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(flat, needs_flat, strict=True)]
+        w_leaf = AlignerWeights.unflatten(leaves, cfg.n_layers)
+        w = AlignerWeights.unflatten(list(flat), cfg.n_layers)
+        for job, g_out in zip(ctx.jobs, g_outs, strict=True):
+            if g_out is None:
+                continue
+            q_in = _queries(tokens, job).detach().requires_grad_(needs_tokens[job.queries])
+            with torch.enable_grad():  # the query stage, once, under autograd
+                x0, q1 = query_stage(w_leaf, cfg, q_in)
+            with torch.no_grad():
+                cp = call_plan(w, cfg, x0, q1)
+                g_x0, g_q1 = direction_backward(w, grads, cfg, cp, tokens[job.memory],
+                                                job.mask, g_out, g_tokens[job.memory],
+                                                ctx.budget)  # fmt: skip
+            if x0.requires_grad:
+                torch.autograd.backward([x0, q1], [g_x0, g_q1.to(q1.dtype)])
+            g_q = g_tokens[job.queries]
+            if q_in.grad is not None:
+                (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_in.grad)
+        out_flat = []
+        for t, leaf, acc, need in zip(flat, leaves, g_flat, needs_flat, strict=True):
+            if leaf.grad is not None:
+                acc.add_(leaf.grad)
+            out_flat.append(acc.to(t.dtype) if need else None)
+        out_tokens = [g.to(t.dtype) if g is not None else None
+                      for g, t in zip(g_tokens, tokens, strict=True)]  # fmt: skip
+        return (None, None, None, None, *out_tokens, *out_flat)
+
+
+def triton_train(
+    w: AlignerWeights,
+    cfg: AlignerConfig,
+    tokens: tuple[Tensor, ...],
+    jobs: list[Job],
+    chunk_budget_bytes: int | None = None,
+) -> tuple[Tensor, ...]:
+    """Differentiable logits of each job over `tokens` (no dropout), one autograd node."""
+    check_device(tokens[0])
+    budget = check_budget(chunk_budget_bytes, DEFAULT_FUSED_TRAIN_BUDGET_BYTES)
+    if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
+        anchor = sum(0.0 * t.sum() for t in (*tokens, *w.flatten()))  # empty, still connected
+        return tuple(tokens[j.memory].new_zeros((tokens[j.memory].shape[0],
+                                                 tokens[j.queries].shape[0])) + anchor
+                     for j in jobs)  # fmt: skip
+    return _TritonAlign.apply(cfg, jobs, budget, len(tokens), *tokens, *w.flatten())
