@@ -12,6 +12,12 @@
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
+4. Training: gradients of a step (both directions, `carzero_loss`, backward, tokens and
+   weights) against `reference` at CARZero dims; then the step time and peak memory at
+   N = M = 256 (`reference` fp16 autocast, `chunked` and `triton` bf16) and 1024 (`chunked`,
+   `triton`; the reference's memory grows with N·M, so it is measured at 256 only). Eval mode:
+   the fused kernels have no dropout yet (training-mode calls with dropout run `chunked`).
+   Model FLOPs of a step: 3× the forward's.
 
 Every figure comes with model TFLOP/s (the original's FLOP count, DESIGN.md §2), the fraction
 of the bf16 GEMM ceiling measured in this run, and the peak extra memory of the call.
@@ -264,15 +270,86 @@ class Check:
                 r["x_carzero_loop"] = loop_row["ms"] / r["ms"]
 
 
-def _profile(chk: Check, nm: int) -> list[dict]:
-    """Where the triton backend's time goes: CUDA time per kernel over one call."""
+def _step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
+             amp: bool) -> Callable[[], object]:  # fmt: skip
+    """One training step of the alignment: both directions, CARZero's loss, backward (into
+    the tokens, leaves that need gradients, and the weights)."""
+
+    def step() -> object:
+        al.zero_grad(set_to_none=True)
+        img.grad = txt.grad = None
+        with autocast(img.device) if amp else _null():
+            i2t, t2i = al.both_directions(img, txt, backend=backend)
+            loss = cf.carzero_loss(i2t, t2i)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _grads(al: cf.CrossAttentionAligner, img, txt, backend: str) -> list[torch.Tensor]:  # noqa: ANN001
+    img, txt = _leaf(img), _leaf(txt)
+    _step_fn(al, img, txt, backend, amp=False)()
+    return [img.grad, txt.grad, *(p.grad for p in al.parameters())]
+
+
+def _training(chk: Check, sizes: tuple[int, ...]) -> dict:
+    d = chk.cfg.d_model
+    n = 6 if chk.smoke else 16
+    img, txt = chk.randn(n, 197, d), chk.randn(n, 98, d)
+    ref = _grads(chk.al, img, txt, "reference")
+    got = _grads(chk.al, img, txt, "triton")
+
+    def agg(gs: list[torch.Tensor]) -> list[float]:
+        """Errors of the two token gradients, then of all weights' together (one weight's
+        alone can be ~0: the logit bias's is exactly zero under a softmax loss)."""
+        w = torch.cat([g.float().flatten() for g in gs[2:]])
+        w_ref = torch.cat([g.flatten() for g in ref[2:]])
+        return [rel(gs[0], ref[0]), rel(gs[1], ref[1]), rel(w, w_ref)]
+
+    out = {"fp32_triton": agg(got)}
+    img16, txt16 = img.bfloat16(), txt.bfloat16()
+    out["bf16_triton"] = agg(_grads(chk.al16, img16, txt16, "triton"))
+    out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"))
+    pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
+    out["pass"] = max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
+    print(f"  training gradients: {out}", flush=True)
+    for nm in sizes:
+        img, txt = _leaf(chk.randn(nm, 197, d)), _leaf(chk.randn(nm, 98, d))
+        img16, txt16 = _leaf(img.bfloat16()), _leaf(txt.bfloat16())
+        fns = {}
+        if nm <= 256:
+            fns["reference"] = ("fp16-autocast", _step_fn(chk.al, img, txt, "reference", True))
+        fns["chunked"] = ("bf16", _step_fn(chk.al16, img16, txt16, "chunked", False))
+        fns["triton"] = ("bf16", _step_fn(chk.al16, img16, txt16, "triton", False))
+        flops = 3 * (chk.flops(nm, nm, 197) + chk.flops(nm, nm, 98))
+        chk._time_all(f"training step N=M={nm}", fns, flops)
+    return out
+
+
+Check.training = _training  # type: ignore[attr-defined]
+
+
+def _profile(chk: Check, nm: int, training: bool = False) -> list[dict]:
+    """Where the triton backend's time goes: CUDA time per kernel over one call (one
+    direction), or over one training step (both directions)."""
     from torch.profiler import ProfilerActivity, profile
 
     d = chk.cfg.d_model
-    mem, q = chk.randn(nm, 197, d, dtype=torch.bfloat16), chk.randn(nm, d, dtype=torch.bfloat16)
-    chk._call(chk.al16, mem, q, "triton")
+    mem = chk.randn(nm, 197, d, dtype=torch.bfloat16)
+    if training:
+        fn = _step_fn(chk.al16, _leaf(mem), _leaf(chk.randn(nm, 98, d, dtype=torch.bfloat16)),
+                      "triton", amp=False)  # fmt: skip
+    else:
+        q = chk.randn(nm, d, dtype=torch.bfloat16)
+        fn = lambda: chk._call(chk.al16, mem, q, "triton")  # noqa: E731
+    fn()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        chk._call(chk.al16, mem, q, "triton")
+        fn()
         sync(chk.dev)
     rows = []
     for e in prof.key_averages():
@@ -350,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-training", action="store_true", help="skip the training step")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -378,8 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (8, 16) if args.smoke else (256, 1024)
     section("one_direction", lambda: chk.one_direction(sizes, with_compile=False))
     section("zero_shot", lambda: chk.zero_shot(*((12, 5, 3) if args.smoke else (2048, 192, 32))))
+    if not args.no_training:
+        section("training", lambda: chk.training(sizes))
     if not args.smoke:
         section("profile", lambda: chk.profile(1024))
+        if not args.no_training:
+            section("profile_training", lambda: chk.profile(256, training=True))
     if not args.no_compile and time.perf_counter() - t_start < 240:
         section("torch_compile", lambda: chk.one_direction(sizes[:1], with_compile=True))
     res["total_seconds"] = time.perf_counter() - t_start
@@ -389,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"total {res['total_seconds']:.0f} s", flush=True)
     ok = res["sections"].get("correctness", {}).get("result", {})
-    return 0 if ok.get("pass_fp32") and ok.get("pass_bf16") else 1
+    train_ok = args.no_training or res["sections"].get("training", {}).get("result", {}).get("pass")
+    return 0 if ok.get("pass_fp32") and ok.get("pass_bf16") and train_ok else 1
 
 
 if __name__ == "__main__":
