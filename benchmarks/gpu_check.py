@@ -271,7 +271,7 @@ class Check:
 
 
 def _step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
-             amp: bool) -> Callable[[], object]:  # fmt: skip
+             amp: bool, budget: int | None = None) -> Callable[[], object]:  # fmt: skip
     """One training step of the alignment: both directions, CARZero's loss, backward (into
     the tokens, leaves that need gradients, and the weights)."""
 
@@ -279,7 +279,7 @@ def _step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor,
         al.zero_grad(set_to_none=True)
         img.grad = txt.grad = None
         with autocast(img.device) if amp else _null():
-            i2t, t2i = al.both_directions(img, txt, backend=backend)
+            i2t, t2i = al.both_directions(img, txt, backend=backend, chunk_budget_bytes=budget)
             loss = cf.carzero_loss(i2t, t2i)
         loss.backward()
         return loss
@@ -297,7 +297,9 @@ def _grads(al: cf.CrossAttentionAligner, img, txt, backend: str) -> list[torch.T
     return [img.grad, txt.grad, *(p.grad for p in al.parameters())]
 
 
-def _training(chk: Check, sizes: tuple[int, ...]) -> dict:
+def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] = ()) -> dict:
+    """Training gradients against the reference, then step times; `budgets_gib` adds triton
+    rows at those chunk budgets (the default budget's row is always there)."""
     d = chk.cfg.d_model
     n = 6 if chk.smoke else 16
     img, txt = chk.randn(n, 197, d), chk.randn(n, 98, d)
@@ -326,8 +328,13 @@ def _training(chk: Check, sizes: tuple[int, ...]) -> dict:
             fns["reference"] = ("fp16-autocast", _step_fn(chk.al, img, txt, "reference", True))
         fns["chunked"] = ("bf16", _step_fn(chk.al16, img16, txt16, "chunked", False))
         fns["triton"] = ("bf16", _step_fn(chk.al16, img16, txt16, "triton", False))
+        for gib in budgets_gib:
+            fns[f"triton@{gib:g}GiB"] = (
+                "bf16",
+                _step_fn(chk.al16, img16, txt16, "triton", False, int(gib * 2**30)),
+            )
         flops = 3 * (chk.flops(nm, nm, 197) + chk.flops(nm, nm, 98))
-        chk._time_all(f"training step N=M={nm}", fns, flops)
+        chk._time_all(f"training step N=M={nm}", fns, flops, reps=3 if nm <= 256 else 1)
     return out
 
 
@@ -428,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-training", action="store_true", help="skip the training step")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (default all)")
+    parser.add_argument(
+        "--train-budgets",
+        default="",
+        help="extra triton training chunk budgets in GiB, comma-separated (e.g. 2,4)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     res["environment"] = environment(dev)
     print(json.dumps(res["environment"]), flush=True)
 
+    only = set(filter(None, args.only.split(",")))
+    budgets = tuple(float(b) for b in filter(None, args.train_budgets.split(",")))
+
     def section(name: str, fn: Callable[[], object]) -> None:
+        if only and name not in only and name != "ceiling":
+            return
         t0 = time.perf_counter()
         try:
             res["sections"][name] = {"result": fn()}
@@ -457,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     section("one_direction", lambda: chk.one_direction(sizes, with_compile=False))
     section("zero_shot", lambda: chk.zero_shot(*((12, 5, 3) if args.smoke else (2048, 192, 32))))
     if not args.no_training:
-        section("training", lambda: chk.training(sizes))
+        section("training", lambda: chk.training(sizes, budgets))
     if not args.smoke:
         section("profile", lambda: chk.profile(1024))
         if not args.no_training:
@@ -470,9 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gpu_check.md").write_text(table + "\n")
     print(table)
     print(f"total {res['total_seconds']:.0f} s", flush=True)
-    ok = res["sections"].get("correctness", {}).get("result", {})
-    train_ok = args.no_training or res["sections"].get("training", {}).get("result", {}).get("pass")
-    return 0 if ok.get("pass_fp32") and ok.get("pass_bf16") and train_ok else 1
+
+    def passed(name: str, *keys: str) -> bool:  # sections not run do not fail the check
+        sec = res["sections"].get(name)
+        if sec is None:
+            return True
+        return all(sec.get("result", {}).get(k) for k in keys)
+
+    ok = passed("correctness", "pass_fp32", "pass_bf16") and passed("training", "pass")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

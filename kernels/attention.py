@@ -227,7 +227,7 @@ def attention_dkdv_kernel(
     stride_dkv, scale,  # noqa: ANN001
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
+    BLOCK_DH: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
@@ -261,7 +261,11 @@ def attention_dkdv_kernel(
     o_d = tl.arange(0, BLOCK_DH)
     m_out = (o_p < n_keys)[:, None] & (o_d[None, :] < HEAD_DIM)
     o_out = o_kv[:, None] * stride_dkv + c0 + o_d[None, :]
-    tl.store(p_dk + o_out, b_dk * scale, mask=m_out)
+    b_dk = b_dk * scale
+    if ACCUMULATE:  # this program owns the tile: a plain read-add-write, no atomics
+        b_dk += tl.load(p_dk + o_out, mask=m_out, other=0.0)
+        b_dv += tl.load(p_dv + o_out, mask=m_out, other=0.0)
+    tl.store(p_dk + o_out, b_dk, mask=m_out)
     tl.store(p_dv + o_out, b_dv, mask=m_out)
 
 
@@ -318,11 +322,17 @@ def attention_backward(
     *,
     shared_queries: bool = False,
     mask: Tensor | None = None,
+    dk: Tensor | None = None,
+    dv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `attention` (same arguments, plus its output `out`, the output's gradient
     `dout` and the `lse` it stored) → (dq per pair `(n_items·n_queries, D)`, dk, dv
     `(n_items·P, D)`), fp32. With shared queries, the shared rows' gradient is the per-pair
     dq summed over items (left to the caller, who owns that reduction's order).
+
+    dk, dv: fp32 `(n_items·P, D)` buffers (row-strided views are fine, one row stride for
+    both) that the key/value gradients are added into, e.g. an item block's accumulators
+    over its query chunks; new ones are returned when not given.
     """
     d = q.shape[1]
     n_keys = k.shape[0] // max(n_items, 1)
@@ -331,9 +341,16 @@ def attention_backward(
     dout = dout.contiguous()
     # delta = rowsum(dO ∘ O) per row and head: the softmax Jacobian's diagonal term
     delta = (dout.float() * out.float()).view(rows, n_heads, head_dim).sum(-1).contiguous()
-    dq = torch.zeros((rows, d), dtype=torch.float32, device=q.device)
-    dk = torch.zeros((n_items * n_keys, d), dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
+    # every valid row and head column is stored by exactly one program: no zero-fill needed
+    dq = torch.empty((rows, d), dtype=torch.float32, device=q.device)
+    accumulate = dk is not None
+    if dk is None or dv is None:
+        if dk is not None or dv is not None:
+            raise ValueError("attention_backward: give both dk and dv, or neither")
+        dk = torch.empty((n_items * n_keys, d), dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+    if dk.dtype != torch.float32 or dv.dtype != torch.float32 or dk.stride() != dv.stride():
+        raise ValueError("attention_backward: dk and dv must be fp32 with the same strides")
     block_dh = max(16, triton.next_power_of_2(head_dim))
     block_m, block_p = BWD_BLOCK_M, min(BWD_BLOCK_P, max(16, triton.next_power_of_2(n_keys)))
     scale = 1.0 / math.sqrt(head_dim)
@@ -345,6 +362,7 @@ def attention_backward(
     attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
         k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, **common,
+        ACCUMULATE=accumulate,
     )  # fmt: skip
     attention_dq_kernel[(triton.cdiv(n_queries, block_m), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,

@@ -157,6 +157,8 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                         else "stride_dq": "i32", "scale": "fp32"})  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=True, PRECISION=prec, UPCAST=False,
                          BLOCK_M=BWD_BLOCK_M, BLOCK_P=BWD_BLOCK_P, BLOCK_DH=256)  # fmt: skip
+            if name == "attention_dkdv":  # as training launches it: into the accumulators
+                const["ACCUMULATE"] = True
             jobs.append((name, dict(dtype=dt, precision=prec, head_dim=HEAD_DIM),
                          fn, sig, const, BWD_WARPS, 2, True))  # fmt: skip
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)

@@ -80,3 +80,23 @@ def test_forward_stores_the_log_sum_exp():
     s = s.masked_fill(mask.bool()[:, None, None, :], float("-inf"))
     want = torch.logsumexp(s, dim=-1).transpose(1, 2).reshape(n * m, heads)
     assert _rel(lse, want) < 1e-6
+
+
+def test_backward_accumulates_into_given_buffers():
+    """dk/dv given (column slices of one fp32 accumulator, as training passes an item block's
+    K/V gradient): the gradients are added to what they hold, every other column untouched."""
+    n, m, p, heads, d = 2, 5, 11, 2, 32
+    q, kv, mask, dout = _case(n, m, p, heads, d, False, True, torch.float32)
+    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
+    lse = torch.empty((n * m, heads))
+    out = attention(q, k, v, heads, n, m, mask=mask, lse=lse)
+    _, dk, dv = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask)
+    acc = torch.randn(n * p, 3 * d, generator=torch.Generator().manual_seed(3))
+    before = acc.clone()
+    attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask, dk=acc[:, :d],
+                       dv=acc[:, 2 * d :])  # fmt: skip
+    assert torch.allclose(acc[:, :d], before[:, :d] + dk, atol=1e-6)
+    assert torch.equal(acc[:, d : 2 * d], before[:, d : 2 * d])
+    assert torch.allclose(acc[:, 2 * d :], before[:, 2 * d :] + dv, atol=1e-6)
+    with pytest.raises(ValueError, match="both"):
+        attention_backward(q, k, v, out, dout, lse, heads, n, m, dk=acc[:, :d])

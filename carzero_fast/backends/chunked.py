@@ -39,9 +39,8 @@ from ..weights import AlignerWeights
 from .dropout import Dropout
 from .external_attention import external_attention
 from .plan import (
-    DEFAULT_CHUNK_BUDGET_BYTES,
-    DEFAULT_TRAIN_CHUNK_BUDGET_BYTES,
     ChunkPlan,
+    default_budget,
     executed_flops,
     plan_chunks,
     use_folded_form,
@@ -424,9 +423,9 @@ def _check_form(form: str) -> None:
         raise ValueError(f"unknown attention form {form!r}; choose auto, kv or folded")
 
 
-def _budget(chunk_budget_bytes: int | None, grad: bool) -> int:
+def _budget(chunk_budget_bytes: int | None, grad: bool, device_type: str) -> int:
     if chunk_budget_bytes is None:
-        return DEFAULT_TRAIN_CHUNK_BUDGET_BYTES if grad else DEFAULT_CHUNK_BUDGET_BYTES
+        return default_budget(device_type, grad)
     budget = int(chunk_budget_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
@@ -451,7 +450,7 @@ def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[T
     _check_form(form)
     flat = w.flatten()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tokens, *flat))
-    budget = _budget(chunk_budget_bytes, grad)
+    budget = _budget(chunk_budget_bytes, grad, tokens[0].device.type)
     jobs = [_make_job(cfg, tokens, mi, qi, mask, training, budget, form, grad)
             for mi, qi, mask in pairs]  # fmt: skip
     if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):

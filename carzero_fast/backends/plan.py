@@ -10,6 +10,20 @@ from ..config import AlignerConfig
 # GEMMs have the chunk's pairs as inner dimension, and small chunks starve them.
 DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
 DEFAULT_TRAIN_CHUNK_BUDGET_BYTES = 80 * 2**20
+# On a GPU each chunk costs ~200 launches of host time whatever its size: with the CPU
+# defaults an H200 training step at N = M = 256 spent 33× the reference's time waiting on the
+# host (BENCHMARKS.md), so CUDA chunks are large.
+DEFAULT_CUDA_CHUNK_BUDGET_BYTES = 512 * 2**20
+DEFAULT_CUDA_TRAIN_CHUNK_BUDGET_BYTES = 2**30
+
+
+def default_budget(device_type: str, training: bool) -> int:
+    """The chunk budget (bytes) used when the caller gives none."""
+    if device_type == "cuda":
+        if training:
+            return DEFAULT_CUDA_TRAIN_CHUNK_BUDGET_BYTES
+        return DEFAULT_CUDA_CHUNK_BUDGET_BYTES
+    return DEFAULT_TRAIN_CHUNK_BUDGET_BYTES if training else DEFAULT_CHUNK_BUDGET_BYTES
 
 
 class ChunkPlan(NamedTuple):
