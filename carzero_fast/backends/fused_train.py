@@ -46,8 +46,10 @@ from .fused import (
 )
 
 # Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
-# 1 GiB holds ~14k pairs, enough to keep the GEMMs large.
-DEFAULT_FUSED_TRAIN_BUDGET_BYTES = 2**30
+# 4 GiB holds ~57k pairs. Each chunk costs ~300 launches of host time: on an H200 a step at
+# N = M = 256 took 113 / 81 / 76 ms at 1 / 2 / 4 GiB, peaking at 1.3 / 2.4 / 4.6 GiB
+# (BENCHMARKS.md).
+DEFAULT_FUSED_TRAIN_BUDGET_BYTES = 4 * 2**30
 
 
 def plan_train(
