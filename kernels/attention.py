@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .common import mma, upcast_dots
 from .configs import attention_config, dot_precision
+from .dropout import ChunkPos, DropoutSpec, keep_mask
 
 
 @triton.jit
@@ -42,6 +43,14 @@ def _slice_cols(p_rows, col0, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
+def _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag):  # noqa: ANN001, ANN202
+    """Dropout keep mask of the weights of queries o_m `[BLOCK_M]` over keys o_p `[BLOCK_P]`."""
+    b_query = (m0 + o_m)[:, None] + 0 * o_p[None, :]  # [BLOCK_M, BLOCK_P]
+    b_key = o_p[None, :] + 0 * o_m[:, None]
+    return keep_mask(seed, threshold, b_key, b_query, n0 + item + 0 * b_key, drop_tag)
+
+
+@triton.jit
 def attention_kernel(
     p_q,  # [*, D] queries, already projected
     p_k,  # [items·P, *] keys (a column slice of the per-item K/V buffer)
@@ -57,6 +66,12 @@ def attention_kernel(
     stride_mask,
     stride_out,
     scale,
+    seed,  # DROPOUT on the attention weights (kernels/dropout.py): pair (n0 + item, m0 + query)
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    drop_tag,  # tag(site, layer); the head is added here
     HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -65,6 +80,7 @@ def attention_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,  # head-dim slice; the head is 1 to 4 slices (HEAD_DIM ≤ 4·BLOCK_C)
     STORE_LSE: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
@@ -118,8 +134,11 @@ def attention_kernel(
         b_new = tl.maximum(b_max, tl.max(b_s, axis=1))  # [BLOCK_M]
         b_alpha = tl.exp(b_max - b_new)
         b_p = tl.exp(b_s - b_new[:, None])  # [BLOCK_M, BLOCK_P]
-        b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)
+        b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)  # the softmax's own sum: before dropout
         b_max = b_new
+        if DROPOUT:
+            b_p = tl.where(_keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head), b_p,
+                           0.0)  # fmt: skip
         b_p = b_p.to(p_v.dtype.element_ty)  # rounded like flash attention's P
         b_v = _slice_rows(p_vrows, 0, m_p, HEAD_DIM, BLOCK_C)  # [BLOCK_P, BLOCK_C]
         b_o0 = mma(b_p, b_v, b_o0 * b_alpha[:, None], PRECISION, UPCAST)
@@ -137,7 +156,7 @@ def attention_kernel(
         n_heads = tl.num_programs(1)
         tl.store(p_lse + (item * n_queries + o_m) * n_heads + head, b_max + tl.log(b_sum),
                  mask=m_m)  # fmt: skip
-    b_inv = 1.0 / b_sum[:, None]  # [BLOCK_M, 1]
+    b_inv = (drop_scale if DROPOUT else 1.0) / b_sum[:, None]  # [BLOCK_M, 1]
     p_orows = p_out + (item * n_queries + o_m)[:, None] * stride_out + c0  # [BLOCK_M, 1]
     _store_slice(p_orows, 0, b_o0 * b_inv, m_m, HEAD_DIM, BLOCK_C)
     if N_SLICES > 1:
@@ -155,6 +174,14 @@ def _store_slice(p_rows, col0, b_x, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.
              mask=m_rows[:, None] & (o_c[None, :] < HEAD_DIM))  # fmt: skip
 
 
+def _drop_args(dropout: tuple[DropoutSpec, ChunkPos, int] | None) -> tuple:
+    """(seed, threshold, scale, n0, m0, tag) for the kernels (zeros when off)."""
+    if dropout is None:
+        return (0, 0, 1.0, 0, 0, 0)
+    spec, pos, drop_tag = dropout
+    return (spec.seed, spec.threshold, spec.scale, pos.n0, pos.m0, drop_tag)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -167,6 +194,7 @@ def attention(
     mask: Tensor | None = None,
     out: Tensor | None = None,
     lse: Tensor | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
 ) -> Tensor:
     """Multi-head attention of each item's queries over its own keys (no projections).
 
@@ -174,7 +202,8 @@ def attention(
     every item); k, v `(n_items·P, D)` (row-strided views are fine, e.g. column slices of one
     K/V buffer); mask `(n_items, P)` int8 (1 = ignore) → `(n_items·n_queries, D)`. With
     `lse` (fp32 `(n_items·n_queries, H)`) the softmax log-sum-exp of every row and head is
-    stored there, what `attention_backward` needs.
+    stored there, what `attention_backward` needs. dropout = (spec, the chunk's position,
+    tag(site, layer)) drops attention weights (after the softmax, before the values).
     """
     d = q.shape[1]
     n_keys = k.shape[0] // max(n_items, 1)
@@ -196,14 +225,21 @@ def attention(
         q, k, v, mask, out, lse, n_queries, n_keys, q.stride(0),
         0 if shared_queries else n_queries, k.stride(0),
         mask.stride(0) if mask is not None else 0, out.stride(0), 1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dots(q.dtype), BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_C=block_c,
-        STORE_LSE=lse is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        *_drop_args(dropout), HEAD_DIM=head_dim, HAS_MASK=mask is not None,
+        PRECISION=dot_precision(q.dtype), UPCAST=upcast_dots(q.dtype), BLOCK_M=cfg.block_m,
+        BLOCK_P=block_p, BLOCK_C=block_c, STORE_LSE=lse is not None,
+        DROPOUT=dropout is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
 
 BWD_BLOCK_M, BWD_BLOCK_P, BWD_WARPS = 32, 16, 8  # backward tiles: spill-free on sm_90 and sm_80
+
+
+def bwd_tiles(dtype: torch.dtype, dropout: bool) -> tuple[int, int]:
+    """(BLOCK_M, stages) of the backward kernels: fp32 tiles with the dropout's Philox spill
+    at 32 query rows or two stages (compile report), so they run 16 rows unpipelined."""
+    return (16, 1) if dropout and dtype == torch.float32 else (BWD_BLOCK_M, 2)
 
 # ---------------------------------------------------------------------------------------------
 # Backward (FlashAttention-2 style, recomputing P from the forward's log-sum-exp). First,
@@ -224,10 +260,10 @@ def _rows(p_base, o_rows, stride, col0, m_rows, HEAD_DIM: tl.constexpr, BLOCK_DH
 def attention_dkdv_kernel(
     p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dk, p_dv,  # noqa: ANN001
     n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
-    stride_dkv, scale,  # noqa: ANN001
+    stride_dkv, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_DH: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_DH: tl.constexpr, ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
@@ -253,9 +289,15 @@ def attention_dkdv_kernel(
                    PRECISION, UPCAST) * scale  # [BLOCK_P, BLOCK_M] scores, transposed  # fmt: skip
         m_pm = m_p[:, None] & m_m[None, :]
         b_pt = tl.where(m_pm, tl.exp(b_st - b_lse[None, :]), 0.0)  # softmax weights, transposed
-        b_dv = mma(b_pt.to(b_do.dtype), b_do, b_dv, PRECISION, UPCAST)
         b_dpt = mma(b_v, tl.trans(b_do), tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32),
                     PRECISION, UPCAST)  # fmt: skip
+        if DROPOUT:  # O = (P∘Z)·V·s: dV sees the dropped weights, dP the mask
+            b_keep = tl.trans(_keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head))
+            b_dv = mma(tl.where(b_keep, b_pt * drop_scale, 0.0).to(b_do.dtype), b_do, b_dv,
+                       PRECISION, UPCAST)  # fmt: skip
+            b_dpt = tl.where(b_keep, b_dpt * drop_scale, 0.0)
+        else:
+            b_dv = mma(b_pt.to(b_do.dtype), b_do, b_dv, PRECISION, UPCAST)
         b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BLOCK_P, BLOCK_M] score gradients
         b_dk = mma(b_dst.to(b_q.dtype), b_q, b_dk, PRECISION, UPCAST)
     o_d = tl.arange(0, BLOCK_DH)
@@ -273,10 +315,10 @@ def attention_dkdv_kernel(
 def attention_dq_kernel(
     p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
     n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
-    stride_dq, scale,  # noqa: ANN001
+    stride_dq, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
+    BLOCK_DH: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
@@ -302,6 +344,9 @@ def attention_dq_kernel(
         b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
         b_dp = mma(b_do, tl.trans(b_v), tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32),
                    PRECISION, UPCAST)  # fmt: skip
+        if DROPOUT:
+            b_keep = _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head)
+            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = mma(b_ds.to(b_k.dtype), b_k, b_dq, PRECISION, UPCAST)
     o_d = tl.arange(0, BLOCK_DH)
@@ -324,6 +369,7 @@ def attention_backward(
     mask: Tensor | None = None,
     dk: Tensor | None = None,
     dv: Tensor | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `attention` (same arguments, plus its output `out`, the output's gradient
     `dout` and the `lse` it stored) → (dq per pair `(n_items·n_queries, D)`, dk, dv
@@ -332,7 +378,7 @@ def attention_backward(
 
     dk, dv: fp32 `(n_items·P, D)` buffers (row-strided views are fine, one row stride for
     both) that the key/value gradients are added into, e.g. an item block's accumulators
-    over its query chunks; new ones are returned when not given.
+    over its query chunks; new ones are returned when not given. dropout: as the forward's.
     """
     d = q.shape[1]
     n_keys = k.shape[0] // max(n_items, 1)
@@ -352,21 +398,24 @@ def attention_backward(
     if dk.dtype != torch.float32 or dv.dtype != torch.float32 or dk.stride() != dv.stride():
         raise ValueError("attention_backward: dk and dv must be fp32 with the same strides")
     block_dh = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_p = BWD_BLOCK_M, min(BWD_BLOCK_P, max(16, triton.next_power_of_2(n_keys)))
+    block_m, stages = bwd_tiles(q.dtype, dropout is not None)
+    block_p = min(BWD_BLOCK_P, max(16, triton.next_power_of_2(n_keys)))
     scale = 1.0 / math.sqrt(head_dim)
     common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
                   UPCAST=upcast_dots(q.dtype), BLOCK_M=block_m, BLOCK_P=block_p,
-                  BLOCK_DH=block_dh, num_warps=BWD_WARPS)  # fmt: skip
+                  BLOCK_DH=block_dh, DROPOUT=dropout is not None, num_warps=BWD_WARPS,
+                  num_stages=stages)  # fmt: skip
+    drop_args = _drop_args(dropout)
     q_item_stride = 0 if shared_queries else n_queries
     mask_stride = mask.stride(0) if mask is not None else 0
     attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
-        k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, **common,
+        k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, *drop_args, **common,
         ACCUMULATE=accumulate,
     )  # fmt: skip
     attention_dq_kernel[(triton.cdiv(n_queries, block_m), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
-        k.stride(0), mask_stride, dout.stride(0), dq.stride(0), scale, **common,
+        k.stride(0), mask_stride, dout.stride(0), dq.stride(0), scale, *drop_args, **common,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dropout import ChunkPos, DropoutSpec, chunk_keep
+
 BLOCK_ROWS = 8
 LN_BWD_WARPS = 8  # the backward holds ~4 row tiles at once: 4 warps sit at the register limit
 
@@ -36,9 +38,19 @@ def add_layer_norm_kernel(
     stride_x_out,
     stride_y,
     eps,
+    seed,  # dropout (kernels/dropout.py): counters of row r = pair (n0 + r // cols, m0 + r % cols)
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    cols,
+    tag_delta,
+    tag_y,
     D: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     WRITE_X: tl.constexpr,
+    DROP_DELTA: tl.constexpr,  # dropout on the residual branch before the add
+    DROP_Y: tl.constexpr,  # dropout on the LayerNorm's output (SimR, after decoder_norm)
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -49,8 +61,12 @@ def add_layer_norm_kernel(
     b_x = tl.load(p_x + (o_r % res_rows)[:, None] * stride_x + o_d[None, :], mask=m_x,
                   other=0.0).to(tl.float32)  # fmt: skip
     if HAS_DELTA:
-        b_x += tl.load(p_delta + o_r[:, None] * stride_delta + o_d[None, :], mask=m_x,
-                       other=0.0).to(tl.float32)  # fmt: skip
+        b_delta = tl.load(p_delta + o_r[:, None] * stride_delta + o_d[None, :], mask=m_x,
+                          other=0.0).to(tl.float32)  # fmt: skip
+        if DROP_DELTA:
+            b_keep = chunk_keep(seed, threshold, o_r, o_d, n0, m0, cols, tag_delta)
+            b_delta = tl.where(b_keep, b_delta * drop_scale, 0.0)
+        b_x += b_delta
     if WRITE_X:
         tl.store(p_x_out + o_r[:, None] * stride_x_out + o_d[None, :], b_x, mask=m_x)
     # two passes over the registers (mean, then centred variance), as torch's layer_norm:
@@ -61,6 +77,9 @@ def add_layer_norm_kernel(
     b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
     b_b = tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_y = b_c * b_rstd[:, None] * b_w[None, :] + b_b[None, :]
+    if DROP_Y:
+        b_keep = chunk_keep(seed, threshold, o_r, o_d, n0, m0, cols, tag_y)
+        b_y = tl.where(b_keep, b_y * drop_scale, 0.0)
     tl.store(p_y + o_r[:, None] * stride_y + o_d[None, :], b_y.to(p_y.dtype.element_ty),
              mask=m_x)  # fmt: skip
 
@@ -74,11 +93,16 @@ def add_layer_norm(
     *,
     delta: Tensor | None = None,
     x_out: Tensor | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos] | None = None,
+    delta_tag: int | None = None,
+    y_tag: int | None = None,
 ) -> Tensor:
     """`y` `(R, D)` = LN(x[r % res_rows] + delta[r]) in y's dtype; with `x_out` (fp32
     `(R, D)`, may be `x` itself) the sum is stored there too.
 
     x `(res_rows, D)` with res_rows dividing R = y.shape[0]; delta `(R, D)` or None.
+    dropout = (spec, the chunk's position): with `delta_tag` the branch is dropped before the
+    add, with `y_tag` the output after the LayerNorm (rows are the chunk's pairs).
     """
     n_rows, d = y.shape
     for name, t in (("x", x), ("delta", delta), ("x_out", x_out), ("y", y)):
@@ -87,12 +111,17 @@ def add_layer_norm(
     if x_out is not None and x_out.dtype != torch.float32:
         raise TypeError(f"add_layer_norm: the residual stream is fp32, got {x_out.dtype}")
     block_d = triton.next_power_of_2(d)
+    spec, pos = dropout if dropout is not None else (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1))
+    drop_delta = dropout is not None and delta_tag is not None and delta is not None
+    drop_y = dropout is not None and y_tag is not None
     add_layer_norm_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
         x, delta, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
         delta.stride(0) if delta is not None else 0,
-        x_out.stride(0) if x_out is not None else 0, y.stride(0), eps,
-        D=d, HAS_DELTA=delta is not None, WRITE_X=x_out is not None, BLOCK_R=BLOCK_ROWS,
-        BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8,
+        x_out.stride(0) if x_out is not None else 0, y.stride(0), eps, spec.seed,
+        spec.threshold, spec.scale, pos.n0, pos.m0, pos.cols, delta_tag or 0, y_tag or 0,
+        D=d, HAS_DELTA=delta is not None, WRITE_X=x_out is not None, DROP_DELTA=drop_delta,
+        DROP_Y=drop_y, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d,
+        num_warps=8 if drop_delta or drop_y or block_d > 1024 else 4,
     )  # fmt: skip
     return y
 

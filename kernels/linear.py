@@ -27,6 +27,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import mma, upcast_dots
 from .configs import arch_of, dot_precision, linear_config
+from .dropout import ChunkPos, DropoutSpec, chunk_keep
+
+# The dropout epilogue draws Philox for every element of the tile: half-width tiles keep its
+# registers from spilling (compile report)
+DROPOUT_BLOCK_N = 64
 
 
 @triton.jit
@@ -46,13 +51,17 @@ def _tile(pid, n_rows, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
-              logit_cols, RELU: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
-    """bias, ReLU, then either the tile or (HEAD) one logit per row, stored."""
+              logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU: tl.constexpr,
+              HEAD: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """bias, ReLU, dropout, then either the tile or (HEAD) one logit per row, stored."""
     m_m = o_m < n_rows  # [BLOCK_M]
     m_n = o_n < n_out  # [BLOCK_N]
     b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
         b_acc = tl.maximum(b_acc, 0.0)
+    if DROPOUT:  # row r is pair (n0 + r // logit_cols, m0 + r % logit_cols) of the direction
+        b_keep = chunk_keep(seed, threshold, o_m, o_n, n0, m0, logit_cols, drop_tag)
+        b_acc = tl.where(b_keep, b_acc * drop_scale, 0.0)
     if HEAD:
         b_hw = tl.load(p_head_w + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
         # the hidden row is rounded to the activations' dtype first, as the unfused head's is
@@ -80,9 +89,16 @@ def linear_kernel(
     stride_a,
     stride_w,
     stride_out,
-    logit_cols,  # HEAD: row r is pair (r // logit_cols, r % logit_cols) of the chunk
+    logit_cols,  # HEAD/DROPOUT: row r is pair (r // logit_cols, r % logit_cols) of the chunk
+    seed,  # DROPOUT: kernels/dropout.py's counters, with the chunk's first item and query
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    drop_tag,
     RELU: tl.constexpr,
     HEAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,7 +128,8 @@ def linear_kernel(
         )  # [BLOCK_K, BLOCK_N]
         b_acc = mma(b_a, b_w, b_acc, PRECISION, UPCAST)
     _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
-              logit_cols, RELU, HEAD)  # fmt: skip
+              logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU, HEAD,
+              DROPOUT)  # fmt: skip
 
 
 @triton.jit
@@ -128,8 +145,15 @@ def linear_tma_kernel(
     K,
     stride_out,
     logit_cols,
+    seed,
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    drop_tag,
     RELU: tl.constexpr,
     HEAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -148,7 +172,8 @@ def linear_tma_kernel(
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
-              logit_cols, RELU, HEAD)  # fmt: skip
+              logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU, HEAD,
+              DROPOUT)  # fmt: skip
 
 
 def _tma_ok(*tensors: Tensor) -> bool:
@@ -185,6 +210,7 @@ def linear(
     logit_cols: int = 1,
     tma: bool | None = None,
     descriptors: dict | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
 ) -> Tensor:
     """Fused `epilogue(a·wᵀ + bias)`.
 
@@ -207,13 +233,22 @@ def linear(
         out = a.new_empty((n_rows, n_out))
     cfg = linear_config(a.device, a.dtype, head=head is not None)
     block_n = cfg.block_n
+    if dropout is not None:
+        if head is not None:
+            raise ValueError("linear: dropout is not fused with the head's logit (run the "
+                             "last hidden layer and the logit apart)")
+        block_n = min(block_n, DROPOUT_BLOCK_N)
     if head is not None:
         block_n = max(16, triton.next_power_of_2(n_out))  # one program holds the whole row
         if block_n > cfg.block_n:
             raise ValueError(f"linear: a fused head needs N_OUT ≤ {cfg.block_n}, got {n_out}")
     grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_out, block_n),)
     head_w, head_b = head if head is not None else (None, None)
-    flags = dict(RELU=relu, HEAD=head is not None, PRECISION=dot_precision(a.dtype),
+    no_drop = (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, logit_cols), 0)
+    spec, pos, drop_tag = dropout if dropout is not None else no_drop
+    drop_args = (pos.cols, spec.seed, spec.threshold, spec.scale, pos.n0, pos.m0, drop_tag)
+    flags = dict(RELU=relu, HEAD=head is not None, DROPOUT=dropout is not None,
+                 PRECISION=dot_precision(a.dtype),
                  UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
                  BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages)  # fmt: skip
@@ -225,10 +260,10 @@ def linear(
         d_a = _descriptor(a, [cfg.block_m, cfg.block_k], descriptors)
         d_w = _descriptor(w, [block_n, cfg.block_k], descriptors)
         linear_tma_kernel[grid](d_a, d_w, bias, out, head_w, head_b, n_rows, n_out, k,
-                                out.stride(0), logit_cols, **flags)  # fmt: skip
+                                out.stride(0), *drop_args, **flags)  # fmt: skip
     else:
         linear_kernel[grid](a, w, bias, out, head_w, head_b, n_rows, n_out, k, a.stride(0),
-                            w.stride(0), out.stride(0), logit_cols, **flags)  # fmt: skip
+                            w.stride(0), out.stride(0), *drop_args, **flags)  # fmt: skip
     return out
 
 

@@ -18,17 +18,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .attention import (
-    BWD_BLOCK_M,
     BWD_BLOCK_P,
     BWD_WARPS,
     attention_dkdv_kernel,
     attention_dq_kernel,
     attention_kernel,
+    bwd_tiles,
 )
 from .configs import shipped
 from .layernorm import BLOCK_ROWS, LN_BWD_WARPS, add_layer_norm_kernel, layer_norm_backward_kernel
-from .linear import linear_kernel, linear_tma_kernel
+from .linear import DROPOUT_BLOCK_N, linear_kernel, linear_tma_kernel
 
 # CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
 D_MODEL, HEAD_DIM = 768, 192
@@ -45,10 +47,14 @@ DTYPES = (
 # (plain), linear1 and the head's hidden layers (RELU), the head's last hidden layer with the
 # final logit (RELU+HEAD)
 LINEAR_VARIANTS = {
-    "plain": dict(RELU=False, HEAD=False),
-    "relu": dict(RELU=True, HEAD=False),
-    "relu_head": dict(RELU=True, HEAD=True),
+    "plain": dict(RELU=False, HEAD=False, DROPOUT=False),
+    "relu": dict(RELU=True, HEAD=False, DROPOUT=False),
+    "relu_head": dict(RELU=True, HEAD=True, DROPOUT=False),
+    "relu_dropout": dict(RELU=True, HEAD=False, DROPOUT=True),  # training, dropout on
 }
+# the counter-based dropout's scalars (kernels/dropout.py)
+DROPOUT_SIG = {"seed": "i64", "threshold": "i64", "drop_scale": "fp32", "n0": "i32",
+               "m0": "i32", "drop_tag": "i32"}  # fmt: skip
 
 
 def _cuobjdump() -> str:
@@ -116,7 +122,9 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             sig = {"p_a": ptr, "p_w": ptr, "p_bias": ptr, "p_out": ptr, "p_head_w": ptr,
                    "p_head_b": ptr, "n_rows": "i32", "n_out": "i32", "K": "i32",
                    "stride_a": "i32", "stride_w": "i32", "stride_out": "i32",
-                   "logit_cols": "i32"}  # fmt: skip
+                   "logit_cols": "i32", **DROPOUT_SIG}  # fmt: skip
+            if flags["DROPOUT"]:
+                cfg = cfg._replace(block_n=min(cfg.block_n, DROPOUT_BLOCK_N))
             const = dict(flags, PRECISION=prec, UPCAST=False, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8)  # fmt: skip
             desc = dict(variant=variant, dtype=dt, precision=prec, **cfg._asdict())
@@ -127,25 +135,29 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 sig = {"d_a": f"tensordesc<{dt}[{bm}, {bk}]>",
                        "d_w": f"tensordesc<{dt}[{bn}, {bk}]>", "p_bias": ptr, "p_out": ptr,
                        "p_head_w": ptr, "p_head_b": ptr, "n_rows": "i32", "n_out": "i32",
-                       "K": "i32", "stride_out": "i32", "logit_cols": "i32"}  # fmt: skip
+                       "K": "i32", "stride_out": "i32", "logit_cols": "i32",
+                       **DROPOUT_SIG}  # fmt: skip
                 jobs.append(("linear_tma", dict(desc), linear_tma_kernel, sig, const,
                              cfg.num_warps, cfg.num_stages, True))  # fmt: skip
         cfg = tables["attention"]
-        for has_mask in (False, True):
+        # inference without and with a mask; training with dropout (and the log-sum-exp)
+        for has_mask, training in ((False, False), (True, False), (True, True)):
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
                    "p_lse": "*fp32", "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                    "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
-                   "stride_out": "i32", "scale": "fp32"}  # fmt: skip
+                   "stride_out": "i32", "scale": "fp32", **DROPOUT_SIG}  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=has_mask, PRECISION=prec, UPCAST=False,
                          BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_C=64,
-                         STORE_LSE=False)  # fmt: skip
-            desc = dict(mask=has_mask, dtype=dt, precision=prec, head_dim=HEAD_DIM,
-                        **cfg._asdict())  # fmt: skip
+                         STORE_LSE=training, DROPOUT=training)  # fmt: skip
+            desc = dict(mask=has_mask, dropout=training, dtype=dt, precision=prec,
+                        head_dim=HEAD_DIM, **cfg._asdict())  # fmt: skip
             jobs.append(("attention", desc, attention_kernel, sig, const, cfg.num_warps,
                          cfg.num_stages, True))  # fmt: skip
-        for name, fn in (
-            ("attention_dkdv", attention_dkdv_kernel),
-            ("attention_dq", attention_dq_kernel),
+        for name, fn, dropout in (
+            ("attention_dkdv", attention_dkdv_kernel, False),
+            ("attention_dq", attention_dq_kernel, False),
+            ("attention_dkdv", attention_dkdv_kernel, True),
+            ("attention_dq", attention_dq_kernel, True),
         ):  # backward, as launched
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_do": ptr,
                    "p_lse": "*fp32", "p_delta": "*fp32"}  # fmt: skip
@@ -154,26 +166,36 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             sig.update({"n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                         "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
                         "stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
-                        else "stride_dq": "i32", "scale": "fp32"})  # fmt: skip
+                        else "stride_dq": "i32", "scale": "fp32", **DROPOUT_SIG})  # fmt: skip
+            block_m, stages = bwd_tiles(torch.float32 if dt == "fp32" else torch.bfloat16,
+                                        dropout)  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=True, PRECISION=prec, UPCAST=False,
-                         BLOCK_M=BWD_BLOCK_M, BLOCK_P=BWD_BLOCK_P, BLOCK_DH=256)  # fmt: skip
+                         BLOCK_M=block_m, BLOCK_P=BWD_BLOCK_P, BLOCK_DH=256,
+                         DROPOUT=dropout)  # fmt: skip
             if name == "attention_dkdv":  # as training launches it: into the accumulators
                 const["ACCUMULATE"] = True
-            jobs.append((name, dict(dtype=dt, precision=prec, head_dim=HEAD_DIM),
-                         fn, sig, const, BWD_WARPS, 2, True))  # fmt: skip
+            jobs.append((name, dict(dtype=dt, precision=prec, head_dim=HEAD_DIM, dropout=dropout),
+                         fn, sig, const, BWD_WARPS, stages, True))  # fmt: skip
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
             # and the residual add + LN (fp32 stream in and out, 16-bit delta)
             for name, x_ty, flags in (
-                ("ln", ptr, dict(HAS_DELTA=False, WRITE_X=False)),
-                ("add_ln", "*fp32", dict(HAS_DELTA=True, WRITE_X=True)),
+                ("ln", ptr, dict(HAS_DELTA=False, WRITE_X=False, DROP_DELTA=False,
+                                 DROP_Y=False)),
+                ("add_ln", "*fp32", dict(HAS_DELTA=True, WRITE_X=True, DROP_DELTA=False,
+                                         DROP_Y=False)),
+                ("add_ln_dropout", "*fp32", dict(HAS_DELTA=True, WRITE_X=True,
+                                                 DROP_DELTA=True, DROP_Y=True)),
             ):
                 sig = {"p_x": x_ty, "p_delta": ptr, "p_x_out": "*fp32", "p_w": ptr, "p_b": ptr,
                        "p_y": ptr, "n_rows": "i32", "res_rows": "i32", "stride_x": "i32",
                        "stride_delta": "i32", "stride_x_out": "i32", "stride_y": "i32",
-                       "eps": "fp32"}  # fmt: skip
+                       "eps": "fp32", **DROPOUT_SIG, "cols": "i32", "tag_delta": "i32",
+                       "tag_y": "i32"}  # fmt: skip
+                del sig["drop_tag"]
                 const = dict(D=D_MODEL, BLOCK_R=BLOCK_ROWS, BLOCK_D=1024, **flags)
+                warps = 8 if flags["DROP_DELTA"] else 4  # as `add_layer_norm` launches it
                 jobs.append(("add_layer_norm", dict(variant=name, dtype=dt, d_model=D_MODEL),
-                             add_layer_norm_kernel, sig, const, 4, 1, False))  # fmt: skip
+                             add_layer_norm_kernel, sig, const, warps, 1, False))  # fmt: skip
             sig = {"p_x": "*fp32", "p_w": ptr, "p_dy": ptr, "p_dres": "*fp32", "p_dx": "*fp32",
                    "p_dw_part": "*fp32", "p_db_part": "*fp32", "n_rows": "i32",
                    "stride_x": "i32", "stride_dy": "i32", "stride_dres": "i32",

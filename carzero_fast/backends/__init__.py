@@ -8,7 +8,7 @@ from torch import Tensor
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .chunked import chunked_both_directions, chunked_forward
-from .fused import kernels_available, triton_both_directions, triton_forward
+from .fused import draw_dropout, kernels_available, triton_both_directions, triton_forward
 from .fused_train import Job, triton_train
 from .reference import reference_forward
 
@@ -30,12 +30,6 @@ def resolve_backend(name: str, device_type: str) -> str:
     return "triton" if device_type == "cuda" and kernels_available() else "chunked"
 
 
-def _dropout_active(cfg: AlignerConfig, training: bool) -> bool:
-    """Dropout is not in the fused kernels: training-mode calls with dropout run the chunked
-    backend, which computes the same function with reproducible masks."""
-    return training and cfg.dropout > 0.0
-
-
 def _needs_autograd(w: AlignerWeights, *t: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in (*t, *w.flatten()))
 
@@ -55,12 +49,13 @@ def run_backend(
     name = resolve_backend(name, memory.device.type)
     if name == "reference":
         return reference_forward(w, cfg, memory, queries, memory_mask, training)
-    if name == "triton" and not _dropout_active(cfg, training):
+    if name == "triton":
+        drop = draw_dropout(cfg, training)
         if _needs_autograd(w, memory, queries):
-            (out,) = triton_train(w, cfg, (memory, queries), [Job(0, 1, memory_mask)],
+            (out,) = triton_train(w, cfg, (memory, queries), [Job(0, 1, memory_mask, drop)],
                                   chunk_budget_bytes)  # fmt: skip
             return out
-        return triton_forward(w, cfg, memory, queries, memory_mask, chunk_budget_bytes)
+        return triton_forward(w, cfg, memory, queries, memory_mask, chunk_budget_bytes, drop)
     return chunked_forward(w, cfg, memory, queries, memory_mask, training, chunk_budget_bytes)
 
 
@@ -83,13 +78,14 @@ def run_backend_both(
             reference_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, training),
             reference_forward(w, cfg, txt_tokens, img_tokens[:, 0], txt_mask, training),
         )
-    if name == "triton" and not _dropout_active(cfg, training):
+    if name == "triton":
         if _needs_autograd(w, img_tokens, txt_tokens):
-            jobs = [Job(0, 1, img_mask), Job(1, 0, txt_mask)]
+            jobs = [Job(0, 1, img_mask, draw_dropout(cfg, training)),
+                    Job(1, 0, txt_mask, draw_dropout(cfg, training))]  # fmt: skip
             i2t, t2i = triton_train(w, cfg, (img_tokens, txt_tokens), jobs, chunk_budget_bytes)
             return i2t, t2i
         return triton_both_directions(
-            w, cfg, img_tokens, txt_tokens, img_mask, txt_mask, chunk_budget_bytes
+            w, cfg, img_tokens, txt_tokens, img_mask, txt_mask, chunk_budget_bytes, training
         )
     return chunked_both_directions(
         w, cfg, img_tokens, txt_tokens, img_mask, txt_mask, training, chunk_budget_bytes

@@ -19,7 +19,9 @@ elements (LN0(memory), K/V) + the scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
 The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
-one set of buffers per layer and keeps them for the chunk's backward.
+one set of buffers per layer and keeps them for the chunk's backward. In training mode every
+dropout site draws its mask from counters (kernels/dropout.py: seed, pair, layer, site), so
+a recomputation, or another chunk plan, sees the same masks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ from torch import Tensor
 
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
+from .philox import (
+    SITE_ATTENTION,
+    SITE_ATTN_BRANCH,
+    SITE_FFN_BRANCH,
+    SITE_FFN_HIDDEN,
+    SITE_HEAD,
+    SITE_SIMR,
+    ChunkPos,
+    DropoutSpec,
+    tag,
+)
+
+Drop = tuple[DropoutSpec, ChunkPos]  # a chunk's dropout: the direction's spec, its position
 
 # Default memory for one chunk's buffers (plus one item block's K/V). Large chunks keep each
 # GEMM large (~45k rows at CARZero dims) and the launches few (~38 per chunk): at 256 MiB an
@@ -157,30 +172,39 @@ def pair_layers(
     n_items: int,
     queries: slice,
     bufs: list[LayerBuffers],
+    drop: Drop | None = None,
 ) -> Tensor:
     """Every layer for `n_items` items (their K/V rows `kv` `(n_items·P, L·2D)`, int8 mask)
-    × the queries `queries` → the decoder_norm'ed rows `(r, D)` the MLP head takes."""
+    × the queries `queries` → the decoder_norm'ed rows `(r, D)` the MLP head takes (SimR
+    dropped when `drop` is given: training mode, the chunk's dropout and position)."""
     from ..kernels import add_layer_norm, attention
 
     d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
     mc = cp.x0[queries].shape[0]
+    last = cfg.n_layers - 1
     for li, lw in enumerate(w.layers):
+        a_drop = (*drop, tag(SITE_ATTENTION, li)) if drop else None
+        h_drop = (*drop, tag(SITE_FFN_HIDDEN, li)) if drop else None
+        simr = tag(SITE_SIMR, 0) if li == last else None
         b = bufs[li]
         k_l = kv[:, 2 * li * d : (2 * li + 1) * d]  # [n_items·P, D] strided views
         v_l = kv[:, (2 * li + 1) * d : (2 * li + 2) * d]
         if li == 0:  # the stream starts as x0, broadcast over the chunk's items
             attention(cp.q1[queries], k_l, v_l, n_heads, n_items, mc, shared_queries=True,
-                      mask=mask, out=b.o, lse=b.lse)  # fmt: skip
+                      mask=mask, out=b.o, lse=b.lse, dropout=a_drop)  # fmt: skip
             stream = cp.x0[queries]
         else:  # the previous layer's y_next is this layer's LN2(x)
             linear(bufs[li - 1].y_next, cp.q_w[li], cp.q_b[li], out=b.q)
-            attention(b.q, k_l, v_l, n_heads, n_items, mc, mask=mask, out=b.o, lse=b.lse)
+            attention(b.q, k_l, v_l, n_heads, n_items, mc, mask=mask, out=b.o, lse=b.lse,
+                      dropout=a_drop)  # fmt: skip
             stream = bufs[li - 1].x_out
         linear(b.o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
-        add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, delta=b.branch, x_out=b.x_mid)
-        linear(b.y3, lw.linear1_w, lw.linear1_b, relu=True, out=b.h)
+        add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, delta=b.branch, x_out=b.x_mid,
+                       dropout=drop, delta_tag=tag(SITE_ATTN_BRANCH, li))  # fmt: skip
+        linear(b.y3, lw.linear1_w, lw.linear1_b, relu=True, out=b.h, dropout=h_drop)
         linear(b.h, lw.linear2_w, lw.linear2_b, out=b.branch)
-        add_layer_norm(b.x_mid, *cp.next_norm[li], eps, b.y_next, delta=b.branch, x_out=b.x_out)
+        add_layer_norm(b.x_mid, *cp.next_norm[li], eps, b.y_next, delta=b.branch, x_out=b.x_out,
+                       dropout=drop, delta_tag=tag(SITE_FFN_BRANCH, li), y_tag=simr)  # fmt: skip
     return bufs[-1].y_next
 
 
@@ -207,9 +231,10 @@ def triton_forward(
     queries: Tensor,
     memory_mask: Tensor | None,
     chunk_budget_bytes: int | None = None,
+    dropout: DropoutSpec | None = None,
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
-    through the fused kernels (no autograd, no dropout)."""
+    through the fused kernels (no autograd; dropout with its spec, training mode)."""
     from ..kernels import linear as linear_kernel
 
     # one TMA descriptor per (buffer, block) for the whole call: the buffers are reused
@@ -247,9 +272,10 @@ def triton_forward(
         for m0 in range(0, m, block_q):
             mc = min(block_q, m - m0)
             bufs = [shared.rows(ni * mc)] * cfg.n_layers
+            drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
             yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
-                             slice(m0, m0 + mc), bufs)  # fmt: skip
-            _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc])
+                             slice(m0, m0 + mc), bufs, drop)  # fmt: skip
+            _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc], drop)
     return out
 
 
@@ -265,23 +291,36 @@ def _head(
     pool_a: Tensor,
     pool_b: Tensor,
     scores: Tensor,
+    drop: Drop | None = None,
 ) -> None:
     """The MLP head over a chunk's decoder_norm'ed rows `(r, D)` → `scores` `(ni, mc)` (a view
-    of the output), with the last hidden layer and the logit fused when narrow enough."""
+    of the output), with the last hidden layer and the logit fused when narrow enough (and
+    no dropout: its Philox in that epilogue would spill)."""
     from ..kernels.configs import HEAD_MAX_WIDTH
 
     r, last = y.shape[0], len(head) - 2  # head[last] is the last hidden layer
     a = y
     for i in range(last):
         out = _buffer(pool_a if i % 2 == 0 else pool_b, r, head[i][0].shape[0])
-        a = linear(a, *head[i], relu=True, out=out)
+        a = linear(a, *head[i], relu=True, out=out,
+                   dropout=(*drop, tag(SITE_HEAD, i)) if drop else None)  # fmt: skip
     (hw, hb), (lw, lb) = head[last], head[last + 1]
-    if hw.shape[0] <= HEAD_MAX_WIDTH:
+    if hw.shape[0] <= HEAD_MAX_WIDTH and drop is None:
         linear(a, hw, hb, relu=True, head=(lw[0], lb), out=scores, logit_cols=scores.shape[1])
     else:
         out = _buffer(pool_a if last % 2 == 0 else pool_b, r, hw.shape[0])
-        a = linear(a, hw, hb, relu=True, out=out)
+        a = linear(a, hw, hb, relu=True, out=out,
+                   dropout=(*drop, tag(SITE_HEAD, last)) if drop else None)  # fmt: skip
         scores.copy_(F.linear(a, lw, lb).view(scores.shape))
+
+
+def draw_dropout(cfg: AlignerConfig, training: bool) -> DropoutSpec | None:
+    """A direction's dropout in training mode: the seed from torch's default CPU generator
+    (reproducible under `torch.manual_seed`, no device sync)."""
+    if not training or cfg.dropout <= 0.0:
+        return None
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return DropoutSpec.make(cfg.dropout, seed)
 
 
 def triton_both_directions(
@@ -292,8 +331,11 @@ def triton_both_directions(
     img_mask: Tensor | None,
     txt_mask: Tensor | None,
     chunk_budget_bytes: int | None = None,
+    training: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Both directions, globals from row 0 → (i2t `(N, M)`, t2i `(M, N)`)."""
-    i2t = triton_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, chunk_budget_bytes)
-    t2i = triton_forward(w, cfg, txt_tokens, img_tokens[:, 0], txt_mask, chunk_budget_bytes)
+    i2t = triton_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, chunk_budget_bytes,
+                         draw_dropout(cfg, training))  # fmt: skip
+    t2i = triton_forward(w, cfg, txt_tokens, img_tokens[:, 0], txt_mask, chunk_budget_bytes,
+                         draw_dropout(cfg, training))  # fmt: skip
     return i2t, t2i

@@ -19,7 +19,9 @@ Backward, per direction (DESIGN.md §3, "backward recomputes"):
 Weight gradients accumulate in fp32, one `dW += dYᵀ·X` GEMM per linear layer and chunk (no
 atomics); every reduction runs in a fixed order, so gradients are deterministic.
 Memory: the inputs, the `(N, M)` logits and one chunk's activations (`plan_train`), never
-O(N·M·D). Dropout is not in these kernels: training-mode calls with dropout run `chunked`.
+O(N·M·D). Dropout (training mode) uses the counter-based masks of `philox.py` in every
+kernel, so the recomputation sees the forward's masks; its backward reads the ReLU+dropout
+masks from the saved (dropped) values and redraws the others (`apply_dropout`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .fused import (
     CallPlan,
+    Drop,
     LayerBuffers,
     call_plan,
     check_budget,
@@ -43,6 +46,16 @@ from .fused import (
     pair_layers,
     query_stage,
     triton_forward,
+)
+from .philox import (
+    SITE_ATTENTION,
+    SITE_ATTN_BRANCH,
+    SITE_FFN_BRANCH,
+    SITE_HEAD,
+    SITE_SIMR,
+    ChunkPos,
+    DropoutSpec,
+    tag,
 )
 
 # Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
@@ -71,11 +84,14 @@ def linear_backward(
     g_w: Tensor | None,
     g_b: Tensor | None,
     relu_of: Tensor | None = None,
+    drop_scale: float = 1.0,
 ) -> Tensor:
     """Backward of `y = x·Wᵀ + b`: dy `(r, out)`, x `(r, in)` → dx `(r, in)`.
 
     Adds dW = dyᵀ·x and db = Σ dy into the fp32 accumulators (when given). With `relu_of`
-    (the ReLU output that was x), dx is the gradient before that ReLU.
+    (x itself: a ReLU output, possibly dropped and scaled by `drop_scale`), dx is the gradient
+    before that ReLU and dropout: an element of x is > 0 exactly where the ReLU passed it
+    and dropout kept it, so x alone carries both masks.
     """
     dy = dy.to(weight.dtype)
     if g_w is not None:
@@ -84,6 +100,8 @@ def linear_backward(
     dx = torch.mm(dy, weight)
     if relu_of is not None:
         dx.masked_fill_(relu_of <= 0, 0.0)
+        if drop_scale != 1.0:
+            dx.mul_(drop_scale)
     return dx
 
 
@@ -94,11 +112,12 @@ class _Chunk(NamedTuple):
     head_in: list[Tensor]  # the input of every head layer: decoder_norm'ed rows, then hiddens
 
 
-def _recompute(linear, w, cfg, cp, kv, mask, ni, queries, bufs, head_bufs) -> _Chunk:  # noqa: ANN001
-    y = pair_layers(linear, w, cfg, cp, kv, mask, ni, queries, bufs)
+def _recompute(linear, w, cfg, cp, kv, mask, ni, queries, bufs, head_bufs, drop) -> _Chunk:  # noqa: ANN001
+    y = pair_layers(linear, w, cfg, cp, kv, mask, ni, queries, bufs, drop)
     acts = [y]
-    for (hw, hb), out in zip(cp.head[:-1], head_bufs, strict=True):
-        acts.append(linear(acts[-1], hw, hb, relu=True, out=out))
+    for i, ((hw, hb), out) in enumerate(zip(cp.head[:-1], head_bufs, strict=True)):
+        h_drop = (*drop, tag(SITE_HEAD, i)) if drop else None
+        acts.append(linear(acts[-1], hw, hb, relu=True, out=out, dropout=h_drop))
     return _Chunk(bufs, acts)
 
 
@@ -116,22 +135,33 @@ def _chunk_backward(
     g_kv: Tensor,
     g_x0: Tensor,
     g_q1: Tensor,
+    drop: Drop | None = None,
 ) -> None:
     """Back-propagate one chunk: g_scores `(ni·mc,)` → adds into the weight gradients, the
-    item block's dK/dV `g_kv` `(ni·P, L·2D)` and the per-query `g_x0`, `g_q1` `(M, D)`."""
+    item block's dK/dV `g_kv` `(ni·P, L·2D)` and the per-query `g_x0`, `g_q1` `(M, D)`.
+    With `drop` (training mode), through the forward's dropout masks."""
     from ..kernels import attention_backward, layer_norm_backward
+    from ..kernels.dropout import apply_dropout
 
     d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
+    scale = drop[0].scale if drop else 1.0
+
+    def undrop(g: Tensor, site: int, layer: int) -> Tensor:
+        """The gradient before a dropout whose mask the saved values do not show."""
+        return apply_dropout(g, *drop, tag(site, layer)) if drop else g
+
     gh = grads.head if grads is not None else [(None, None)] * len(w.head)
     acts, head = chunk.head_in, cp.head
     # the logit layer (width → 1), then the hidden layers back to decoder_norm's output
     if grads is not None:
         gh[-1][0].add_(g_scores[None, :] @ acts[-1].float())
         gh[-1][1].add_(g_scores.sum())
-    da = (g_scores[:, None] * head[-1][0].float()).masked_fill_(acts[-1] <= 0, 0.0)
+    da = (g_scores[:, None] * head[-1][0].float()).masked_fill_(acts[-1] <= 0, 0.0) * scale
     for i in reversed(range(len(head) - 1)):
-        da = linear_backward(da, acts[i], head[i][0], *gh[i], relu_of=acts[i] if i else None)
+        da = linear_backward(da, acts[i], head[i][0], *gh[i], relu_of=acts[i] if i else None,
+                             drop_scale=scale)  # fmt: skip
     bufs = chunk.bufs
+    da = undrop(da, SITE_SIMR, 0)
     dx, dg, db = layer_norm_backward(bufs[-1].x_out, w.norm0_w, da, eps)
     if grads is not None:
         grads.norm0_w.add_(dg)
@@ -145,21 +175,26 @@ def _chunk_backward(
             t = getattr(gl, name) if gl is not None else None
             return t[rows] if t is not None and rows is not None else t
 
-        # x_out = x_mid + linear2(relu(linear1(LN3(x_mid))))
-        dh = linear_backward(dx, b.h, lw.linear2_w, g("linear2_w"), g("linear2_b"), relu_of=b.h)
+        # x_out = x_mid + drop(linear2(drop(relu(linear1(LN3(x_mid))))))
+        dh = linear_backward(undrop(dx, SITE_FFN_BRANCH, li), b.h, lw.linear2_w,
+                             g("linear2_w"), g("linear2_b"), relu_of=b.h,
+                             drop_scale=scale)  # fmt: skip
         dy3 = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"))
         dx_mid, dg, db = layer_norm_backward(b.x_mid, lw.norm3_w, dy3, eps, dres=dx)
         if gl is not None:
             gl.norm3_w.add_(dg)
             gl.norm3_b.add_(db)
-        # x_mid = x_in + out_proj(attention(q, K, V))
-        do = linear_backward(dx_mid, b.o, lw.out_proj_w, g("out_proj_w"), g("out_proj_b"))
+        # x_mid = x_in + drop(out_proj(attention(q, K, V)))
+        do = linear_backward(undrop(dx_mid, SITE_ATTN_BRANCH, li), b.o, lw.out_proj_w,
+                             g("out_proj_w"), g("out_proj_b"))  # fmt: skip
         k_cols = slice(2 * li * d, (2 * li + 1) * d)
         v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
         q = cp.q1[queries] if li == 0 else b.q
+        a_drop = (*drop, tag(SITE_ATTENTION, li)) if drop else None
         dq, _, _ = attention_backward(q, kv[:, k_cols], kv[:, v_cols], b.o, do, b.lse, n_heads,
                                       ni, mc, shared_queries=li == 0, mask=mask,
-                                      dk=g_kv[:, k_cols], dv=g_kv[:, v_cols])  # fmt: skip
+                                      dk=g_kv[:, k_cols], dv=g_kv[:, v_cols],
+                                      dropout=a_drop)  # fmt: skip
         if li == 0:  # x_in is x0 and q is q1, both shared by the chunk's items
             g_q1[queries] += dq.view(ni, mc, d).sum(0)
             g_x0[queries] += dx_mid.view(ni, mc, d).sum(0)
@@ -208,6 +243,7 @@ def direction_backward(
     g_out: Tensor,
     g_memory: Tensor | None,
     budget: int,
+    dropout: DropoutSpec | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One direction's backward: g_out `(N, M)` → adds into `grads` (fp32) and `g_memory`
     `(N, P, D)`; returns the gradients of the query stage's outputs (g_x0, g_q1) `(M, D)`."""
@@ -242,11 +278,13 @@ def direction_backward(
         for m0 in range(0, m, block_q):
             mc = min(block_q, m - m0)
             r, queries = ni * mc, slice(m0, m0 + mc)
+            drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
             chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, queries,
-                               [b.rows(r) for b in bufs], [h[:r] for h in head_bufs])  # fmt: skip
+                               [b.rows(r) for b in bufs], [h[:r] for h in head_bufs],
+                               drop)  # fmt: skip
             g_scores = g_out[n0 : n0 + ni, m0 : m0 + mc].reshape(r)
             _chunk_backward(w, grads, cfg, cp, chunk, kv_i, mask_i, ni, queries, g_scores,
-                            g_kv_i, g_x0, g_q1)  # fmt: skip
+                            g_kv_i, g_x0, g_q1, drop)  # fmt: skip
         # kv = LN0(memory)·Wkvᵀ + bkv, then LN0's backward to the memory tokens
         g_w = g_kv_w if grads is not None else None
         dy_mem = linear_backward(g_kv_i, y_i, cp.kv_w, g_w, g_kv_b)
@@ -264,11 +302,13 @@ def direction_backward(
 
 
 class Job(NamedTuple):
-    """One direction: memory `tokens[memory]`, queries `tokens[queries]` (row 0 if 3-D)."""
+    """One direction: memory `tokens[memory]`, queries `tokens[queries]` (row 0 if 3-D),
+    and its dropout (training mode) or None."""
 
     memory: int
     queries: int
     mask: Tensor | None
+    dropout: DropoutSpec | None = None
 
 
 def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
@@ -285,7 +325,8 @@ class _TritonAlign(torch.autograd.Function):
         tokens, flat = tensors[:n_tokens], tensors[n_tokens:]
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
         outs = tuple(
-            triton_forward(w, cfg, tokens[j.memory], _queries(tokens, j), j.mask, budget)
+            triton_forward(w, cfg, tokens[j.memory], _queries(tokens, j), j.mask, budget,
+                           j.dropout)  # fmt: skip
             for j in jobs
         )
         ctx.save_for_backward(*tensors)
@@ -317,7 +358,7 @@ class _TritonAlign(torch.autograd.Function):
                 cp = call_plan(w, cfg, x0, q1)
                 g_x0, g_q1 = direction_backward(w, grads, cfg, cp, tokens[job.memory],
                                                 job.mask, g_out, g_tokens[job.memory],
-                                                ctx.budget)  # fmt: skip
+                                                ctx.budget, job.dropout)  # fmt: skip
             if x0.requires_grad:
                 torch.autograd.backward([x0, q1], [g_x0, g_q1.to(q1.dtype)])
             g_q = g_tokens[job.queries]
