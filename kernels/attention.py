@@ -277,8 +277,8 @@ def attention_dkdv_kernel(
     b_v = _rows(p_v, o_kv, stride_kv, c0, m_p, HEAD_DIM, BLOCK_DH)
     b_dk = tl.zeros((BLOCK_P, BLOCK_DH), dtype=tl.float32)
     b_dv = tl.zeros((BLOCK_P, BLOCK_DH), dtype=tl.float32)
-    for m0 in range(0, n_queries, BLOCK_M):
-        o_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    for q0 in range(0, n_queries, BLOCK_M):
+        o_m = q0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         m_m = o_m < n_queries
         o_row = item * n_queries + o_m  # this pair's rows of do / lse / delta
         b_q = _rows(p_q, item * q_item_stride + o_m, stride_q, c0, m_m, HEAD_DIM, BLOCK_DH)

@@ -157,20 +157,17 @@ def _grads(al, backend, mem, q, mask, seed=0):
     return [out, mem_.grad, q_.grad] + [p.grad for p in al.parameters()]
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_gradients_fall_back_to_chunked(training):
-    """With gradients (or dropout) needed, "triton" runs the chunked backend: same outputs,
-    same gradients."""
-    al = make_aligner(CONFIGS["d96h2"])
-    assert al.config.dropout > 0.0
-    al.train(training)
+def test_gradients_match_chunked():
+    """With gradients needed, "triton" runs its own training path: same outputs and gradients
+    as the chunked backend (eval mode: the two draw dropout masks differently)."""
+    al = make_aligner(CONFIGS["d96h2"]).eval()
     mem, q = _inputs(96, seed=11)
     mask = random_mask(N, P, seed=12)
     got = _grads(al, "triton", mem, q, mask)
     expected = _grads(al, "chunked", mem, q, mask)
     names = ["out", "memory", "queries"] + [n for n, _ in al.named_parameters()]
     for name, a, b in zip(names, got, expected, strict=True):
-        assert a is not None and rel_err(a, b) < 1e-6, name
+        assert a is not None and rel_err(a, b) < 1e-5, name
     assert got[0].requires_grad
 
 

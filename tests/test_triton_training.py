@@ -1,6 +1,7 @@
 """Training on the `triton` backend under Triton's CPU interpreter: the golden gradients, the
 `reference` oracle at odd shapes and several chunk plans, 16-bit error, determinism, frozen
-parts, the dropout fallback and memory that does not grow with N·M·D."""
+parts, dropout against a same-mask PyTorch oracle, and memory that does not grow with
+N·M·D."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
 import carzero_fast.backends as backends  # noqa: E402
+from carzero_fast.backends.fused import draw_dropout  # noqa: E402
+from carzero_fast.backends.fused_reference import dropout_reference_forward  # noqa: E402
 from carzero_fast.backends.fused_train import plan_train  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
@@ -201,17 +204,55 @@ def test_empty_batch_is_connected(triton_only):
     assert next(al.parameters()).grad is not None
 
 
-def test_dropout_runs_chunked():
-    """Training mode with dropout: the chunked backend (same outputs and gradients)."""
-    al = make_aligner(CONFIGS["d96h2"]).train()
-    assert al.config.dropout > 0.0
-    img, txt = _tokens(96, seed=11)
+DROP_CFG = cf.AlignerConfig(d_model=64, n_heads=2, n_layers=2, d_ffn=96, head_dims=(40, 24),
+                            dropout=0.3)  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", [(2, M), (1, 3)], ids=["item-blocks", "query-chunks"])
+def test_dropout_matches_the_same_mask_reference(plan, triton_only):
+    """Training mode: outputs and every gradient equal autograd of the materialised PyTorch
+    computation with the same counter-based masks, whatever the chunk plan."""
+    al = make_aligner(DROP_CFG, seed=9).train()
+    mem, q = _tokens(64, seed=10)
+    q = q[:, 0]
+    mask = random_mask(N, PI, seed=11)
+    budget = _budget(DROP_CFG, plan)
+
+    def run(fn):
+        al.zero_grad(set_to_none=True)
+        a, b = mem.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        torch.manual_seed(5)  # the direction's seed is drawn from torch's generator
+        out = fn(a, b)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)))
+        return [out.detach(), a.grad, b.grad] + [p.grad for p in al.parameters()]
+
+    torch.manual_seed(5)
+    spec = draw_dropout(DROP_CFG, True)
+    expected = run(lambda a, b: dropout_reference_forward(al.weights(), DROP_CFG, a, b, mask,
+                                                          spec))  # fmt: skip
+    got = run(lambda a, b: al(a, b, mask, backend="triton", chunk_budget_bytes=budget))
+    names = ["out", "memory", "queries"] + [n for n, _ in al.named_parameters()]
+    for name, x, y in zip(names, got, expected, strict=True):
+        assert rel_err(x, y) < 2e-5, name
+    with torch.no_grad():  # a training-mode call without gradients draws the same masks
+        torch.manual_seed(5)
+        assert rel_err(al(mem, q, mask, backend="triton"), expected[0]) < 2e-6
+
+
+def test_dropout_steps_reproducible_under_manual_seed(triton_only):
+    al = make_aligner(DROP_CFG, seed=12).train()
+    img, txt = _tokens(64, n=4, m=4, seed=13)
     torch.manual_seed(0)
-    got = _step(al, "triton", img, txt)
+    first = _step(al, "triton", img, txt, loss=True)
     torch.manual_seed(0)
-    expected = _step(al, "chunked", img, txt)
-    for name, a, b in zip(_names(al), got, expected, strict=True):
+    second = _step(al, "triton", img, txt, loss=True)
+    torch.manual_seed(1)
+    other = _step(al, "triton", img, txt, loss=True)
+    for name, a, b in zip(_names(al), first, second, strict=True):
         assert torch.equal(a, b), name
+    assert not torch.equal(first[0], other[0])  # another seed, other masks
+    al.eval()
+    assert not torch.equal(first[0], _step(al, "triton", img, txt, loss=True)[0])
 
 
 # ------------------------------------------------------------------------------ memory

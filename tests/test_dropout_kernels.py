@@ -1,0 +1,166 @@
+"""Counter-based dropout under the interpreter: the kernels' masks equal the PyTorch Philox
+(`backends/philox.py`) bit for bit at odd shapes, in every kernel that draws them, and the
+masks have the right rate, independence and determinism."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from carzero_fast.kernels import add_layer_norm, attention, attention_backward, linear  # noqa: E402
+from carzero_fast.kernels.dropout import apply_dropout  # noqa: E402
+
+from carzero_fast.backends.philox import (  # noqa: E402
+    SITE_ATTENTION,
+    SITE_FFN_BRANCH,
+    SITE_FFN_HIDDEN,
+    SITE_SIMR,
+    ChunkPos,
+    DropoutSpec,
+    keep_torch,
+    tag,
+)
+
+SPEC = DropoutSpec.make(0.25, 0x5DEECE66D1234567)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_active():
+    if _TRITON_PRELOADED:
+        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set")
+
+
+def _chunk_keep(pos: ChunkPos, rows: int, cols: int, tag_: int, spec=SPEC) -> torch.Tensor:
+    """PyTorch mask of a chunk's rows (item-major pairs) × columns."""
+    r = torch.arange(rows)
+    items, queries = (pos.n0 + r // pos.cols)[:, None], (pos.m0 + r % pos.cols)[:, None]
+    return keep_torch(spec, items, queries, torch.arange(cols)[None, :], tag_)
+
+
+# ------------------------------------------------------------------------- the masks
+
+
+CHUNKS = [(1, 1, ChunkPos(0, 0, 1)), (21, 45, ChunkPos(3, 5, 7)),
+          (40, 300, ChunkPos(1000, 70000, 8))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rows", "cols", "pos"), CHUNKS)
+def test_apply_dropout_matches_pytorch_philox(rows, cols, pos):
+    x = torch.randn(rows, cols)
+    got = apply_dropout(x, SPEC, pos, tag(SITE_FFN_BRANCH, 3))
+    keep = _chunk_keep(pos, rows, cols, tag(SITE_FFN_BRANCH, 3))
+    assert torch.equal(got, torch.where(keep, x * SPEC.scale, 0.0))
+
+
+def test_mask_rate_and_independence():
+    """Keep rate within 5 binomial sigmas of 1 − p; seeds, tags, pairs and columns each
+    change the mask (agreement near that of independent masks)."""
+    spec = DropoutSpec.make(0.1, 12345)
+    items, queries = torch.arange(64)[:, None, None], torch.arange(64)[None, :, None]
+    cols = torch.arange(48)[None, None, :]
+    keep = keep_torch(spec, items, queries, cols, tag(SITE_ATTENTION, 0))
+    n, q = keep.numel(), 1 - spec.threshold / 2**32
+    assert abs(keep.float().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / n)
+    independent = q * q + (1 - q) ** 2  # P(two independent masks agree)
+    others = [
+        keep_torch(DropoutSpec.make(0.1, 12346), items, queries, cols, tag(SITE_ATTENTION, 0)),
+        keep_torch(spec, items, queries, cols, tag(SITE_ATTENTION, 1)),
+        keep_torch(spec, items, queries, cols, tag(SITE_ATTENTION, 0, 1)),
+        keep_torch(spec, items + 1, queries, cols, tag(SITE_ATTENTION, 0)),
+        keep_torch(spec, items, queries, cols + 1, tag(SITE_ATTENTION, 0)),
+    ]
+    for other in others:
+        agree = (other == keep).float().mean().item()
+        assert abs(agree - independent) < 0.01, agree
+    assert torch.equal(keep, keep_torch(spec, items, queries, cols, tag(SITE_ATTENTION, 0)))
+    assert spec.threshold / 2**32 == pytest.approx(0.1, abs=1e-9)
+    assert spec.scale == pytest.approx(1 / (1 - spec.threshold / 2**32))
+
+
+# ------------------------------------------------------------------ the kernels' masks
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_linear_dropout_epilogue(tma):
+    dtype = torch.bfloat16 if tma else torch.float32
+    rows, k, n_out, pos = 35, 48, 80, ChunkPos(2, 9, 7)
+    a, w, b = torch.randn(rows, k), torch.randn(n_out, k) / 7, torch.randn(n_out)
+    a, w, b = a.to(dtype), w.to(dtype), b.to(dtype)
+    t = tag(SITE_FFN_HIDDEN, 2)
+    got = linear(a, w, b, relu=True, dropout=(SPEC, pos, t), tma=tma)
+    plain = linear(a, w, b, relu=True, tma=tma)
+    keep = _chunk_keep(pos, rows, n_out, t)
+    assert torch.equal(got == 0, ~keep | (plain == 0))  # exactly the mask's zeros
+    want = torch.where(keep, plain.float() * SPEC.scale, 0.0)
+    # the kernel scales before its one rounding; `plain` was rounded before the scale
+    tol = 0.0 if dtype == torch.float32 else 2.0**-7  # plain was rounded once more
+    assert torch.allclose(got.float(), want, rtol=tol, atol=1e-6)
+
+
+def test_add_layer_norm_dropout_on_branch_and_output():
+    rows, d, pos = 21, 96, ChunkPos(4, 1, 3)
+    x, delta = torch.randn(rows, d), torch.randn(rows, d)
+    w, b = 1 + 0.1 * torch.randn(d), 0.1 * torch.randn(d)
+    y, x_out = torch.empty(rows, d), torch.empty(rows, d)
+    t_delta, t_y = tag(SITE_FFN_BRANCH, 1), tag(SITE_SIMR, 0)
+    add_layer_norm(x, w, b, 1e-5, y, delta=delta, x_out=x_out, dropout=(SPEC, pos),
+                   delta_tag=t_delta, y_tag=t_y)  # fmt: skip
+    s = x + delta * _chunk_keep(pos, rows, d, t_delta) * SPEC.scale
+    want_y = F.layer_norm(s, (d,), w, b, 1e-5) * _chunk_keep(pos, rows, d, t_y) * SPEC.scale
+    assert torch.allclose(x_out, s, atol=1e-6)
+    assert torch.allclose(y, want_y, atol=1e-5)
+
+
+def _attention_torch_dropout(q, k, v, heads, n, m, pos, layer, shared, mask):
+    """Attention with each head's weights dropped by the PyTorch mask of pair (n0 + i, m0 + j)."""
+    d = k.shape[1]
+    dh, p = d // heads, k.shape[0] // n
+    q = q.expand(n, m, d) if shared else q.view(n, m, d)
+    k, v = k.reshape(n, p, d), v.reshape(n, p, d)
+    items = (pos.n0 + torch.arange(n))[:, None, None]
+    queries = (pos.m0 + torch.arange(m))[None, :, None]
+    outs = []
+    for h in range(heads):
+        c = slice(h * dh, (h + 1) * dh)
+        s = q[..., c] @ k[..., c].transpose(1, 2) / math.sqrt(dh)  # [n, m, P]
+        if mask is not None:
+            s = s.masked_fill(mask.bool()[:, None, :], float("-inf"))
+        keep = keep_torch(SPEC, items, queries, torch.arange(p)[None, None, :],
+                          tag(SITE_ATTENTION, layer, h))  # fmt: skip
+        outs.append((torch.softmax(s, -1) * keep * SPEC.scale) @ v[..., c])
+    return torch.cat(outs, -1).reshape(n * m, d)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-pair", "shared"])
+def test_attention_dropout_forward_and_backward(shared):
+    """Forward and all three gradients against autograd of the same-mask PyTorch attention
+    (fp64 on the same inputs)."""
+    n, m, p, heads, d, pos, layer = 3, 5, 19, 2, 64, ChunkPos(7, 11, 5), 2
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(m if shared else n * m, d, generator=g)
+    kv = torch.randn(n * p, 2 * d, generator=g)
+    k, v = kv[:, :d], kv[:, d:]
+    mask = (torch.arange(p)[None, :] >= torch.tensor([19, 4, 11])[:, None]).to(torch.int8)
+    dout = torch.randn(n * m, d, generator=g)
+    drop = (SPEC, pos, tag(SITE_ATTENTION, layer))
+    lse = torch.empty(n * m, heads)
+    out = attention(q, k, v, heads, n, m, shared_queries=shared, mask=mask, lse=lse,
+                    dropout=drop)  # fmt: skip
+    dq, dk, dv = attention_backward(q, k, v, out, dout, lse, heads, n, m, shared_queries=shared,
+                                    mask=mask, dropout=drop)  # fmt: skip
+    if shared:
+        dq = dq.view(n, m, d).sum(0)
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    want = _attention_torch_dropout(*leaves, heads, n, m, pos, layer, shared, mask)
+    want.backward(dout.double())
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    for got, leaf in zip((dq, dk, dv), leaves, strict=True):
+        assert (got.double() - leaf.grad).norm() / leaf.grad.norm() < 1e-5
