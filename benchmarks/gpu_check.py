@@ -15,9 +15,10 @@
 4. Training: gradients of a step (both directions, `carzero_loss`, backward, tokens and
    weights) against `reference` at CARZero dims; then the step time and peak memory at
    N = M = 256 (`reference` fp16 autocast, `chunked` and `triton` bf16) and 1024 (`chunked`,
-   `triton`; the reference's memory grows with N·M, so it is measured at 256 only). Eval mode:
-   the fused kernels have no dropout yet (training-mode calls with dropout run `chunked`).
-   Model FLOPs of a step: 3× the forward's.
+   `triton`; the reference's memory grows with N·M, so it is measured at 256 only), in eval
+   mode and in train mode (dropout 0.1 at every site, as CARZero trains; triton's dropout
+   is checked against a same-mask PyTorch computation first). Model FLOPs of a step: 3× the
+   forward's.
 
 Every figure comes with model TFLOP/s (the original's FLOP count, DESIGN.md §2), the fraction
 of the bf16 GEMM ceiling measured in this run, and the peak extra memory of the call.
@@ -271,17 +272,20 @@ class Check:
 
 
 def _step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
-             amp: bool, budget: int | None = None) -> Callable[[], object]:  # fmt: skip
+             amp: bool, budget: int | None = None,
+             train: bool = False) -> Callable[[], object]:  # fmt: skip
     """One training step of the alignment: both directions, CARZero's loss, backward (into
-    the tokens, leaves that need gradients, and the weights)."""
+    the tokens, leaves that need gradients, and the weights); `train`: dropout on."""
 
     def step() -> object:
+        al.train(train)
         al.zero_grad(set_to_none=True)
         img.grad = txt.grad = None
         with autocast(img.device) if amp else _null():
             i2t, t2i = al.both_directions(img, txt, backend=backend, chunk_budget_bytes=budget)
             loss = cf.carzero_loss(i2t, t2i)
         loss.backward()
+        al.eval()
         return loss
 
     return step
@@ -318,7 +322,9 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
     out["bf16_triton"] = agg(_grads(chk.al16, img16, txt16, "triton"))
     out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"))
     pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
-    out["pass"] = max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
+    out["dropout_fp32_triton"] = _dropout_check(chk)
+    out["pass"] = (max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
+                   and max(out["dropout_fp32_triton"]) < 1e-4)  # fmt: skip
     print(f"  training gradients: {out}", flush=True)
     for nm in sizes:
         img, txt = _leaf(chk.randn(nm, 197, d)), _leaf(chk.randn(nm, 98, d))
@@ -328,6 +334,19 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
             fns["reference"] = ("fp16-autocast", _step_fn(chk.al, img, txt, "reference", True))
         fns["chunked"] = ("bf16", _step_fn(chk.al16, img16, txt16, "chunked", False))
         fns["triton"] = ("bf16", _step_fn(chk.al16, img16, txt16, "triton", False))
+        if nm <= 256:  # train mode: dropout 0.1 at every site, as CARZero trains
+            fns["reference, dropout"] = (
+                "fp16-autocast",
+                _step_fn(chk.al, img, txt, "reference", True, train=True),
+            )
+            fns["chunked, dropout"] = (
+                "bf16",
+                _step_fn(chk.al16, img16, txt16, "chunked", False, train=True),
+            )
+        fns["triton, dropout"] = (
+            "bf16",
+            _step_fn(chk.al16, img16, txt16, "triton", False, train=True),
+        )
         for gib in budgets_gib:
             fns[f"triton@{gib:g}GiB"] = (
                 "bf16",
@@ -336,6 +355,37 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
         flops = 3 * (chk.flops(nm, nm, 197) + chk.flops(nm, nm, 98))
         chk._time_all(f"training step N=M={nm}", fns, flops, reps=3 if nm <= 256 else 1)
     return out
+
+
+def _dropout_check(chk: Check) -> list[float]:
+    """Train mode (dropout): triton's logits and gradients against autograd of the
+    materialised PyTorch computation with the same counter-based masks, fp32, N = M = 8."""
+    from carzero_fast.backends.fused import draw_dropout
+    from carzero_fast.backends.fused_reference import dropout_reference_forward
+
+    d, al = chk.cfg.d_model, chk.al
+    mem, q = chk.randn(8, 197, d), chk.randn(8, d)
+    g_out = chk.randn(8, 8)
+
+    def grads(fn: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        al.zero_grad(set_to_none=True)
+        a, b = _leaf(mem), _leaf(q)
+        torch.manual_seed(3)
+        out = fn(a, b)
+        out.backward(g_out)
+        w = torch.cat([p.grad.flatten() for p in al.parameters()])
+        return [out.detach(), a.grad, b.grad, w]
+
+    torch.manual_seed(3)
+    spec = draw_dropout(chk.cfg, True)
+    al.train()
+    try:
+        ref = grads(lambda a, b: dropout_reference_forward(al.weights(), chk.cfg, a, b, None,
+                                                           spec))  # fmt: skip
+        got = grads(lambda a, b: al(a, b, backend="triton"))
+    finally:
+        al.eval()
+    return [rel(g, r) for g, r in zip(got, ref, strict=True)]
 
 
 Check.training = _training  # type: ignore[attr-defined]

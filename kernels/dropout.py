@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.philox import ChunkPos, DropoutSpec
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
 
 @triton.jit
