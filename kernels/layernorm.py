@@ -187,7 +187,9 @@ def layer_norm_backward(
     block_d = triton.next_power_of_2(d)
     programs = triton.cdiv(n_rows, BLOCK_ROWS)
     dx = torch.empty((n_rows, d), dtype=torch.float32, device=x.device)
-    parts = torch.zeros((2, max(programs, 1), d), dtype=torch.float32, device=x.device)
+    # every program writes its row of partials: no zero-fill unless there is no row at all
+    alloc = torch.empty if programs else torch.zeros
+    parts = alloc((2, max(programs, 1), d), dtype=torch.float32, device=x.device)
     if n_rows:
         layer_norm_backward_kernel[(programs,)](
             x, weight, dy, dres, dx, parts[0], parts[1], n_rows, x.stride(0), dy.stride(0),

@@ -147,8 +147,12 @@ def _chunk_backward(
     scale = drop[0].scale if drop else 1.0
 
     def undrop(g: Tensor, site: int, layer: int) -> Tensor:
-        """The gradient before a dropout whose mask the saved values do not show."""
-        return apply_dropout(g, *drop, tag(site, layer)) if drop else g
+        """The gradient before a dropout whose mask the saved values do not show, in the
+        GEMM operands' dtype (the next use is a linear layer's backward)."""
+        if not drop:
+            return g
+        out = torch.empty(g.shape, dtype=w.norm0_w.dtype, device=g.device)
+        return apply_dropout(g, *drop, tag(site, layer), out=out)
 
     gh = grads.head if grads is not None else [(None, None)] * len(w.head)
     acts, head = chunk.head_in, cp.head
