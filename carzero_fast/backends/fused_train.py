@@ -385,7 +385,7 @@ def triton_train(
     jobs: list[Job],
     chunk_budget_bytes: int | None = None,
 ) -> tuple[Tensor, ...]:
-    """Differentiable logits of each job over `tokens` (no dropout), one autograd node."""
+    """Differentiable logits of each job over `tokens` (with its dropout), one autograd node."""
     check_device(tokens[0])
     budget = check_budget(chunk_budget_bytes, DEFAULT_FUSED_TRAIN_BUDGET_BYTES)
     if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
