@@ -57,10 +57,13 @@ class CrossAttentionAligner(nn.Module):
 
     Args:
         config: the module's shape; CARZero's defaults when omitted.
-        backend: "auto" (the best available for the inputs' device), "reference" (materialises
-            every pair like the original: the oracle), or "chunked" (streams pair chunks).
+        backend: "auto" (the best available for the inputs' device: "triton" on CUDA,
+            "chunked" elsewhere), "reference" (materialises every pair like the original: the
+            oracle), "chunked" (streams pair chunks through PyTorch ops) or "triton" (the same
+            streaming on fused Triton kernels, forward and training).
         chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs
-            (None: 32 MiB, or 80 MiB when gradients are needed).
+            (None: chunked 32 MiB, or 80 MiB when gradients are needed, 512 MiB / 1 GiB on
+            CUDA; triton 512 MiB, or 4 GiB when gradients are needed).
     """
 
     def __init__(
