@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import mma, upcast_dots
-from .configs import attention_config, dot_precision
+from .configs import attention_bwd_config, attention_config, dot_precision
 from .dropout import ChunkPos, DropoutSpec, keep_mask
 
 
@@ -233,13 +233,6 @@ def attention(
     return out
 
 
-BWD_BLOCK_M, BWD_BLOCK_P, BWD_WARPS = 32, 16, 8  # backward tiles: spill-free on sm_90 and sm_80
-
-
-def bwd_tiles(dtype: torch.dtype, dropout: bool) -> tuple[int, int]:
-    """(BLOCK_M, stages) of the backward kernels: fp32 tiles with the dropout's Philox spill
-    at 32 query rows or two stages (compile report), so they run 16 rows unpipelined."""
-    return (16, 1) if dropout and dtype == torch.float32 else (BWD_BLOCK_M, 2)
 
 # ---------------------------------------------------------------------------------------------
 # Backward (FlashAttention-2 style, recomputing P from the forward's log-sum-exp). First,
@@ -398,24 +391,25 @@ def attention_backward(
     if dk.dtype != torch.float32 or dv.dtype != torch.float32 or dk.stride() != dv.stride():
         raise ValueError("attention_backward: dk and dv must be fp32 with the same strides")
     block_dh = max(16, triton.next_power_of_2(head_dim))
-    block_m, stages = bwd_tiles(q.dtype, dropout is not None)
-    block_p = min(BWD_BLOCK_P, max(16, triton.next_power_of_2(n_keys)))
+    cfg = attention_bwd_config(q.device, q.dtype, dropout is not None)
+    keys_pow2 = max(16, triton.next_power_of_2(n_keys))  # no key tile wider than the keys
     scale = 1.0 / math.sqrt(head_dim)
     common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
-                  UPCAST=upcast_dots(q.dtype), BLOCK_M=block_m, BLOCK_P=block_p,
-                  BLOCK_DH=block_dh, DROPOUT=dropout is not None, num_warps=BWD_WARPS,
-                  num_stages=stages)  # fmt: skip
+                  UPCAST=upcast_dots(q.dtype), BLOCK_DH=block_dh, DROPOUT=dropout is not None,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     drop_args = _drop_args(dropout)
     q_item_stride = 0 if shared_queries else n_queries
     mask_stride = mask.stride(0) if mask is not None else 0
+    block_p = min(cfg.dkdv_block_p, keys_pow2)
     attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
         k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, *drop_args, **common,
-        ACCUMULATE=accumulate,
+        BLOCK_M=cfg.dkdv_block_m, BLOCK_P=block_p, ACCUMULATE=accumulate,
     )  # fmt: skip
-    attention_dq_kernel[(triton.cdiv(n_queries, block_m), n_heads, n_items)](
+    attention_dq_kernel[(triton.cdiv(n_queries, cfg.dq_block_m), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
         k.stride(0), mask_stride, dout.stride(0), dq.stride(0), scale, *drop_args, **common,
+        BLOCK_M=cfg.dq_block_m, BLOCK_P=min(cfg.dq_block_p, keys_pow2),
     )  # fmt: skip
     return dq, dk, dv
 

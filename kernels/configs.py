@@ -32,6 +32,17 @@ class AttentionConfig(NamedTuple):
     num_stages: int
 
 
+class AttentionBwdConfig(NamedTuple):
+    """Tiles of the two attention backward kernels (the head is one padded tile)."""
+
+    dq_block_m: int  # queries per program of the dQ kernel
+    dq_block_p: int  # keys per step of its loop
+    dkdv_block_m: int  # queries per step of the dK/dV kernel's loop
+    dkdv_block_p: int  # keys per program of the dK/dV kernel
+    num_warps: int
+    num_stages: int
+
+
 # (arch major, dot kind) → config; archs below 8 use the Ampere entries
 _LINEAR = {
     (9, "half"): LinearConfig(128, 128, 64, 8, 3),
@@ -57,6 +68,17 @@ _ATTENTION = {
     (8, "half"): AttentionConfig(32, 64, 4, 2),
     (8, "tf32"): AttentionConfig(64, 32, 4, 2),
     (8, "ieee"): AttentionConfig(32, 32, 4, 2),
+}
+# Backward: 64-query dQ programs reach wgmma on Hopper in 16-bit (the first 32×16 tiles ran
+# mma.sync: 20 ms of an H200 training step at N = M = 256, BENCHMARKS.md); fp32 keeps the
+# small tiles, which are the largest without spills there (compile report).
+_ATTENTION_BWD = {
+    (9, "half"): AttentionBwdConfig(64, 32, 64, 32, 8, 2),
+    (9, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
+    (9, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
+    (8, "half"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
+    (8, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
+    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
 }
 HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and a GEMV
 
@@ -100,9 +122,26 @@ def attention_config(device: torch.device, dtype: torch.dtype) -> AttentionConfi
     return _ATTENTION[_key(arch_of(device), dot_kind(dtype))]
 
 
+def attention_bwd_config(device: torch.device, dtype: torch.dtype,
+                         dropout: bool = False) -> AttentionBwdConfig:  # fmt: skip
+    """The backward tiles; with dropout, the Philox registers need smaller ones where the
+    shipped tiles would spill (compile report): 16-bit dQ steps of 16 keys, fp32 16-query
+    tiles without pipelining."""
+    kind = dot_kind(dtype)
+    cfg = _ATTENTION_BWD[_key(arch_of(device), kind)]
+    return _with_dropout(cfg, kind) if dropout else cfg
+
+
+def _with_dropout(cfg: AttentionBwdConfig, kind: str) -> AttentionBwdConfig:
+    if kind == "half":
+        return cfg._replace(dq_block_p=min(cfg.dq_block_p, 16))
+    return cfg._replace(dq_block_m=16, dkdv_block_m=16, num_stages=1)
+
+
 def override(kernel: str, arch: int, kind: str, config: NamedTuple) -> NamedTuple:
     """Replace one shipped configuration (for tuning sweeps); returns the previous one."""
-    table = {"linear": _LINEAR, "head": _HEAD, "attention": _ATTENTION}[kernel]
+    table = {"linear": _LINEAR, "head": _HEAD, "attention": _ATTENTION,
+             "attention_bwd": _ATTENTION_BWD}[kernel]  # fmt: skip
     key = _key(arch, kind)
     previous, table[key] = table[key], config
     return previous
@@ -111,4 +150,10 @@ def override(kernel: str, arch: int, kind: str, config: NamedTuple) -> NamedTupl
 def shipped(arch: int, kind: str) -> dict[str, NamedTuple]:
     """The configurations shipped for one architecture and dot kind, by kernel."""
     key = _key(arch, kind)
-    return {"linear": _LINEAR[key], "head": _HEAD[key], "attention": _ATTENTION[key]}
+    return {"linear": _LINEAR[key], "head": _HEAD[key], "attention": _ATTENTION[key],
+            "attention_bwd": _ATTENTION_BWD[key]}  # fmt: skip
+
+
+def shipped_bwd_with_dropout(arch: int, kind: str) -> AttentionBwdConfig:
+    """The backward tiles the kernels run with dropout on (for the compile report)."""
+    return _with_dropout(_ATTENTION_BWD[_key(arch, kind)], kind)

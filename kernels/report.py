@@ -18,17 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .attention import (
-    BWD_BLOCK_P,
-    BWD_WARPS,
     attention_dkdv_kernel,
     attention_dq_kernel,
     attention_kernel,
-    bwd_tiles,
 )
-from .configs import shipped
+from .configs import shipped, shipped_bwd_with_dropout
 from .layernorm import BLOCK_ROWS, LN_BWD_WARPS, add_layer_norm_kernel, layer_norm_backward_kernel
 from .linear import DROPOUT_BLOCK_N, linear_kernel, linear_tma_kernel
 
@@ -167,15 +162,17 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                         "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
                         "stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
                         else "stride_dq": "i32", "scale": "fp32", **DROPOUT_SIG})  # fmt: skip
-            block_m, stages = bwd_tiles(torch.float32 if dt == "fp32" else torch.bfloat16,
-                                        dropout)  # fmt: skip
+            bwd = shipped_bwd_with_dropout(arch, kind) if dropout else tables["attention_bwd"]
+            tiles = ((bwd.dkdv_block_m, bwd.dkdv_block_p) if name == "attention_dkdv"
+                     else (bwd.dq_block_m, bwd.dq_block_p))  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=True, PRECISION=prec, UPCAST=False,
-                         BLOCK_M=block_m, BLOCK_P=BWD_BLOCK_P, BLOCK_DH=256,
+                         BLOCK_M=tiles[0], BLOCK_P=tiles[1], BLOCK_DH=256,
                          DROPOUT=dropout)  # fmt: skip
             if name == "attention_dkdv":  # as training launches it: into the accumulators
                 const["ACCUMULATE"] = True
-            jobs.append((name, dict(dtype=dt, precision=prec, head_dim=HEAD_DIM, dropout=dropout),
-                         fn, sig, const, BWD_WARPS, stages, True))  # fmt: skip
+            desc = dict(dtype=dt, precision=prec, head_dim=HEAD_DIM, dropout=dropout,
+                        block_m=tiles[0], block_p=tiles[1])  # fmt: skip
+            jobs.append((name, desc, fn, sig, const, bwd.num_warps, bwd.num_stages, True))
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
             # and the residual add + LN (fp32 stream in and out, 16-bit delta)
             for name, x_ty, flags in (
