@@ -105,6 +105,12 @@ def linear_backward(
     return dx
 
 
+def _add_norm(g_w: Tensor, g_b: Tensor, dg: Tensor, db: Tensor) -> None:
+    """A LayerNorm's γ/β gradients of one chunk into their fp32 accumulators."""
+    g_w.add_(dg)
+    g_b.add_(db)
+
+
 class _Chunk(NamedTuple):
     """One chunk's recomputed forward."""
 
@@ -168,8 +174,7 @@ def _chunk_backward(
     da = undrop(da, SITE_SIMR, 0)
     dx, dg, db = layer_norm_backward(bufs[-1].x_out, w.norm0_w, da, eps)
     if grads is not None:
-        grads.norm0_w.add_(dg)
-        grads.norm0_b.add_(db)
+        _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
     mc = g_x0[queries].shape[0]
     for li in reversed(range(cfg.n_layers)):
         b, lw = bufs[li], w.layers[li]
@@ -186,8 +191,7 @@ def _chunk_backward(
         dy3 = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"))
         dx_mid, dg, db = layer_norm_backward(b.x_mid, lw.norm3_w, dy3, eps, dres=dx)
         if gl is not None:
-            gl.norm3_w.add_(dg)
-            gl.norm3_b.add_(db)
+            _add_norm(gl.norm3_w, gl.norm3_b, dg, db)
         # x_mid = x_in + drop(out_proj(attention(q, K, V)))
         do = linear_backward(undrop(dx_mid, SITE_ATTN_BRANCH, li), b.o, lw.out_proj_w,
                              g("out_proj_w"), g("out_proj_b"))  # fmt: skip
@@ -209,8 +213,7 @@ def _chunk_backward(
             dx, dg, db = layer_norm_backward(bufs[li - 1].x_out, lw.norm2_w, dy2, eps,
                                              dres=dx_mid)  # fmt: skip
             if gl is not None:
-                gl.norm2_w.add_(dg)
-                gl.norm2_b.add_(db)
+                _add_norm(gl.norm2_w, gl.norm2_b, dg, db)
 
 
 def _chunk_buffers(cfg: AlignerConfig, rows: int, dtype: torch.dtype, device: torch.device):  # noqa: ANN202
@@ -296,8 +299,7 @@ def direction_backward(
         if g_memory is not None:
             g_memory[n0 : n0 + ni] += d_mem.view(ni, p, d)
         if grads is not None:
-            grads.norm0_w.add_(dg)
-            grads.norm0_b.add_(db)
+            _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
     if grads is not None:  # the stacked K/V projection back into each layer's in_proj
         for li, gl in enumerate(grads.layers):
             gl.in_proj_w[d:].add_(g_kv_w[2 * li * d : (2 * li + 2) * d])
