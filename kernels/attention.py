@@ -306,8 +306,8 @@ def attention_dkdv_kernel(
 
 @triton.jit
 def attention_dq_kernel(
-    p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
-    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
+    p_q, p_k, p_v, p_mask, p_out, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
+    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_out, stride_do,
     stride_dq, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -319,10 +319,14 @@ def attention_dq_kernel(
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     m_m = o_m < n_queries
     o_row = item * n_queries + o_m
-    b_q = _rows(p_q, item * q_item_stride + o_m, stride_q, c0, m_m, HEAD_DIM, BLOCK_DH)
     b_do = _rows(p_do, o_row, stride_do, c0, m_m, HEAD_DIM, BLOCK_DH)
+    # delta = rowsum(dO ∘ O), the softmax Jacobian's diagonal term: computed here (before q
+    # is loaded: O's tile is dead by then), stored for the dK/dV kernel that runs next
+    b_o = _rows(p_out, o_row, stride_out, c0, m_m, HEAD_DIM, BLOCK_DH)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [BLOCK_M]
+    tl.store(p_delta + o_row * n_heads + head, b_delta, mask=m_m)
+    b_q = _rows(p_q, item * q_item_stride + o_m, stride_q, c0, m_m, HEAD_DIM, BLOCK_DH)
     b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)
-    b_delta = tl.load(p_delta + o_row * n_heads + head, mask=m_m, other=0.0)
     b_dq = tl.zeros((BLOCK_M, BLOCK_DH), dtype=tl.float32)
     for p0 in range(0, n_keys, BLOCK_P):
         o_p = p0 + tl.arange(0, BLOCK_P)
@@ -377,9 +381,9 @@ def attention_backward(
     n_keys = k.shape[0] // max(n_items, 1)
     head_dim = d // n_heads
     rows = n_items * n_queries
-    dout = dout.contiguous()
-    # delta = rowsum(dO ∘ O) per row and head: the softmax Jacobian's diagonal term
-    delta = (dout.float() * out.float()).view(rows, n_heads, head_dim).sum(-1).contiguous()
+    if dout.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("attention_backward: out and dout need unit stride along their rows")
+    delta = torch.empty((rows, n_heads), dtype=torch.float32, device=q.device)  # by the dQ kernel
     # every valid row and head column is stored by exactly one program: no zero-fill needed
     dq = torch.empty((rows, d), dtype=torch.float32, device=q.device)
     accumulate = dk is not None
@@ -396,20 +400,22 @@ def attention_backward(
     scale = 1.0 / math.sqrt(head_dim)
     common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
                   UPCAST=upcast_dots(q.dtype), BLOCK_DH=block_dh, DROPOUT=dropout is not None,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+                  num_warps=cfg.num_warps)  # fmt: skip
     drop_args = _drop_args(dropout)
     q_item_stride = 0 if shared_queries else n_queries
     mask_stride = mask.stride(0) if mask is not None else 0
+    attention_dq_kernel[(triton.cdiv(n_queries, cfg.dq_block_m), n_heads, n_items)](
+        q, k, v, mask, out, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
+        k.stride(0), mask_stride, out.stride(0), dout.stride(0), dq.stride(0), scale, *drop_args,
+        **common, BLOCK_M=cfg.dq_block_m, BLOCK_P=min(cfg.dq_block_p, keys_pow2),
+        num_stages=cfg.dq_stages,
+    )  # fmt: skip
     block_p = min(cfg.dkdv_block_p, keys_pow2)
     attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
         k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, *drop_args, **common,
         BLOCK_M=cfg.dkdv_block_m, BLOCK_P=block_p, ACCUMULATE=accumulate,
-    )  # fmt: skip
-    attention_dq_kernel[(triton.cdiv(n_queries, cfg.dq_block_m), n_heads, n_items)](
-        q, k, v, mask, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
-        k.stride(0), mask_stride, dout.stride(0), dq.stride(0), scale, *drop_args, **common,
-        BLOCK_M=cfg.dq_block_m, BLOCK_P=min(cfg.dq_block_p, keys_pow2),
+        num_stages=cfg.dkdv_stages,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -40,7 +40,8 @@ class AttentionBwdConfig(NamedTuple):
     dkdv_block_m: int  # queries per step of the dK/dV kernel's loop
     dkdv_block_p: int  # keys per program of the dK/dV kernel
     num_warps: int
-    num_stages: int
+    dq_stages: int
+    dkdv_stages: int
 
 
 # (arch major, dot kind) → config; archs below 8 use the Ampere entries
@@ -73,12 +74,12 @@ _ATTENTION = {
 # mma.sync: 20 ms of an H200 training step at N = M = 256, BENCHMARKS.md); fp32 keeps the
 # small tiles, which are the largest without spills there (compile report).
 _ATTENTION_BWD = {
-    (9, "half"): AttentionBwdConfig(64, 32, 64, 32, 8, 2),
-    (9, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
-    (9, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
-    (8, "half"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
-    (8, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
-    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2),
+    (9, "half"): AttentionBwdConfig(64, 32, 64, 32, 8, 2, 2),
+    (9, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
+    (9, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
+    (8, "half"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
+    (8, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
+    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
 }
 HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and a GEMV
 
@@ -126,7 +127,7 @@ def attention_bwd_config(device: torch.device, dtype: torch.dtype,
                          dropout: bool = False) -> AttentionBwdConfig:  # fmt: skip
     """The backward tiles; with dropout, the Philox registers need smaller ones where the
     shipped tiles would spill (compile report): 16-bit dQ steps of 16 keys, fp32 16-query
-    tiles without pipelining."""
+    tiles (and an unpipelined dK/dV loop)."""
     kind = dot_kind(dtype)
     cfg = _ATTENTION_BWD[_key(arch_of(device), kind)]
     return _with_dropout(cfg, kind) if dropout else cfg
@@ -135,7 +136,7 @@ def attention_bwd_config(device: torch.device, dtype: torch.dtype,
 def _with_dropout(cfg: AttentionBwdConfig, kind: str) -> AttentionBwdConfig:
     if kind == "half":
         return cfg._replace(dq_block_p=min(cfg.dq_block_p, 16))
-    return cfg._replace(dq_block_m=16, dkdv_block_m=16, num_stages=1)
+    return cfg._replace(dq_block_m=16, dkdv_block_m=16, dkdv_stages=1)
 
 
 def override(kernel: str, arch: int, kind: str, config: NamedTuple) -> NamedTuple:

@@ -154,17 +154,22 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             ("attention_dkdv", attention_dkdv_kernel, True),
             ("attention_dq", attention_dq_kernel, True),
         ):  # backward, as launched
-            sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_do": ptr,
-                   "p_lse": "*fp32", "p_delta": "*fp32"}  # fmt: skip
+            sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8"}
+            if name == "attention_dq":  # it computes delta = rowsum(dO ∘ O) from the output
+                sig["p_out"] = ptr
+            sig.update({"p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32"})
             sig.update({"p_dk": "*fp32", "p_dv": "*fp32"} if name == "attention_dkdv"
                        else {"p_dq": "*fp32"})  # fmt: skip
             sig.update({"n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
-                        "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
-                        "stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
+                        "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32"})
+            if name == "attention_dq":
+                sig["stride_out"] = "i32"
+            sig.update({"stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
                         else "stride_dq": "i32", "scale": "fp32", **DROPOUT_SIG})  # fmt: skip
             bwd = shipped_bwd_with_dropout(arch, kind) if dropout else tables["attention_bwd"]
-            tiles = ((bwd.dkdv_block_m, bwd.dkdv_block_p) if name == "attention_dkdv"
-                     else (bwd.dq_block_m, bwd.dq_block_p))  # fmt: skip
+            tiles = ((bwd.dkdv_block_m, bwd.dkdv_block_p, bwd.dkdv_stages)
+                     if name == "attention_dkdv"
+                     else (bwd.dq_block_m, bwd.dq_block_p, bwd.dq_stages))  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=True, PRECISION=prec, UPCAST=False,
                          BLOCK_M=tiles[0], BLOCK_P=tiles[1], BLOCK_DH=256,
                          DROPOUT=dropout)  # fmt: skip
@@ -172,7 +177,7 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 const["ACCUMULATE"] = True
             desc = dict(dtype=dt, precision=prec, head_dim=HEAD_DIM, dropout=dropout,
                         block_m=tiles[0], block_p=tiles[1])  # fmt: skip
-            jobs.append((name, desc, fn, sig, const, bwd.num_warps, bwd.num_stages, True))
+            jobs.append((name, desc, fn, sig, const, bwd.num_warps, tiles[2], True))
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
             # and the residual add + LN (fp32 stream in and out, 16-bit delta)
             for name, x_ty, flags in (
