@@ -322,6 +322,11 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
     out["bf16_triton"] = agg(_grads(chk.al16, img16, txt16, "triton"))
     out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"))
     pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
+    again = _grads(chk.al16, img16, txt16, "triton")
+    first = _grads(chk.al16, img16, txt16, "triton")
+    out["bf16_triton_bitwise_repeatable"] = all(
+        torch.equal(a, b) for a, b in zip(first, again, strict=True)
+    )
     out["dropout_fp32_triton"] = _dropout_check(chk)
     out["pass"] = (max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
                    and max(out["dropout_fp32_triton"]) < 1e-4)  # fmt: skip
