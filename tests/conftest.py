@@ -54,3 +54,15 @@ def golden() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def golden_weights(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("weights.") :]: v for k, v in golden.items() if k.startswith("weights.")}
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """Fail if a call meant for the fused kernels falls back to the chunked backend."""
+    import carzero_fast.backends as backends
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the triton backend fell back to chunked")
+
+    monkeypatch.setattr(backends, "chunked_forward", refuse)
+    monkeypatch.setattr(backends, "chunked_both_directions", refuse)

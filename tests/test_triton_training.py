@@ -17,7 +17,6 @@ import torch  # noqa: E402
 from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
-import carzero_fast.backends as backends  # noqa: E402
 from carzero_fast.backends.fused import draw_dropout  # noqa: E402
 from carzero_fast.backends.fused_reference import dropout_reference_forward  # noqa: E402
 from carzero_fast.backends.fused_train import plan_train  # noqa: E402
@@ -28,17 +27,6 @@ from carzero_fast.memory import track_memory  # noqa: E402
 def _interpreter_active():
     if _TRITON_PRELOADED:
         pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set (see this module's top)")
-
-
-@pytest.fixture
-def triton_only(monkeypatch):
-    """Fail if a call meant for the fused kernels falls back to the chunked backend."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the triton backend fell back to chunked")
-
-    monkeypatch.setattr(backends, "chunked_forward", refuse)
-    monkeypatch.setattr(backends, "chunked_both_directions", refuse)
 
 
 CONFIGS = {
