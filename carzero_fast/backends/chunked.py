@@ -26,7 +26,7 @@ Two exact forms of the attention, chosen per call by the cost model (`use_folded
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -38,6 +38,7 @@ from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .dropout import Dropout
 from .external_attention import external_attention
+from .folded_attention import attention_folded
 from .plan import (
     ChunkPlan,
     default_budget,
@@ -181,39 +182,6 @@ def attention_kv(
     return o.transpose(1, 2).reshape(n, m, d)
 
 
-def attention_folded(
-    qk: Iterable[Tensor],
-    normed: Tensor,
-    lp: LayerPlan,
-    bias: Tensor | None,
-    drop: Dropout,
-    shared: bool,
-) -> Tensor:
-    """Multi-head attention with the K/V projections folded into the query side (exact).
-
-    qk: per head the query in token space (`fold_query`), `(n·m, D)` with one row per pair,
-    or `(m, D)` shared by all n items (`shared`, layer 1); normed `(n, P, D)` = LN0(memory);
-    bias `(n, 1, P)` additive → `(n, m, D)`, before the output projection.
-    """
-    n, p, d = normed.shape
-    outs = []
-    for qk_h, wv, bv in zip(qk, lp.v_heads, lp.v_bias_heads, strict=True):
-        m = qk_h.shape[0] if shared else qk_h.shape[0] // n
-        if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
-            s = (qk_h @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
-        else:
-            s = torch.bmm(qk_h.view(n, m, d), normed.transpose(1, 2))  # [n, m, P]
-        if bias is not None:
-            s = s + bias
-        a = drop(torch.softmax(s, dim=-1))  # [n, m, P]
-        c = torch.bmm(a, normed)  # [n, m, D]: attention-weighted tokens
-        if drop.active:  # dropped weights no longer sum to one: bv scales with their sum
-            outs.append(F.linear(c, wv) + a.sum(-1, keepdim=True) * bv)
-        else:
-            outs.append(F.linear(c, wv, bv))  # [n, m, dh]
-    return torch.cat(outs, dim=-1)
-
-
 def ffn_stage(lp: LayerPlan, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
     """Pre-norm FFN with its residual: x `(..., D)` → `(..., D)`."""
     y = F.layer_norm(x, (cfg.d_model,), lp.norm3_w, lp.norm3_b, cfg.layer_norm_eps)
@@ -249,8 +217,9 @@ def pair_chunk_forward(
     for i, lp in enumerate(prep.layers):
         if i == 0:  # layer 1's query does not depend on the item: prepared once per query
             if folded:
-                o = attention_folded(tuple(t[queries] for t in prep.q1_folded), item[0], lp,
-                                     bias, drop, shared=True)  # fmt: skip
+                qk = tuple(t[queries] for t in prep.q1_folded)
+                o = attention_folded(qk, item[0], lp.v_heads, lp.v_bias_heads, bias, drop,
+                                     shared=True)  # fmt: skip
             else:
                 o = attention_kv(prep.q1[queries].expand(n, m, d), item[0], item[1], bias,
                                  cfg.n_heads, drop)  # fmt: skip
@@ -258,8 +227,8 @@ def pair_chunk_forward(
             y = F.layer_norm(x, (d,), lp.norm2_w, lp.norm2_b, cfg.layer_norm_eps)
             q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
             if folded:
-                o = attention_folded(fold_query(q.reshape(-1, d), lp), item[0], lp, bias, drop,
-                                     shared=False)  # fmt: skip
+                o = attention_folded(fold_query(q.reshape(-1, d), lp), item[0], lp.v_heads,
+                                     lp.v_bias_heads, bias, drop, shared=False)  # fmt: skip
             else:
                 o = attention_kv(q, item[2 * i], item[2 * i + 1], bias, cfg.n_heads, drop)
         x = x + drop(F.linear(o, lp.out_w, lp.out_b))

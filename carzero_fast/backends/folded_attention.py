@@ -1,0 +1,163 @@
+"""The chunked backend's "folded" attention: forward, and a hand-written backward.
+
+Per head h (DESIGN.md §3, chunked.py's module docstring), with X = LN0(memory) `(n, P, D)`,
+qk_h the query already folded into token space `(…, D)` and Wv_h, bv_h the head's value
+projection:
+
+    s_h = qk_h·Xᵀ + bias            # [n, m, P]
+    p_h = softmax(s_h)              # [n, m, P]
+    a_h = dropout(p_h)              # [n, m, P]
+    c_h = a_h·X                     # [n, m, D]
+    o_h = c_h·Wv_hᵀ + Σa_h·bv_h     # [n, m, dh]   (Σa_h = 1 without dropout)
+
+Why not autograd: the gradient into X has two terms per head, a_hᵀ·dc_h and ds_hᵀ·qk_h,
+each a product whose inner dimension is the chunk's m queries (~48). Autograd runs them as
+2·H separate products of that inner dimension and adds them up; on a 2-core CPU they ran at
+~28 GFLOP/s (profile of a training step at N = M = 48). Here they are one batched product
+with inner dimension 2·H·m (about 4× the rate in that profile), and the per-head partial sums
+disappear. The saved state is smaller too: p_h and the dropout mask instead of p_h and a_h.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dropout import Dropout
+
+
+def _scores(qk_h: Tensor, normed: Tensor, shared: bool) -> Tensor:
+    """qk_h `(n·m, D)` (one row per pair) or `(m, D)` (shared by all n items) → `(n, m, P)`."""
+    n, p, d = normed.shape
+    if shared:  # one GEMM against every item's tokens, read back as [n, m, P] (no copy)
+        m = qk_h.shape[0]
+        return (qk_h @ normed.reshape(n * p, d).t()).view(m, n, p).transpose(0, 1)
+    return torch.bmm(qk_h.view(n, -1, d), normed.transpose(1, 2))
+
+
+def folded_forward(
+    qk: tuple[Tensor, ...] | list[Tensor],
+    normed: Tensor,
+    wv: tuple[Tensor, ...],
+    bv: tuple[Tensor, ...],
+    bias: Tensor | None,
+    drop: Dropout,
+    shared: bool,
+    saved: list[tuple[Tensor, Tensor | None, Tensor]] | None = None,
+) -> Tensor:
+    """Attention output before the output projection, `(n, m, D)`.
+
+    qk: per head `(n·m, D)` or `(m, D)` (`shared`); may be a lazy iterable (one head's query
+    alive at a time). `saved`, when given, receives per head (p_h, dropout mask or None, c_h)
+    for the backward.
+    """
+    outs = []
+    for qk_h, wv_h, bv_h in zip(qk, wv, bv, strict=True):
+        s = _scores(qk_h, normed, shared)
+        if bias is not None:
+            s = s + bias
+        prob = torch.softmax(s, dim=-1)  # [n, m, P]
+        mask = drop.mask(prob.shape, prob.device) if drop.active else None
+        a = prob if mask is None else prob.masked_fill(mask, 0.0).mul_(1.0 / (1.0 - drop.p))
+        c = torch.bmm(a, normed)  # [n, m, D]: attention-weighted tokens
+        if mask is None:
+            outs.append(torch.nn.functional.linear(c, wv_h, bv_h))  # [n, m, dh]
+        else:  # dropped weights no longer sum to one: bv scales with their sum
+            outs.append(torch.nn.functional.linear(c, wv_h) + a.sum(-1, keepdim=True) * bv_h)
+        if saved is not None:
+            saved.append((prob, mask, c))
+    return torch.cat(outs, dim=-1)
+
+
+class FoldedAttention(torch.autograd.Function):
+    """`folded_forward` with the backward described in the module docstring.
+
+    Inputs after the options: H queries qk_h, X `(n, P, D)`, H Wv_h `(dh, D)`, H bv_h `(dh,)`.
+    """
+
+    @staticmethod
+    def forward(ctx, bias, drop, shared, n_heads, *tensors):  # noqa: ANN001
+        qk, normed = tensors[:n_heads], tensors[n_heads]
+        wv, bv = tensors[n_heads + 1 : 2 * n_heads + 1], tensors[2 * n_heads + 1 :]
+        saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        out = folded_forward(qk, normed, wv, bv, bias, drop, shared, saved)
+        probs, masks, cs = zip(*saved, strict=True)
+        ctx.save_for_backward(normed, *qk, *wv, *bv, *probs, *cs)
+        ctx.masks, ctx.shared, ctx.n_heads = masks, shared, n_heads
+        ctx.scale = 1.0 / (1.0 - drop.p) if drop.active else 1.0
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):  # noqa: ANN001
+        h_n = ctx.n_heads
+        normed, *rest = ctx.saved_tensors
+        qk, wv, bv = rest[:h_n], rest[h_n : 2 * h_n], rest[2 * h_n : 3 * h_n]
+        probs, cs = rest[3 * h_n : 4 * h_n], rest[4 * h_n :]
+        need_qk = ctx.needs_input_grad[4 : 4 + h_n]
+        need_x = ctx.needs_input_grad[4 + h_n]
+        need_wv = ctx.needs_input_grad[5 + h_n : 5 + 2 * h_n]
+        need_bv = ctx.needs_input_grad[5 + 2 * h_n :]
+        n, p, d = normed.shape
+        m, dh = g_out.shape[1], wv[0].shape[0]
+        # X's gradient = Σ_h ds_hᵀ·qk_h + a_hᵀ·dc_h: one product over the stacked operands
+        lhs = normed.new_empty((n, 2 * h_n, m, p)) if need_x else None  # [ds_h…, a_h…]
+        rhs = normed.new_empty((n, 2 * h_n, m, d)) if need_x else None  # [qk_h…, dc_h…]
+        g_qk, g_wv, g_bv = [], [], []
+        for h in range(h_n):
+            g_h = g_out[..., h * dh : (h + 1) * dh]  # [n, m, dh]
+            prob, mask, c = probs[h], ctx.masks[h], cs[h]
+            # the stacked operands are written in place: no per-head copies
+            a = lhs[:, h_n + h] if need_x else torch.empty_like(prob)  # [n, m, P]
+            torch.mul(prob, ctx.scale, out=a)
+            if mask is not None:
+                a.masked_fill_(mask, 0.0)
+            g_wv.append(g_h.reshape(n * m, dh).t() @ c.reshape(n * m, d) if need_wv[h] else None)
+            if mask is None:
+                g_bv.append(g_h.sum((0, 1)) if need_bv[h] else None)
+            else:
+                g_bv.append((g_h * a.sum(-1, keepdim=True)).sum((0, 1)) if need_bv[h] else None)
+            dc = rhs[:, h_n + h] if need_x else g_out.new_empty((n, m, d))  # [n, m, D]
+            torch.bmm(g_h, wv[h].expand(n, dh, d), out=dc)
+            da = torch.bmm(dc, normed.transpose(1, 2))  # [n, m, P]
+            if mask is not None:  # bv·Σa: every weight's gradient gets g_h·bv_h
+                da += (g_h * bv[h]).sum(-1, keepdim=True)
+                da.masked_fill_(mask, 0.0).mul_(ctx.scale)
+            ds = lhs[:, h] if need_x else torch.empty_like(prob)  # [n, m, P]
+            torch.mul(prob, da.sub_((da * prob).sum(-1, keepdim=True)), out=ds)  # softmax bwd
+            if need_qk[h]:
+                if ctx.shared:  # the query met every item: sum over items in the product
+                    g_qk.append(ds.transpose(0, 1).reshape(m, n * p) @ normed.reshape(n * p, d))
+                else:
+                    g_qk.append(torch.bmm(ds, normed).view(n * m, d))
+            else:
+                g_qk.append(None)
+            if need_x:
+                rhs[:, h] = qk[h].view(-1, m, d)  # broadcast over items when shared
+        g_x = None
+        if need_x:
+            g_x = torch.bmm(lhs.view(n, 2 * h_n * m, p).transpose(1, 2),
+                            rhs.view(n, 2 * h_n * m, d))  # fmt: skip
+        return (None, None, None, None, *g_qk, g_x, *g_wv, *g_bv)
+
+
+def attention_folded(
+    qk,  # noqa: ANN001  (an iterable of per-head tensors)
+    normed: Tensor,
+    wv: tuple[Tensor, ...],
+    bv: tuple[Tensor, ...],
+    bias: Tensor | None,
+    drop: Dropout,
+    shared: bool,
+) -> Tensor:
+    """Multi-head attention with the K/V projections folded into the query side (exact).
+
+    qk: per head the query in token space, `(n·m, D)` with one row per pair, or `(m, D)`
+    shared by all n items (`shared`, layer 1); normed `(n, P, D)` = LN0(memory); bias
+    `(n, 1, P)` additive → `(n, m, D)`, before the output projection. Under autograd it runs
+    `FoldedAttention`; otherwise the plain loop, one head's state alive at a time.
+    """
+    if torch.is_grad_enabled():
+        qk = tuple(qk)  # autograd keeps every head's query anyway
+        if any(t.requires_grad for t in (*qk, normed, *wv, *bv)):
+            return FoldedAttention.apply(bias, drop, shared, len(qk), *qk, normed, *wv, *bv)
+    return folded_forward(qk, normed, wv, bv, bias, drop, shared)
