@@ -2,11 +2,12 @@
 
 One op family per module, each with its kernel, launcher and the PyTorch stage it replaces:
 `layernorm` (residual add + LayerNorm), `linear` (GEMM with bias/ReLU/MLP-head epilogues),
-`attention` (a query block over one item's keys, online softmax).
+`attention` (a query block over one item's keys, online softmax) and `attention_backward`.
 `report` compiles every shipped configuration without a GPU (`python -m carzero_fast.kernels`).
 """
 
-from .attention import attention, attention_backward, attention_torch
+from .attention import attention, attention_torch
+from .attention_backward import attention_backward
 from .common import fix_interpreter_rounding, interpreting
 from .configs import dot_precision
 from .layernorm import add_layer_norm, add_layer_norm_torch, layer_norm_backward

@@ -33,7 +33,7 @@ class AttentionConfig(NamedTuple):
 
 
 class AttentionBwdConfig(NamedTuple):
-    """Tiles of the two attention backward kernels (the head is one padded tile)."""
+    """Tiles of the two attention backward kernels."""
 
     dq_block_m: int  # queries per program of the dQ kernel
     dq_block_p: int  # keys per step of its loop
@@ -42,6 +42,7 @@ class AttentionBwdConfig(NamedTuple):
     num_warps: int
     dq_stages: int
     dkdv_stages: int
+    block_c: int = 64  # head-dim slice width (192 = 3 × 64); 256: one padded tile
 
 
 # (arch major, dot kind) → config; archs below 8 use the Ampere entries
@@ -70,16 +71,18 @@ _ATTENTION = {
     (8, "tf32"): AttentionConfig(64, 32, 4, 2),
     (8, "ieee"): AttentionConfig(32, 32, 4, 2),
 }
-# Backward: 64-query dQ programs reach wgmma on Hopper in 16-bit (the first 32×16 tiles ran
-# mma.sync: 20 ms of an H200 training step at N = M = 256, BENCHMARKS.md); fp32 keeps the
-# small tiles, which are the largest without spills there (compile report).
+# Backward: the head as 64-wide slices; 64-query dQ programs and the dK/dV kernel's
+# transposed [64, keys] accumulators reach wgmma on Hopper in 16-bit (the first padded 32×16
+# tiles ran mma.sync: 20 ms of an H200 training step at N = M = 256, BENCHMARKS.md); fp32
+# keeps small tiles, the largest without spills (compile report), and exact fp32 (FMA code)
+# an unpipelined dK/dV loop (pipelined, it spills).
 _ATTENTION_BWD = {
     (9, "half"): AttentionBwdConfig(64, 32, 64, 32, 8, 2, 2),
     (9, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
-    (9, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
+    (9, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 1),
     (8, "half"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
     (8, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
-    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 2),
+    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 1),
 }
 HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and a GEMV
 
@@ -125,18 +128,15 @@ def attention_config(device: torch.device, dtype: torch.dtype) -> AttentionConfi
 
 def attention_bwd_config(device: torch.device, dtype: torch.dtype,
                          dropout: bool = False) -> AttentionBwdConfig:  # fmt: skip
-    """The backward tiles; with dropout, the Philox registers need smaller ones where the
-    shipped tiles would spill (compile report): 16-bit dQ steps of 16 keys, fp32 16-query
-    tiles (and an unpipelined dK/dV loop)."""
+    """The backward tiles; with dropout, fp32 runs the dK/dV loop unpipelined (the Philox
+    registers would make the pipelined one spill on sm_80, compile report)."""
     kind = dot_kind(dtype)
     cfg = _ATTENTION_BWD[_key(arch_of(device), kind)]
     return _with_dropout(cfg, kind) if dropout else cfg
 
 
 def _with_dropout(cfg: AttentionBwdConfig, kind: str) -> AttentionBwdConfig:
-    if kind == "half":
-        return cfg._replace(dq_block_p=min(cfg.dq_block_p, 16))
-    return cfg._replace(dq_block_m=16, dkdv_block_m=16, dkdv_stages=1)
+    return cfg if kind == "half" else cfg._replace(dkdv_stages=1)
 
 
 def override(kernel: str, arch: int, kind: str, config: NamedTuple) -> NamedTuple:

@@ -18,11 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .attention import (
-    attention_dkdv_kernel,
-    attention_dq_kernel,
-    attention_kernel,
-)
+from .attention import attention_kernel
+from .attention_backward import attention_dkdv_kernel, attention_dq_kernel, slice_width
 from .configs import shipped, shipped_bwd_with_dropout
 from .layernorm import BLOCK_ROWS, LN_BWD_WARPS, add_layer_norm_kernel, layer_norm_backward_kernel
 from .linear import DROPOUT_BLOCK_N, linear_kernel, linear_tma_kernel
@@ -171,12 +168,12 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                      if name == "attention_dkdv"
                      else (bwd.dq_block_m, bwd.dq_block_p, bwd.dq_stages))  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=True, PRECISION=prec, UPCAST=False,
-                         BLOCK_M=tiles[0], BLOCK_P=tiles[1], BLOCK_DH=256,
-                         DROPOUT=dropout)  # fmt: skip
+                         BLOCK_M=tiles[0], BLOCK_P=tiles[1],
+                         BLOCK_C=slice_width(HEAD_DIM, bwd.block_c), DROPOUT=dropout)  # fmt: skip
             if name == "attention_dkdv":  # as training launches it: into the accumulators
                 const["ACCUMULATE"] = True
             desc = dict(dtype=dt, precision=prec, head_dim=HEAD_DIM, dropout=dropout,
-                        block_m=tiles[0], block_p=tiles[1])  # fmt: skip
+                        block_m=tiles[0], block_p=tiles[1], block_c=const["BLOCK_C"])  # fmt: skip
             jobs.append((name, desc, fn, sig, const, bwd.num_warps, tiles[2], True))
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
             # and the residual add + LN (fp32 stream in and out, 16-bit delta)

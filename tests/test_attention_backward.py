@@ -11,7 +11,20 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from carzero_fast.kernels import attention, attention_backward, attention_torch  # noqa: E402
+from carzero_fast.kernels import attention, attention_backward, attention_torch, configs  # noqa: E402, I001
+
+
+@pytest.fixture(params=[64, 32, 16], ids=["slice64", "slice32", "slice16"])
+def slice_cfg(request):  # noqa: ANN001, ANN201
+    """The backward's head-dim slice width (`block_c`): the shipped 64 (one slice, padded,
+    for these head dims ≤ 64), 32 (48 = 32 + a partial slice) and 16 (three or four slices,
+    as CARZero's 192 = 3 × 64 runs on a GPU). The interpreter reads the Hopper tables."""
+    old = {kind: configs.shipped(9, kind)["attention_bwd"] for kind in configs.KINDS}
+    for kind, cfg in old.items():
+        configs.override("attention_bwd", 9, kind, cfg._replace(block_c=request.param))
+    yield request.param
+    for kind, cfg in old.items():
+        configs.override("attention_bwd", 9, kind, cfg)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
@@ -41,14 +54,15 @@ def _grads(q, k, v, dout, heads, n, m, shared, mask, dtype):  # noqa: ANN001, AN
     return [t.grad for t in leaves]
 
 
-CASES = [(3, 37, 19, 2, 96), (2, 5, 1, 4, 64), (2, 9, 97, 4, 64), (1, 33, 197, 1, 48)]
+CASES = [(3, 37, 19, 2, 96), (2, 5, 1, 4, 64), (2, 9, 97, 4, 64), (1, 33, 197, 1, 48),
+         (2, 7, 23, 1, 64)]
 
 
 @pytest.mark.parametrize("n,m,p,heads,d", CASES)
 @pytest.mark.parametrize("shared", [False, True], ids=["per-pair", "shared"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "ragged-mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_backward_matches_autograd(n, m, p, heads, d, shared, masked, dtype):
+def test_backward_matches_autograd(n, m, p, heads, d, shared, masked, dtype, slice_cfg):
     q, kv, mask, dout = _case(n, m, p, heads, d, shared, masked, dtype)
     k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
     lse = torch.full((n * m, heads), float("nan"))

@@ -1,0 +1,301 @@
+"""Backward of `attention` (FlashAttention-2 style): P recomputed from the forward's LSE.
+
+Two kernels per call. The dQ kernel (program per query block, head, item) runs first and
+also stores delta = rowsum(dO ∘ O), the softmax Jacobian's diagonal term. The dK/dV kernel
+(program per key block, head, item) loops over the item's query blocks, so an item's key
+gradients stay in one program (memory-item-major, no atomics) and are added straight into
+the caller's fp32 accumulators.
+
+The head dimension is held as up to four power-of-two column slices of `block_c` columns
+(192 = 3 × 64), as in the forward: no padding to 256, a quarter fewer FLOPs and registers
+than one padded tile. The dK/dV kernel keeps its accumulators transposed, `[BLOCK_C, keys]`:
+the matrix products' M dimension is then the 64-wide slice, which is what Hopper's wgmma
+needs (a 32-key tile as M would fall back to mma.sync, and 64 keys × 6 accumulators of a
+padded head would spill). `block_c` = 256 gives the padded single tile back (a config knob
+for tuning on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .attention import _drop_args, _keep, _slice_rows
+from .common import mma, upcast_dots
+from .configs import attention_bwd_config, dot_precision
+from .dropout import ChunkPos, DropoutSpec
+
+
+@triton.jit
+def _head(p_rows, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+          N_SLICES: tl.constexpr):  # fmt: skip
+    """A head's columns of rows `p_rows` `[R, 1]` as up to four `[R, BLOCK_C]` slices (those
+    past N_SLICES alias the first and are never used)."""
+    b_0 = _slice_rows(p_rows, 0, m_rows, HEAD_DIM, BLOCK_C)
+    b_1 = b_0
+    b_2 = b_0
+    b_3 = b_0
+    if N_SLICES > 1:
+        b_1 = _slice_rows(p_rows, BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 2:
+        b_2 = _slice_rows(p_rows, 2 * BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 3:
+        b_3 = _slice_rows(p_rows, 3 * BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
+    return b_0, b_1, b_2, b_3
+
+
+@triton.jit
+def _dot_t(b_a0, b_a1, b_a2, b_a3, b_b0, b_b1, b_b2, b_b3, acc, N_SLICES: tl.constexpr,
+           PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """acc + Σ_c a_c · b_cᵀ over the slices: a `[R, BLOCK_C]`, b `[S, BLOCK_C]` → `[R, S]`."""
+    acc = mma(b_a0, tl.trans(b_b0), acc, PRECISION, UPCAST)
+    if N_SLICES > 1:
+        acc = mma(b_a1, tl.trans(b_b1), acc, PRECISION, UPCAST)
+    if N_SLICES > 2:
+        acc = mma(b_a2, tl.trans(b_b2), acc, PRECISION, UPCAST)
+    if N_SLICES > 3:
+        acc = mma(b_a3, tl.trans(b_b3), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _store_slice(p_rows, col0, b_x, m_rows, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_C: tl.constexpr):  # fmt: skip
+    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    m_x = m_rows[:, None] & (o_c[None, :] < HEAD_DIM)
+    if ACCUMULATE:  # this program owns the tile: a plain read-add-write, no atomics
+        b_x += tl.load(p_rows + o_c[None, :], mask=m_x, other=0.0)
+    tl.store(p_rows + o_c[None, :], b_x, mask=m_x)
+
+
+@triton.jit
+def _store_head(p_rows, b_0, b_1, b_2, b_3, m_rows, ACCUMULATE: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, N_SLICES: tl.constexpr):  # fmt: skip
+    """Write (or add, ACCUMULATE) a head's slices `[R, BLOCK_C]` at rows `p_rows` `[R, 1]`."""
+    _store_slice(p_rows, 0, b_0, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 1:
+        _store_slice(p_rows, BLOCK_C, b_1, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 2:
+        _store_slice(p_rows, 2 * BLOCK_C, b_2, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 3:
+        _store_slice(p_rows, 3 * BLOCK_C, b_3, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+
+
+@triton.jit
+def attention_dq_kernel(
+    p_q, p_k, p_v, p_mask, p_out, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
+    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_out, stride_do,
+    stride_dq, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
+    pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_heads = tl.num_programs(1)
+    N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
+    c0 = head * HEAD_DIM
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] queries of this item
+    m_m = o_m < n_queries
+    o_row = item * n_queries + o_m  # this pair's rows of out / dout / lse / delta / dq
+    b_do0, b_do1, b_do2, b_do3 = _head(p_do + o_row[:, None] * stride_do + c0, m_m, HEAD_DIM,
+                                       BLOCK_C, N_SLICES)  # [BLOCK_M, BLOCK_C] each  # fmt: skip
+    # delta = rowsum(dO ∘ O): computed here, before q is loaded (O's slices are dead by then),
+    # and stored for the dK/dV kernel that runs next
+    b_o0, b_o1, b_o2, b_o3 = _head(p_out + o_row[:, None] * stride_out + c0, m_m, HEAD_DIM,
+                                   BLOCK_C, N_SLICES)  # fmt: skip
+    b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), axis=1)  # [BLOCK_M]
+    if N_SLICES > 1:
+        b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), axis=1)
+    if N_SLICES > 2:
+        b_delta += tl.sum(b_do2.to(tl.float32) * b_o2.to(tl.float32), axis=1)
+    if N_SLICES > 3:
+        b_delta += tl.sum(b_do3.to(tl.float32) * b_o3.to(tl.float32), axis=1)
+    tl.store(p_delta + o_row * n_heads + head, b_delta, mask=m_m)
+    p_qrows = p_q + (item * q_item_stride + o_m)[:, None] * stride_q + c0
+    b_q0, b_q1, b_q2, b_q3 = _head(p_qrows, m_m, HEAD_DIM, BLOCK_C, N_SLICES)
+    b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)  # [BLOCK_M]
+    b_dq0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # [BLOCK_M, BLOCK_C]
+    b_dq1 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    b_dq2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    b_dq3 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, n_keys, BLOCK_P):
+        o_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P]
+        m_p = o_p < n_keys
+        if HAS_MASK:
+            m_p = m_p & (tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1) == 0)
+        p_kvrows = (item * n_keys + o_p)[:, None] * stride_kv + c0  # [BLOCK_P, 1] offsets
+        b_k0, b_k1, b_k2, b_k3 = _head(p_k + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+        b_v0, b_v1, b_v2, b_v3 = _head(p_v + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+        b_s = _dot_t(b_q0, b_q1, b_q2, b_q3, b_k0, b_k1, b_k2, b_k3,
+                     tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
+                     UPCAST)  # [BLOCK_M, BLOCK_P] scores  # fmt: skip
+        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp(b_s * scale - b_lse[:, None]), 0.0)
+        b_dp = _dot_t(b_do0, b_do1, b_do2, b_do3, b_v0, b_v1, b_v2, b_v3,
+                      tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
+                      UPCAST)  # [BLOCK_M, BLOCK_P] weight gradients  # fmt: skip
+        if DROPOUT:  # O = (P∘Z)·V·s: the weights' gradient goes through the mask
+            b_keep = _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head)
+            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_k0.dtype)  # score gradients
+        b_dq0 = mma(b_ds, b_k0, b_dq0, PRECISION, UPCAST)
+        if N_SLICES > 1:
+            b_dq1 = mma(b_ds, b_k1, b_dq1, PRECISION, UPCAST)
+        if N_SLICES > 2:
+            b_dq2 = mma(b_ds, b_k2, b_dq2, PRECISION, UPCAST)
+        if N_SLICES > 3:
+            b_dq3 = mma(b_ds, b_k3, b_dq3, PRECISION, UPCAST)
+    _store_head(p_dq + o_row[:, None] * stride_dq + c0, b_dq0 * scale, b_dq1 * scale,
+                b_dq2 * scale, b_dq3 * scale, m_m, False, HEAD_DIM, BLOCK_C,
+                N_SLICES)  # fmt: skip
+
+
+@triton.jit
+def attention_dkdv_kernel(
+    p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dk, p_dv,  # noqa: ANN001
+    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
+    stride_dkv, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
+    pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_heads = tl.num_programs(1)
+    N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
+    c0 = head * HEAD_DIM
+    o_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] keys of this item
+    m_p = o_p < n_keys
+    if HAS_MASK:
+        m_p = m_p & (tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1) == 0)
+    o_kv = item * n_keys + o_p
+    p_kvrows = o_kv[:, None] * stride_kv + c0  # [BLOCK_P, 1] offsets
+    b_k0, b_k1, b_k2, b_k3 = _head(p_k + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+    b_v0, b_v1, b_v2, b_v3 = _head(p_v + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+    # transposed accumulators [BLOCK_C, BLOCK_P]: the slice is the products' M dimension
+    b_dkt0 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dkt1 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dkt2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dkt3 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dvt0 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dvt1 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dvt2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    b_dvt3 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for q0 in range(0, n_queries, BLOCK_M):
+        o_m = q0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        m_m = o_m < n_queries
+        o_row = item * n_queries + o_m  # this pair's rows of dout / lse / delta
+        p_qrows = p_q + (item * q_item_stride + o_m)[:, None] * stride_q + c0
+        b_q0, b_q1, b_q2, b_q3 = _head(p_qrows, m_m, HEAD_DIM, BLOCK_C, N_SLICES)
+        b_do0, b_do1, b_do2, b_do3 = _head(p_do + o_row[:, None] * stride_do + c0, m_m,
+                                           HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
+        b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_delta = tl.load(p_delta + o_row * n_heads + head, mask=m_m, other=0.0)
+        b_s = _dot_t(b_q0, b_q1, b_q2, b_q3, b_k0, b_k1, b_k2, b_k3,
+                     tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
+                     UPCAST)  # [BLOCK_M, BLOCK_P] scores  # fmt: skip
+        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp(b_s * scale - b_lse[:, None]), 0.0)
+        b_dp = _dot_t(b_do0, b_do1, b_do2, b_do3, b_v0, b_v1, b_v2, b_v3,
+                      tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
+                      UPCAST)  # fmt: skip
+        if DROPOUT:  # O = (P∘Z)·V·s: dV sees the dropped weights, dP the mask
+            b_keep = _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head)
+            b_pv = tl.where(b_keep, b_p * drop_scale, 0.0).to(b_do0.dtype)
+            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+        else:
+            b_pv = b_p.to(b_do0.dtype)  # [BLOCK_M, BLOCK_P] the weights V met
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q0.dtype)  # score gradients
+        # dVᵀ_c += dO_cᵀ·P and dKᵀ_c += Q_cᵀ·dS, per slice
+        b_dvt0 = mma(tl.trans(b_do0), b_pv, b_dvt0, PRECISION, UPCAST)
+        b_dkt0 = mma(tl.trans(b_q0), b_ds, b_dkt0, PRECISION, UPCAST)
+        if N_SLICES > 1:
+            b_dvt1 = mma(tl.trans(b_do1), b_pv, b_dvt1, PRECISION, UPCAST)
+            b_dkt1 = mma(tl.trans(b_q1), b_ds, b_dkt1, PRECISION, UPCAST)
+        if N_SLICES > 2:
+            b_dvt2 = mma(tl.trans(b_do2), b_pv, b_dvt2, PRECISION, UPCAST)
+            b_dkt2 = mma(tl.trans(b_q2), b_ds, b_dkt2, PRECISION, UPCAST)
+        if N_SLICES > 3:
+            b_dvt3 = mma(tl.trans(b_do3), b_pv, b_dvt3, PRECISION, UPCAST)
+            b_dkt3 = mma(tl.trans(b_q3), b_ds, b_dkt3, PRECISION, UPCAST)
+    p_out = o_kv[:, None] * stride_dkv + c0  # [BLOCK_P, 1] offsets
+    m_out = o_p < n_keys
+    _store_head(p_dk + p_out, tl.trans(b_dkt0) * scale, tl.trans(b_dkt1) * scale,
+                tl.trans(b_dkt2) * scale, tl.trans(b_dkt3) * scale, m_out, ACCUMULATE,
+                HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
+    _store_head(p_dv + p_out, tl.trans(b_dvt0), tl.trans(b_dvt1), tl.trans(b_dvt2),
+                tl.trans(b_dvt3), m_out, ACCUMULATE, HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
+
+
+def slice_width(head_dim: int, block_c: int) -> int:
+    """Columns per head slice: at most `block_c`, at most four slices, a power of two ≥ 16."""
+    width = max(16, min(block_c, triton.next_power_of_2(head_dim)))
+    return max(width, triton.next_power_of_2(triton.cdiv(head_dim, 4)))
+
+
+def attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    n_heads: int,
+    n_items: int,
+    n_queries: int,
+    *,
+    shared_queries: bool = False,
+    mask: Tensor | None = None,
+    dk: Tensor | None = None,
+    dv: Tensor | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention` (same arguments, plus its output `out`, the output's gradient
+    `dout` and the `lse` it stored) → (dq per pair `(n_items·n_queries, D)`, dk, dv
+    `(n_items·P, D)`), fp32. With shared queries, the shared rows' gradient is the per-pair
+    dq summed over items (left to the caller, who owns that reduction's order).
+
+    dk, dv: fp32 `(n_items·P, D)` buffers (row-strided views are fine, one row stride for
+    both) that the key/value gradients are added into, e.g. an item block's accumulators
+    over its query chunks; new ones are returned when not given. dropout: as the forward's.
+    """
+    d = q.shape[1]
+    n_keys = k.shape[0] // max(n_items, 1)
+    head_dim = d // n_heads
+    rows = n_items * n_queries
+    if dout.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("attention_backward: out and dout need unit stride along their rows")
+    delta = torch.empty((rows, n_heads), dtype=torch.float32, device=q.device)  # by the dQ kernel
+    # every valid row and head column is stored by exactly one program: no zero-fill needed
+    dq = torch.empty((rows, d), dtype=torch.float32, device=q.device)
+    accumulate = dk is not None
+    if dk is None or dv is None:
+        if dk is not None or dv is not None:
+            raise ValueError("attention_backward: give both dk and dv, or neither")
+        dk = torch.empty((n_items * n_keys, d), dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+    if dk.dtype != torch.float32 or dv.dtype != torch.float32 or dk.stride() != dv.stride():
+        raise ValueError("attention_backward: dk and dv must be fp32 with the same strides")
+    cfg = attention_bwd_config(q.device, q.dtype, dropout is not None)
+    keys_pow2 = max(16, triton.next_power_of_2(n_keys))  # no key tile wider than the keys
+    common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
+                  UPCAST=upcast_dots(q.dtype), BLOCK_C=slice_width(head_dim, cfg.block_c),
+                  DROPOUT=dropout is not None, num_warps=cfg.num_warps)  # fmt: skip
+    scale, drop_args = 1.0 / math.sqrt(head_dim), _drop_args(dropout)
+    q_item_stride = 0 if shared_queries else n_queries
+    mask_stride = mask.stride(0) if mask is not None else 0
+    attention_dq_kernel[(triton.cdiv(n_queries, cfg.dq_block_m), n_heads, n_items)](
+        q, k, v, mask, out, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
+        k.stride(0), mask_stride, out.stride(0), dout.stride(0), dq.stride(0), scale, *drop_args,
+        **common, BLOCK_M=cfg.dq_block_m, BLOCK_P=min(cfg.dq_block_p, keys_pow2),
+        num_stages=cfg.dq_stages,
+    )  # fmt: skip
+    block_p = min(cfg.dkdv_block_p, keys_pow2)
+    attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
+        q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
+        k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, *drop_args, **common,
+        BLOCK_M=cfg.dkdv_block_m, BLOCK_P=block_p, ACCUMULATE=accumulate,
+        num_stages=cfg.dkdv_stages,
+    )  # fmt: skip
+    return dq, dk, dv
