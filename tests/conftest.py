@@ -21,6 +21,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
 
 
+@pytest.fixture
+def nan_buffers(monkeypatch):  # noqa: ANN001, ANN201
+    """Every tensor allocated through torch.empty / empty_like / Tensor.new_empty while the
+    test runs starts as NaN (floating dtypes), so that an element read before it is written,
+    or never written, shows up in the comparison."""
+
+    def nan_filled(alloc):  # noqa: ANN001, ANN202
+        def nan_alloc(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            t = alloc(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        return nan_alloc
+
+    for name in ("empty", "empty_like"):
+        monkeypatch.setattr(torch, name, nan_filled(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_filled(torch.Tensor.new_empty))
+
+
 def make_aligner(
     cfg: cf.AlignerConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> cf.CrossAttentionAligner:
