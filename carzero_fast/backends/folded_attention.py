@@ -20,6 +20,8 @@ disappear. The saved state is smaller too: p_h and the dropout mask instead of p
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ def _scores(qk_h: Tensor, normed: Tensor, shared: bool) -> Tensor:
 
 
 def folded_forward(
-    qk: tuple[Tensor, ...] | list[Tensor],
+    qk: Iterable[Tensor],
     normed: Tensor,
     wv: tuple[Tensor, ...],
     bv: tuple[Tensor, ...],
@@ -141,7 +143,7 @@ class FoldedAttention(torch.autograd.Function):
 
 
 def attention_folded(
-    qk,  # noqa: ANN001  (an iterable of per-head tensors)
+    qk: Iterable[Tensor],
     normed: Tensor,
     wv: tuple[Tensor, ...],
     bv: tuple[Tensor, ...],
