@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_aligner, random_mask, rel_err
 
@@ -35,6 +36,35 @@ def test_training_step_matches_reference_without_dropout():
     assert rel_err(loss_c, loss_r) < 1e-5
     for a, b in zip(grads_c, grads_r, strict=True):
         assert rel_err(a, b, floor=1e-3) < 1e-4  # floor: mlp_head.9.bias's gradient is ~0
+
+
+@pytest.mark.parametrize("form", ["kv", "folded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training_no_worse_than_pytorch(form, dtype):
+    """16-bit training step: relative RMS error of each token gradient and of all weights'
+    gradients together against the fp32 reference, within 2× the reference's own in that
+    dtype (the reference is plain PyTorch autograd)."""
+    cfg = cf.AlignerConfig(d_model=32, n_layers=2, d_ffn=40, head_dims=(24, 8), dropout=0.0)
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(6, 9, 32, generator=g), torch.randn(6, 5, 32, generator=g)
+
+    def grads(dtype, backend):  # noqa: ANN001, ANN202
+        al = make_aligner(cfg, 2, dtype=dtype).train()
+        a = img.to(dtype).detach().requires_grad_(True)  # a leaf of its own in every dtype
+        b = txt.to(dtype).detach().requires_grad_(True)
+        if backend == "reference":
+            i2t, t2i = cf.alignment_logits(al, a, b, backend="reference")
+        else:  # a budget of one byte: one pair per chunk
+            i2t, t2i = chunked_both_directions(al.weights(), cfg, a, b, None, None, True, 1,
+                                               form)  # fmt: skip
+        cf.carzero_loss(i2t.float(), t2i.float()).backward()
+        w = torch.cat([p.grad.float().flatten() for p in al.parameters()])
+        return [a.grad.float(), b.grad.float(), w]
+
+    exact, own, got = grads(torch.float32, "reference"), grads(dtype, "reference"), grads(
+        dtype, "chunked")  # fmt: skip
+    for what, x, y, e in zip(["img", "txt", "weights"], got, own, exact, strict=True):
+        assert rel_err(x, e) <= 2 * rel_err(y, e), what
 
 
 def _flat_fn(cfg, mask, budget, form):
