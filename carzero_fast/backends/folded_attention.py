@@ -108,16 +108,20 @@ class FoldedAttention(torch.autograd.Function):
         for h in range(h_n):
             g_h = g_out[..., h * dh : (h + 1) * dh]  # [n, m, dh]
             prob, mask, c = probs[h], ctx.masks[h], cs[h]
-            # the stacked operands are written in place: no per-head copies
-            a = lhs[:, h_n + h] if need_x else torch.empty_like(prob)  # [n, m, P]
-            torch.mul(prob, ctx.scale, out=a)
-            if mask is not None:
-                a.masked_fill_(mask, 0.0)
+            a = None  # [n, m, P] the dropped weights, where needed
+            if need_x or (mask is not None and need_bv[h]):
+                # the stacked operands are written in place: no per-head copies
+                a = lhs[:, h_n + h] if need_x else torch.empty_like(prob)
+                torch.mul(prob, ctx.scale, out=a)
+                if mask is not None:
+                    a.masked_fill_(mask, 0.0)
             g_wv.append(g_h.reshape(n * m, dh).t() @ c.reshape(n * m, d) if need_wv[h] else None)
-            if mask is None:
-                g_bv.append(g_h.sum((0, 1)) if need_bv[h] else None)
+            if not need_bv[h]:
+                g_bv.append(None)
+            elif mask is None:
+                g_bv.append(g_h.sum((0, 1)))
             else:
-                g_bv.append((g_h * a.sum(-1, keepdim=True)).sum((0, 1)) if need_bv[h] else None)
+                g_bv.append((g_h * a.sum(-1, keepdim=True)).sum((0, 1)))
             dc = rhs[:, h_n + h] if need_x else g_out.new_empty((n, m, d))  # [n, m, D]
             torch.bmm(g_h, wv[h].expand(n, dh, d), out=dc)
             da = torch.bmm(dc, normed.transpose(1, 2))  # [n, m, P]
