@@ -5,8 +5,9 @@
 
 For each candidate configuration: every `linear` variant the backend launches, at a chunk's
 shape, against cuBLAS on the same product (`torch.mm`, no fusion), and the attention kernel
-against PyTorch's SDPA on the same work; then the whole backend at N = M = 1024 with the
-fastest configuration of each kernel. Writes `tune_gpu.json`; prints a table.
+against PyTorch's SDPA on the same work, the attention backward (dQ and dK/dV kernels) against
+SDPA's backward on the same work; then the whole backend at N = M = 1024 with the fastest
+configuration of each forward kernel. Writes `tune_gpu.json`; prints a table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from carzero_fast.kernels import add_layer_norm, attention, linear
+from carzero_fast.kernels import add_layer_norm, attention, attention_backward, linear
 from carzero_fast.kernels import configs as kc
 
 # (config, TMA kernel?) — every candidate compiles without spills for sm_90; the first is
@@ -37,6 +38,17 @@ ATTENTION_CANDIDATES = [
     kc.AttentionConfig(64, 32, 4, 2),
     kc.AttentionConfig(64, 16, 4, 3),
     kc.AttentionConfig(128, 32, 8, 3),
+]
+# backward tiles (dq_block_m, dq_block_p, dkdv_block_m, dkdv_block_p, warps, dq_stages,
+# dkdv_stages, block_c); spill-free for sm_90 without dropout (the sweep runs none); the last
+# is the first design's head tile padded to 256 columns, for comparison
+ATTENTION_BWD_CANDIDATES = [
+    kc.AttentionBwdConfig(64, 32, 64, 32, 8, 2, 2, 64),
+    kc.AttentionBwdConfig(64, 64, 64, 32, 8, 2, 2, 64),
+    kc.AttentionBwdConfig(64, 32, 64, 32, 8, 3, 3, 64),
+    kc.AttentionBwdConfig(128, 32, 64, 32, 8, 2, 2, 64),
+    kc.AttentionBwdConfig(64, 32, 128, 32, 8, 2, 2, 64),
+    kc.AttentionBwdConfig(64, 16, 64, 16, 8, 2, 2, 256),
 ]
 
 
@@ -144,6 +156,32 @@ def main(argv: list[str] | None = None) -> int:
         print("attention", json.dumps(row), flush=True)
     kc.override("attention", arch, "half", base_att)
 
+    # attention backward: both kernels, dK/dV added into fp32 accumulators as training does;
+    # 5 products of 2·m·P·D per item (S and dP recomputed, dQ, dK, dV)
+    lse = torch.empty((items * m, heads), dtype=torch.float32, device=dev)
+    attention(q, k_, v_, heads, items, m, out=o, lse=lse)
+    do = rnd(items * m, d)
+    acc = torch.zeros((items * p, 2 * d), dtype=torch.float32, device=dev)
+    flops_bwd = 10 * items * m * p * d
+    leaves = [t.detach().requires_grad_(True) for t in (qh, kh, vh)]
+    o_ref = F.scaled_dot_product_attention(*leaves)
+    do_h = do.view(items, m, heads, d // heads).transpose(1, 2)
+    t_sdpa_bwd = bench(lambda: torch.autograd.grad(o_ref, leaves, do_h, retain_graph=True), dev)
+    results["attention_backward"] = []
+    base_bwd = kc.override("attention_bwd", arch, "half", ATTENTION_BWD_CANDIDATES[0])
+    for cand in ATTENTION_BWD_CANDIDATES:
+        kc.override("attention_bwd", arch, "half", cand)
+        try:
+            t = bench(lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m,
+                                                 dk=acc[:, :d], dv=acc[:, d:]), dev)  # fmt: skip
+            row = {"config": cand._asdict(), "us": t * 1e6, "tflops": flops_bwd / t / 1e12,
+                   "sdpa_bwd_tflops": flops_bwd / t_sdpa_bwd / 1e12}  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            row = {"config": cand._asdict(), "error": repr(e)[:300]}
+        results["attention_backward"].append(row)
+        print("attention_backward", json.dumps(row), flush=True)
+    kc.override("attention_bwd", arch, "half", base_bwd)
+
     # the whole backend with each kernel's fastest configuration
     def best(rows: list[dict], key: str | None = None) -> dict | None:
         ok = [r for r in rows if "us" in r]
@@ -155,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return min(ok, key=lambda r: r["us"])["config"] if ok else None
 
     best_lin, best_att = best(results["linear"], "sum"), best(results["attention"])
-    results["best"] = {"linear": best_lin, "attention": best_att}
+    results["best"] = {"linear": best_lin, "attention": best_att,
+                       "attention_backward": best(results["attention_backward"])}  # fmt: skip
     print("best", json.dumps(results["best"]), flush=True)
     if not args.smoke and best_lin and best_att:
         import carzero_fast as cf
