@@ -97,11 +97,11 @@ def linear_backward(
     if g_w is not None:
         g_w.add_(torch.mm(dy.t(), x))
         g_b.add_(dy.sum(0, dtype=torch.float32))
+    if relu_of is not None and drop_scale != 1.0:
+        weight = weight * drop_scale  # the dropout's scale on the small weight: one pass less
     dx = torch.mm(dy, weight)
     if relu_of is not None:
         dx.masked_fill_(relu_of <= 0, 0.0)
-        if drop_scale != 1.0:
-            dx.mul_(drop_scale)
     return dx
 
 
