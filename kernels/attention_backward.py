@@ -69,7 +69,7 @@ def _store_slice(p_rows, col0, b_x, m_rows, ACCUMULATE: tl.constexpr, HEAD_DIM: 
     m_x = m_rows[:, None] & (o_c[None, :] < HEAD_DIM)
     if ACCUMULATE:  # this program owns the tile: a plain read-add-write, no atomics
         b_x += tl.load(p_rows + o_c[None, :], mask=m_x, other=0.0)
-    tl.store(p_rows + o_c[None, :], b_x, mask=m_x)
+    tl.store(p_rows + o_c[None, :], b_x.to(p_rows.dtype.element_ty), mask=m_x)
 
 
 @triton.jit
@@ -250,11 +250,14 @@ def attention_backward(
     dk: Tensor | None = None,
     dv: Tensor | None = None,
     dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
+    dq_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `attention` (same arguments, plus its output `out`, the output's gradient
     `dout` and the `lse` it stored) → (dq per pair `(n_items·n_queries, D)`, dk, dv
-    `(n_items·P, D)`), fp32. With shared queries, the shared rows' gradient is the per-pair
-    dq summed over items (left to the caller, who owns that reduction's order).
+    `(n_items·P, D)`), fp32 (dq in `dq_dtype`: the GEMM dtype when the next use is the
+    query projection's backward, which saves a cast). With shared queries, the shared rows'
+    gradient is the per-pair dq summed over items (left to the caller, who owns that
+    reduction's order).
 
     dk, dv: fp32 `(n_items·P, D)` buffers (row-strided views are fine, one row stride for
     both) that the key/value gradients are added into, e.g. an item block's accumulators
@@ -268,7 +271,7 @@ def attention_backward(
         raise ValueError("attention_backward: out and dout need unit stride along their rows")
     delta = torch.empty((rows, n_heads), dtype=torch.float32, device=q.device)  # by the dQ kernel
     # every valid row and head column is stored by exactly one program: no zero-fill needed
-    dq = torch.empty((rows, d), dtype=torch.float32, device=q.device)
+    dq = torch.empty((rows, d), dtype=dq_dtype, device=q.device)
     accumulate = dk is not None
     if dk is None or dv is None:
         if dk is not None or dv is not None:

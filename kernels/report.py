@@ -155,8 +155,10 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             if name == "attention_dq":  # it computes delta = rowsum(dO ∘ O) from the output
                 sig["p_out"] = ptr
             sig.update({"p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32"})
+            # dq: fp32 for layer 1's shared queries, the GEMM dtype for the others (both are
+            # launched; the eval rows build the first, the dropout rows the second)
             sig.update({"p_dk": "*fp32", "p_dv": "*fp32"} if name == "attention_dkdv"
-                       else {"p_dq": "*fp32"})  # fmt: skip
+                       else {"p_dq": ptr if dropout else "*fp32"})  # fmt: skip
             sig.update({"n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                         "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32"})
             if name == "attention_dq":

@@ -116,3 +116,18 @@ def test_backward_accumulates_into_given_buffers():
     assert torch.allclose(acc[:, 2 * d :], before[:, 2 * d :] + dv, atol=1e-6)
     with pytest.raises(ValueError, match="both"):
         attention_backward(q, k, v, out, dout, lse, heads, n, m, dk=acc[:, :d])
+
+
+def test_dq_in_the_gemm_dtype_is_the_rounded_fp32_dq():
+    """dq_dtype=bf16 (what training asks for layers > 1) stores the same values rounded once
+    to nearest-even, bit for bit what the fp32 result's cast gives."""
+    n, m, p, heads, d = 2, 9, 23, 2, 64
+    q, kv, mask, dout = _case(n, m, p, heads, d, False, True, torch.bfloat16)
+    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
+    lse = torch.empty((n * m, heads))
+    out = attention(q, k, v, heads, n, m, mask=mask, lse=lse)
+    dq32, _, _ = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask)
+    dq16, _, _ = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask,
+                                    dq_dtype=torch.bfloat16)  # fmt: skip
+    assert dq16.dtype == torch.bfloat16
+    assert torch.equal(dq16, dq32.to(torch.bfloat16))

@@ -199,10 +199,11 @@ def _chunk_backward(
         v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
         q = cp.q1[queries] if li == 0 else b.q
         a_drop = (*drop, tag(SITE_ATTENTION, li)) if drop else None
+        # layer 1's per-pair dq is summed over items in fp32; the others go into a GEMM
         dq, _, _ = attention_backward(q, kv[:, k_cols], kv[:, v_cols], b.o, do, b.lse, n_heads,
                                       ni, mc, shared_queries=li == 0, mask=mask,
-                                      dk=g_kv[:, k_cols], dv=g_kv[:, v_cols],
-                                      dropout=a_drop)  # fmt: skip
+                                      dk=g_kv[:, k_cols], dv=g_kv[:, v_cols], dropout=a_drop,
+                                      dq_dtype=torch.float32 if li == 0 else q.dtype)  # fmt: skip
         if li == 0:  # x_in is x0 and q is q1, both shared by the chunk's items
             g_q1[queries] += dq.view(ni, mc, d).sum(0)
             g_x0[queries] += dx_mid.view(ni, mc, d).sum(0)
