@@ -43,6 +43,47 @@ def _slice_cols(p_rows, col0, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
+def _head(p_rows, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+          N_SLICES: tl.constexpr):  # fmt: skip
+    """A head's columns of rows `p_rows` `[R, 1]` as up to four `[R, BLOCK_C]` slices (those
+    past N_SLICES alias the first and are never used)."""
+    b_0 = _slice_rows(p_rows, 0, m_rows, HEAD_DIM, BLOCK_C)
+    b_1 = b_0
+    b_2 = b_0
+    b_3 = b_0
+    if N_SLICES > 1:
+        b_1 = _slice_rows(p_rows, BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 2:
+        b_2 = _slice_rows(p_rows, 2 * BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 3:
+        b_3 = _slice_rows(p_rows, 3 * BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
+    return b_0, b_1, b_2, b_3
+
+
+@triton.jit
+def _store_slice(p_rows, col0, b_x, m_rows, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_C: tl.constexpr):  # fmt: skip
+    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    m_x = m_rows[:, None] & (o_c[None, :] < HEAD_DIM)
+    if ACCUMULATE:  # this program owns the tile: a plain read-add-write, no atomics
+        b_x += tl.load(p_rows + o_c[None, :], mask=m_x, other=0.0)
+    tl.store(p_rows + o_c[None, :], b_x.to(p_rows.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def _store_head(p_rows, b_0, b_1, b_2, b_3, m_rows, ACCUMULATE: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, N_SLICES: tl.constexpr):  # fmt: skip
+    """Write (or add, ACCUMULATE) a head's slices `[R, BLOCK_C]` at rows `p_rows` `[R, 1]`."""
+    _store_slice(p_rows, 0, b_0, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 1:
+        _store_slice(p_rows, BLOCK_C, b_1, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 2:
+        _store_slice(p_rows, 2 * BLOCK_C, b_2, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 3:
+        _store_slice(p_rows, 3 * BLOCK_C, b_3, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
+
+
+@triton.jit
 def _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag):  # noqa: ANN001, ANN202
     """Dropout keep mask of the weights of queries o_m `[BLOCK_M]` over keys o_p `[BLOCK_P]`."""
     b_query = (m0 + o_m)[:, None] + 0 * o_p[None, :]  # [BLOCK_M, BLOCK_P]
@@ -91,16 +132,7 @@ def attention_kernel(
 
     # The head dim is held as up to four power-of-two slices (192 = 3 × 64), each slice its
     # own query block and accumulator: no padding to 256, and q stays in registers.
-    b_q0 = _slice_rows(p_qrows, 0, m_m, HEAD_DIM, BLOCK_C)  # [BLOCK_M, BLOCK_C]
-    b_q1 = b_q0
-    b_q2 = b_q0
-    b_q3 = b_q0
-    if N_SLICES > 1:
-        b_q1 = _slice_rows(p_qrows, BLOCK_C, m_m, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 2:
-        b_q2 = _slice_rows(p_qrows, 2 * BLOCK_C, m_m, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 3:
-        b_q3 = _slice_rows(p_qrows, 3 * BLOCK_C, m_m, HEAD_DIM, BLOCK_C)
+    b_q0, b_q1, b_q2, b_q3 = _head(p_qrows, m_m, HEAD_DIM, BLOCK_C, N_SLICES)  # [BLOCK_M, BLOCK_C]
     b_o0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # [BLOCK_M, BLOCK_C]
     b_o1 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     b_o2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -158,20 +190,8 @@ def attention_kernel(
                  mask=m_m)  # fmt: skip
     b_inv = (drop_scale if DROPOUT else 1.0) / b_sum[:, None]  # [BLOCK_M, 1]
     p_orows = p_out + (item * n_queries + o_m)[:, None] * stride_out + c0  # [BLOCK_M, 1]
-    _store_slice(p_orows, 0, b_o0 * b_inv, m_m, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 1:
-        _store_slice(p_orows, BLOCK_C, b_o1 * b_inv, m_m, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 2:
-        _store_slice(p_orows, 2 * BLOCK_C, b_o2 * b_inv, m_m, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 3:
-        _store_slice(p_orows, 3 * BLOCK_C, b_o3 * b_inv, m_m, HEAD_DIM, BLOCK_C)
-
-
-@triton.jit
-def _store_slice(p_rows, col0, b_x, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
-    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    tl.store(p_rows + o_c[None, :], b_x.to(p_rows.dtype.element_ty),
-             mask=m_rows[:, None] & (o_c[None, :] < HEAD_DIM))  # fmt: skip
+    _store_head(p_orows, b_o0 * b_inv, b_o1 * b_inv, b_o2 * b_inv, b_o3 * b_inv, m_m, False,
+                HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
 
 
 def _drop_args(dropout: tuple[DropoutSpec, ChunkPos, int] | None) -> tuple:

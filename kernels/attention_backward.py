@@ -24,28 +24,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import _drop_args, _keep, _slice_rows
+from .attention import _drop_args, _head, _keep, _store_head
 from .common import mma, upcast_dots
 from .configs import attention_bwd_config, dot_precision
 from .dropout import ChunkPos, DropoutSpec
-
-
-@triton.jit
-def _head(p_rows, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
-          N_SLICES: tl.constexpr):  # fmt: skip
-    """A head's columns of rows `p_rows` `[R, 1]` as up to four `[R, BLOCK_C]` slices (those
-    past N_SLICES alias the first and are never used)."""
-    b_0 = _slice_rows(p_rows, 0, m_rows, HEAD_DIM, BLOCK_C)
-    b_1 = b_0
-    b_2 = b_0
-    b_3 = b_0
-    if N_SLICES > 1:
-        b_1 = _slice_rows(p_rows, BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 2:
-        b_2 = _slice_rows(p_rows, 2 * BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 3:
-        b_3 = _slice_rows(p_rows, 3 * BLOCK_C, m_rows, HEAD_DIM, BLOCK_C)
-    return b_0, b_1, b_2, b_3
 
 
 @triton.jit
@@ -60,29 +42,6 @@ def _dot_t(b_a0, b_a1, b_a2, b_a3, b_b0, b_b1, b_b2, b_b3, acc, N_SLICES: tl.con
     if N_SLICES > 3:
         acc = mma(b_a3, tl.trans(b_b3), acc, PRECISION, UPCAST)
     return acc
-
-
-@triton.jit
-def _store_slice(p_rows, col0, b_x, m_rows, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_C: tl.constexpr):  # fmt: skip
-    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    m_x = m_rows[:, None] & (o_c[None, :] < HEAD_DIM)
-    if ACCUMULATE:  # this program owns the tile: a plain read-add-write, no atomics
-        b_x += tl.load(p_rows + o_c[None, :], mask=m_x, other=0.0)
-    tl.store(p_rows + o_c[None, :], b_x.to(p_rows.dtype.element_ty), mask=m_x)
-
-
-@triton.jit
-def _store_head(p_rows, b_0, b_1, b_2, b_3, m_rows, ACCUMULATE: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, N_SLICES: tl.constexpr):  # fmt: skip
-    """Write (or add, ACCUMULATE) a head's slices `[R, BLOCK_C]` at rows `p_rows` `[R, 1]`."""
-    _store_slice(p_rows, 0, b_0, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 1:
-        _store_slice(p_rows, BLOCK_C, b_1, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 2:
-        _store_slice(p_rows, 2 * BLOCK_C, b_2, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
-    if N_SLICES > 3:
-        _store_slice(p_rows, 3 * BLOCK_C, b_3, m_rows, ACCUMULATE, HEAD_DIM, BLOCK_C)
 
 
 @triton.jit
