@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"add_layer_norm {rows}x{d}: {t_ln * 1e6:.1f} us, {ln_bytes / t_ln / 1e12:.2f} TB/s")
     results: dict = {
         "linear": [],
-        "attention": [],
         "device": str(dev),
         "arch": arch,
         "add_layer_norm": {"us": t_ln * 1e6, "tb_s": ln_bytes / t_ln / 1e12},
@@ -142,19 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     kh = k_.reshape(items, p, heads, d // heads).transpose(1, 2).contiguous()
     vh = v_.reshape(items, p, heads, d // heads).transpose(1, 2).contiguous()
     flops = 4 * items * m * p * d
+    def sweep(kernel: str, candidates: list, launch, flops: int, baseline_s: float) -> None:  # noqa: ANN001
+        """Time `launch` under each candidate config of `kernel` into results[kernel]."""
+        results[kernel] = []
+        shipped = kc.override(kernel, arch, "half", candidates[0])
+        for cand in candidates:
+            kc.override(kernel, arch, "half", cand)
+            try:
+                t = bench(launch, dev)
+                row = {"config": cand._asdict(), "us": t * 1e6, "tflops": flops / t / 1e12,
+                       "sdpa_tflops": flops / baseline_s / 1e12}  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                row = {"config": cand._asdict(), "error": repr(e)[:300]}
+            results[kernel].append(row)
+            print(kernel, json.dumps(row), flush=True)
+        kc.override(kernel, arch, "half", shipped)
+
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh), dev)
-    base_att = kc.override("attention", arch, "half", ATTENTION_CANDIDATES[0])
-    for cand in ATTENTION_CANDIDATES:
-        kc.override("attention", arch, "half", cand)
-        try:
-            t = bench(lambda: attention(q, k_, v_, heads, items, m, out=o), dev)
-            row = {"config": cand._asdict(), "us": t * 1e6, "tflops": flops / t / 1e12,
-                   "sdpa_tflops": flops / t_sdpa / 1e12}  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            row = {"config": cand._asdict(), "error": repr(e)[:300]}
-        results["attention"].append(row)
-        print("attention", json.dumps(row), flush=True)
-    kc.override("attention", arch, "half", base_att)
+    sweep("attention", ATTENTION_CANDIDATES, lambda: attention(q, k_, v_, heads, items, m, out=o),
+          flops, t_sdpa)  # fmt: skip
 
     # attention backward: both kernels, dK/dV added into fp32 accumulators as training does;
     # 5 products of 2·m·P·D per item (S and dP recomputed, dQ, dK, dV)
@@ -167,20 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     o_ref = F.scaled_dot_product_attention(*leaves)
     do_h = do.view(items, m, heads, d // heads).transpose(1, 2)
     t_sdpa_bwd = bench(lambda: torch.autograd.grad(o_ref, leaves, do_h, retain_graph=True), dev)
-    results["attention_backward"] = []
-    base_bwd = kc.override("attention_bwd", arch, "half", ATTENTION_BWD_CANDIDATES[0])
-    for cand in ATTENTION_BWD_CANDIDATES:
-        kc.override("attention_bwd", arch, "half", cand)
-        try:
-            t = bench(lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m,
-                                                 dk=acc[:, :d], dv=acc[:, d:]), dev)  # fmt: skip
-            row = {"config": cand._asdict(), "us": t * 1e6, "tflops": flops_bwd / t / 1e12,
-                   "sdpa_bwd_tflops": flops_bwd / t_sdpa_bwd / 1e12}  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            row = {"config": cand._asdict(), "error": repr(e)[:300]}
-        results["attention_backward"].append(row)
-        print("attention_backward", json.dumps(row), flush=True)
-    kc.override("attention_bwd", arch, "half", base_bwd)
+    sweep("attention_bwd", ATTENTION_BWD_CANDIDATES,
+          lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m, dk=acc[:, :d],
+                                     dv=acc[:, d:]), flops_bwd, t_sdpa_bwd)  # fmt: skip
 
     # the whole backend with each kernel's fastest configuration
     def best(rows: list[dict], key: str | None = None) -> dict | None:
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     best_lin, best_att = best(results["linear"], "sum"), best(results["attention"])
     results["best"] = {"linear": best_lin, "attention": best_att,
-                       "attention_backward": best(results["attention_backward"])}  # fmt: skip
+                       "attention_bwd": best(results["attention_bwd"])}  # fmt: skip
     print("best", json.dumps(results["best"]), flush=True)
     if not args.smoke and best_lin and best_att:
         import carzero_fast as cf
