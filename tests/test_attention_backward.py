@@ -98,14 +98,20 @@ def test_forward_stores_the_log_sum_exp():
     assert _rel(lse, want) < 1e-6
 
 
+def _masked_forward(n, m, p, heads, d, dtype):  # noqa: ANN001, ANN202
+    """Per-pair queries over ragged keys: inputs, the forward's output and its LSE."""
+    q, kv, mask, dout = _case(n, m, p, heads, d, False, True, dtype)
+    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
+    lse = torch.empty((n * m, heads))
+    out = attention(q, k, v, heads, n, m, mask=mask, lse=lse)
+    return q, k, v, mask, dout, out, lse
+
+
 def test_backward_accumulates_into_given_buffers():
     """dk/dv given (column slices of one fp32 accumulator, as training passes an item block's
     K/V gradient): the gradients are added to what they hold, every other column untouched."""
     n, m, p, heads, d = 2, 5, 11, 2, 32
-    q, kv, mask, dout = _case(n, m, p, heads, d, False, True, torch.float32)
-    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
-    lse = torch.empty((n * m, heads))
-    out = attention(q, k, v, heads, n, m, mask=mask, lse=lse)
+    q, k, v, mask, dout, out, lse = _masked_forward(n, m, p, heads, d, torch.float32)
     _, dk, dv = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask)
     acc = torch.randn(n * p, 3 * d, generator=torch.Generator().manual_seed(3))
     before = acc.clone()
@@ -122,10 +128,7 @@ def test_dq_in_the_gemm_dtype_is_the_rounded_fp32_dq():
     """dq_dtype=bf16 (what training asks for layers > 1) stores the same values rounded once
     to nearest-even, bit for bit what the fp32 result's cast gives."""
     n, m, p, heads, d = 2, 9, 23, 2, 64
-    q, kv, mask, dout = _case(n, m, p, heads, d, False, True, torch.bfloat16)
-    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
-    lse = torch.empty((n * m, heads))
-    out = attention(q, k, v, heads, n, m, mask=mask, lse=lse)
+    q, k, v, mask, dout, out, lse = _masked_forward(n, m, p, heads, d, torch.bfloat16)
     dq32, _, _ = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask)
     dq16, _, _ = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask,
                                     dq_dtype=torch.bfloat16)  # fmt: skip
