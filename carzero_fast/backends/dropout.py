@@ -11,8 +11,8 @@ from torch import Tensor
 class Dropout:
     """Dropout whose masks are a pure function of (seed, chunk): identical on recomputation.
 
-    Masks come from 16-bit uniform integers, three per 64-bit random word (half the cost of
-    one float per element on CPU), so the drop probability is quantised to 1/65536
+    Masks come from 16-bit uniform integers, four per 64-bit random word (less than half the
+    cost of one float per element on CPU), so the drop probability is quantised to 1/65536
     (0.1 → 0.1000061); the kept values are scaled by 1/(1 − that), which keeps the expectation
     exact.
     """
@@ -20,6 +20,7 @@ class Dropout:
     def __init__(self, p: float, seed: int | None, chunk: tuple[int, int], device: torch.device):
         self.threshold = round((p if seed is not None else 0.0) * 65536)
         self.p = self.threshold / 65536  # the probability actually applied
+        self.scale = 1.0 / (1.0 - self.p)
         self.gen: torch.Generator | None = None
         if self.active:
             self.gen = torch.Generator(device=device)
@@ -31,17 +32,17 @@ class Dropout:
     def active(self) -> bool:
         return self.threshold > 0
 
-    def mask(self, shape: torch.Size, device: torch.device) -> Tensor:
-        """bool `shape`, True = dropped."""
+    def keep(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """bool `shape`, True = kept."""
         numel = math.prod(shape)
-        words = torch.empty(-(-numel // 3), dtype=torch.int64, device=device)
-        words.random_(generator=self.gen)  # 63 uniform bits: the low 48 give three 16-bit fields
-        fields = words.view(torch.int16).view(-1, 4)[:, :3]  # [words, 3], each in [-2^15, 2^15)
-        dropped = fields < self.threshold - 32768  # [words, 3]
-        return dropped.view(-1)[:numel].view(shape)
+        words = torch.empty(-(-numel // 4), dtype=torch.int64, device=device)
+        words.random_(-(2**63), None, generator=self.gen)  # all 64 bits uniform
+        fields = words.view(torch.int16)[:numel]  # contiguous, each uniform in [-2^15, 2^15)
+        return (fields >= self.threshold - 32768).view(shape)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.active:
             return x
-        # masked_fill keeps a bool mask for backward (a float mask would be 4× the bytes)
-        return x.masked_fill(self.mask(x.shape, x.device), 0.0).mul_(1.0 / (1.0 - self.p))
+        # a product with the bool mask (autograd keeps the 1-byte mask for backward) runs
+        # at ~3× the rate of masked_fill on CPU
+        return (x * self.keep(x.shape, x.device)).mul_(self.scale)
