@@ -69,7 +69,7 @@ class LayerPlan(NamedTuple):
     q_b: Tensor  # [D]
     kv_w: Tensor | None  # [2D, D], "kv" form
     kv_b: Tensor | None  # [2D]
-    k_heads: tuple[Tensor, ...]  # H × [dh, D], scaled by 1/sqrt(dh), "folded" form
+    k_heads: tuple[Tensor, ...]  # H × [dh, D], "folded" form (1/sqrt(dh) is in the query)
     v_heads: tuple[Tensor, ...]  # H × [dh, D]
     v_bias_heads: tuple[Tensor, ...]  # H × [dh]
     out_w: Tensor  # [D, D]
@@ -100,14 +100,12 @@ def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool
     scale = 1.0 / math.sqrt(dh)
     layers = []
     for lw in w.layers:
-        # split (not slicing): one concatenation in backward instead of zero-filled
-        # parameter-sized gradients per piece
+        # views: in backward their gradients accumulate into the weights' own buffers
         q_w, k_w, v_w = lw.in_proj_w.split(d)
         q_b, _, v_b = lw.in_proj_b.split(d)
         if folded:
             kv_w = kv_b = None
-            k_heads = tuple(t * scale for t in k_w.split(dh))
-            v_heads, v_bias_heads = v_w.split(dh), v_b.split(dh)
+            k_heads, v_heads, v_bias_heads = k_w.split(dh), v_w.split(dh), v_b.split(dh)
         else:
             kv_w, kv_b = lw.in_proj_w[d:], lw.in_proj_b[d:]
             k_heads = v_heads = v_bias_heads = ()
@@ -119,14 +117,14 @@ def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool
     x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
     lp = layers[0]
     q1 = F.linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
-    q1_folded = tuple(fold_query(q1, lp)) if folded else ()
+    q1_folded = tuple(fold_query(q1 * scale, lp)) if folded else ()
     return Prepared(x0, q1, q1_folded, w.norm0_w, w.norm0_b, tuple(layers), w.head)
 
 
 def fold_query(q: Tensor, lp: LayerPlan) -> Iterator[Tensor]:
-    """Projected queries `(rows, D)` → per head `q_h·Wk_h / sqrt(dh)`, `(rows, D)`: the query
-    in token space, so that its scores are a product with LN0(memory) itself. Lazy: a chunk
-    holds one head's at a time."""
+    """Projected queries already scaled by 1/sqrt(dh), `(rows, D)` → per head `q_h·Wk_h`,
+    `(rows, D)`: the query in token space, so that its scores are a product with LN0(memory)
+    itself. Lazy: a chunk holds one head's at a time."""
     # split, not per-head slicing: its backward is one concatenation, where slicing would
     # zero-fill a query-sized gradient per head
     dh = lp.k_heads[0].shape[0]
@@ -211,7 +209,7 @@ def pair_chunk_forward(
 ) -> Tensor:
     """All layers and the head for n items (their `item_stage` state) × the queries in
     `queries` (a slice of `prep.x0`/`prep.q1`) → logits `(n, m)`."""
-    n, d = item[0].shape[0], cfg.d_model
+    n, d, scale = item[0].shape[0], cfg.d_model, 1.0 / math.sqrt(cfg.head_dim)
     x = prep.x0[queries]  # [m, D], broadcast over the n items by the first residual add
     m = x.shape[0]
     for i, lp in enumerate(prep.layers):
@@ -225,11 +223,12 @@ def pair_chunk_forward(
                                  cfg.n_heads, drop)  # fmt: skip
         else:
             y = F.layer_norm(x, (d,), lp.norm2_w, lp.norm2_b, cfg.layer_norm_eps)
-            q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
-            if folded:
-                o = attention_folded(fold_query(q.reshape(-1, d), lp), item[0], lp.v_heads,
-                                     lp.v_bias_heads, bias, drop, shared=False)  # fmt: skip
+            if folded:  # the attention's 1/sqrt(dh) rides on the projection's GEMM
+                q = torch.addmm(lp.q_b, y.view(-1, d), lp.q_w.t(), beta=scale, alpha=scale)
+                o = attention_folded(fold_query(q, lp), item[0], lp.v_heads, lp.v_bias_heads,
+                                     bias, drop, shared=False)  # fmt: skip
             else:
+                q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
                 o = attention_kv(q, item[2 * i], item[2 * i + 1], bias, cfg.n_heads, drop)
         x = x + drop(F.linear(o, lp.out_w, lp.out_b))
         x = ffn_stage(lp, cfg, x, drop)
@@ -253,10 +252,23 @@ def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Ten
     return bias.masked_fill_(mask[n0:n1], float("-inf"))[:, None, :]
 
 
+def _weight_piece(t: Tensor) -> bool:
+    """A view of a leaf whose gradient buffer exists (a piece of a weight in backward)."""
+    base = t._base
+    return base is not None and base.is_leaf and base.grad is not None
+
+
 def _leaf(t: Tensor | None) -> Tensor | None:
     if t is None or t.is_leaf:
         return t  # collects its own gradient already, or needs none
-    return t.detach().requires_grad_(True)
+    leaf = t.detach().requires_grad_(True)
+    if _weight_piece(t):
+        # Its gradient accumulates (in place) straight into the weight's gradient buffer:
+        # no piece-sized gradients alive beside it, nothing to send back afterwards.
+        g = t._base.grad
+        offset = g.storage_offset() + t.storage_offset() - t._base.storage_offset()
+        leaf.grad = g.as_strided(t.shape, t.stride(), offset)
+    return leaf
 
 
 def _leaves(tree: object) -> object:
@@ -267,10 +279,12 @@ def _leaves(tree: object) -> object:
 
 
 def _backward_tree(tree: object, leaves: object) -> None:
-    """Send the gradients collected by `_leaves(tree)` back through `tree`'s graph."""
+    """Send the gradients collected by `_leaves(tree)` back through `tree`'s graph (weight
+    pieces' gradients are in place already)."""
     flat, flat_leaves = tree_flatten(tree)[0], tree_flatten(leaves)[0]
     pairs = [(t, g.grad) for t, g in zip(flat, flat_leaves, strict=True)
-             if g is not None and g is not t and g.grad is not None]  # fmt: skip
+             if g is not None and g is not t and g.grad is not None
+             and not _weight_piece(t)]  # fmt: skip
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
@@ -367,6 +381,9 @@ class _ChunkedAlign(torch.autograd.Function):
                       for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
             flat_leaf = [t.detach().requires_grad_(need)
                          for t, need in zip(flat, needs_flat, strict=True)]  # fmt: skip
+            for t in flat_leaf:
+                if t.requires_grad:  # one buffer per weight: both directions and every
+                    t.grad = torch.zeros_like(t)  # piece (split, slice) accumulate into it
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
             for job, g_out in zip(ctx.jobs, g_outs, strict=True):
                 if g_out is None:
