@@ -112,6 +112,76 @@ def test_gradcheck_both_directions_in_one_node():
     assert torch.autograd.gradcheck(fn, (img, txt, *flat), atol=1e-6, fast_mode=True)
 
 
+def _same_mask_pair(w, cfg, mem, q, bias, masks, p_drop, form):  # noqa: ANN001, ANN202
+    """One pair's logit as DESIGN.md §1 writes it (K/V projected, dropout as x·mask/(1−p)),
+    with the masks the chunked backend drew, in its order."""
+    d, h_n, eps = cfg.d_model, cfg.n_heads, cfg.layer_norm_eps
+    dh, scale = d // h_n, 1.0 / (1.0 - p_drop)
+    masks = iter(masks)
+
+    def drop(x):  # noqa: ANN001, ANN202
+        return x * next(masks).reshape(x.shape) * scale
+
+    def ln(x, wt, b):  # noqa: ANN001, ANN202
+        return torch.nn.functional.layer_norm(x, (d,), wt, b, eps)
+
+    mem, x = ln(mem, w.norm0_w, w.norm0_b), ln(q, w.norm0_w, w.norm0_b)  # (P, D), (D,)
+    for lw in w.layers:
+        (wq, wk, wv), (bq, bk, bv) = lw.in_proj_w.split(d), lw.in_proj_b.split(d)
+        qv = ln(x, lw.norm2_w, lw.norm2_b) @ wq.T + bq
+        k, v = mem @ wk.T + bk, mem @ wv.T + bv
+        heads = [slice(i * dh, (i + 1) * dh) for i in range(h_n)]
+        probs = torch.softmax(torch.stack([k[:, h] @ qv[h] for h in heads]) / dh**0.5 + bias, -1)
+        # the folded form draws one mask per head, the kv form one for all heads
+        a = torch.stack([drop(pr) for pr in probs]) if form == "folded" else drop(probs)
+        o = torch.cat([a[i] @ v[:, h] for i, h in enumerate(heads)])
+        x = x + drop(o @ lw.out_proj_w.T + lw.out_proj_b)
+        hid = drop(torch.relu(ln(x, lw.norm3_w, lw.norm3_b) @ lw.linear1_w.T + lw.linear1_b))
+        x = x + drop(hid @ lw.linear2_w.T + lw.linear2_b)
+    x = drop(ln(x, w.norm0_w, w.norm0_b))
+    for i, (hw, hb) in enumerate(w.head):
+        x = x @ hw.T + hb
+        if i < len(w.head) - 1:
+            x = drop(torch.relu(x))
+    assert next(masks, None) is None  # every mask drawn was used once
+    return x[0]
+
+
+@pytest.mark.parametrize("form", ["kv", "folded"])
+def test_dropout_forward_matches_the_same_mask_computation(form, monkeypatch):
+    """Training-mode logits against the plain computation with the same masks: where dropout
+    applies and its 1/(1−p), including the scales the chunked stages fold into GEMMs."""
+    al = make_aligner(TINY, seed=12)
+    g = torch.Generator().manual_seed(13)
+    mem, q = torch.randn(3, 5, 8, generator=g), torch.randn(4, 8, generator=g)
+    mask = random_mask(3, 5, seed=14)
+    drawn: list[tuple[Dropout, torch.Tensor]] = []  # keeps each chunk's Dropout alive
+    keep = Dropout.keep
+
+    def recording_keep(self, shape, device):  # noqa: ANN001, ANN202
+        k = keep(self, shape, device)
+        drawn.append((self, k))
+        return k
+
+    monkeypatch.setattr(Dropout, "keep", recording_keep)
+    torch.manual_seed(15)
+    with torch.no_grad():  # the forward only: one pair per chunk (budget of one byte)
+        out = chunked_forward(al.weights(), TINY, mem, q, mask, True, 1, form)
+    chunks: dict[int, list[torch.Tensor]] = {}
+    for d, k in drawn:
+        chunks.setdefault(id(d), []).append(k.float())
+    assert len(chunks) == 3 * 4
+    p_drop = drawn[0][0].p
+    bias = torch.zeros(3, 5).masked_fill(mask, float("-inf"))
+    want = torch.stack([
+        _same_mask_pair(al.weights(), TINY, mem[n], q[j], bias[n], masks, p_drop, form)
+        for (n, j), masks in zip([(n, j) for n in range(3) for j in range(4)],
+                                 chunks.values(), strict=True)
+    ]).view(3, 4)  # fmt: skip
+    assert rel_err(out, want) < 1e-5
+    assert not torch.equal(out, al.eval()(mem, q, mask))  # dropout did act
+
+
 def test_dropout_is_applied_and_seeded():
     al = make_aligner(TINY, seed=4)
     g = torch.Generator().manual_seed(5)

@@ -180,21 +180,35 @@ def attention_kv(
     return o.transpose(1, 2).reshape(n, m, d)
 
 
+def linear(x: Tensor, w: Tensor, b: Tensor, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
+    """`beta·b + alpha·x·wᵀ` over x's last dimension, one GEMM: dropout's 1/(1 − p) rides on
+    alpha and beta (see `Dropout.kept`) instead of a pass over the activations."""
+    if alpha == 1.0 and beta == 1.0:
+        return F.linear(x, w, b)
+    y = torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t(), beta=beta, alpha=alpha)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
 def ffn_stage(lp: LayerPlan, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
     """Pre-norm FFN with its residual: x `(..., D)` → `(..., D)`."""
     y = F.layer_norm(x, (cfg.d_model,), lp.norm3_w, lp.norm3_b, cfg.layer_norm_eps)
-    h = drop(torch.relu_(F.linear(y, lp.linear1_w, lp.linear1_b)))
-    return x + drop(F.linear(h, lp.linear2_w, lp.linear2_b))
+    h = drop.relu_kept(F.linear(y, lp.linear1_w, lp.linear1_b))  # unscaled
+    # both dropouts' scales s in one GEMM: drop(b2 + s·h·W2ᵀ) = kept(s·b2 + s²·h·W2ᵀ)
+    s = drop.scale
+    return x + drop.kept(linear(h, lp.linear2_w, lp.linear2_b, alpha=s * s, beta=s))
 
 
 def head_stage(prep: Prepared, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
-    """decoder_norm then the MLP head: x `(..., D)` → logits `(...)`."""
-    x = drop(F.layer_norm(x, (cfg.d_model,), prep.norm0_w, prep.norm0_b, cfg.layer_norm_eps))
+    """decoder_norm then the MLP head: x `(..., D)` → logits `(...)`. The input of every
+    Linear is dropped (decoder_norm's output, then each ReLU's), so each GEMM takes the
+    dropout scale as its alpha."""
+    x = drop.kept(F.layer_norm(x, (cfg.d_model,), prep.norm0_w, prep.norm0_b,
+                               cfg.layer_norm_eps))  # fmt: skip
     last = len(prep.head) - 1
     for i, (hw, hb) in enumerate(prep.head):
-        x = F.linear(x, hw, hb)
+        x = linear(x, hw, hb, alpha=drop.scale)
         if i < last:
-            x = drop(torch.relu_(x))
+            x = drop.relu_kept(x)
     return x.squeeze(-1)
 
 
@@ -230,7 +244,7 @@ def pair_chunk_forward(
             else:
                 q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
                 o = attention_kv(q, item[2 * i], item[2 * i + 1], bias, cfg.n_heads, drop)
-        x = x + drop(F.linear(o, lp.out_w, lp.out_b))
+        x = x + drop.kept(linear(o, lp.out_w, lp.out_b, alpha=drop.scale, beta=drop.scale))
         x = ffn_stage(lp, cfg, x, drop)
     return head_stage(prep, cfg, x, drop)
 
