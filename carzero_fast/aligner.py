@@ -62,7 +62,7 @@ class CrossAttentionAligner(nn.Module):
             oracle), "chunked" (streams pair chunks through PyTorch ops) or "triton" (the same
             streaming on fused Triton kernels, forward and training).
         chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs
-            (None: chunked 32 MiB, or 80 MiB when gradients are needed, 512 MiB / 1 GiB on
+            (None: chunked 32 MiB, or 120 MiB when gradients are needed, 512 MiB / 1 GiB on
             CUDA; triton 512 MiB, or 4 GiB when gradients are needed).
     """
 

@@ -7,9 +7,10 @@ from typing import NamedTuple
 from ..config import AlignerConfig
 
 # Defaults when the caller gives no budget. Training chunks are larger: their weight-gradient
-# GEMMs have the chunk's pairs as inner dimension, and small chunks starve them.
+# GEMMs have the chunk's pairs as inner dimension, and small chunks starve them (a B = 48
+# step on the 2-core CPU: 6.23 s at 80 MiB, 5.88 s at 120, 5.62 s at 144; BENCHMARKS.md).
 DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
-DEFAULT_TRAIN_CHUNK_BUDGET_BYTES = 80 * 2**20
+DEFAULT_TRAIN_CHUNK_BUDGET_BYTES = 120 * 2**20
 # On a GPU each chunk costs ~200 launches of host time whatever its size: with the CPU
 # defaults an H200 training step at N = M = 256 spent 33× the reference's time waiting on the
 # host (BENCHMARKS.md), so CUDA chunks are large.
