@@ -8,6 +8,7 @@ from conftest import make_aligner, random_mask, rel_err
 
 import carzero_fast as cf
 from carzero_fast.backends.chunked import (
+    _chunks,
     chunked_forward,
     executed_flops,
     plan_chunks,
@@ -124,3 +125,16 @@ def test_chunk_plan_depends_on_budget_not_batch():
     assert small == large
     big = plan_chunks(cfg, 10_000, 10_000, 197, 4, 256 * 2**20, False, False)
     assert big.items * big.queries > small.items * small.queries
+
+
+@pytest.mark.parametrize("total, step", [(48, 9), (48, 10), (10, 3), (97, 1), (7, 100), (1, 1)])
+def test_chunks_cover_the_range_in_near_equal_pieces(total, step):
+    """As few chunks as the plan's step allows, no piece over the step, sizes within one of
+    each other (no small tail chunk)."""
+    pieces = _chunks(total, step)
+    assert len(pieces) == -(-total // step)
+    assert pieces[0][0] == 0 and pieces[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
+    sizes = [b - a for a, b in pieces]
+    assert max(sizes) <= step and max(sizes) - min(sizes) <= 1
+    assert _chunks(0, step) == []

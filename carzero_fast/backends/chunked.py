@@ -255,7 +255,13 @@ def pair_chunk_forward(
 
 
 def _chunks(total: int, step: int) -> list[tuple[int, int]]:
-    return [(i, min(total, i + step)) for i in range(0, total, step)]
+    """[0, total) in as few pieces of at most `step` as possible, of near-equal size (48 items
+    at step 9 → 6 × 8, not 5 × 9 + 3: no small tail chunk with small GEMMs)."""
+    count = -(-total // step)
+    if count == 0:
+        return []
+    bounds = [i * total // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Tensor | None:
