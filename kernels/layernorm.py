@@ -2,8 +2,10 @@
 
 Every residual add of the pre-norm decoder is followed by a LayerNorm (LN3 after attention,
 the next layer's LN2 — or decoder_norm after the last layer — after the FFN), so one pass does
-both: `x ← x + delta` on the fp32 residual stream, then `y = LN(x)·γ + β` written in the next
-GEMM's operand dtype. The GEMMs then run plain 16-bit main loops (`linear`).
+both: `x ← x + delta` on the residual stream (fp32, or the GEMM dtype when the caller keeps
+a 16-bit stream: 8 bytes per element per pass instead of 12), then `y = LN(x)·γ + β` written
+in the next GEMM's operand dtype; the sum and the statistics are fp32 in registers either
+way. The GEMMs then run plain 16-bit main loops (`linear`).
 
 Layer 1 reads its stream from the per-query `x0` broadcast over a chunk's items (row
 `r % res_rows`); LN0 of the memory tokens is the same pass without an add.
@@ -27,7 +29,7 @@ LN_BWD_WARPS = 8  # the backward holds ~4 row tiles at once: 4 warps sit at the 
 def add_layer_norm_kernel(
     p_x,  # [res_rows, D] stream in (row r % res_rows); any float dtype
     p_delta,  # [R, D] branch output to add, HAS_DELTA
-    p_x_out,  # [R, D] fp32 stream out, WRITE_X (may be p_x itself)
+    p_x_out,  # [R, D] stream out (fp32 or 16-bit), WRITE_X (may be p_x itself)
     p_w,  # [D] γ
     p_b,  # [D] β
     p_y,  # [R, D] LN(x + delta), the next GEMM's operand dtype
@@ -97,8 +99,8 @@ def add_layer_norm(
     delta_tag: int | None = None,
     y_tag: int | None = None,
 ) -> Tensor:
-    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r]) in y's dtype; with `x_out` (fp32
-    `(R, D)`, may be `x` itself) the sum is stored there too.
+    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r]) in y's dtype; with `x_out` (`(R, D)`,
+    fp32 or y's dtype, may be `x` itself) the sum is stored there too, rounded to its dtype.
 
     x `(res_rows, D)` with res_rows dividing R = y.shape[0]; delta `(R, D)` or None.
     dropout = (spec, the chunk's position): with `delta_tag` the branch is dropped before the
@@ -108,8 +110,9 @@ def add_layer_norm(
     for name, t in (("x", x), ("delta", delta), ("x_out", x_out), ("y", y)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"add_layer_norm: {name} needs unit stride along its rows")
-    if x_out is not None and x_out.dtype != torch.float32:
-        raise TypeError(f"add_layer_norm: the residual stream is fp32, got {x_out.dtype}")
+    if x_out is not None and x_out.dtype not in (torch.float32, y.dtype):
+        raise TypeError(f"add_layer_norm: the residual stream is fp32 or {y.dtype} (the "
+                        f"output's dtype), got {x_out.dtype}")  # fmt: skip
     block_d = triton.next_power_of_2(d)
     spec, pos = dropout if dropout is not None else (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1))
     drop_delta = dropout is not None and delta_tag is not None and delta is not None

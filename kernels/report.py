@@ -178,16 +178,20 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                         block_m=tiles[0], block_p=tiles[1], block_c=const["BLOCK_C"])  # fmt: skip
             jobs.append((name, desc, fn, sig, const, bwd.num_warps, tiles[2], True))
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
-            # and the residual add + LN (fp32 stream in and out, 16-bit delta)
+            # and the residual add + LN (fp32 stream in and out, or a 16-bit one; 16-bit delta)
+            add = dict(HAS_DELTA=True, WRITE_X=True, DROP_DELTA=False, DROP_Y=False)
             for name, x_ty, flags in (
                 ("ln", ptr, dict(HAS_DELTA=False, WRITE_X=False, DROP_DELTA=False,
                                  DROP_Y=False)),
-                ("add_ln", "*fp32", dict(HAS_DELTA=True, WRITE_X=True, DROP_DELTA=False,
-                                         DROP_Y=False)),
+                ("add_ln", "*fp32", add),
+                ("add_ln_16bit_stream", ptr, add),
                 ("add_ln_dropout", "*fp32", dict(HAS_DELTA=True, WRITE_X=True,
                                                  DROP_DELTA=True, DROP_Y=True)),
             ):
-                sig = {"p_x": x_ty, "p_delta": ptr, "p_x_out": "*fp32", "p_w": ptr, "p_b": ptr,
+                if name == "add_ln_16bit_stream" and dt == "fp32":
+                    continue  # the same build as add_ln
+                sig = {"p_x": x_ty, "p_delta": ptr, "p_x_out": x_ty if flags["WRITE_X"] else
+                       "*fp32", "p_w": ptr, "p_b": ptr,
                        "p_y": ptr, "n_rows": "i32", "res_rows": "i32", "stride_x": "i32",
                        "stride_delta": "i32", "stride_x_out": "i32", "stride_y": "i32",
                        "eps": "fp32", **DROPOUT_SIG, "cols": "i32", "tag_delta": "i32",

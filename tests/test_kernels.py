@@ -89,8 +89,9 @@ def _add_ln_exact(x, weight, bias, rows, delta=None):
 
 # How the backend calls it: LN0 of memory tokens (16-bit rows in, no add, no stream out);
 # layer 1's add onto x0 broadcast over a chunk's items (fp32 stream written to x_out); every
-# later add in place on the fp32 stream (x_out is x).
-LN_VARIANTS = ["ln", "add_broadcast", "add_in_place"]
+# later add in place on the fp32 stream (x_out is x); the same in place on a 16-bit stream
+# (`triton_forward(stream_dtype=...)`; fp32 rows make it the previous case).
+LN_VARIANTS = ["ln", "add_broadcast", "add_in_place", "add_in_place_16bit_stream"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -114,7 +115,8 @@ def test_add_layer_norm(dtype, d, variant):
             x = _randn(res_rows, d, seed=d + 2, scale=2.0, shift=0.5)
             x_out = torch.full((rows, d), NAN)
         else:
-            x = _randn(rows, d, seed=d + 2, scale=2.0, shift=0.5)
+            stream = dtype if variant == "add_in_place_16bit_stream" else torch.float32
+            x = _randn(rows, d, dtype=stream, seed=d + 2, scale=2.0, shift=0.5)
             x_out = x
     x_in = x.clone()
     got = add_layer_norm(x, weight, bias, EPS, y, delta=delta, x_out=x_out)
@@ -123,9 +125,8 @@ def test_add_layer_norm(dtype, d, variant):
     s_ref, y_ref = add_layer_norm_torch(x_in, weight, bias, EPS, dtype, rows, delta)
     s_exact, y_exact = _add_ln_exact(x_in, weight, bias, rows, delta)
     _check(y, y_ref, y_exact, dtype)
-    if x_out is not None:
-        assert x_out.dtype == torch.float32
-        _check(x_out, s_ref, s_exact, dtype)
+    if x_out is not None:  # the fp32 sum, rounded to the stream's dtype
+        _check(x_out, s_ref.to(x_out.dtype), s_exact, x_out.dtype)
     else:
         assert torch.equal(x, x_in)
 
@@ -143,10 +144,16 @@ def test_add_layer_norm_survives_a_large_mean():
     assert rel_err(y, y_exact) < 1e-4
 
 
-def test_add_layer_norm_rejects_a_16_bit_stream():
+def test_add_layer_norm_rejects_a_stream_of_another_dtype():
+    """The stream is fp32 or the output's dtype: a 16-bit stream under fp32 outputs, or
+    fp16 under bf16, is a clear error."""
     x = _randn(8, 16, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="fp32"):
         add_layer_norm(x, torch.ones(16), torch.zeros(16), EPS, torch.empty(8, 16), x_out=x)
+    x16 = x.half()
+    y = torch.empty(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float16"):
+        add_layer_norm(x16, torch.ones(16), torch.zeros(16), EPS, y, x_out=x16)
 
 
 # ------------------------------------------------------------------------------- linear

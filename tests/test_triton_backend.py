@@ -17,7 +17,7 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
-from carzero_fast.backends.fused import check_device, plan_fused  # noqa: E402
+from carzero_fast.backends.fused import check_device, plan_fused, triton_forward  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
 
@@ -121,6 +121,30 @@ def test_half_precision_no_worse_than_chunked(dtype):
         out = al(mem_, q_, mask, backend="triton", chunk_budget_bytes=_budget(al.config, 2, (1, 3)))
     assert out.dtype == dtype and out.shape == (N, M)
     assert rel_err(out, exact) <= 2 * rel_err(chunked, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_residual_stream_no_worse_than_chunked(dtype):
+    """`stream_dtype` = the inputs' dtype (the stream rounded at every add, as a plain 16-bit
+    PyTorch forward does): relative RMS error within 2× the chunked backend's in that dtype,
+    and not the fp32 stream's result (the option takes effect)."""
+    al = make_aligner(CONFIGS["d96h2"], seed=5)
+    mem, q = _inputs(96, p=33, seed=9)
+    mask = random_mask(N, 33, seed=10)
+    budget = _budget(al.config, 2, (1, 3), p=33)
+    w = al.weights().to(dtype)
+    mem_, q_ = mem.to(dtype), q.to(dtype)
+    with torch.no_grad():
+        exact = al(mem, q, mask, backend="reference")
+        chunked = al(mem_, q_, mask, backend="chunked")
+        wide = triton_forward(w, al.config, mem_, q_, mask, budget)
+        out = triton_forward(w, al.config, mem_, q_, mask, budget, stream_dtype=dtype)
+    assert out.dtype == dtype and out.shape == (N, M)
+    assert rel_err(out, exact) <= 2 * rel_err(chunked, exact)
+    assert not torch.equal(out, wide)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(TypeError, match="stream_dtype"):
+        triton_forward(w, al.config, mem_, q_, mask, budget, stream_dtype=other)
 
 
 @pytest.mark.parametrize(("n", "m"), [(0, 3), (3, 0), (0, 0)])

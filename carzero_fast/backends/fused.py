@@ -12,10 +12,12 @@ projections are cheap next to the pairs at the batch sizes this backend is for):
   then the MLP head, whose last hidden layer reduces each row to its logit and writes it
   straight into the `(N, M)` scores.
 
-The residual stream is fp32 in every dtype (16-bit inputs round only GEMM operands, as
-autocast does). Chunk buffers are allocated once per call and reused, so memory is
-`rows·(3·D + F + max(head))` elements + `rows·D` fp32 (the stream) + `items·P·(L·2D + D)`
-elements (LN0(memory), K/V) + the scores, never O(N·M·D).
+The residual stream is fp32 in every dtype by default (16-bit inputs round only GEMM
+operands, as autocast does); `triton_forward(stream_dtype=...)` keeps it in the 16-bit dtype
+instead (a third less traffic in every add + LayerNorm pass, at the error of a plain 16-bit
+PyTorch forward; benchmarks.gpu_check times both). Chunk buffers are allocated once per
+call and reused, so memory is `rows·(3·D + F + max(head))` elements + `rows·D` fp32 (the
+stream) + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
 The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
@@ -232,15 +234,22 @@ def triton_forward(
     memory_mask: Tensor | None,
     chunk_budget_bytes: int | None = None,
     dropout: DropoutSpec | None = None,
+    stream_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
-    through the fused kernels (no autograd; dropout with its spec, training mode)."""
+    through the fused kernels (no autograd; dropout with its spec, training mode).
+
+    stream_dtype: the residual stream's dtype, fp32 or the inputs' dtype (same chunk plan).
+    """
     from ..kernels import linear as linear_kernel
 
     # one TMA descriptor per (buffer, block) for the whole call: the buffers are reused
     linear = functools.partial(linear_kernel, descriptors={})
 
     check_device(memory)
+    if stream_dtype not in (torch.float32, memory.dtype):
+        raise TypeError(f"stream_dtype must be torch.float32 or the inputs' {memory.dtype}, "
+                        f"got {stream_dtype}")  # fmt: skip
     n, p, d = memory.shape
     m = queries.shape[0]
     out = memory.new_zeros((n, m))
@@ -253,7 +262,7 @@ def triton_forward(
 
     rows = items * block_q
     kw = dict(dtype=memory.dtype, device=memory.device)
-    x = torch.empty((rows, d), dtype=torch.float32, device=memory.device)  # residual stream
+    x = torch.empty((rows, d), dtype=stream_dtype, device=memory.device)  # residual stream
     y, q, o = (torch.empty((rows, d), **kw) for _ in range(3))  # LN out, q / branch out, attn
     pool_a = torch.empty(rows * max(cfg.d_ffn, *cfg.head_dims), **kw)  # FFN, head 0, 2, …
     pool_b = torch.empty(rows * max(cfg.head_dims), **kw)  # head layers 1, 3, …
