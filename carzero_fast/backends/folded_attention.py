@@ -86,7 +86,7 @@ class FoldedAttention(torch.autograd.Function):
         probs, keeps, cs = zip(*saved, strict=True)
         ctx.save_for_backward(normed, *qk, *wv, *bv, *probs, *cs)
         ctx.keeps, ctx.shared, ctx.n_heads = keeps, shared, n_heads
-        ctx.scale = 1.0 / (1.0 - drop.p) if drop.active else 1.0
+        ctx.scale = drop.scale  # 1 without dropout
         return out
 
     @staticmethod
