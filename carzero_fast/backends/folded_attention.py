@@ -101,9 +101,11 @@ class FoldedAttention(torch.autograd.Function):
         need_bv = ctx.needs_input_grad[5 + 2 * h_n :]
         n, p, d = normed.shape
         m, dh = g_out.shape[1], wv[0].shape[0]
-        # X's gradient = Σ_h ds_hᵀ·qk_h + a_hᵀ·dc_h: one product over the stacked operands
-        lhs = normed.new_empty((n, 2 * h_n, m, p)) if need_x else None  # [ds_h…, a_h…]
-        rhs = normed.new_empty((n, 2 * h_n, m, d)) if need_x else None  # [qk_h…, dc_h…]
+        # X's gradient = Σ_h ds_hᵀ·qk_h + a_hᵀ·dc_h: one product over the stacked operands,
+        # rows ordered (query, term) so that a term's rows over all pairs share one stride
+        # and dc_h is written there by its GEMM directly
+        lhs = normed.new_empty((n, m, 2 * h_n, p)) if need_x else None  # [ds_h…, a_h…]
+        rhs = normed.new_empty((n, m, 2 * h_n, d)) if need_x else None  # [qk_h…, dc_h…]
         g_qk, g_wv, g_bv = [], [], []
         for h in range(h_n):
             g_h = g_out[..., h * dh : (h + 1) * dh]  # [n, m, dh]
@@ -111,7 +113,7 @@ class FoldedAttention(torch.autograd.Function):
             a = None  # [n, m, P] the dropped weights, where needed
             if need_x or (keep is not None and need_bv[h]):
                 # the stacked operands are written in place: no per-head copies
-                a = lhs[:, h_n + h] if need_x else torch.empty_like(prob)
+                a = lhs[:, :, h_n + h] if need_x else torch.empty_like(prob)
                 torch.mul(prob, ctx.scale, out=a)
                 if keep is not None:
                     a.mul_(keep)
@@ -123,15 +125,17 @@ class FoldedAttention(torch.autograd.Function):
             else:
                 g_bv.append((g_h * a.sum(-1, keepdim=True)).sum((0, 1)))
             # one product over the chunk's pairs (a batched product per item with the weight
-            # expanded ran at half the rate in a profile), then into the stacked operand
-            dc = (g_h.reshape(n * m, dh) @ wv[h]).view(n, m, d)  # [n, m, D]
-            if need_x:
-                dc = rhs[:, h_n + h].copy_(dc)
+            # expanded ran at half the rate in a profile)
+            if need_x:  # [n, m, D], rows 2H·D apart in the stacked operand
+                dc = rhs[:, :, h_n + h]
+                torch.mm(g_h.reshape(n * m, dh), wv[h], out=dc.view(n * m, d))
+            else:
+                dc = (g_h.reshape(n * m, dh) @ wv[h]).view(n, m, d)
             da = torch.bmm(dc, normed.transpose(1, 2))  # [n, m, P]
             if keep is not None:  # bv·Σa: every weight's gradient gets g_h·bv_h
                 da += (g_h * bv[h]).sum(-1, keepdim=True)
                 da.mul_(keep).mul_(ctx.scale)
-            ds = lhs[:, h] if need_x else torch.empty_like(prob)  # [n, m, P]
+            ds = lhs[:, :, h] if need_x else torch.empty_like(prob)  # [n, m, P]
             torch.mul(prob, da.sub_((da * prob).sum(-1, keepdim=True)), out=ds)  # softmax bwd
             if need_qk[h]:
                 if ctx.shared:  # the query met every item: sum over items in the product
@@ -141,11 +145,11 @@ class FoldedAttention(torch.autograd.Function):
             else:
                 g_qk.append(None)
             if need_x:
-                rhs[:, h] = qk[h].view(-1, m, d)  # broadcast over items when shared
+                rhs[:, :, h] = qk[h].view(-1, m, d)  # broadcast over items when shared
         g_x = None
         if need_x:
-            g_x = torch.bmm(lhs.view(n, 2 * h_n * m, p).transpose(1, 2),
-                            rhs.view(n, 2 * h_n * m, d))  # fmt: skip
+            g_x = torch.bmm(lhs.view(n, m * 2 * h_n, p).transpose(1, 2),
+                            rhs.view(n, m * 2 * h_n, d))  # fmt: skip
         return (None, None, None, None, *g_qk, g_x, *g_wv, *g_bv)
 
 
