@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
+from .cpu_gemm import linear
 from .dropout import Dropout
 from .external_attention import external_attention
 from .folded_attention import attention_folded
@@ -116,7 +117,7 @@ def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool
         ))  # fmt: skip
     x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
     lp = layers[0]
-    q1 = F.linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
+    q1 = linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
     q1_folded = tuple(fold_query(q1 * scale, lp)) if folded else ()
     return Prepared(x0, q1, q1_folded, w.norm0_w, w.norm0_b, tuple(layers), w.head)
 
@@ -128,7 +129,8 @@ def fold_query(q: Tensor, lp: LayerPlan) -> Iterator[Tensor]:
     # split, not per-head slicing: its backward is one concatenation, where slicing would
     # zero-fill a query-sized gradient per head
     dh = lp.k_heads[0].shape[0]
-    return (q_h @ wk for q_h, wk in zip(q.split(dh, dim=-1), lp.k_heads, strict=True))
+    return (linear(q_h, wk, w_in_out=True)
+            for q_h, wk in zip(q.split(dh, dim=-1), lp.k_heads, strict=True))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def item_stage(prep: Prepared, cfg: AlignerConfig, memory: Tensor, folded: bool)
         return [normed]
     kvs = []
     for lp in prep.layers:
-        kv = F.linear(normed, lp.kv_w, lp.kv_b)  # [n, P, 2D]
+        kv = linear(normed, lp.kv_w, lp.kv_b)  # [n, P, 2D]
         kvs += [kv[..., :d], kv[..., d:]]
     return kvs
 
@@ -180,19 +182,10 @@ def attention_kv(
     return o.transpose(1, 2).reshape(n, m, d)
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
-    """`beta·b + alpha·x·wᵀ` over x's last dimension, one GEMM: dropout's 1/(1 − p) rides on
-    alpha and beta (see `Dropout.kept`) instead of a pass over the activations."""
-    if alpha == 1.0 and beta == 1.0:
-        return F.linear(x, w, b)
-    y = torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t(), beta=beta, alpha=alpha)
-    return y.view(*x.shape[:-1], w.shape[0])
-
-
 def ffn_stage(lp: LayerPlan, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
     """Pre-norm FFN with its residual: x `(..., D)` → `(..., D)`."""
     y = F.layer_norm(x, (cfg.d_model,), lp.norm3_w, lp.norm3_b, cfg.layer_norm_eps)
-    h = drop.relu_kept(F.linear(y, lp.linear1_w, lp.linear1_b))  # unscaled
+    h = drop.relu_kept(linear(y, lp.linear1_w, lp.linear1_b))  # unscaled
     # both dropouts' scales s in one GEMM: drop(b2 + s·h·W2ᵀ) = kept(s·b2 + s²·h·W2ᵀ)
     s = drop.scale
     return x + drop.kept(linear(h, lp.linear2_w, lp.linear2_b, alpha=s * s, beta=s))
@@ -238,11 +231,11 @@ def pair_chunk_forward(
         else:
             y = F.layer_norm(x, (d,), lp.norm2_w, lp.norm2_b, cfg.layer_norm_eps)
             if folded:  # the attention's 1/sqrt(dh) rides on the projection's GEMM
-                q = torch.addmm(lp.q_b, y.view(-1, d), lp.q_w.t(), beta=scale, alpha=scale)
+                q = linear(y.view(-1, d), lp.q_w, lp.q_b, alpha=scale, beta=scale)
                 o = attention_folded(fold_query(q, lp), item[0], lp.v_heads, lp.v_bias_heads,
                                      bias, drop, shared=False)  # fmt: skip
             else:
-                q = F.linear(y, lp.q_w, lp.q_b)  # [n, m, D]
+                q = linear(y, lp.q_w, lp.q_b)  # [n, m, D]
                 o = attention_kv(q, item[2 * i], item[2 * i + 1], bias, cfg.n_heads, drop)
         x = x + drop.kept(linear(o, lp.out_w, lp.out_b, alpha=drop.scale, beta=drop.scale))
         x = ffn_stage(lp, cfg, x, drop)

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .cpu_gemm import linear, mm_t
 from .dropout import Dropout
 
 
@@ -59,13 +60,13 @@ def folded_forward(
         if bias is not None:
             s = s + bias
         prob = torch.softmax(s, dim=-1)  # [n, m, P]
-        keep = drop.keep(prob.shape, prob.device) if drop.active else None
-        a = prob if keep is None else (prob * keep).mul_(drop.scale)
+        keep = drop.keep(prob.shape, prob.device) if drop.active else None  # int16 0/1
+        a = prob if keep is None else (prob * keep.to(prob.dtype)).mul_(drop.scale)
         c = torch.bmm(a, normed)  # [n, m, D]: attention-weighted tokens
         if keep is None:
-            outs.append(torch.nn.functional.linear(c, wv_h, bv_h))  # [n, m, dh]
+            outs.append(linear(c, wv_h, bv_h))  # [n, m, dh]
         else:  # dropped weights no longer sum to one: bv scales with their sum
-            outs.append(torch.nn.functional.linear(c, wv_h) + a.sum(-1, keepdim=True) * bv_h)
+            outs.append(linear(c, wv_h) + a.sum(-1, keepdim=True) * bv_h)
         if saved is not None:
             saved.append((prob, keep, c))
     return torch.cat(outs, dim=-1)
@@ -110,6 +111,8 @@ class FoldedAttention(torch.autograd.Function):
         for h in range(h_n):
             g_h = g_out[..., h * dh : (h + 1) * dh]  # [n, m, dh]
             prob, keep, c = probs[h], ctx.keeps[h], cs[h]
+            if keep is not None:  # saved as int16: a float multiplier is ~5× faster than it
+                keep = keep.to(prob.dtype)
             a = None  # [n, m, P] the dropped weights, where needed
             if need_x or (keep is not None and need_bv[h]):
                 # the stacked operands are written in place: no per-head copies
@@ -126,11 +129,14 @@ class FoldedAttention(torch.autograd.Function):
                 g_bv.append((g_h * a.sum(-1, keepdim=True)).sum((0, 1)))
             # one product over the chunk's pairs (a batched product per item with the weight
             # expanded ran at half the rate in a profile)
-            if need_x:  # [n, m, D], rows 2H·D apart in the stacked operand
+            g_h2 = g_h.reshape(n * m, dh)
+            if not need_x:
+                dc = mm_t(g_h2, wv[h].t()).view(n, m, d)
+            else:  # [n, m, D], rows 2H·D apart in the stacked operand
+                # PyTorch's mm (MKL): oneDNN would be faster but has no `out=`, and the copy
+                # into the stack costs what it gains
                 dc = rhs[:, :, h_n + h]
-                torch.mm(g_h.reshape(n * m, dh), wv[h], out=dc.view(n * m, d))
-            else:
-                dc = (g_h.reshape(n * m, dh) @ wv[h]).view(n, m, d)
+                torch.mm(g_h2, wv[h], out=dc.view(n * m, d))
             da = torch.bmm(dc, normed.transpose(1, 2))  # [n, m, P]
             if keep is not None:  # bv·Σa: every weight's gradient gets g_h·bv_h
                 da += (g_h * bv[h]).sum(-1, keepdim=True)

@@ -1,0 +1,96 @@
+"""The chunked backend's products: oneDNN / PyTorch routes agree, and the linear layer's
+backward (including its in-place accumulation into gradient buffers) is exact."""
+
+import pytest
+import torch
+
+from carzero_fast.backends import cpu_gemm
+from carzero_fast.backends.cpu_gemm import linear, mm_t, onednn_enabled
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_w", "strided_x", "sliced_w"])
+def test_mm_t_matches_addmm(layout):
+    x, w, b = _rand(37, 96, seed=1), _rand(53, 96, seed=2), _rand(53, seed=3)
+    if layout == "transposed_w":
+        w = w.t().contiguous().t()  # [53, 96] with column-major strides
+    elif layout == "strided_x":
+        x = _rand(37, 3 * 96, seed=4)[:, 96:192]  # a column slice: row stride 3·96
+    elif layout == "sliced_w":
+        w = _rand(3 * 53, 96, seed=5)[53:106]  # a row slice with a storage offset
+    want = torch.addmm(b, x, w.t())
+    torch.testing.assert_close(mm_t(x, w, b), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mm_t(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_route_is_taken_for_fp32_cpu_only():
+    x = torch.zeros(2, 3)
+    assert onednn_enabled(x) == (cpu_gemm._ONEDNN_LINEAR is not None)
+    assert not onednn_enabled(x.double())
+    assert not onednn_enabled(x.bfloat16())
+    # other dtypes go through PyTorch and stay exact
+    xd, wd = _rand(5, 7, seed=6, dtype=torch.float64), _rand(4, 7, seed=7, dtype=torch.float64)
+    assert torch.equal(mm_t(xd, wd), xd @ wd.t())
+
+
+def _plain(x, w, b, alpha, beta, w_in_out):
+    w_t = w.t() if w_in_out else w
+    y = alpha * (x @ w_t.t())
+    return y if b is None else y + beta * b
+
+
+@pytest.mark.parametrize("w_in_out", [False, True])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (1.25, 0.5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_forward_and_backward_match_autograd(w_in_out, scales, with_bias):
+    alpha, beta = scales
+    x = _rand(3, 11, 24, seed=8, dtype=torch.float64).float().requires_grad_()
+    w = _rand(*((24, 17) if w_in_out else (17, 24)), seed=9).requires_grad_()
+    b = _rand(17, seed=10).requires_grad_() if with_bias else None
+    g = _rand(3, 11, 17, seed=11)
+    y = linear(x, w, b, alpha, beta, w_in_out)
+    y.backward(g)
+    got = [t.grad.clone() for t in (x, w, b) if t is not None]
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b2 = None if b is None else b.detach().requires_grad_()
+    want_y = _plain(x2, w2, b2, alpha, beta, w_in_out)
+    want_y.backward(g)
+    want = [t.grad for t in (x2, w2, b2) if t is not None]
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_in_out", [False, True])
+def test_linear_adds_into_preset_gradient_buffers(w_in_out):
+    """The backend's leaves carry gradient buffers (views of a weight's gradient): dW and db
+    are added into them in place, over several backward passes, and nothing else changes."""
+    w_oi = _rand(17, 24, seed=12)  # [out, in]
+    w = (w_oi.t().contiguous() if w_in_out else w_oi).requires_grad_()
+    b = _rand(17, seed=13).requires_grad_()
+    w_grad, b_grad = torch.full_like(w, 0.5), torch.full_like(b, -1.0)
+    w.grad, b.grad = w_grad, b_grad
+    xs = [_rand(9, 24, seed=14 + i) for i in range(2)]
+    gs = [_rand(9, 17, seed=20 + i) for i in range(2)]
+    for x, g in zip(xs, gs, strict=True):
+        linear(x, w, b, 2.0, 3.0, w_in_out).backward(g)
+    assert w.grad is w_grad and b.grad is b_grad  # the same buffers, filled in place
+    want_w = 0.5 + sum(2.0 * g.t() @ x for x, g in zip(xs, gs, strict=True))  # [out, in]
+    want_b = -1.0 + sum(3.0 * g.sum(0) for g in gs)
+    torch.testing.assert_close(w.grad.t() if w_in_out else w.grad, want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, want_b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_output_allows_in_place_ops_under_autograd():
+    x = _rand(4, 6, 8, seed=30).requires_grad_()
+    w = _rand(5, 8, seed=31).requires_grad_()
+    y = linear(x, w)
+    y.relu_()  # the chunked stages apply ReLU in place on a GEMM's output
+    y.sum().backward()
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.relu(x2 @ w2.t()).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
