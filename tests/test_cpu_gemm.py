@@ -4,8 +4,21 @@ backward (including its in-place accumulation into gradient buffers) is exact.""
 import pytest
 import torch
 
+import carzero_fast as cf
 from carzero_fast.backends import cpu_gemm
 from carzero_fast.backends.cpu_gemm import linear, mm_t, onednn_enabled
+
+
+@pytest.fixture(params=["onednn", "pytorch"])
+def route(request, monkeypatch):
+    """Run a test through oneDNN (every product, however small) and through PyTorch's GEMM."""
+    if request.param == "onednn":
+        if cpu_gemm._ONEDNN_LINEAR is None:
+            pytest.skip("this PyTorch build has no oneDNN linear")
+        monkeypatch.setattr(cpu_gemm, "_ONEDNN_MIN_MACS", 0)
+    else:
+        monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", None)
+    return request.param
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -13,7 +26,7 @@ def _rand(*shape, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed_w", "strided_x", "sliced_w"])
-def test_mm_t_matches_addmm(layout):
+def test_mm_t_matches_addmm(layout, route):
     x, w, b = _rand(37, 96, seed=1), _rand(53, 96, seed=2), _rand(53, seed=3)
     if layout == "transposed_w":
         w = w.t().contiguous().t()  # [53, 96] with column-major strides
@@ -26,11 +39,20 @@ def test_mm_t_matches_addmm(layout):
     torch.testing.assert_close(mm_t(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_route_is_taken_for_fp32_cpu_only():
-    x = torch.zeros(2, 3)
-    assert onednn_enabled(x) == (cpu_gemm._ONEDNN_LINEAR is not None)
-    assert not onednn_enabled(x.double())
-    assert not onednn_enabled(x.bfloat16())
+def test_onednn_route_is_taken_for_large_fp32_cpu_products_only(monkeypatch):
+    calls = []
+    if cpu_gemm._ONEDNN_LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    real = cpu_gemm._ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    big_x, big_w = _rand(128, 128, seed=6), _rand(128, 128, seed=7)  # 2^21 multiply-adds
+    mm_t(big_x, big_w)
+    assert len(calls) == 1
+    mm_t(big_x[:100], big_w)  # below the threshold: PyTorch's GEMM
+    mm_t(big_x.double(), big_w.double())
+    mm_t(big_x.bfloat16(), big_w.bfloat16())
+    assert len(calls) == 1
+    assert onednn_enabled(big_x) and not onednn_enabled(big_x.double())
     # other dtypes go through PyTorch and stay exact
     xd, wd = _rand(5, 7, seed=6, dtype=torch.float64), _rand(4, 7, seed=7, dtype=torch.float64)
     assert torch.equal(mm_t(xd, wd), xd @ wd.t())
@@ -45,7 +67,7 @@ def _plain(x, w, b, alpha, beta, w_in_out):
 @pytest.mark.parametrize("w_in_out", [False, True])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (1.25, 0.5)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_forward_and_backward_match_autograd(w_in_out, scales, with_bias):
+def test_linear_forward_and_backward_match_autograd(w_in_out, scales, with_bias, route):
     alpha, beta = scales
     x = _rand(3, 11, 24, seed=8, dtype=torch.float64).float().requires_grad_()
     w = _rand(*((24, 17) if w_in_out else (17, 24)), seed=9).requires_grad_()
@@ -65,7 +87,7 @@ def test_linear_forward_and_backward_match_autograd(w_in_out, scales, with_bias)
 
 
 @pytest.mark.parametrize("w_in_out", [False, True])
-def test_linear_adds_into_preset_gradient_buffers(w_in_out):
+def test_linear_adds_into_preset_gradient_buffers(w_in_out, route):
     """The backend's leaves carry gradient buffers (views of a weight's gradient): dW and db
     are added into them in place, over several backward passes, and nothing else changes."""
     w_oi = _rand(17, 24, seed=12)  # [out, in]
@@ -84,7 +106,7 @@ def test_linear_adds_into_preset_gradient_buffers(w_in_out):
     torch.testing.assert_close(b.grad, want_b, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_output_allows_in_place_ops_under_autograd():
+def test_linear_output_allows_in_place_ops_under_autograd(route):
     x = _rand(4, 6, 8, seed=30).requires_grad_()
     w = _rand(5, 8, seed=31).requires_grad_()
     y = linear(x, w)
@@ -94,3 +116,16 @@ def test_linear_output_allows_in_place_ops_under_autograd():
     torch.relu(x2 @ w2.t()).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_backend_at_carzero_dims_runs_its_products_on_onednn(monkeypatch):
+    """So that the chunked-vs-reference parity tests at D = 768 cover the oneDNN route."""
+    if cpu_gemm._ONEDNN_LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    calls = []
+    real = cpu_gemm._ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    al = cf.CrossAttentionAligner(cf.AlignerConfig()).eval()
+    with torch.no_grad():
+        al(_rand(3, 17, 768, seed=40), _rand(5, 768, seed=41), backend="chunked")
+    assert len(calls) > 0
