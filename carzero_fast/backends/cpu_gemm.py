@@ -58,9 +58,10 @@ def mm_t(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 
 def _buffer(t: Tensor | None) -> Tensor | None:
-    """The gradient buffer a backward may add into directly: set on the chunked backend's own
-    leaves only (`chunked._leaf`, `_ChunkedAlign.backward`), never on a user's tensors, which
-    run through the autograd graph as usual."""
+    """The gradient buffer a backward may add into directly. Only the chunked backend calls
+    `linear` under autograd, and only on its own leaves, whose `.grad` it presets (views of
+    the weights' gradients: `chunked._leaf`, `_ChunkedAlign.backward`); adding into a leaf's
+    existing `.grad` is what autograd's accumulation would do, without the temporary."""
     if t is None or not t.is_leaf or not t.requires_grad:
         return None
     return t.grad

@@ -85,7 +85,8 @@ class _Kept(torch.autograd.Function):
 
 
 class _ReluKept(torch.autograd.Function):
-    """relu(x)·keep in one pass; its gradient is nonzero exactly where the output is > 0."""
+    """relu(x)·keep, saving only its output: the gradient is nonzero exactly where the output
+    is > 0 (one `threshold_backward` pass, no mask kept)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor) -> Tensor:  # noqa: ANN001
