@@ -50,7 +50,7 @@ class Dropout:
         """Dropout: x·mask/(1 − p)."""
         if not self.active:
             return x
-        return x * self.keep(x.shape, x.device).to(x.dtype).mul_(self.scale)
+        return self.kept(x).mul_(self.scale)  # under autograd the int16 mask is what is kept
 
     def kept(self, x: Tensor) -> Tensor:
         """x where kept, 0 elsewhere, without the 1/(1 − p): the caller folds `scale` into
