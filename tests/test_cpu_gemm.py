@@ -129,3 +129,27 @@ def test_chunked_backend_at_carzero_dims_runs_its_products_on_onednn(monkeypatch
     with torch.no_grad():
         al(_rand(3, 17, 768, seed=40), _rand(5, 768, seed=41), backend="chunked")
     assert len(calls) > 0
+
+
+def test_route_selection_by_environment_variable(monkeypatch):
+    assert cpu_gemm._select("torch") is None
+    with pytest.raises(ValueError, match="CARZERO_FAST_CPU_GEMM='mkl'.*auto, onednn, torch"):
+        cpu_gemm._select("mkl")
+    if cpu_gemm._probe_onednn() is None:
+        with pytest.raises(RuntimeError, match="no working oneDNN linear"):
+            cpu_gemm._select("onednn")
+    else:
+        assert cpu_gemm._select("onednn") is not None
+        assert cpu_gemm._select("auto") is not None
+    monkeypatch.setattr(cpu_gemm, "_probe_onednn", lambda: None)  # a build without it
+    assert cpu_gemm._select("auto") is None
+    with pytest.raises(RuntimeError, match="no working oneDNN linear"):
+        cpu_gemm._select("onednn")
+
+
+def test_onednn_probe_draws_no_random_numbers():
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    cpu_gemm._probe_onednn()
+    assert torch.equal(torch.rand(4), want)

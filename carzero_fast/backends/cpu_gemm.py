@@ -11,32 +11,55 @@ transposed views), where it also accumulates in place. bf16 products already go 
 oneDNN inside PyTorch, and other devices keep PyTorch's own GEMMs.
 
 Both routes compute the same fp32 products (different summation order only: ~1e-7
-relative); tests compare the chunked backend against the reference either way.
+relative); tests compare the chunked backend against the reference either way. On other CPUs
+(MKL is at home on Intel's) compare both with `python -m benchmarks` and set
+`CARZERO_FAST_CPU_GEMM`: `auto` (default: oneDNN when this PyTorch build has it), `onednn`
+(required; an error when missing) or `torch` (PyTorch's own products everywhere).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+ROUTES = ("auto", "onednn", "torch")
+
 
 def _probe_onednn() -> object | None:
-    """oneDNN's fp32 linear when this PyTorch build has it and it gives the right answer."""
+    """oneDNN's fp32 linear when this PyTorch build has it and it gives the right answer
+    (also with a transposed weight). Fixed inputs: the probe draws no random numbers."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         if not torch.backends.mkldnn.is_available():
             return None
-        x, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
-        if not torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), atol=1e-5):
-            return None
-        if not torch.allclose(op(x, w.t().t(), None, "none", [], ""), x @ w.t(), atol=1e-5):
-            return None
+        x = torch.arange(15.0).view(5, 3) / 7
+        w, b = torch.arange(12.0).view(4, 3) / 5 - 1, torch.arange(4.0)
+        w_t = w.t().contiguous().t()  # the same values, column-major
+        for weight, bias in ((w, b), (w_t, None)):
+            want = x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+            if not torch.allclose(op(x, weight, bias, "none", [], ""), want, atol=1e-5):
+                return None
         return op
     except (AttributeError, RuntimeError):
         return None
 
 
-_ONEDNN_LINEAR = _probe_onednn()
+def _select(route: str) -> object | None:
+    """The oneDNN op the route asks for (None: PyTorch's products)."""
+    if route not in ROUTES:
+        raise ValueError(f"CARZERO_FAST_CPU_GEMM={route!r}: choose one of {', '.join(ROUTES)}")
+    if route == "torch":
+        return None
+    op = _probe_onednn()
+    if op is None and route == "onednn":
+        raise RuntimeError("CARZERO_FAST_CPU_GEMM=onednn, but this PyTorch build has no working "
+                           "oneDNN linear (torch.ops.mkldnn._linear_pointwise)")  # fmt: skip
+    return op
+
+
+_ONEDNN_LINEAR = _select(os.environ.get("CARZERO_FAST_CPU_GEMM", "auto"))
 
 
 def onednn_enabled(x: Tensor) -> bool:
