@@ -37,6 +37,11 @@ def test_mm_t_matches_addmm(layout, route):
     want = torch.addmm(b, x, w.t())
     torch.testing.assert_close(mm_t(x, w, b), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mm_t(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    scaled = torch.addmm(b, x, w.t(), beta=0.5, alpha=1.25)
+    torch.testing.assert_close(mm_t(x, w, b, 1.25, 0.5), scaled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mm_t(x, w, b, 1.0, 0.5), torch.addmm(b, x, w.t(), beta=0.5),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(mm_t(x, w, None, 1.25), 1.25 * (x @ w.t()), rtol=1e-5, atol=1e-5)
 
 
 def test_onednn_route_is_taken_for_large_fp32_cpu_products_only(monkeypatch):

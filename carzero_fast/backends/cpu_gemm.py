@@ -72,12 +72,20 @@ def onednn_enabled(x: Tensor) -> bool:
 _ONEDNN_MIN_MACS = 2**21
 
 
-def mm_t(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """`x·wᵀ + b`: x `(r, k)`, w `(n, k)` with any strides (a transposed view is free), b `(n,)`
-    → `(r, n)`. No autograd."""
+def mm_t(x: Tensor, w: Tensor, b: Tensor | None = None, alpha: float = 1.0,
+         beta: float = 1.0) -> Tensor:  # fmt: skip
+    """`beta·b + alpha·x·wᵀ`: x `(r, k)`, w `(n, k)` with any strides (a transposed view is
+    free), b `(n,)` → `(r, n)`. No autograd."""
     if onednn_enabled(x) and x.shape[0] * w.shape[0] * w.shape[1] >= _ONEDNN_MIN_MACS:
-        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
-    return x @ w.t() if b is None else torch.addmm(b, x, w.t())
+        if alpha == 1.0:
+            return _ONEDNN_LINEAR(x, w, b if b is None or beta == 1.0 else b * beta,
+                                  "none", [], "")  # fmt: skip
+        # oneDNN's linear has no alpha: one pass over the output (dropout's 1/(1 − p))
+        b_in = None if b is None else b * (beta / alpha)
+        return _ONEDNN_LINEAR(x, w, b_in, "none", [], "").mul_(alpha)
+    if b is None:
+        return x @ w.t() if alpha == 1.0 else torch.mm(x, w.t()).mul_(alpha)
+    return torch.addmm(b, x, w.t(), beta=beta, alpha=alpha)
 
 
 def _buffer(t: Tensor | None) -> Tensor | None:
@@ -90,21 +98,12 @@ def _buffer(t: Tensor | None) -> Tensor | None:
     return t.grad
 
 
-def _forward(x2: Tensor, w: Tensor, b: Tensor | None, alpha: float, beta: float,
-             w_in_out: bool) -> Tensor:  # fmt: skip
-    """x2 `(r, in)` → `(r, out)`."""
-    w_t = w.t() if w_in_out else w  # [out, in]
-    if alpha == 1.0:
-        return mm_t(x2, w_t, b if b is None or beta == 1.0 else b * beta)
-    # the scales are dropout's 1/(1 − p): one pass over the output
-    return mm_t(x2, w_t, None if b is None else b * (beta / alpha)).mul_(alpha)
-
-
 class _Linear(torch.autograd.Function):
     """`beta·b + alpha·x·Wᵀ` (W `(out, in)`) or `beta·b + alpha·x·W` (`w_in_out`, W `(in, out)`).
 
-    Backward: dx = alpha·g·W on oneDNN; dW and db added in place into the leaves' gradient
-    buffers when they have one (one GEMM with beta = 1, no dW-sized temporary), else returned.
+    Backward: dx = alpha·g·W (`mm_t`: oneDNN for fp32 on CPU); dW and db added in place into
+    the leaves' gradient buffers when they have one (one GEMM with beta = 1, no dW-sized
+    temporary), else returned.
     """
 
     @staticmethod
@@ -113,7 +112,7 @@ class _Linear(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.b = b if b is not None and b.is_leaf else None  # a leaf: nothing to save
         ctx.alpha, ctx.beta, ctx.w_in_out, ctx.has_b = alpha, beta, w_in_out, b is not None
-        return _forward(x, w, b, alpha, beta, w_in_out)  # [r, out]
+        return mm_t(x, w.t() if w_in_out else w, b, alpha, beta)  # [r, out]
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001
@@ -122,7 +121,7 @@ class _Linear(torch.autograd.Function):
         w_t = w.t() if ctx.w_in_out else w  # [out, in]
         g_x = g_w = g_b = None
         if ctx.needs_input_grad[0]:
-            g_x = mm_t(g if alpha == 1.0 else g * alpha, w_t.t())  # g·W: W as a transposed view
+            g_x = mm_t(g, w_t.t(), alpha=alpha)  # g·W: W as a transposed view
         if ctx.needs_input_grad[1]:
             buf = _buffer(w)
             if buf is None:
@@ -157,5 +156,5 @@ def linear(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
         y = _Linear.apply(x2, w, b, alpha, beta, w_in_out)
     else:
-        y = _forward(x2, w, b, alpha, beta, w_in_out)
+        y = mm_t(x2, w.t() if w_in_out else w, b, alpha, beta)
     return y.view(*x.shape[:-1], y.shape[-1])
