@@ -125,7 +125,8 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             buf = _buffer(w)
             if buf is None:
-                g_w = torch.mm(g.t(), x).mul_(alpha)  # [out, in]
+                g_w = torch.mm(g.t(), x)  # [out, in]
+                g_w = g_w if alpha == 1.0 else g_w.mul_(alpha)
                 g_w = g_w.t() if ctx.w_in_out else g_w
             elif ctx.w_in_out:  # [in, out]
                 buf.addmm_(x.t(), g, alpha=alpha)
