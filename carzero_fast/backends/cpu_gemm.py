@@ -77,12 +77,10 @@ def mm_t(x: Tensor, w: Tensor, b: Tensor | None = None, alpha: float = 1.0,
     """`beta·b + alpha·x·wᵀ`: x `(r, k)`, w `(n, k)` with any strides (a transposed view is
     free), b `(n,)` → `(r, n)`. No autograd."""
     if onednn_enabled(x) and x.shape[0] * w.shape[0] * w.shape[1] >= _ONEDNN_MIN_MACS:
-        if alpha == 1.0:
-            return _ONEDNN_LINEAR(x, w, b if b is None or beta == 1.0 else b * beta,
-                                  "none", [], "")  # fmt: skip
         # oneDNN's linear has no alpha: one pass over the output (dropout's 1/(1 − p))
-        b_in = None if b is None else b * (beta / alpha)
-        return _ONEDNN_LINEAR(x, w, b_in, "none", [], "").mul_(alpha)
+        b_in = b if b is None or alpha == beta == 1.0 else b * (beta / alpha)
+        y = _ONEDNN_LINEAR(x, w, b_in, "none", [], "")
+        return y if alpha == 1.0 else y.mul_(alpha)
     if b is None:
         return x @ w.t() if alpha == 1.0 else torch.mm(x, w.t()).mul_(alpha)
     return torch.addmm(b, x, w.t(), beta=beta, alpha=alpha)
