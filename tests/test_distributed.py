@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def _init(rank: int, world: int, port: int) -> None:
                             timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
 
 
+def _finish() -> None:
+    """End a spawned rank that succeeded: all ranks meet, the group is destroyed, and the
+    process leaves without the interpreter's teardown. Gloo's native threads can outlive
+    the group and abort the process during that teardown (CI saw `terminate called without
+    an active exception` once, after every result had been written); the results are on
+    disk by then, so the exit status must not depend on it."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _loss_worker(rank: int, world: int, port: int, sizes: list[int], mode: str, out: str) -> None:
     _init(rank, world, port)
     torch.set_num_threads(1)
@@ -69,7 +83,7 @@ def _loss_worker(rank: int, world: int, port: int, sizes: list[int], mode: str, 
     comm_log = (comm[n_forward:n_before_backward], comm[n_before_backward:])
     torch.save({"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "params": grads,
                 "comm": comm_log}, f"{out}/rank{rank}.pt")  # fmt: skip
-    dist.destroy_process_group()
+    _finish()
 
 
 def _single(sizes: list[int]) -> dict:
@@ -165,7 +179,7 @@ def _score_worker(rank: int, world: int, port: int, out: str, resume: bool,
     _init(rank, world, port)
     torch.set_num_threads(1)
     _score(out, resume, stop=1 if rank == stop_rank else None)
-    dist.destroy_process_group()
+    _finish()
 
 
 def _one_thread_score(out: str) -> None:
@@ -209,7 +223,7 @@ def _fail_worker(rank: int, world: int, port: int) -> None:
         raise ValueError("rank 1 broke on purpose")
     t = torch.ones(1)
     dist.all_reduce(t)  # would wait for rank 1 forever without the launcher's teardown
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_a_failing_rank_fails_the_job_with_its_error():
