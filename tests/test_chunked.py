@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_aligner, random_mask, rel_err
@@ -138,3 +140,24 @@ def test_chunks_cover_the_range_in_near_equal_pieces(total, step):
     sizes = [b - a for a, b in pieces]
     assert max(sizes) <= step and max(sizes) - min(sizes) <= 1
     assert _chunks(0, step) == []
+
+
+@pytest.mark.parametrize("total, step, granule", [
+    (64, 12, 2), (48, 10, 2), (48, 9, 2), (64, 11, 2), (65, 12, 2), (7, 100, 4), (97, 16, 16),
+    (97, 15, 16), (3, 2, 2), (1, 1, 2),
+])  # fmt: skip
+def test_chunks_in_multiples_of_the_granule(total, step, granule):
+    """Pieces of at most `step`, multiples of `granule` except the last, near-equal in
+    granules; a step below the granule falls back to plain pieces."""
+    pieces = _chunks(total, step, granule)
+    assert pieces[0][0] == 0 and pieces[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
+    sizes = [b - a for a, b in pieces]
+    assert max(sizes) <= step and min(sizes) > 0
+    g = granule if step >= granule else 1
+    assert all(s % g == 0 for s in sizes[:-1])
+    units = [-(-s // g) for s in sizes]
+    assert max(units) - min(units) <= 1
+    assert len(pieces) == math.ceil(math.ceil(total / g) / (step // g))  # as few as allowed
+    if g == 1:
+        assert pieces == _chunks(total, step)

@@ -247,14 +247,26 @@ def pair_chunk_forward(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunks(total: int, step: int) -> list[tuple[int, int]]:
-    """[0, total) in as few pieces of at most `step` as possible, of near-equal size (48 items
-    at step 9 → 6 × 8, not 5 × 9 + 3: no small tail chunk with small GEMMs)."""
-    count = -(-total // step)
+def _chunks(total: int, step: int, granule: int = 1) -> list[tuple[int, int]]:
+    """[0, total) in pieces of at most `step`, of near-equal size (48 items at step 9 → 6 × 8,
+    not 5 × 9 + 3: no small tail chunk with small GEMMs), each a multiple of `granule` where
+    `step` allows it (the last piece then takes what is left).
+
+    The item loop's granule is the CPU thread count: PyTorch's CPU `bmm` (the per-item
+    attention products) splits its batch over the threads, so on 2 threads an item block of 11
+    ran at 150 GFLOP/s where blocks of 10 or 12 ran at 170–180 (BENCHMARKS.md)."""
+    if step < granule:
+        granule = 1
+    units = -(-total // granule)
+    count = -(-units // (step // granule))
     if count == 0:
         return []
-    bounds = [i * total // count for i in range(count + 1)]
+    bounds = [min(total, i * units // count * granule) for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _item_granule(device: torch.device) -> int:
+    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Tensor | None:
@@ -320,7 +332,7 @@ def _run_chunks(
     """
     n, m, plan = memory.shape[0], prep.x0.shape[0], job.plan
     p_drop = cfg.dropout if training else 0.0
-    for n0, n1 in _chunks(n, plan.items):
+    for n0, n1 in _chunks(n, plan.items, _item_granule(memory.device)):
         mem = memory[n0:n1]
         if g_out is not None:
             mem = mem.detach().requires_grad_(memory.requires_grad)
