@@ -8,7 +8,8 @@
 2. One direction (images as memory, P = 197) at N = M ∈ {256, 1024}: `reference` (fp16
    autocast, as CARZero ran), `chunked` (bf16), `chunked` with its attention on flash-attn's
    and xformers' kernels (when the `[gpu]` extras are installed), `torch.compile` of
-   chunked's pair stage (bf16), `triton` (bf16).
+   chunked's pair stage (bf16), `triton` (bf16), and `triton` with its plain-epilogue GEMMs
+   on its own kernel instead of cuBLAS ("own GEMMs", `CARZERO_FAST_TRITON_GEMM=triton`).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
@@ -204,6 +205,8 @@ class Check:
 
                 fns[f"chunked+{impl}"] = ("bf16", on_impl)
         fns["triton"] = ("bf16", lambda: self._call(self.al16, mem16, q16, "triton"))
+        fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
+            "triton", lambda: self._call(self.al16, mem16, q16, "triton")))  # fmt: skip
         fns["triton, bf16 stream"] = ("bf16", lambda: self._bf16_stream(mem16, q16))
         self._time_all(case, fns, self.flops(nm, nm, 197))
 
@@ -281,6 +284,24 @@ class Check:
                 r["x_carzero_loop"] = loop_row["ms"] / r["ms"]
 
 
+def with_gemm_route(route: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with CARZERO_FAST_TRITON_GEMM = `route` while it runs: the triton backend's
+    plain-epilogue GEMMs on its own kernel ("triton") against the default (cuBLAS for bf16)."""
+
+    def run() -> object:
+        old = os.environ.get("CARZERO_FAST_TRITON_GEMM")
+        os.environ["CARZERO_FAST_TRITON_GEMM"] = route
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["CARZERO_FAST_TRITON_GEMM"]
+            else:
+                os.environ["CARZERO_FAST_TRITON_GEMM"] = old
+
+    return run
+
+
 def _step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
              amp: bool, budget: int | None = None,
              train: bool = False) -> Callable[[], object]:  # fmt: skip
@@ -349,6 +370,8 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
             fns["reference"] = ("fp16-autocast", _step_fn(chk.al, img, txt, "reference", True))
         fns["chunked"] = ("bf16", _step_fn(chk.al16, img16, txt16, "chunked", False))
         fns["triton"] = ("bf16", _step_fn(chk.al16, img16, txt16, "triton", False))
+        fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
+            "triton", _step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
         if nm <= 256:  # train mode: dropout 0.1 at every site, as CARZero trains
             fns["reference, dropout"] = (
                 "fp16-autocast",

@@ -10,6 +10,7 @@ carzero_fast.kernels --arch 90`, checked by tests/test_kernel_report.py).
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -158,3 +159,36 @@ def shipped(arch: int, kind: str) -> dict[str, NamedTuple]:
 def shipped_bwd_with_dropout(arch: int, kind: str) -> AttentionBwdConfig:
     """The backward tiles the kernels run with dropout on (for the compile report)."""
     return _with_dropout(_ATTENTION_BWD[_key(arch, kind)], kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which GEMM runs a linear layer whose epilogue is only bias (and ReLU)
+# ---------------------------------------------------------------------------------------------
+
+GEMM_ROUTES = ("auto", "triton", "library")
+
+
+def gemm_route() -> str:
+    """`CARZERO_FAST_TRITON_GEMM`: who runs the linear layers with a plain epilogue (bias,
+    optionally ReLU; no dropout, no fused logit): "triton" (`linear`'s own kernel), "library"
+    (PyTorch's GEMM: cuBLAS/cuBLASLt with its bias and ReLU epilogues on CUDA) or "auto"
+    (library for 16-bit operands on CUDA, triton elsewhere). Read at every call, so that a
+    benchmark can time both in one process.
+
+    Why "auto" picks the library on CUDA: on an H200 the same bf16 products (32768-row chunks
+    of the pair stage) ran at 636–677 TFLOP/s in cuBLAS against 504–589 for this package's
+    TMA kernel (`tune_gpu`, BENCHMARKS.md); the fusions that kernel existed for (LayerNorm
+    prologue, residual epilogue) halved its rate and moved to `add_layer_norm`."""
+    route = os.environ.get("CARZERO_FAST_TRITON_GEMM", "auto")
+    if route not in GEMM_ROUTES:
+        raise ValueError(f"CARZERO_FAST_TRITON_GEMM={route!r}; choose one of "
+                         f"{', '.join(GEMM_ROUTES)}")  # fmt: skip
+    return route
+
+
+def use_library_gemm(a: torch.Tensor) -> bool:
+    """Whether a plain-epilogue linear layer on activations `a` runs PyTorch's GEMM."""
+    route = gemm_route()
+    if route == "auto":
+        return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+    return route == "library"

@@ -26,7 +26,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import mma, upcast_dots
-from .configs import arch_of, dot_precision, linear_config
+from .configs import arch_of, dot_precision, linear_config, use_library_gemm
 from .dropout import ChunkPos, DropoutSpec, chunk_keep
 
 # The dropout epilogue draws Philox for every element of the tile: half-width tiles keep its
@@ -217,8 +217,10 @@ def linear(
     a `(R, K)`, w `(N_OUT, K)`, bias `(N_OUT,)`, all one dtype. head = (w_last `(N_OUT,)`,
     b_last `(1,)`) reduces each row to a logit written at `out[r // logit_cols, r %
     logit_cols]` (out is then the score block, row stride `out.stride(0)`, N_OUT ≤ 256).
-    Returns `out` `(R, N_OUT)` (or the score block). tma: force (True) or forbid (False) the
-    TMA kernel; None picks it where it applies (`use_tma`). descriptors: a dict the caller
+    Returns `out` `(R, N_OUT)` (or the score block). A plain epilogue (no head, no dropout)
+    runs PyTorch's GEMM instead where `configs.gemm_route` says so (16-bit on CUDA by
+    default). tma: force (True) or forbid (False) the TMA kernel; None picks it where it
+    applies (`use_tma`). descriptors: a dict the caller
     keeps for the life of its buffers (e.g. one call of the backend), so that the TMA
     descriptors of reused buffers are built once, not at every launch.
     """
@@ -231,6 +233,11 @@ def linear(
         raise TypeError(f"linear: a is {a.dtype} but w is {w.dtype}")
     if out is None:
         out = a.new_empty((n_rows, n_out))
+    if head is None and dropout is None and use_library_gemm(a):
+        # a plain epilogue: PyTorch's GEMM (cuBLASLt fuses bias and ReLU) where it is faster
+        if relu:
+            return torch._addmm_activation(bias, a, w.t(), out=out)
+        return torch.addmm(bias, a, w.t(), out=out)
     cfg = linear_config(a.device, a.dtype, head=head is not None)
     block_n = cfg.block_n
     if dropout is not None:

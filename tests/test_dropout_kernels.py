@@ -88,8 +88,11 @@ def test_mask_rate_and_independence():
 # ------------------------------------------------------------------ the kernels' masks
 
 
+@pytest.mark.parametrize("route", ["triton", "library"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
-def test_linear_dropout_epilogue(tma):
+def test_linear_dropout_epilogue(tma, route, monkeypatch):
+    # "library": `plain` runs PyTorch's GEMM, the dropout call must still run the kernel
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
     dtype = torch.bfloat16 if tma else torch.float32
     rows, k, n_out, pos = 35, 48, 80, ChunkPos(2, 9, 7)
     a, w, b = torch.randn(rows, k), torch.randn(n_out, k) / 7, torch.randn(n_out)

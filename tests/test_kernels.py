@@ -216,6 +216,44 @@ def test_linear_head_writes_logits_into_a_score_block(dtype):
     _check(block, ref, exact, dtype)
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_linear_library_route_writes_into_out(relu, monkeypatch):
+    """CARZERO_FAST_TRITON_GEMM=library: a plain epilogue is PyTorch's GEMM, written into
+    the caller's buffer (fp32 on CPU here, where it is the PyTorch stage itself)."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", "library")
+    a, w, bias = _linear_inputs(torch.float32, 37, 59, 29)
+    a = a[:, 3:56]  # row-strided, as the backend's buffers can be
+    w = w[:, :53].contiguous()
+    out = torch.full((37, 29), NAN)
+    got = linear(a, w, bias, out=out, relu=relu)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, linear_torch(a, w, bias, relu=relu))
+
+
+def test_linear_library_route_keeps_the_head_kernel(monkeypatch):
+    """The fused logit has no library counterpart: with the library route forced, a head
+    call still reduces each row to its logit in the score block."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", "library")
+    ni, mc, width, k = 3, 5, 24, 40
+    a, w, bias = _linear_inputs(torch.float32, ni * mc, k, width, seed=5)
+    head = (_randn(width, seed=8, scale=width**-0.5), _randn(1, seed=9))
+    scores = torch.full((ni, mc), NAN)
+    linear(a, w, bias, out=scores, relu=True, head=head, logit_cols=mc)
+    assert rel_err(scores, linear_torch(a, w, bias, relu=True, head=head).view(ni, mc)) < 1e-5
+
+
+def test_gemm_route_choice(monkeypatch):
+    from carzero_fast.kernels.configs import use_library_gemm
+
+    cpu16 = torch.zeros(2, 2, dtype=torch.bfloat16)
+    for route, want in (("auto", False), ("triton", False), ("library", True)):
+        monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
+        assert use_library_gemm(cpu16) is want  # auto: the library on CUDA only
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", "cublas")
+    with pytest.raises(ValueError, match="CARZERO_FAST_TRITON_GEMM='cublas'"):
+        linear(*_linear_inputs(torch.float32, 4, 8, 8))
+
+
 # ---------------------------------------------------------------------------- attention
 
 # (D, heads, P): head_dim 16 and 48 (one 64-column slice, padded) at every key count; 96 (two

@@ -95,6 +95,19 @@ def test_fp32_matches_reference(small, masked, triton_only):
             assert rel_err(out, ref) < 1e-5, plan
 
 
+def test_fp32_with_library_gemms_matches_reference(monkeypatch, triton_only):
+    """The plain-epilogue layers on PyTorch's GEMM (the route 16-bit CUDA calls take), the
+    attention, LayerNorms, dropout-free head logit on the kernels: still the reference."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", "library")
+    al = make_aligner(CONFIGS["d96h2"], seed=4)
+    mem, q = _inputs(96, seed=1)
+    mask = random_mask(N, P, seed=3)
+    with torch.no_grad():
+        ref = al(mem, q, mask, backend="reference")
+        out = al(mem, q, mask, backend="triton", chunk_budget_bytes=_budget(al.config, 4, (2, M)))
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_both_directions_match_reference(triton_only):
     al = make_aligner(CONFIGS["d96h2"], seed=4)
     img, txt = _inputs(96, n=3, p=11, seed=5)[0], _inputs(96, n=5, p=7, seed=6)[0]
@@ -107,10 +120,13 @@ def test_both_directions_match_reference(triton_only):
     assert rel_err(got[1], ref[1]) < 1e-5
 
 
+@pytest.mark.parametrize("route", ["auto", "library"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_no_worse_than_chunked(dtype):
+def test_half_precision_no_worse_than_chunked(dtype, route, monkeypatch):
     """Relative RMS error against the fp32 reference, judged by the chunked backend's error
-    in the same dtype (×2)."""
+    in the same dtype (×2); "library" is the CUDA default for 16-bit (PyTorch's GEMM for the
+    plain-epilogue layers), forced here on CPU."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
     al = make_aligner(CONFIGS["d96h2"], seed=5)
     mem, q = _inputs(96, p=33, seed=9)
     mask = random_mask(N, 33, seed=10)

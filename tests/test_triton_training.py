@@ -155,15 +155,19 @@ def test_odd_shapes(n, m, pi, pt, triton_only):
         assert rel_err(a, b, floor=1e-2) < 2e-5, name
 
 
+@pytest.mark.parametrize("route", ["auto", "library"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_no_worse_than_pytorch(dtype):
+def test_half_precision_no_worse_than_pytorch(dtype, route, monkeypatch):
     """Relative RMS error against the fp32 reference, of each token gradient and of all
     parameter gradients together, within 2× PyTorch's own (the reference in that dtype).
+    "library": PyTorch's GEMM for the plain-epilogue layers (the default for 16-bit on CUDA),
+    forced here on CPU.
 
     Per parameter the 16-bit errors are dominated by ReLU units whose pre-activation lies
     within rounding of zero for one of the few pairs (any backend flips a different few), so
     the parameters are judged together.
     """
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
     al32 = make_aligner(CONFIGS["d96h2"], seed=5)
     img, txt = _tokens(96, n=8, m=8, seed=6)
     exact = _step(al32, "reference", img, txt)
@@ -227,10 +231,13 @@ DROP_CFG = cf.AlignerConfig(d_model=64, n_heads=2, n_layers=2, d_ffn=96, head_di
                             dropout=0.3)  # fmt: skip
 
 
-@pytest.mark.parametrize("plan", [(2, M), (1, 3)], ids=["item-blocks", "query-chunks"])
-def test_dropout_matches_the_same_mask_reference(plan, triton_only):
+@pytest.mark.parametrize(("plan", "route"), [((2, M), "auto"), ((1, 3), "auto"),
+                                             ((2, M), "library")])  # fmt: skip
+def test_dropout_matches_the_same_mask_reference(plan, route, monkeypatch, triton_only):
     """Training mode: outputs and every gradient equal autograd of the materialised PyTorch
-    computation with the same counter-based masks, whatever the chunk plan."""
+    computation with the same counter-based masks, whatever the chunk plan, and with the
+    plain-epilogue layers on PyTorch's GEMM ("library")."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
     al = make_aligner(DROP_CFG, seed=9).train()
     mem, q = _tokens(64, seed=10)
     q = q[:, 0]
