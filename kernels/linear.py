@@ -220,9 +220,9 @@ def linear(
     Returns `out` `(R, N_OUT)` (or the score block). A plain epilogue (no head, no dropout)
     runs PyTorch's GEMM instead where `configs.gemm_route` says so (16-bit on CUDA by
     default). tma: force (True) or forbid (False) the TMA kernel; None picks it where it
-    applies (`use_tma`). descriptors: a dict the caller
-    keeps for the life of its buffers (e.g. one call of the backend), so that the TMA
-    descriptors of reused buffers are built once, not at every launch.
+    applies (`use_tma`). descriptors: a dict the caller keeps for the life of its buffers
+    (e.g. one call of the backend), so that the TMA descriptors of reused buffers are built
+    once, not at every launch.
     """
     n_rows, k = a.shape
     n_out = w.shape[0]

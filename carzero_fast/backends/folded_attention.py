@@ -121,7 +121,8 @@ class FoldedAttention(torch.autograd.Function):
                 keep = keep.to(prob.dtype)
             a = None  # [n, m, P] the dropped weights, where needed
             if need_x or (keep is not None and need_bv[h]):
-                # the stacked operands are written in place: no per-head copies
+                # written in place into the stacked operand (ds_h, computed [n, P, m], is
+                # the one term copied in, transposed)
                 a = lhs[:, :, h_n + h] if need_x else torch.empty_like(prob)
                 torch.mul(prob, ctx.scale, out=a)
                 if keep is not None:
