@@ -212,6 +212,41 @@ def test_seeded_training_steps_are_bitwise_identical():
         assert torch.equal(a, b)
 
 
+def test_backward_starts_from_the_forwards_last_chunk(monkeypatch):
+    """The forward keeps its last chunk's graph: a step runs 2·chunks − 1 chunk forwards.
+    A second backward (retain_graph) has nothing kept and recomputes every chunk; both
+    backwards give the same gradients, in train mode with dropout on."""
+    import carzero_fast.backends.chunked as chunked
+
+    calls = []
+    original = chunked.pair_chunk_forward
+    monkeypatch.setattr(chunked, "pair_chunk_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))  # fmt: skip
+    al = make_aligner(TINY, seed=12).train()
+    g = torch.Generator().manual_seed(13)
+    img = torch.randn(5, 7, 8, generator=g, requires_grad=True)
+    txt = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    w = al.weights()
+    budget = 1  # one pair per chunk: 15 chunks per direction
+    torch.manual_seed(5)
+    i2t, t2i = chunked_both_directions(w, TINY, img, txt, None, None, True, budget)
+    assert len(calls) == 2 * 15
+    loss = (i2t * torch.randn(5, 3, generator=g)).sum() + (
+        t2i * torch.randn(3, 5, generator=g)
+    ).sum()
+    params = [img, txt, *al.parameters()]
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    assert len(calls) == 2 * 15 + 2 * 15 - 1
+    second = torch.autograd.grad(loss, params)
+    assert len(calls) == 4 * 15 - 1 + 2 * 15
+    for a, b in zip(first, second, strict=True):
+        assert rel_err(a, b, floor=1e-6) < 1e-6
+    with torch.no_grad():  # nothing to keep without autograd
+        calls.clear()
+        chunked_both_directions(w, TINY, img, txt, None, None, True, budget)
+        assert len(calls) == 2 * 15
+
+
 def test_dropout_masks_keep_the_right_fraction():
     drop = Dropout(0.1, seed=3, chunk=(0, 0), device=torch.device("cpu"))
     out = drop(torch.ones(200_000))

@@ -1,45 +1,29 @@
 """The `chunked` backend: all N×M pairs streamed through plain PyTorch ops in bounded chunks.
 
-Work is split by what it depends on (DESIGN.md §3):
+The stages (`chunked_stages.py`) split the work by what it depends on: per query, once; per
+memory item, once per item block; per pair, one chunk `(items n0:n1) × (queries m0:m1)` at a
+time. This executor runs them: only a chunk of pairs is alive at any moment, so memory is
+O(chunk + N·M) (the logits), never O(N·M·D).
 
-- per query (shared by all N items): `x0 = LN0(q)` and layer 1's query projection, once;
-- per memory item: `LN0(memory)` (and, in the "kv" form, every layer's K and V), once per
-  item block;
-- per pair: everything else, for one chunk `(items n0:n1) × (queries m0:m1)` at a time.
-
-Only a chunk of pairs is alive at any moment, so memory is O(chunk + N·M) (the logits), never
-O(N·M·D). Training goes through `_ChunkedAlign`, an `autograd.Function` that saves the inputs
-only and recomputes each chunk in backward; dropout masks come from a generator seeded per
-chunk, so recomputation sees the same masks as the forward.
-
-Two exact forms of the attention, chosen per call by the cost model (`use_folded_form`):
-
-- "kv": K, V = LN0(mem)·Wkᵀ, LN0(mem)·Wvᵀ per item and layer (4·P·D² FLOPs per item and
-  layer), then per pair q·Kᵀ and softmax·V per head (4·P·D FLOPs);
-- "folded": never projects the memory. Per head, q·K_hᵀ = (Wk_hᵀ q_h)·LN0(mem)ᵀ + q_h·bk_h,
-  and the last term is constant over keys, so softmax drops it; softmax·V_h =
-  Wv_h·(softmax·LN0(mem)) + bv_h. Per pair that is 4·D² + 4·H·P·D FLOPs instead of 4·P·D,
-  and nothing per item. It wins while an item meets fewer than P·D / (D + (H−1)·P) queries
-  (111 for images, 71 for texts at CARZero dims: training batches); "kv" wins above.
+Training goes through `_ChunkedAlign`, an `autograd.Function` that saves the inputs only and
+recomputes each chunk in backward; dropout masks come from a generator seeded per chunk, so
+recomputation sees the same masks as the forward. The forward's last chunk keeps its graph
+(it would be rebuilt first thing in backward anyway): the backward runs the chunks in reverse
+and starts from it, one chunk fewer to recompute at no extra peak memory.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
-from .cpu_gemm import linear
+from .chunked_stages import Prepared, item_stage, pair_chunk_forward, prepare
 from .dropout import Dropout
-from .external_attention import external_attention
-from .folded_attention import attention_folded
 from .plan import (
     ChunkPlan,
     default_budget,
@@ -50,197 +34,6 @@ from .plan import (
 
 __all__ = ["ChunkPlan", "Dropout", "chunked_both_directions", "chunked_forward",
            "executed_flops", "plan_chunks", "use_folded_form"]  # fmt: skip
-
-# ---------------------------------------------------------------------------------------------
-# Per-call preparation: everything shared by all chunks, computed once
-# ---------------------------------------------------------------------------------------------
-
-
-class LayerPlan(NamedTuple):
-    """One layer's weights as the chunk stages consume them.
-
-    Each is its own tensor (a slice or per-head piece of a parameter made once per call), so
-    that a chunk's backward never slices a parameter: slicing in every chunk would zero-fill
-    a parameter-sized gradient per chunk.
-    """
-
-    norm2_w: Tensor  # [D]
-    norm2_b: Tensor  # [D]
-    q_w: Tensor  # [D, D]
-    q_b: Tensor  # [D]
-    kv_w: Tensor | None  # [2D, D], "kv" form
-    kv_b: Tensor | None  # [2D]
-    k_heads: tuple[Tensor, ...]  # H × [dh, D], "folded" form (1/sqrt(dh) is in the query)
-    v_heads: tuple[Tensor, ...]  # H × [dh, D]
-    v_bias_heads: tuple[Tensor, ...]  # H × [dh]
-    out_w: Tensor  # [D, D]
-    out_b: Tensor  # [D]
-    norm3_w: Tensor  # [D]
-    norm3_b: Tensor  # [D]
-    linear1_w: Tensor  # [F, D]
-    linear1_b: Tensor  # [F]
-    linear2_w: Tensor  # [D, F]
-    linear2_b: Tensor  # [D]
-
-
-class Prepared(NamedTuple):
-    """Per-call state shared by every chunk."""
-
-    x0: Tensor  # [M, D] LN0(queries): each pair's initial residual stream
-    q1: Tensor  # [M, D] layer 1's projected query (it does not depend on the item)
-    q1_folded: tuple[Tensor, ...]  # H × [M, D]: q1 in token space per head ("folded" form)
-    norm0_w: Tensor  # [D]
-    norm0_b: Tensor  # [D]
-    layers: tuple[LayerPlan, ...]
-    head: tuple[tuple[Tensor, Tensor], ...]
-
-
-def prepare(w: AlignerWeights, cfg: AlignerConfig, queries: Tensor, folded: bool) -> Prepared:
-    """Query stage and weight layout: queries `(M, D)` → `Prepared`."""
-    d, dh, eps = cfg.d_model, cfg.head_dim, cfg.layer_norm_eps
-    scale = 1.0 / math.sqrt(dh)
-    layers = []
-    for lw in w.layers:
-        # views: in backward their gradients accumulate into the weights' own buffers
-        q_w, k_w, v_w = lw.in_proj_w.split(d)
-        q_b, _, v_b = lw.in_proj_b.split(d)
-        if folded:
-            kv_w = kv_b = None
-            k_heads, v_heads, v_bias_heads = k_w.split(dh), v_w.split(dh), v_b.split(dh)
-        else:
-            kv_w, kv_b = lw.in_proj_w[d:], lw.in_proj_b[d:]
-            k_heads = v_heads = v_bias_heads = ()
-        layers.append(LayerPlan(
-            lw.norm2_w, lw.norm2_b, q_w, q_b, kv_w, kv_b, k_heads, v_heads, v_bias_heads,
-            lw.out_proj_w, lw.out_proj_b, lw.norm3_w, lw.norm3_b,
-            lw.linear1_w, lw.linear1_b, lw.linear2_w, lw.linear2_b,
-        ))  # fmt: skip
-    x0 = F.layer_norm(queries, (d,), w.norm0_w, w.norm0_b, eps)
-    lp = layers[0]
-    q1 = linear(F.layer_norm(x0, (d,), lp.norm2_w, lp.norm2_b, eps), lp.q_w, lp.q_b)
-    q1_folded = tuple(fold_query(q1 * scale, lp)) if folded else ()
-    return Prepared(x0, q1, q1_folded, w.norm0_w, w.norm0_b, tuple(layers), w.head)
-
-
-def fold_query(q: Tensor, lp: LayerPlan) -> Iterator[Tensor]:
-    """Projected queries already scaled by 1/sqrt(dh), `(rows, D)` → per head `q_h·Wk_h`,
-    `(rows, D)`: the query in token space, so that its scores are a product with LN0(memory)
-    itself. Lazy: a chunk holds one head's at a time."""
-    # split, not per-head slicing: its backward is one concatenation, where slicing would
-    # zero-fill a query-sized gradient per head
-    dh = lp.k_heads[0].shape[0]
-    return (linear(q_h, wk, w_in_out=True)
-            for q_h, wk in zip(q.split(dh, dim=-1), lp.k_heads, strict=True))  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages (plain PyTorch; each fused kernel replaces one of these and is tested against it)
-# ---------------------------------------------------------------------------------------------
-
-
-def item_stage(prep: Prepared, cfg: AlignerConfig, memory: Tensor, folded: bool) -> list[Tensor]:
-    """memory `(n, P, D)` → what the pairs of these items attend over.
-
-    folded: `[LN0(memory)]`; otherwise per layer K and V, `[K_1, V_1, K_2, ...]`, `(n, P, D)`.
-    """
-    d = cfg.d_model
-    normed = F.layer_norm(memory, (d,), prep.norm0_w, prep.norm0_b, cfg.layer_norm_eps)
-    if folded:
-        return [normed]
-    kvs = []
-    for lp in prep.layers:
-        kv = linear(normed, lp.kv_w, lp.kv_b)  # [n, P, 2D]
-        kvs += [kv[..., :d], kv[..., d:]]
-    return kvs
-
-
-def attention_kv(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, n_heads: int, drop: Dropout
-) -> Tensor:
-    """Multi-head attention over projected keys/values (no output projection).
-
-    q `(n, m, D)`, k/v `(n, P, D)`, bias `(n, 1, P)` additive (-inf = masked) → `(n, m, D)`.
-    """
-    n, m, d = q.shape
-    dh = d // n_heads
-    qh = q.view(n, m, n_heads, dh).transpose(1, 2)  # [n, H, m, dh]
-    kh = k.view(n, -1, n_heads, dh).transpose(1, 2)  # [n, H, P, dh]
-    vh = v.view(n, -1, n_heads, dh).transpose(1, 2)  # [n, H, P, dh]
-    mask = None if bias is None else bias[:, None]  # [n, 1, 1, P]
-    if not drop.active and mask is None:  # flash-attn / xformers when selected (GPU check)
-        o = external_attention(q.view(n, m, n_heads, dh), k.view(n, -1, n_heads, dh),
-                               v.view(n, -1, n_heads, dh))  # fmt: skip
-        if o is not None:
-            return o.reshape(n, m, d)
-    if not drop.active:
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    else:  # explicit form: the dropout mask must come from the chunk's generator
-        s = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # [n, H, m, P]
-        if mask is not None:
-            s = s + mask
-        o = torch.matmul(drop(torch.softmax(s, dim=-1)), vh)
-    return o.transpose(1, 2).reshape(n, m, d)
-
-
-def ffn_stage(lp: LayerPlan, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
-    """Pre-norm FFN with its residual: x `(..., D)` → `(..., D)`."""
-    y = F.layer_norm(x, (cfg.d_model,), lp.norm3_w, lp.norm3_b, cfg.layer_norm_eps)
-    h = drop.relu_kept(linear(y, lp.linear1_w, lp.linear1_b))  # unscaled
-    # both dropouts' scales s in one GEMM: drop(b2 + s·h·W2ᵀ) = kept(s·b2 + s²·h·W2ᵀ)
-    s = drop.scale
-    return x + drop.kept(linear(h, lp.linear2_w, lp.linear2_b, alpha=s * s, beta=s))
-
-
-def head_stage(prep: Prepared, cfg: AlignerConfig, x: Tensor, drop: Dropout) -> Tensor:
-    """decoder_norm then the MLP head: x `(..., D)` → logits `(...)`. The input of every
-    Linear is dropped (decoder_norm's output, then each ReLU's), so each GEMM takes the
-    dropout scale as its alpha."""
-    x = drop.kept(F.layer_norm(x, (cfg.d_model,), prep.norm0_w, prep.norm0_b,
-                               cfg.layer_norm_eps))  # fmt: skip
-    last = len(prep.head) - 1
-    for i, (hw, hb) in enumerate(prep.head):
-        x = linear(x, hw, hb, alpha=drop.scale)
-        if i < last:
-            x = drop.relu_kept(x)
-    return x.squeeze(-1)
-
-
-def pair_chunk_forward(
-    prep: Prepared,
-    cfg: AlignerConfig,
-    queries: slice,
-    item: list[Tensor],
-    folded: bool,
-    bias: Tensor | None,
-    drop: Dropout,
-) -> Tensor:
-    """All layers and the head for n items (their `item_stage` state) × the queries in
-    `queries` (a slice of `prep.x0`/`prep.q1`) → logits `(n, m)`."""
-    n, d, scale = item[0].shape[0], cfg.d_model, 1.0 / math.sqrt(cfg.head_dim)
-    x = prep.x0[queries]  # [m, D], broadcast over the n items by the first residual add
-    m = x.shape[0]
-    for i, lp in enumerate(prep.layers):
-        if i == 0:  # layer 1's query does not depend on the item: prepared once per query
-            if folded:
-                qk = tuple(t[queries] for t in prep.q1_folded)
-                o = attention_folded(qk, item[0], lp.v_heads, lp.v_bias_heads, bias, drop,
-                                     shared=True)  # fmt: skip
-            else:
-                o = attention_kv(prep.q1[queries].expand(n, m, d), item[0], item[1], bias,
-                                 cfg.n_heads, drop)  # fmt: skip
-        else:
-            y = F.layer_norm(x, (d,), lp.norm2_w, lp.norm2_b, cfg.layer_norm_eps)
-            if folded:  # the attention's 1/sqrt(dh) rides on the projection's GEMM
-                q = linear(y.view(-1, d), lp.q_w, lp.q_b, alpha=scale, beta=scale)
-                o = attention_folded(fold_query(q, lp), item[0], lp.v_heads, lp.v_bias_heads,
-                                     bias, drop, shared=False)  # fmt: skip
-            else:
-                q = linear(y, lp.q_w, lp.q_b)  # [n, m, D]
-                o = attention_kv(q, item[2 * i], item[2 * i + 1], bias, cfg.n_heads, drop)
-        x = x + drop.kept(linear(o, lp.out_w, lp.out_b, alpha=drop.scale, beta=drop.scale))
-        x = ffn_stage(lp, cfg, x, drop)
-    return head_stage(prep, cfg, x, drop)
-
 
 # ---------------------------------------------------------------------------------------------
 # Executor
@@ -314,44 +107,6 @@ def _backward_tree(tree: object, leaves: object) -> None:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
-def _run_chunks(
-    prep: Prepared,
-    cfg: AlignerConfig,
-    job: Job,
-    training: bool,
-    memory: Tensor,
-    out: Tensor,
-    g_out: Tensor | None = None,
-) -> None:
-    """The chunk loop shared by forward (writes logits into `out`) and backward (`g_out`
-    given: back-propagates each chunk and adds memory's gradient into `out`).
-
-    In backward, `prep` holds leaves that collect gradients; each item block's state is
-    detached so that its pairs' chunks back-propagate into one buffer, which then goes back
-    through the item stage once.
-    """
-    n, m, plan = memory.shape[0], prep.x0.shape[0], job.plan
-    p_drop = cfg.dropout if training else 0.0
-    for n0, n1 in _chunks(n, plan.items, _item_granule(memory.device)):
-        mem = memory[n0:n1]
-        if g_out is not None:
-            mem = mem.detach().requires_grad_(memory.requires_grad)
-        item = item_stage(prep, cfg, mem, plan.folded)
-        item_in = _leaves(item) if g_out is not None else item
-        bias = _mask_bias(job.mask, n0, n1, memory.dtype)
-        for m0, m1 in _chunks(m, plan.queries):
-            drop = Dropout(p_drop, job.seed, (n0, m0), memory.device)
-            s = pair_chunk_forward(prep, cfg, slice(m0, m1), item_in, plan.folded, bias, drop)
-            if g_out is None:
-                out[n0:n1, m0:m1] = s
-            else:
-                torch.autograd.backward(s, g_out[n0:n1, m0:m1])
-        if g_out is not None:
-            _backward_tree(item, item_in)
-            if mem.grad is not None:
-                out[n0:n1] += mem.grad
-
-
 class Job(NamedTuple):
     """One direction: the memory is `tokens[memory]`; the queries are `tokens[queries]` when
     that is `(M, D)`, else its row 0 (the globals, as CARZero feeds them)."""
@@ -363,9 +118,166 @@ class Job(NamedTuple):
     seed: int | None  # dropout seed, None = no dropout
 
 
-def _queries(tokens: tuple[Tensor, ...], job: Job) -> Tensor:
+def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
     src = tokens[job.queries]
     return src if src.dim() == 2 else src[:, 0]
+
+
+class _Block(NamedTuple):
+    """One item block ready for its pairs' chunks. Under autograd `item_in` are leaves that
+    collect the gradients of all the block's chunks, sent back through `item` once."""
+
+    n0: int
+    n1: int
+    mem: Tensor  # [n, P, D]: a leaf in backward
+    item: list[Tensor]  # `item_stage` of mem
+    item_in: list[Tensor]
+    bias: Tensor | None  # [n, 1, P]
+
+
+def _open_block(
+    prep: Prepared, cfg: AlignerConfig, job: Job, memory: Tensor, n0: int, n1: int, grad: bool
+) -> _Block:
+    mem = memory[n0:n1]
+    if grad:
+        mem = mem.detach().requires_grad_(memory.requires_grad)
+    item = item_stage(prep, cfg, mem, job.plan.folded)
+    bias = _mask_bias(job.mask, n0, n1, memory.dtype)
+    return _Block(n0, n1, mem, item, _leaves(item) if grad else item, bias)
+
+
+def _chunk_logits(
+    prep: Prepared, cfg: AlignerConfig, job: Job, training: bool, block: _Block, m0: int, m1: int
+) -> Tensor:
+    """Logits `(n, m1 - m0)` of one chunk; its dropout masks depend on (seed, n0, m0) only."""
+    drop = Dropout(cfg.dropout if training else 0.0, job.seed, (block.n0, m0), block.mem.device)
+    return pair_chunk_forward(prep, cfg, slice(m0, m1), block.item_in, job.plan.folded,
+                              block.bias, drop)  # fmt: skip
+
+
+def _item_blocks(job: Job, memory: Tensor) -> list[tuple[int, int]]:
+    return _chunks(memory.shape[0], job.plan.items, _item_granule(memory.device))
+
+
+def _forward_chunks(
+    prep: Prepared,
+    cfg: AlignerConfig,
+    job: Job,
+    training: bool,
+    memory: Tensor,
+    out: Tensor,
+    skip_last: bool = False,
+) -> None:
+    """Every chunk's logits into `out` `(N, M)`, no autograd (the last one skipped if asked:
+    `_keep_last_chunk` runs it)."""
+    blocks, chunks = _item_blocks(job, memory), _chunks(prep.x0.shape[0], job.plan.queries)
+    for n0, n1 in blocks:
+        block = _open_block(prep, cfg, job, memory, n0, n1, grad=False)
+        for m0, m1 in chunks:
+            if not (skip_last and (n1, m1) == (blocks[-1][1], chunks[-1][1])):
+                out[n0:n1, m0:m1] = _chunk_logits(prep, cfg, job, training, block, m0, m1)
+
+
+class _Direction(NamedTuple):
+    """One job's query stage under autograd: `prep_in` (leaves) collects the gradients of all
+    its chunks, sent back through `prep` and into `q_leaf` once."""
+
+    q_leaf: Tensor
+    prep: Prepared
+    prep_in: Prepared
+
+
+def _open_direction(
+    w: AlignerWeights, cfg: AlignerConfig, tokens: list[Tensor], job: Job, need_q: bool
+) -> _Direction:
+    q_leaf = _queries(tokens, job).detach().requires_grad_(need_q)
+    prep = prepare(w, cfg, q_leaf, job.plan.folded)
+    return _Direction(q_leaf, prep, _leaves(prep))
+
+
+class _KeptChunk(NamedTuple):
+    """The forward's last chunk with its autograd graph: the backward starts with it instead
+    of recomputing it. It is alive at the end of the forward, where the backward would build
+    it anyway, so the peak does not move."""
+
+    block: _Block
+    logits: Tensor  # [n, m] with its graph
+
+
+class _Kept(NamedTuple):
+    """What the forward leaves to the backward beside its inputs."""
+
+    tokens: list[Tensor]  # the leaves of `_grad_leaves`, gradient buffers attached
+    flat: list[Tensor]
+    direction: _Direction  # of the last job
+    chunk: list[_KeptChunk]  # its last chunk; emptied by the backward that takes it
+
+
+def _grad_leaves(
+    tokens: tuple[Tensor, ...],
+    flat: tuple[Tensor, ...],
+    needs_tokens: tuple[bool, ...],
+    needs_flat: tuple[bool, ...],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Detached (not copied) tokens and weights; only what needs a gradient is differentiated
+    (a frozen aligner costs no dW). Each weight gets one gradient buffer: both directions and
+    every piece (split, slice) accumulate into it."""
+    tokens_leaf = [t.detach().requires_grad_(need)
+                   for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
+    flat_leaf = [t.detach().requires_grad_(need) for t, need in zip(flat, needs_flat, strict=True)]
+    for t in flat_leaf:
+        if t.requires_grad:
+            t.grad = torch.zeros_like(t)
+    return tokens_leaf, flat_leaf
+
+
+def _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out) -> _Kept:  # noqa: ANN001
+    """Run the last chunk of `job` under autograd, its logits into `out`; keep its graph."""
+    needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
+    needs_tokens, needs_flat = needs[: len(tokens)], needs[len(tokens) :]
+    with torch.enable_grad():
+        tokens_leaf, flat_leaf = _grad_leaves(tokens, flat, needs_tokens, needs_flat)
+        w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
+        direction = _open_direction(w, cfg, tokens_leaf, job, needs_tokens[job.queries])
+        memory = tokens_leaf[job.memory]
+        n0, n1 = _item_blocks(job, memory)[-1]
+        m0, m1 = _chunks(out.shape[1], job.plan.queries)[-1]
+        block = _open_block(direction.prep_in, cfg, job, memory, n0, n1, grad=True)
+        s = _chunk_logits(direction.prep_in, cfg, job, training, block, m0, m1)
+    out[n0:n1, m0:m1] = s.detach()
+    return _Kept(tokens_leaf, flat_leaf, direction, [_KeptChunk(block, s)])
+
+
+def _backward_chunks(
+    prep: Prepared,
+    cfg: AlignerConfig,
+    job: Job,
+    training: bool,
+    memory: Tensor,
+    g_mem: Tensor | None,
+    g_out: Tensor,
+    kept: list[_KeptChunk],
+) -> None:
+    """Recompute and back-propagate every chunk, last first: where the forward ended, so that
+    the chunk it kept (popped from `kept`, when there) is the first and is not recomputed.
+    Memory's gradient is added into `g_mem`."""
+    blocks, chunks = _item_blocks(job, memory), _chunks(prep.x0.shape[0], job.plan.queries)
+    first = kept.pop() if kept else None
+    for n0, n1 in reversed(blocks):
+        if first is not None:
+            block = first.block
+        else:
+            block = _open_block(prep, cfg, job, memory, n0, n1, grad=True)
+        for m0, m1 in reversed(chunks):
+            if first is not None:
+                s, first = first.logits, None
+            else:
+                s = _chunk_logits(prep, cfg, job, training, block, m0, m1)
+            torch.autograd.backward(s, g_out[n0:n1, m0:m1])
+        _backward_tree(block.item, block.item_in)
+        if block.mem.grad is not None:
+            g_mem[n0:n1] += block.mem.grad
+        block = s = None  # freed before the next block is built
 
 
 class _ChunkedAlign(torch.autograd.Function):
@@ -373,19 +285,25 @@ class _ChunkedAlign(torch.autograd.Function):
 
     Several directions over the same tokens (i2t and t2i of a training step) run in one node,
     so the weights' gradient is accumulated once, and the global rows' gradients land in the
-    token gradients directly.
+    token gradients directly. With `keep` (a backward will follow), the forward's last chunk
+    keeps its graph (`_KeptChunk`) and the backward runs the jobs and chunks in reverse,
+    starting from it.
     """
 
     @staticmethod
-    def forward(ctx, cfg, jobs, training, n_tokens, *tensors):  # noqa: ANN001
+    def forward(ctx, cfg, jobs, training, keep, n_tokens, *tensors):  # noqa: ANN001
         tokens, flat = tensors[:n_tokens], tensors[n_tokens:]
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
         outs = []
-        for job in jobs:
+        ctx.kept = None
+        for i, job in enumerate(jobs):
             memory, queries = tokens[job.memory], _queries(tokens, job)
             out = memory.new_empty((memory.shape[0], queries.shape[0]))
             prep = prepare(w, cfg, queries, job.plan.folded)
-            _run_chunks(prep, cfg, job, training, memory, out)
+            last = keep and i == len(jobs) - 1
+            _forward_chunks(prep, cfg, job, training, memory, out, skip_last=last)
+            if last:
+                ctx.kept = _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out)
             outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.training, ctx.n_tokens = cfg, jobs, training, n_tokens
@@ -394,39 +312,41 @@ class _ChunkedAlign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *g_outs):  # noqa: ANN001
         saved = ctx.saved_tensors
-        tokens, flat = saved[: ctx.n_tokens], saved[ctx.n_tokens :]
-        cfg = ctx.cfg
-        needs = ctx.needs_input_grad[4:]  # after (cfg, jobs, training, n_tokens)
-        needs_tokens, needs_flat = needs[: ctx.n_tokens], needs[ctx.n_tokens :]
+        cfg, n_jobs = ctx.cfg, len(ctx.jobs)
+        needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
+        needs_tokens = needs[: ctx.n_tokens]
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
+        if kept is not None:
+            tokens, flat_leaf = kept.tokens, kept.flat
+        else:
+            tokens, flat_leaf = _grad_leaves(saved[: ctx.n_tokens], saved[ctx.n_tokens :],
+                                             needs_tokens, needs[ctx.n_tokens :])  # fmt: skip
         g_tokens = [torch.zeros_like(t) if need else None
                     for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
         with torch.enable_grad():
-            # Only what needs a gradient is differentiated (a frozen aligner costs no dW).
-            tokens = [t.detach().requires_grad_(need)
-                      for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
-            flat_leaf = [t.detach().requires_grad_(need)
-                         for t, need in zip(flat, needs_flat, strict=True)]  # fmt: skip
-            for t in flat_leaf:
-                if t.requires_grad:  # one buffer per weight: both directions and every
-                    t.grad = torch.zeros_like(t)  # piece (split, slice) accumulate into it
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
-            for job, g_out in zip(ctx.jobs, g_outs, strict=True):
+            for i in reversed(range(n_jobs)):  # the kept chunk is the last job's
+                job, g_out = ctx.jobs[i], g_outs[i]
                 if g_out is None:
                     continue
-                q_leaf = _queries(tokens, job).detach().requires_grad_(needs_tokens[job.queries])
-                prep = prepare(w, cfg, q_leaf, job.plan.folded)
-                prep_in = _leaves(prep)
-                g_mem = g_tokens[job.memory]
-                _run_chunks(prep_in, cfg, job, ctx.training, tokens[job.memory], g_mem, g_out)
-                _backward_tree(prep, prep_in)
-                g_q = g_tokens[job.queries]
+                if kept is not None and i == n_jobs - 1:
+                    direction, kept_chunk = kept.direction, kept.chunk
+                else:
+                    need_q = needs_tokens[job.queries]
+                    direction, kept_chunk = _open_direction(w, cfg, tokens, job, need_q), []
+                _backward_chunks(direction.prep_in, cfg, job, ctx.training, tokens[job.memory],
+                                 g_tokens[job.memory], g_out, kept_chunk)  # fmt: skip
+                _backward_tree(direction.prep, direction.prep_in)
+                g_q, q_leaf = g_tokens[job.queries], direction.q_leaf
                 if q_leaf.grad is not None:
                     (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_leaf.grad)
+                direction = q_leaf = None  # freed before the next job
+        kept = None
         # Drop the leaves' references so that autograd can take the gradients without a copy.
         grads = [t.grad for t in flat_leaf]
         for t in flat_leaf:
             t.grad = None
-        return (None, None, None, None, *g_tokens, *grads)
+        return (None, None, None, None, None, *g_tokens, *grads)
 
 
 def _check_form(form: str) -> None:
@@ -472,7 +392,7 @@ def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[T
             + anchor
             for j in jobs
         )
-    return _ChunkedAlign.apply(cfg, jobs, training, len(tokens), *tokens, *flat)
+    return _ChunkedAlign.apply(cfg, jobs, training, grad, len(tokens), *tokens, *flat)
 
 
 def chunked_forward(

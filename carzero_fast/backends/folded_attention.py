@@ -1,6 +1,6 @@
 """The chunked backend's "folded" attention: forward, and a hand-written backward.
 
-Per head h (DESIGN.md §3, chunked.py's module docstring), with X = LN0(memory) `(n, P, D)`,
+Per head h (DESIGN.md §3; `chunked_stages.py`'s docstring), with X = LN0(memory) `(n, P, D)`,
 qk_h the query already folded into token space `(…, D)` and Wv_h, bv_h the head's value
 projection:
 
