@@ -222,7 +222,12 @@ def _fail_worker(rank: int, world: int, port: int) -> None:
     if rank == 1:
         raise ValueError("rank 1 broke on purpose")
     t = torch.ones(1)
-    dist.all_reduce(t)  # would wait for rank 1 forever without the launcher's teardown
+    try:
+        dist.all_reduce(t)  # would wait for rank 1 forever without the launcher's teardown
+    except RuntimeError:
+        # gloo may notice rank 1's exit first: then wait like a hung rank, so that the error
+        # the launcher reports is rank 1's own, not this echo of it (a race under CPU load)
+        time.sleep(120)
     _finish()
 
 

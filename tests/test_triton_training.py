@@ -281,6 +281,38 @@ def test_dropout_steps_reproducible_under_manual_seed(triton_only):
     assert not torch.equal(first[0], _step(al, "triton", img, txt, loss=True)[0])
 
 
+def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
+    """The forward runs the last job's last backward chunk the backward's way and keeps it:
+    the first backward recomputes one chunk fewer than it runs; a second one (retain_graph)
+    has nothing kept and recomputes them all, to the same gradients (dropout on)."""
+    import carzero_fast.backends.fused_train as fused_train
+
+    calls = []
+    original = fused_train._recompute
+    monkeypatch.setattr(fused_train, "_recompute", lambda *a: calls.append(1) or original(*a))
+    al = make_aligner(DROP_CFG, seed=14).train()
+    img, txt = _tokens(64, seed=15)
+    budget = _budget(DROP_CFG, (1, 3))  # ragged query chunks
+    chunks = 0
+    for n, m, p in ((N, M, PI), (M, N, PT)):
+        items, block_q = plan_train(DROP_CFG, n, m, p, 4, budget)
+        chunks += -(-n // items) * -(-m // block_q)
+    a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    i2t, t2i = al.both_directions(a, b, backend="triton", chunk_budget_bytes=budget)
+    assert len(calls) == 1
+    g = torch.Generator().manual_seed(4)
+    obj = (i2t * torch.randn(i2t.shape, generator=g)).sum() + (
+        t2i * torch.randn(t2i.shape, generator=g)).sum()  # fmt: skip
+    params = [a, b, *al.parameters()]
+    first = torch.autograd.grad(obj, params, retain_graph=True)
+    assert len(calls) == chunks
+    second = torch.autograd.grad(obj, params)
+    assert len(calls) == 2 * chunks
+    for name, x, y in zip(["img", "txt"] + _names(al)[3:], first, second, strict=True):
+        assert torch.equal(x, y), name
+
+
 # ------------------------------------------------------------------------------ memory
 
 

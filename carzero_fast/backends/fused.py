@@ -235,11 +235,14 @@ def triton_forward(
     chunk_budget_bytes: int | None = None,
     dropout: DropoutSpec | None = None,
     stream_dtype: torch.dtype = torch.float32,
+    item_offset: int = 0,
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd; dropout with its spec, training mode).
 
     stream_dtype: the residual stream's dtype, fp32 or the inputs' dtype (same chunk plan).
+    item_offset: index of memory's first item in its direction, when it is a slice of it
+    (dropout masks are keyed by the pair's place in the direction).
     """
     from ..kernels import linear as linear_kernel
 
@@ -281,7 +284,7 @@ def triton_forward(
         for m0 in range(0, m, block_q):
             mc = min(block_q, m - m0)
             bufs = [shared.rows(ni * mc)] * cfg.n_layers
-            drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
+            drop = (dropout, ChunkPos(item_offset + n0, m0, mc)) if dropout is not None else None
             yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
                              slice(m0, m0 + mc), bufs, drop)  # fmt: skip
             _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc], drop)

@@ -30,6 +30,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import AlignerConfig
@@ -241,6 +242,58 @@ def _chunk_buffers(cfg: AlignerConfig, rows: int, dtype: torch.dtype, device: to
     return bufs, head
 
 
+class _KeptChunk(NamedTuple):
+    """The last chunk of a direction's backward plan, run by the forward as the backward runs
+    it: the backward starts there (it walks its chunks in reverse) and reuses the buffers, so
+    one chunk fewer is recomputed and the peak does not move."""
+
+    n0: int
+    m0: int
+    chunk: _Chunk  # views of the buffers below
+    bufs: list[LayerBuffers]  # the backward's full-size chunk buffers
+    head_bufs: list[Tensor]
+
+
+def forward_keeping_last(
+    w: AlignerWeights,
+    cfg: AlignerConfig,
+    memory: Tensor,
+    queries: Tensor,
+    mask: Tensor | None,
+    budget: int,
+    dropout: DropoutSpec | None = None,
+) -> tuple[Tensor, _KeptChunk]:
+    """`triton_forward`'s logits `(N, M)`, with the pairs of the backward plan's last chunk
+    computed the backward's way and their activations kept."""
+    from ..kernels import linear as linear_kernel
+
+    n, p, d = memory.shape
+    m = queries.shape[0]
+    items, block_q = plan_train(cfg, n, m, p, memory.element_size(), budget)
+    n0, m0 = (n - 1) // items * items, (m - 1) // block_q * block_q
+    ni, mc = n - n0, m - m0
+    out = memory.new_empty((n, m))
+    for rows, cols in ((slice(0, n0), slice(0, m)), (slice(n0, n), slice(0, m0))):
+        if rows.start < rows.stop and cols.start < cols.stop:  # the pairs before that chunk
+            mask_r = mask[rows] if mask is not None else None
+            out[rows, cols] = triton_forward(w, cfg, memory[rows], queries[cols], mask_r, budget,
+                                             dropout, item_offset=rows.start)  # fmt: skip
+    linear = functools.partial(linear_kernel, descriptors={})
+    cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
+    mem = memory[n0:].reshape(ni * p, d).contiguous()
+    y_i = torch.empty((ni * p, d), dtype=memory.dtype, device=memory.device)
+    kv_i = torch.empty((ni * p, 2 * cfg.n_layers * d), dtype=memory.dtype, device=memory.device)
+    item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
+    mask_i = mask[n0:].to(torch.int8) if mask is not None else None
+    bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
+    drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
+    r = ni * mc
+    chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, slice(m0, m),
+                       [b.rows(r) for b in bufs], [h[:r] for h in head_bufs], drop)  # fmt: skip
+    out[n0:, m0:] = F.linear(chunk.head_in[-1], *cp.head[-1]).view(ni, mc)
+    return out, _KeptChunk(n0, m0, chunk, bufs, head_bufs)
+
+
 def direction_backward(
     w: AlignerWeights,
     grads: AlignerWeights | None,
@@ -252,9 +305,13 @@ def direction_backward(
     g_memory: Tensor | None,
     budget: int,
     dropout: DropoutSpec | None = None,
+    kept: _KeptChunk | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One direction's backward: g_out `(N, M)` → adds into `grads` (fp32) and `g_memory`
-    `(N, P, D)`; returns the gradients of the query stage's outputs (g_x0, g_q1) `(M, D)`."""
+    `(N, P, D)`; returns the gradients of the query stage's outputs (g_x0, g_q1) `(M, D)`.
+
+    Chunks run last first: `kept` (`forward_keeping_last`), when given, is the first and is
+    not recomputed."""
     from ..kernels import layer_norm_backward
     from ..kernels import linear as linear_kernel
 
@@ -263,7 +320,10 @@ def direction_backward(
     m = cp.x0.shape[0]
     items, block_q = plan_train(cfg, n, m, p, memory.element_size(), budget)
     kw = dict(dtype=memory.dtype, device=memory.device)
-    bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
+    if kept is not None:
+        bufs, head_bufs = kept.bufs, kept.head_bufs
+    else:
+        bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
     y_mem = torch.empty((items * p, d), **kw)
     kv = torch.empty((items * p, 2 * cfg.n_layers * d), **kw)
     g_kv = torch.empty((items * p, 2 * cfg.n_layers * d), dtype=torch.float32,
@@ -274,7 +334,7 @@ def direction_backward(
     g_kv_b = torch.zeros(cp.kv_b.shape, dtype=torch.float32, device=memory.device)
     mask8 = mask.to(torch.int8) if mask is not None else None
     g_out = g_out.float()
-    for n0 in range(0, n, items):
+    for n0 in reversed(range(0, n, items)):
         ni = min(items, n - n0)
         mem = memory[n0 : n0 + ni].reshape(ni * p, d)
         if mem.stride(-1) != 1:
@@ -283,13 +343,16 @@ def direction_backward(
         item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
         g_kv_i.zero_()
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
-        for m0 in range(0, m, block_q):
+        for m0 in reversed(range(0, m, block_q)):
             mc = min(block_q, m - m0)
             r, queries = ni * mc, slice(m0, m0 + mc)
             drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
-            chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, queries,
-                               [b.rows(r) for b in bufs], [h[:r] for h in head_bufs],
-                               drop)  # fmt: skip
+            if kept is not None and (kept.n0, kept.m0) == (n0, m0):
+                chunk, kept = kept.chunk, None
+            else:
+                chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, queries,
+                                   [b.rows(r) for b in bufs], [h[:r] for h in head_bufs],
+                                   drop)  # fmt: skip
             g_scores = g_out[n0 : n0 + ni, m0 : m0 + mc].reshape(r)
             _chunk_backward(w, grads, cfg, cp, chunk, kv_i, mask_i, ni, queries, g_scores,
                             g_kv_i, g_x0, g_q1, drop)  # fmt: skip
@@ -325,20 +388,27 @@ def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
 
 class _TritonAlign(torch.autograd.Function):
     """Forward on the fused kernels saving only inputs; backward recomputes chunk by chunk.
-    Both directions of a training step share one node (one set of weight accumulators)."""
+    Both directions of a training step share one node (one set of weight accumulators).
+    The last job's last backward chunk is the exception: the forward keeps its activations
+    (`forward_keeping_last`) and the backward, running jobs and chunks in reverse, starts
+    from it."""
 
     @staticmethod
     def forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
         tokens, flat = tensors[:n_tokens], tensors[n_tokens:]
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
-        outs = tuple(
+        outs = [
             triton_forward(w, cfg, tokens[j.memory], _queries(tokens, j), j.mask, budget,
                            j.dropout)  # fmt: skip
-            for j in jobs
-        )
+            for j in jobs[:-1]
+        ]
+        j = jobs[-1]
+        out, ctx.kept = forward_keeping_last(w, cfg, tokens[j.memory], _queries(tokens, j),
+                                             j.mask, budget, j.dropout)  # fmt: skip
+        outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.budget, ctx.n_tokens = cfg, jobs, budget, n_tokens
-        return outs
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *g_outs):  # noqa: ANN001
@@ -355,7 +425,10 @@ class _TritonAlign(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(need) for t, need in zip(flat, needs_flat, strict=True)]
         w_leaf = AlignerWeights.unflatten(leaves, cfg.n_layers)
         w = AlignerWeights.unflatten(list(flat), cfg.n_layers)
-        for job, g_out in zip(ctx.jobs, g_outs, strict=True):
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
+        for i in reversed(range(len(ctx.jobs))):  # the kept chunk is the last job's
+            job, g_out = ctx.jobs[i], g_outs[i]
+            job_kept, kept = (kept if i == len(ctx.jobs) - 1 else None), None
             if g_out is None:
                 continue
             q_in = _queries(tokens, job).detach().requires_grad_(needs_tokens[job.queries])
@@ -365,7 +438,7 @@ class _TritonAlign(torch.autograd.Function):
                 cp = call_plan(w, cfg, x0, q1)
                 g_x0, g_q1 = direction_backward(w, grads, cfg, cp, tokens[job.memory],
                                                 job.mask, g_out, g_tokens[job.memory],
-                                                ctx.budget, job.dropout)  # fmt: skip
+                                                ctx.budget, job.dropout, job_kept)  # fmt: skip
             if x0.requires_grad:
                 torch.autograd.backward([x0, q1], [g_x0, g_q1.to(q1.dtype)])
             g_q = g_tokens[job.queries]
