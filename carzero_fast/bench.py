@@ -9,7 +9,8 @@ Figures:
   every backend, so it is a rate of useful work; a backend that recomputes or folds does other
   FLOPs than it is credited with;
 - executed GFLOP/s: the FLOPs the path really executes (the chunked backend folds projections
-  and, in training, recomputes its forward: `chunked.executed_flops`) over time;
+  and, in training, recomputes its forward but for the chunk the forward keeps:
+  `chunked.executed_flops`, `chunked.last_chunk`) over time;
 - ceiling: the fastest dense GEMM of the dtype measured in this process (PyTorch's product or
   oneDNN's, whichever is faster), executed GFLOP/s over it;
 - peak extra memory: tensor bytes alive at once beyond the inputs (`track_memory`), from a
@@ -32,8 +33,9 @@ from pathlib import Path
 import torch
 
 from .aligner import CrossAttentionAligner
-from .backends.chunked import executed_flops, use_folded_form
+from .backends.chunked import executed_flops, last_chunk, plan_chunks, use_folded_form
 from .backends.cpu_gemm import mm_t
+from .backends.plan import default_budget
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss
 from .memory import device_sync as _sync
@@ -100,12 +102,20 @@ def _peak_mib(fn: Callable[[], object]) -> float:
     return tracker.peak_bytes / 2**20
 
 
-def _executed(cfg, backend, shapes, model_flops, train=False) -> float:  # noqa: ANN001
-    """FLOPs a backend executes for the (n, m, p) jobs in `shapes`."""
+def _executed(cfg, backend, shapes, model_flops, device, train=False) -> float:  # noqa: ANN001
+    """FLOPs a backend executes for the (n, m, p) jobs in `shapes` (fp32)."""
     if backend != "chunked":
         return model_flops
-    fwd = sum(executed_flops(cfg, n, m, p, use_folded_form(cfg, m, p)) for n, m, p in shapes)
-    return 4 * fwd if train else fwd
+    folded = [use_folded_form(cfg, m, p) for _, m, p in shapes]
+    fwd = sum(executed_flops(cfg, n, m, p, f) for (n, m, p), f in zip(shapes, folded, strict=True))
+    if not train:
+        return fwd
+    # forward, its recomputation (but for the last job's last chunk, which the forward keeps)
+    # and a backward of twice the forward
+    n, m, p = shapes[-1]
+    plan = plan_chunks(cfg, n, m, p, 4, default_budget(device.type, True), True, folded[-1])
+    ni, mc = last_chunk(plan, n, m, device)
+    return 4 * fwd - executed_flops(cfg, ni, mc, p, folded[-1])
 
 
 def run(
@@ -151,7 +161,7 @@ def run(
         flops = n * m * cfg.flops_per_pair(p_img) + n * cfg.kv_flops_per_item(p_img)
         for b, d in work:
             t = times[(b, d)]
-            done = _executed(cfg, b, [(n, m, p_img)], flops)
+            done = _executed(cfg, b, [(n, m, p_img)], flops, dev)
             rows.append(Row("forward", b, d, n, m, p_img, t, n * m / t, flops / t / 1e9,
                             done / t / 1e9, ceilings[d], done / t / 1e9 / ceilings[d],
                             _peak_mib(fwd(b, d)) if measure_memory else float("nan")))  # fmt: skip
@@ -183,7 +193,7 @@ def run(
         for b in train_backends:
             t = times[b]
             # forward + recomputation + backward (2×) for chunked; forward + backward otherwise
-            done = _executed(cfg, b, [(bt, bt, p_img), (bt, bt, p_txt)], flops, train=True)
+            done = _executed(cfg, b, [(bt, bt, p_img), (bt, bt, p_txt)], flops, dev, train=True)
             rows.append(Row("train", b, "fp32", bt, bt, p_img, t, 2 * bt * bt / t,
                             flops / t / 1e9, done / t / 1e9, ceilings["fp32"],
                             done / t / 1e9 / ceilings["fp32"],

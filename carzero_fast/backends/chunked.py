@@ -33,7 +33,7 @@ from .plan import (
 )
 
 __all__ = ["ChunkPlan", "Dropout", "chunked_both_directions", "chunked_forward",
-           "executed_flops", "plan_chunks", "use_folded_form"]  # fmt: skip
+           "executed_flops", "last_chunk", "plan_chunks", "use_folded_form"]  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
 # Executor
@@ -153,6 +153,14 @@ def _chunk_logits(
     drop = Dropout(cfg.dropout if training else 0.0, job.seed, (block.n0, m0), block.mem.device)
     return pair_chunk_forward(prep, cfg, slice(m0, m1), block.item_in, job.plan.folded,
                               block.bias, drop)  # fmt: skip
+
+
+def last_chunk(plan: ChunkPlan, n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(items, queries) of the last chunk of a job planned as `plan`: the chunk a training
+    forward keeps for the backward."""
+    n0, n1 = _chunks(n, plan.items, _item_granule(device))[-1]
+    m0, m1 = _chunks(m, plan.queries)[-1]
+    return n1 - n0, m1 - m0
 
 
 def _item_blocks(job: Job, memory: Tensor) -> list[tuple[int, int]]:
