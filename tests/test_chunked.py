@@ -9,8 +9,8 @@ import torch
 from conftest import make_aligner, random_mask, rel_err
 
 import carzero_fast as cf
+from carzero_fast.backends import plan
 from carzero_fast.backends.chunked import (
-    _chunks,
     chunked_forward,
     executed_flops,
     plan_chunks,
@@ -133,13 +133,13 @@ def test_chunk_plan_depends_on_budget_not_batch():
 def test_chunks_cover_the_range_in_near_equal_pieces(total, step):
     """As few chunks as the plan's step allows, no piece over the step, sizes within one of
     each other (no small tail chunk)."""
-    pieces = _chunks(total, step)
+    pieces = plan.pieces(total, step)
     assert len(pieces) == -(-total // step)
     assert pieces[0][0] == 0 and pieces[-1][1] == total
     assert all(a[1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
     sizes = [b - a for a, b in pieces]
     assert max(sizes) <= step and max(sizes) - min(sizes) <= 1
-    assert _chunks(0, step) == []
+    assert plan.pieces(0, step) == []
 
 
 @pytest.mark.parametrize("total, step, granule", [
@@ -149,7 +149,7 @@ def test_chunks_cover_the_range_in_near_equal_pieces(total, step):
 def test_chunks_in_multiples_of_the_granule(total, step, granule):
     """Pieces of at most `step`, multiples of `granule` except the last, near-equal in
     granules; a step below the granule falls back to plain pieces."""
-    pieces = _chunks(total, step, granule)
+    pieces = plan.pieces(total, step, granule)
     assert pieces[0][0] == 0 and pieces[-1][1] == total
     assert all(a[1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
     sizes = [b - a for a, b in pieces]
@@ -160,4 +160,4 @@ def test_chunks_in_multiples_of_the_granule(total, step, granule):
     assert max(units) - min(units) <= 1
     assert len(pieces) == math.ceil(math.ceil(total / g) / (step // g))  # as few as allowed
     if g == 1:
-        assert pieces == _chunks(total, step)
+        assert pieces == plan.pieces(total, step)

@@ -28,6 +28,7 @@ from .plan import (
     ChunkPlan,
     default_budget,
     executed_flops,
+    pieces,
     plan_chunks,
     use_folded_form,
 )
@@ -38,24 +39,6 @@ __all__ = ["ChunkPlan", "Dropout", "chunked_both_directions", "chunked_forward",
 # ---------------------------------------------------------------------------------------------
 # Executor
 # ---------------------------------------------------------------------------------------------
-
-
-def _chunks(total: int, step: int, granule: int = 1) -> list[tuple[int, int]]:
-    """[0, total) in pieces of at most `step`, of near-equal size (48 items at step 9 → 6 × 8,
-    not 5 × 9 + 3: no small tail chunk with small GEMMs), each a multiple of `granule` where
-    `step` allows it (the last piece then takes what is left).
-
-    The item loop's granule is the CPU thread count: PyTorch's CPU `bmm` (the per-item
-    attention products) splits its batch over the threads, so on 2 threads an item block of 11
-    ran at 150 GFLOP/s where blocks of 10 or 12 ran at 170–180 (BENCHMARKS.md)."""
-    if step < granule:
-        granule = 1
-    units = -(-total // granule)
-    count = -(-units // (step // granule))
-    if count == 0:
-        return []
-    bounds = [min(total, i * units // count * granule) for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _item_granule(device: torch.device) -> int:
@@ -158,13 +141,13 @@ def _chunk_logits(
 def last_chunk(plan: ChunkPlan, n: int, m: int, device: torch.device) -> tuple[int, int]:
     """(items, queries) of the last chunk of a job planned as `plan`: the chunk a training
     forward keeps for the backward."""
-    n0, n1 = _chunks(n, plan.items, _item_granule(device))[-1]
-    m0, m1 = _chunks(m, plan.queries)[-1]
+    n0, n1 = pieces(n, plan.items, _item_granule(device))[-1]
+    m0, m1 = pieces(m, plan.queries)[-1]
     return n1 - n0, m1 - m0
 
 
 def _item_blocks(job: Job, memory: Tensor) -> list[tuple[int, int]]:
-    return _chunks(memory.shape[0], job.plan.items, _item_granule(memory.device))
+    return pieces(memory.shape[0], job.plan.items, _item_granule(memory.device))
 
 
 def _forward_chunks(
@@ -178,7 +161,7 @@ def _forward_chunks(
 ) -> None:
     """Every chunk's logits into `out` `(N, M)`, no autograd (the last one skipped if asked:
     `_keep_last_chunk` runs it)."""
-    blocks, chunks = _item_blocks(job, memory), _chunks(prep.x0.shape[0], job.plan.queries)
+    blocks, chunks = _item_blocks(job, memory), pieces(prep.x0.shape[0], job.plan.queries)
     for n0, n1 in blocks:
         block = _open_block(prep, cfg, job, memory, n0, n1, grad=False)
         for m0, m1 in chunks:
@@ -249,7 +232,7 @@ def _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out) -> _Kept:  # no
         direction = _open_direction(w, cfg, tokens_leaf, job, needs_tokens[job.queries])
         memory = tokens_leaf[job.memory]
         n0, n1 = _item_blocks(job, memory)[-1]
-        m0, m1 = _chunks(out.shape[1], job.plan.queries)[-1]
+        m0, m1 = pieces(out.shape[1], job.plan.queries)[-1]
         block = _open_block(direction.prep_in, cfg, job, memory, n0, n1, grad=True)
         s = _chunk_logits(direction.prep_in, cfg, job, training, block, m0, m1)
     out[n0:n1, m0:m1] = s.detach()
@@ -269,7 +252,7 @@ def _backward_chunks(
     """Recompute and back-propagate every chunk, last first: where the forward ended, so that
     the chunk it kept (popped from `kept`, when there) is the first and is not recomputed.
     Memory's gradient is added into `g_mem`."""
-    blocks, chunks = _item_blocks(job, memory), _chunks(prep.x0.shape[0], job.plan.queries)
+    blocks, chunks = _item_blocks(job, memory), pieces(prep.x0.shape[0], job.plan.queries)
     first = kept.pop() if kept else None
     for n0, n1 in reversed(blocks):
         if first is not None:

@@ -58,6 +58,7 @@ from .philox import (
     DropoutSpec,
     tag,
 )
+from .plan import pieces
 
 # Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
 # 4 GiB holds ~57k pairs. Each chunk costs ~300 launches of host time: on an H200 a step at
@@ -270,7 +271,7 @@ def forward_keeping_last(
     n, p, d = memory.shape
     m = queries.shape[0]
     items, block_q = plan_train(cfg, n, m, p, memory.element_size(), budget)
-    n0, m0 = (n - 1) // items * items, (m - 1) // block_q * block_q
+    n0, m0 = pieces(n, items)[-1][0], pieces(m, block_q)[-1][0]  # as `direction_backward`
     ni, mc = n - n0, m - m0
     out = memory.new_empty((n, m))
     for rows, cols in ((slice(0, n0), slice(0, m)), (slice(n0, n), slice(0, m0))):
@@ -334,8 +335,9 @@ def direction_backward(
     g_kv_b = torch.zeros(cp.kv_b.shape, dtype=torch.float32, device=memory.device)
     mask8 = mask.to(torch.int8) if mask is not None else None
     g_out = g_out.float()
-    for n0 in reversed(range(0, n, items)):
-        ni = min(items, n - n0)
+    # near-equal blocks and chunks (no small tail: the last one is the one the forward keeps)
+    for n0, n1 in reversed(pieces(n, items)):
+        ni = n1 - n0
         mem = memory[n0 : n0 + ni].reshape(ni * p, d)
         if mem.stride(-1) != 1:
             mem = mem.contiguous()
@@ -343,8 +345,8 @@ def direction_backward(
         item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
         g_kv_i.zero_()
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
-        for m0 in reversed(range(0, m, block_q)):
-            mc = min(block_q, m - m0)
+        for m0, m1 in reversed(pieces(m, block_q)):
+            mc = m1 - m0
             r, queries = ni * mc, slice(m0, m0 + mc)
             drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
             if kept is not None and (kept.n0, kept.m0) == (n0, m0):

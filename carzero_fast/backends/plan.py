@@ -86,3 +86,22 @@ def executed_flops(cfg: AlignerConfig, n: int, m: int, n_tokens: int, folded: bo
     attn = 4 * p * d + proj  # q·Kᵀ, softmax·V, Wo
     pair = attn + 4 * d * f + (cfg.n_layers - 1) * (attn + proj + 4 * d * f) + head
     return n * m * pair + m * proj + n * cfg.kv_flops_per_item(p)
+
+
+def pieces(total: int, step: int, granule: int = 1) -> list[tuple[int, int]]:
+    """[0, total) in pieces of at most `step`, of near-equal size (48 items at step 9 → 6 × 8,
+    not 5 × 9 + 3: no small tail chunk with small GEMMs), each a multiple of `granule` where
+    `step` allows it (the last piece then takes what is left).
+
+    The chunked backend's item loop takes the CPU thread count as granule: PyTorch's CPU
+    `bmm` (the per-item attention products) splits its batch over the threads, so on 2
+    threads an item block of 11 ran at 150 GFLOP/s where blocks of 10 or 12 ran at 170–180
+    (BENCHMARKS.md)."""
+    if step < granule:
+        granule = 1
+    units = -(-total // granule)
+    count = -(-units // (step // granule))
+    if count == 0:
+        return []
+    bounds = [min(total, i * units // count * granule) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
