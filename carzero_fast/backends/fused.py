@@ -49,6 +49,7 @@ from .philox import (
     DropoutSpec,
     tag,
 )
+from .plan import pieces
 
 Drop = tuple[DropoutSpec, ChunkPos]  # a chunk's dropout: the direction's spec, its position
 
@@ -274,15 +275,15 @@ def triton_forward(
     # every layer aliases one set of buffers: nothing is kept for a backward
     shared = LayerBuffers(q, o, None, x, y, _buffer(pool_a, rows, cfg.d_ffn), x, y, q)
 
-    for n0 in range(0, n, items):
-        ni = min(items, n - n0)
+    for n0, n1 in pieces(n, items):  # near-equal blocks: no small tail
+        ni = n1 - n0
         mem = memory[n0 : n0 + ni].reshape(ni * p, d)
         if mem.stride(-1) != 1:
             mem = mem.contiguous()
         item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv[: ni * p])
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
-        for m0 in range(0, m, block_q):
-            mc = min(block_q, m - m0)
+        for m0, m1 in pieces(m, block_q):
+            mc = m1 - m0
             bufs = [shared.rows(ni * mc)] * cfg.n_layers
             drop = (dropout, ChunkPos(item_offset + n0, m0, mc)) if dropout is not None else None
             yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
