@@ -247,6 +247,29 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch):
         assert len(calls) == 2 * 15
 
 
+def test_the_kept_chunk_does_not_raise_the_peak(monkeypatch):
+    """Keeping the forward's last chunk costs no memory: a step peaks exactly as high as with
+    every chunk recomputed (each kept piece is let go of as soon as the backward used it)."""
+    import carzero_fast.backends.chunked as chunked
+
+    cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=96, head_dims=(48, 24))
+    al = make_aligner(cfg, seed=1).train()
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(12, 9, 64, generator=g), torch.randn(12, 5, 64, generator=g)
+    apply = chunked._ChunkedAlign.apply
+
+    def peak(keep):
+        def apply_keeping(cfg, jobs, training, k, *rest):  # noqa: ANN001, ANN202
+            return apply(cfg, jobs, training, k and keep, *rest)
+
+        monkeypatch.setattr(chunked._ChunkedAlign, "apply", apply_keeping)
+        with track_memory() as tracker:
+            _step(al, img, txt, budget=2**16)  # 12 items × 4 query chunks per direction
+        return tracker.peak_bytes
+
+    assert peak(True) == peak(False)
+
+
 def test_dropout_masks_keep_the_right_fraction():
     drop = Dropout(0.1, seed=3, chunk=(0, 0), device=torch.device("cpu"))
     out = drop(torch.ones(200_000))

@@ -290,10 +290,10 @@ class _ChunkedAlign(torch.autograd.Function):
         for i, job in enumerate(jobs):
             memory, queries = tokens[job.memory], _queries(tokens, job)
             out = memory.new_empty((memory.shape[0], queries.shape[0]))
-            prep = prepare(w, cfg, queries, job.plan.folded)
             last = keep and i == len(jobs) - 1
-            _forward_chunks(prep, cfg, job, training, memory, out, skip_last=last)
-            if last:
+            _forward_chunks(prepare(w, cfg, queries, job.plan.folded), cfg, job, training,
+                            memory, out, skip_last=last)  # fmt: skip
+            if last:  # (the no-grad query stage is freed by now)
                 ctx.kept = _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out)
             outs.append(out)
         ctx.save_for_backward(*tensors)
@@ -307,24 +307,24 @@ class _ChunkedAlign(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
         needs_tokens = needs[: ctx.n_tokens]
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
-        if kept is not None:
+        if kept is not None:  # taken apart: each piece is let go of as soon as it is used
             tokens, flat_leaf = kept.tokens, kept.flat
+            kept = [(kept.direction, kept.chunk)]  # the last job's
         else:
             tokens, flat_leaf = _grad_leaves(saved[: ctx.n_tokens], saved[ctx.n_tokens :],
                                              needs_tokens, needs[ctx.n_tokens :])  # fmt: skip
+            kept = []
         g_tokens = [torch.zeros_like(t) if need else None
                     for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
         with torch.enable_grad():
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
             for i in reversed(range(n_jobs)):  # the kept chunk is the last job's
                 job, g_out = ctx.jobs[i], g_outs[i]
+                direction, kept_chunk = kept.pop() if kept else (None, [])
                 if g_out is None:
                     continue
-                if kept is not None and i == n_jobs - 1:
-                    direction, kept_chunk = kept.direction, kept.chunk
-                else:
-                    need_q = needs_tokens[job.queries]
-                    direction, kept_chunk = _open_direction(w, cfg, tokens, job, need_q), []
+                if direction is None:
+                    direction = _open_direction(w, cfg, tokens, job, needs_tokens[job.queries])
                 _backward_chunks(direction.prep_in, cfg, job, ctx.training, tokens[job.memory],
                                  g_tokens[job.memory], g_out, kept_chunk)  # fmt: skip
                 _backward_tree(direction.prep, direction.prep_in)
@@ -332,7 +332,6 @@ class _ChunkedAlign(torch.autograd.Function):
                 if q_leaf.grad is not None:
                     (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_leaf.grad)
                 direction = q_leaf = None  # freed before the next job
-        kept = None
         # Drop the leaves' references so that autograd can take the gradients without a copy.
         grads = [t.grad for t in flat_leaf]
         for t in flat_leaf:

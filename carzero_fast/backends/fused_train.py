@@ -441,6 +441,7 @@ class _TritonAlign(torch.autograd.Function):
                 g_x0, g_q1 = direction_backward(w, grads, cfg, cp, tokens[job.memory],
                                                 job.mask, g_out, g_tokens[job.memory],
                                                 ctx.budget, job.dropout, job_kept)  # fmt: skip
+            job_kept = None  # its buffers were the backward's: freed with them
             if x0.requires_grad:
                 torch.autograd.backward([x0, q1], [g_x0, g_q1.to(q1.dtype)])
             g_q = g_tokens[job.queries]
