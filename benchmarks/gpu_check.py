@@ -18,8 +18,9 @@
    N = M = 256 (`reference` fp16 autocast, `chunked` and `triton` bf16) and 1024 (`chunked`,
    `triton`; the reference's memory grows with N·M, so it is measured at 256 only), in eval
    mode and in train mode (dropout 0.1 at every site, as CARZero trains; triton's dropout
-   is checked against a same-mask PyTorch computation first). Model FLOPs of a step: 3× the
-   forward's.
+   is checked against a same-mask PyTorch computation first). At 256 also "triton, recompute
+   all": every chunk recomputed in backward, where the default forward keeps its last one
+   (`fused_train.forward_keeping_last`). Model FLOPs of a step: 3× the forward's.
 
 Every figure comes with model TFLOP/s (the original's FLOP count, DESIGN.md §2), the fraction
 of the bf16 GEMM ceiling measured in this run, and the peak extra memory of the call.
@@ -284,6 +285,25 @@ class Check:
                 r["x_carzero_loop"] = loop_row["ms"] / r["ms"]
 
 
+def recomputing_all(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with the triton training forward keeping no chunk for the backward (each one
+    recomputed): what the kept chunk saves, measured against the default."""
+    from carzero_fast.backends import fused_train
+
+    def plain(w, cfg, memory, queries, mask, budget, dropout=None):  # noqa: ANN001, ANN202
+        return fused_train.triton_forward(w, cfg, memory, queries, mask, budget, dropout), None
+
+    def run() -> object:
+        keeping = fused_train.forward_keeping_last
+        fused_train.forward_keeping_last = plain
+        try:
+            return fn()
+        finally:
+            fused_train.forward_keeping_last = keeping
+
+    return run
+
+
 def with_gemm_route(route: str, fn: Callable[[], object]) -> Callable[[], object]:
     """`fn` with CARZERO_FAST_TRITON_GEMM = `route` while it runs: the triton backend's
     plain-epilogue GEMMs on its own kernel ("triton") against the default (cuBLAS for bf16)."""
@@ -372,6 +392,9 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
         fns["triton"] = ("bf16", _step_fn(chk.al16, img16, txt16, "triton", False))
         fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
             "triton", _step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
+        if nm <= 256:
+            fns["triton, recompute all"] = ("bf16", recomputing_all(
+                _step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
         if nm <= 256:  # train mode: dropout 0.1 at every site, as CARZero trains
             fns["reference, dropout"] = (
                 "fp16-autocast",
