@@ -395,7 +395,7 @@ def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...]
         if nm <= 256:
             fns["triton, recompute all"] = ("bf16", recomputing_all(
                 _step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
-        if nm <= 256:  # train mode: dropout 0.1 at every site, as CARZero trains
+            # train mode: dropout 0.1 at every site, as CARZero trains
             fns["reference, dropout"] = (
                 "fp16-autocast",
                 _step_fn(chk.al, img, txt, "reference", True, train=True),

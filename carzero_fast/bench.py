@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from .aligner import CrossAttentionAligner
-from .backends.chunked import executed_flops, last_chunk, plan_chunks, use_folded_form
+from .backends.chunked import last_chunk
 from .backends.cpu_gemm import mm_t
-from .backends.plan import default_budget
+from .backends.plan import default_budget, executed_flops, plan_chunks, use_folded_form
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss
 from .memory import device_sync as _sync
@@ -114,8 +114,8 @@ def _executed(cfg, backend, shapes, model_flops, device, train=False) -> float: 
     # and a backward of twice the forward
     n, m, p = shapes[-1]
     plan = plan_chunks(cfg, n, m, p, 4, default_budget(device.type, True), True, folded[-1])
-    ni, mc = last_chunk(plan, n, m, device)
-    return 4 * fwd - executed_flops(cfg, ni, mc, p, folded[-1])
+    (n0, n1), (m0, m1) = last_chunk(plan, n, m, device)
+    return 4 * fwd - executed_flops(cfg, n1 - n0, m1 - m0, p, folded[-1])
 
 
 def run(

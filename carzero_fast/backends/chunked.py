@@ -138,12 +138,12 @@ def _chunk_logits(
                               block.bias, drop)  # fmt: skip
 
 
-def last_chunk(plan: ChunkPlan, n: int, m: int, device: torch.device) -> tuple[int, int]:
-    """(items, queries) of the last chunk of a job planned as `plan`: the chunk a training
-    forward keeps for the backward."""
-    n0, n1 = pieces(n, plan.items, _item_granule(device))[-1]
-    m0, m1 = pieces(m, plan.queries)[-1]
-    return n1 - n0, m1 - m0
+def last_chunk(
+    plan: ChunkPlan, n: int, m: int, device: torch.device
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Item and query bounds of the last chunk of a job planned as `plan` over n items × m
+    queries: the chunk a training forward keeps for the backward."""
+    return pieces(n, plan.items, _item_granule(device))[-1], pieces(m, plan.queries)[-1]
 
 
 def _item_blocks(job: Job, memory: Tensor) -> list[tuple[int, int]]:
@@ -231,8 +231,7 @@ def _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out) -> _Kept:  # no
         w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
         direction = _open_direction(w, cfg, tokens_leaf, job, needs_tokens[job.queries])
         memory = tokens_leaf[job.memory]
-        n0, n1 = _item_blocks(job, memory)[-1]
-        m0, m1 = pieces(out.shape[1], job.plan.queries)[-1]
+        (n0, n1), (m0, m1) = last_chunk(job.plan, *out.shape, memory.device)
         block = _open_block(direction.prep_in, cfg, job, memory, n0, n1, grad=True)
         s = _chunk_logits(direction.prep_in, cfg, job, training, block, m0, m1)
     out[n0:n1, m0:m1] = s.detach()
