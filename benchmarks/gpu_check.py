@@ -30,10 +30,10 @@ Writes `gpu_check.json` and `gpu_check.md` into --out; sections fail independent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -48,61 +48,16 @@ from carzero_fast.backends import chunked as chunked_mod
 from carzero_fast.memory import device_sync as sync
 from carzero_fast.memory import peak_extra_mib
 
-BUDGET = 512 * 2**20  # the same chunk budget for chunked and triton (triton's default)
-
-
-def median_time(fn: Callable[[], object], dev: torch.device, reps: int = 3) -> float:
-    fn()  # warm-up: JIT, autotuning caches, allocator
-    times = []
-    for _ in range(reps):
-        sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def gemm_ceiling_tflops(dev: torch.device, smoke: bool) -> dict[str, float]:
-    """bf16 GEMM rates now: a large square product and CARZero's FFN shape."""
-    shapes = {"8192^3": (8192, 8192, 8192), "65536x768x1024": (65536, 768, 1024)}
-    if smoke:
-        shapes = {"256^3": (256, 256, 256)}
-    out = {}
-    for name, (m, k, n) in shapes.items():
-        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
-        t = median_time(lambda a=a, b=b: a @ b, dev, reps=10)
-        out[name] = 2 * m * k * n / t / 1e12
-    return out
-
-
-def make_model(cfg: cf.AlignerConfig, dev: torch.device) -> cf.CrossAttentionAligner:
-    """Random weights everywhere (norms and biases too), eval mode."""
-    torch.manual_seed(0)
-    al = cf.CrossAttentionAligner(cfg)
-    with torch.no_grad():
-        for name, p in al.named_parameters():
-            if "norm" in name and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return al.to(dev).eval()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm())
-
-
-def autocast(dev: torch.device):  # noqa: ANN201
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast("cpu", enabled=False)
+from .gpu_common import (
+    BUDGET,
+    autocast,
+    gemm_ceiling_tflops,
+    make_model,
+    median_time,
+    rel,
+    with_gemm_route,
+)
+from .gpu_training import leaf, step_fn, training
 
 
 class Check:
@@ -268,8 +223,10 @@ class Check:
         loop_row = self.results["rows"][-1]
 
         def batched(al, a, b, backend):  # noqa: ANN001, ANN202
+            amp = backend == "reference"
+
             def f() -> object:
-                with torch.no_grad(), autocast(self.dev) if backend == "reference" else _null():
+                with torch.no_grad(), autocast(self.dev) if amp else contextlib.nullcontext():
                     return cf.zero_shot_scores(al, a, b, backend=backend)
 
             return f
@@ -285,173 +242,6 @@ class Check:
                 r["x_carzero_loop"] = loop_row["ms"] / r["ms"]
 
 
-def recomputing_all(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` with the triton training forward keeping no chunk for the backward (each one
-    recomputed): what the kept chunk saves, measured against the default."""
-    from carzero_fast.backends import fused_train
-
-    def plain(w, cfg, memory, queries, mask, budget, dropout=None):  # noqa: ANN001, ANN202
-        return fused_train.triton_forward(w, cfg, memory, queries, mask, budget, dropout), None
-
-    def run() -> object:
-        keeping = fused_train.forward_keeping_last
-        fused_train.forward_keeping_last = plain
-        try:
-            return fn()
-        finally:
-            fused_train.forward_keeping_last = keeping
-
-    return run
-
-
-def with_gemm_route(route: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` with CARZERO_FAST_TRITON_GEMM = `route` while it runs: the triton backend's
-    plain-epilogue GEMMs on its own kernel ("triton") against the default (cuBLAS for bf16)."""
-
-    def run() -> object:
-        old = os.environ.get("CARZERO_FAST_TRITON_GEMM")
-        os.environ["CARZERO_FAST_TRITON_GEMM"] = route
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["CARZERO_FAST_TRITON_GEMM"]
-            else:
-                os.environ["CARZERO_FAST_TRITON_GEMM"] = old
-
-    return run
-
-
-def _step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
-             amp: bool, budget: int | None = None,
-             train: bool = False) -> Callable[[], object]:  # fmt: skip
-    """One training step of the alignment: both directions, CARZero's loss, backward (into
-    the tokens, leaves that need gradients, and the weights); `train`: dropout on."""
-
-    def step() -> object:
-        al.train(train)
-        al.zero_grad(set_to_none=True)
-        img.grad = txt.grad = None
-        with autocast(img.device) if amp else _null():
-            i2t, t2i = al.both_directions(img, txt, backend=backend, chunk_budget_bytes=budget)
-            loss = cf.carzero_loss(i2t, t2i)
-        loss.backward()
-        al.eval()
-        return loss
-
-    return step
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_(True)
-
-
-def _grads(al: cf.CrossAttentionAligner, img, txt, backend: str) -> list[torch.Tensor]:  # noqa: ANN001
-    img, txt = _leaf(img), _leaf(txt)
-    _step_fn(al, img, txt, backend, amp=False)()
-    return [img.grad, txt.grad, *(p.grad for p in al.parameters())]
-
-
-def _training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] = ()) -> dict:
-    """Training gradients against the reference, then step times; `budgets_gib` adds triton
-    rows at those chunk budgets (the default budget's row is always there)."""
-    d = chk.cfg.d_model
-    n = 6 if chk.smoke else 16
-    img, txt = chk.randn(n, 197, d), chk.randn(n, 98, d)
-    ref = _grads(chk.al, img, txt, "reference")
-    got = _grads(chk.al, img, txt, "triton")
-
-    def agg(gs: list[torch.Tensor]) -> list[float]:
-        """Errors of the two token gradients, then of all weights' together (one weight's
-        alone can be ~0: the logit bias's is exactly zero under a softmax loss)."""
-        w = torch.cat([g.float().flatten() for g in gs[2:]])
-        w_ref = torch.cat([g.flatten() for g in ref[2:]])
-        return [rel(gs[0], ref[0]), rel(gs[1], ref[1]), rel(w, w_ref)]
-
-    out = {"fp32_triton": agg(got)}
-    img16, txt16 = img.bfloat16(), txt.bfloat16()
-    out["bf16_triton"] = agg(_grads(chk.al16, img16, txt16, "triton"))
-    out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"))
-    pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
-    again = _grads(chk.al16, img16, txt16, "triton")
-    first = _grads(chk.al16, img16, txt16, "triton")
-    out["bf16_triton_bitwise_repeatable"] = all(
-        torch.equal(a, b) for a, b in zip(first, again, strict=True)
-    )
-    out["dropout_fp32_triton"] = _dropout_check(chk)
-    out["pass"] = (max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
-                   and max(out["dropout_fp32_triton"]) < 1e-4)  # fmt: skip
-    print(f"  training gradients: {out}", flush=True)
-    for nm in sizes:
-        img, txt = _leaf(chk.randn(nm, 197, d)), _leaf(chk.randn(nm, 98, d))
-        img16, txt16 = _leaf(img.bfloat16()), _leaf(txt.bfloat16())
-        fns = {}
-        if nm <= 256:
-            fns["reference"] = ("fp16-autocast", _step_fn(chk.al, img, txt, "reference", True))
-        fns["chunked"] = ("bf16", _step_fn(chk.al16, img16, txt16, "chunked", False))
-        fns["triton"] = ("bf16", _step_fn(chk.al16, img16, txt16, "triton", False))
-        fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
-            "triton", _step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
-        if nm <= 256:
-            fns["triton, recompute all"] = ("bf16", recomputing_all(
-                _step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
-            # train mode: dropout 0.1 at every site, as CARZero trains
-            fns["reference, dropout"] = (
-                "fp16-autocast",
-                _step_fn(chk.al, img, txt, "reference", True, train=True),
-            )
-            fns["chunked, dropout"] = (
-                "bf16",
-                _step_fn(chk.al16, img16, txt16, "chunked", False, train=True),
-            )
-        fns["triton, dropout"] = (
-            "bf16",
-            _step_fn(chk.al16, img16, txt16, "triton", False, train=True),
-        )
-        for gib in budgets_gib:
-            fns[f"triton@{gib:g}GiB"] = (
-                "bf16",
-                _step_fn(chk.al16, img16, txt16, "triton", False, int(gib * 2**30)),
-            )
-        flops = 3 * (chk.flops(nm, nm, 197) + chk.flops(nm, nm, 98))
-        chk._time_all(f"training step N=M={nm}", fns, flops, reps=3 if nm <= 256 else 1)
-    return out
-
-
-def _dropout_check(chk: Check) -> list[float]:
-    """Train mode (dropout): triton's logits and gradients against autograd of the
-    materialised PyTorch computation with the same counter-based masks, fp32, N = M = 8."""
-    from carzero_fast.backends.fused import draw_dropout
-    from carzero_fast.backends.fused_reference import dropout_reference_forward
-
-    d, al = chk.cfg.d_model, chk.al
-    mem, q = chk.randn(8, 197, d), chk.randn(8, d)
-    g_out = chk.randn(8, 8)
-
-    def grads(fn: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
-        al.zero_grad(set_to_none=True)
-        a, b = _leaf(mem), _leaf(q)
-        torch.manual_seed(3)
-        out = fn(a, b)
-        out.backward(g_out)
-        w = torch.cat([p.grad.flatten() for p in al.parameters()])
-        return [out.detach(), a.grad, b.grad, w]
-
-    torch.manual_seed(3)
-    spec = draw_dropout(chk.cfg, True)
-    al.train()
-    try:
-        ref = grads(lambda a, b: dropout_reference_forward(al.weights(), chk.cfg, a, b, None,
-                                                           spec))  # fmt: skip
-        got = grads(lambda a, b: al(a, b, backend="triton"))
-    finally:
-        al.eval()
-    return [rel(g, r) for g, r in zip(got, ref, strict=True)]
-
-
-Check.training = _training  # type: ignore[attr-defined]
-
-
 def _profile(chk: Check, nm: int, training: bool = False) -> list[dict]:
     """Where the triton backend's time goes: CUDA time per kernel over one call (one
     direction), or over one training step (both directions)."""
@@ -460,7 +250,7 @@ def _profile(chk: Check, nm: int, training: bool = False) -> list[dict]:
     d = chk.cfg.d_model
     mem = chk.randn(nm, 197, d, dtype=torch.bfloat16)
     if training:
-        fn = _step_fn(chk.al16, _leaf(mem), _leaf(chk.randn(nm, 98, d, dtype=torch.bfloat16)),
+        fn = step_fn(chk.al16, leaf(mem), leaf(chk.randn(nm, 98, d, dtype=torch.bfloat16)),
                       "triton", amp=False)  # fmt: skip
     else:
         q = chk.randn(nm, d, dtype=torch.bfloat16)
@@ -481,14 +271,6 @@ def _profile(chk: Check, nm: int, training: bool = False) -> list[dict]:
 
 
 Check.profile = _profile  # type: ignore[attr-defined]
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def environment(dev: torch.device) -> dict:
@@ -586,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     section("one_direction", lambda: chk.one_direction(sizes, with_compile=False))
     section("zero_shot", lambda: chk.zero_shot(*((12, 5, 3) if args.smoke else (2048, 192, 32))))
     if not args.no_training:
-        section("training", lambda: chk.training(sizes, budgets))
+        section("training", lambda: training(chk, sizes, budgets))
     if not args.smoke:
         section("profile", lambda: chk.profile(1024))
         if not args.no_training:

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     kh = k_.reshape(items, p, heads, d // heads).transpose(1, 2).contiguous()
     vh = v_.reshape(items, p, heads, d // heads).transpose(1, 2).contiguous()
     flops = 4 * items * m * p * d
+
     def sweep(kernel: str, candidates: list, launch, flops: int, baseline_s: float) -> None:  # noqa: ANN001
         """Time `launch` under each candidate config of `kernel` into results[kernel]."""
         results[kernel] = []

@@ -1,0 +1,89 @@
+"""Helpers shared by the GPU check's sections (`gpu_check.py`, `gpu_training.py`): timing, the
+GEMM ceiling, the test model, error measures, and switches that change a backend's route
+while one call runs."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import carzero_fast as cf
+from carzero_fast.memory import device_sync as sync
+
+BUDGET = 512 * 2**20  # the same chunk budget for chunked and triton (triton's default)
+
+
+def median_time(fn: Callable[[], object], dev: torch.device, reps: int = 3) -> float:
+    fn()  # warm-up: JIT, autotuning caches, allocator
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_ceiling_tflops(dev: torch.device, smoke: bool) -> dict[str, float]:
+    """bf16 GEMM rates now: a large square product and CARZero's FFN shape."""
+    shapes = {"8192^3": (8192, 8192, 8192), "65536x768x1024": (65536, 768, 1024)}
+    if smoke:
+        shapes = {"256^3": (256, 256, 256)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
+        t = median_time(lambda a=a, b=b: a @ b, dev, reps=10)
+        out[name] = 2 * m * k * n / t / 1e12
+    return out
+
+
+def make_model(cfg: cf.AlignerConfig, dev: torch.device) -> cf.CrossAttentionAligner:
+    """Random weights everywhere (norms and biases too), eval mode."""
+    torch.manual_seed(0)
+    al = cf.CrossAttentionAligner(cfg)
+    with torch.no_grad():
+        for name, p in al.named_parameters():
+            if "norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return al.to(dev).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm())
+
+
+def autocast(dev: torch.device):  # noqa: ANN201
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def with_gemm_route(route: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with CARZERO_FAST_TRITON_GEMM = `route` while it runs: the triton backend's
+    plain-epilogue GEMMs on its own kernel ("triton") against the default (cuBLAS for bf16)."""
+
+    def run() -> object:
+        old = os.environ.get("CARZERO_FAST_TRITON_GEMM")
+        os.environ["CARZERO_FAST_TRITON_GEMM"] = route
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["CARZERO_FAST_TRITON_GEMM"]
+            else:
+                os.environ["CARZERO_FAST_TRITON_GEMM"] = old
+
+    return run

@@ -1,0 +1,164 @@
+"""The GPU check's training section (see `gpu_check.py`'s docstring, item 4): gradients of a
+step against `reference`, triton's dropout against a same-mask PyTorch computation, then
+step times and peak memory per backend."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+import carzero_fast as cf
+
+from .gpu_common import autocast, rel, with_gemm_route
+
+if TYPE_CHECKING:
+    from .gpu_check import Check
+
+
+def recomputing_all(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with the triton training forward keeping no chunk for the backward (each one
+    recomputed): what the kept chunk saves, measured against the default."""
+    from carzero_fast.backends import fused_train
+
+    def plain(w, cfg, memory, queries, mask, budget, dropout=None):  # noqa: ANN001, ANN202
+        return fused_train.triton_forward(w, cfg, memory, queries, mask, budget, dropout), None
+
+    def run() -> object:
+        keeping = fused_train.forward_keeping_last
+        fused_train.forward_keeping_last = plain
+        try:
+            return fn()
+        finally:
+            fused_train.forward_keeping_last = keeping
+
+    return run
+
+
+def step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
+             amp: bool, budget: int | None = None,
+             train: bool = False) -> Callable[[], object]:  # fmt: skip
+    """One training step of the alignment: both directions, CARZero's loss, backward (into
+    the tokens, leaves that need gradients, and the weights); `train`: dropout on."""
+
+    def step() -> object:
+        al.train(train)
+        al.zero_grad(set_to_none=True)
+        img.grad = txt.grad = None
+        with autocast(img.device) if amp else contextlib.nullcontext():
+            i2t, t2i = al.both_directions(img, txt, backend=backend, chunk_budget_bytes=budget)
+            loss = cf.carzero_loss(i2t, t2i)
+        loss.backward()
+        al.eval()
+        return loss
+
+    return step
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _grads(al: cf.CrossAttentionAligner, img, txt, backend: str) -> list[torch.Tensor]:  # noqa: ANN001
+    img, txt = leaf(img), leaf(txt)
+    step_fn(al, img, txt, backend, amp=False)()
+    return [img.grad, txt.grad, *(p.grad for p in al.parameters())]
+
+
+def training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] = ()) -> dict:
+    """Training gradients against the reference, then step times; `budgets_gib` adds triton
+    rows at those chunk budgets (the default budget's row is always there)."""
+    d = chk.cfg.d_model
+    n = 6 if chk.smoke else 16
+    img, txt = chk.randn(n, 197, d), chk.randn(n, 98, d)
+    ref = _grads(chk.al, img, txt, "reference")
+    got = _grads(chk.al, img, txt, "triton")
+
+    def agg(gs: list[torch.Tensor]) -> list[float]:
+        """Errors of the two token gradients, then of all weights' together (one weight's
+        alone can be ~0: the logit bias's is exactly zero under a softmax loss)."""
+        w = torch.cat([g.float().flatten() for g in gs[2:]])
+        w_ref = torch.cat([g.flatten() for g in ref[2:]])
+        return [rel(gs[0], ref[0]), rel(gs[1], ref[1]), rel(w, w_ref)]
+
+    out = {"fp32_triton": agg(got)}
+    img16, txt16 = img.bfloat16(), txt.bfloat16()
+    out["bf16_triton"] = agg(_grads(chk.al16, img16, txt16, "triton"))
+    out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"))
+    pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
+    again = _grads(chk.al16, img16, txt16, "triton")
+    first = _grads(chk.al16, img16, txt16, "triton")
+    out["bf16_triton_bitwise_repeatable"] = all(
+        torch.equal(a, b) for a, b in zip(first, again, strict=True)
+    )
+    out["dropout_fp32_triton"] = _dropout_check(chk)
+    out["pass"] = (max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
+                   and max(out["dropout_fp32_triton"]) < 1e-4)  # fmt: skip
+    print(f"  training gradients: {out}", flush=True)
+    for nm in sizes:
+        img, txt = leaf(chk.randn(nm, 197, d)), leaf(chk.randn(nm, 98, d))
+        img16, txt16 = leaf(img.bfloat16()), leaf(txt.bfloat16())
+        fns = {}
+        if nm <= 256:
+            fns["reference"] = ("fp16-autocast", step_fn(chk.al, img, txt, "reference", True))
+        fns["chunked"] = ("bf16", step_fn(chk.al16, img16, txt16, "chunked", False))
+        fns["triton"] = ("bf16", step_fn(chk.al16, img16, txt16, "triton", False))
+        fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
+            "triton", step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
+        if nm <= 256:
+            fns["triton, recompute all"] = ("bf16", recomputing_all(
+                step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
+            # train mode: dropout 0.1 at every site, as CARZero trains
+            fns["reference, dropout"] = (
+                "fp16-autocast",
+                step_fn(chk.al, img, txt, "reference", True, train=True),
+            )
+            fns["chunked, dropout"] = (
+                "bf16",
+                step_fn(chk.al16, img16, txt16, "chunked", False, train=True),
+            )
+        fns["triton, dropout"] = (
+            "bf16",
+            step_fn(chk.al16, img16, txt16, "triton", False, train=True),
+        )
+        for gib in budgets_gib:
+            fns[f"triton@{gib:g}GiB"] = (
+                "bf16",
+                step_fn(chk.al16, img16, txt16, "triton", False, int(gib * 2**30)),
+            )
+        flops = 3 * (chk.flops(nm, nm, 197) + chk.flops(nm, nm, 98))
+        chk._time_all(f"training step N=M={nm}", fns, flops, reps=3 if nm <= 256 else 1)
+    return out
+
+
+def _dropout_check(chk: Check) -> list[float]:
+    """Train mode (dropout): triton's logits and gradients against autograd of the
+    materialised PyTorch computation with the same counter-based masks, fp32, N = M = 8."""
+    from carzero_fast.backends.fused import draw_dropout
+    from carzero_fast.backends.fused_reference import dropout_reference_forward
+
+    d, al = chk.cfg.d_model, chk.al
+    mem, q = chk.randn(8, 197, d), chk.randn(8, d)
+    g_out = chk.randn(8, 8)
+
+    def grads(fn: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        al.zero_grad(set_to_none=True)
+        a, b = leaf(mem), leaf(q)
+        torch.manual_seed(3)
+        out = fn(a, b)
+        out.backward(g_out)
+        w = torch.cat([p.grad.flatten() for p in al.parameters()])
+        return [out.detach(), a.grad, b.grad, w]
+
+    torch.manual_seed(3)
+    spec = draw_dropout(chk.cfg, True)
+    al.train()
+    try:
+        ref = grads(lambda a, b: dropout_reference_forward(al.weights(), chk.cfg, a, b, None,
+                                                           spec))  # fmt: skip
+        got = grads(lambda a, b: al(a, b, backend="triton"))
+    finally:
+        al.eval()
+    return [rel(g, r) for g, r in zip(got, ref, strict=True)]
