@@ -27,6 +27,7 @@ import torch
 import carzero_fast as cf
 from carzero_fast.memory import device_sync as _sync
 from carzero_fast.memory import peak_extra_mib as _peak_mib
+from carzero_fast.memory import retain_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -150,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=768, help="smaller for a smoke run")
     p.add_argument("--no-verify", action="store_true", help="skip the run at the largest batch")
     p.add_argument("--json", default=None)
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory (the reference stops page-faulting "
+                        "after warm-up: the strictest baseline); default: glibc's")  # fmt: skip
     args = p.parse_args(argv)
+    malloc = retain_freed_memory() if args.malloc == "keep" else "default"
     batches = sorted({int(b) for b in args.batches.split(",")})
     if not batches or batches[0] <= 0:
         print("train_scaling: --batches must be positive integers", file=sys.stderr)
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         head_dims=(args.d_model, args.d_model // 2))  # fmt: skip
     res = run(batches, args.backends.split(","), args.budget_mib, torch.device(args.device),
               DTYPES[args.dtype], cfg, max(1, args.repeats), not args.no_verify)  # fmt: skip
+    res["malloc"] = malloc
     print(markdown(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -16,6 +16,10 @@ Figures:
 - peak extra memory: tensor bytes alive at once beyond the inputs (`track_memory`), from a
   separate, untimed run;
 - ratio: the reference's time (fp32, the baseline) over this row's time.
+
+`main` first asks glibc to keep freed memory (`memory.retain_freed_memory`, `--malloc keep`):
+with its defaults the reference page-faults ~1 GB of fresh memory in per call, which made it
+10–40% slower depending on what ran before it. `--malloc default` measures that case.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .backends.plan import default_budget, executed_flops, plan_chunks, use_fold
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss
 from .memory import device_sync as _sync
-from .memory import track_memory
+from .memory import retain_freed_memory, track_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -268,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d-model", type=int, default=768, help="smaller values for a smoke run")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--json", type=Path, help="also write rows and machine info as JSON here")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: glibc keeps freed memory (no page faults after warm-up, the "
+                         "strictest baseline); default: glibc's defaults")  # fmt: skip
     args = ap.parse_args(argv)
+    malloc = retain_freed_memory() if args.malloc == "keep" else "default"
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     for d in dtypes:
         if d not in DTYPES:
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                tuple(b.strip() for b in args.backends.split(",") if b.strip()),
                args.train_batch, args.repeats, cfg, args.device, not args.no_memory)  # fmt: skip
     info = machine_info()
+    info["malloc"] = malloc
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     print(markdown(rows))
     if args.json:

@@ -9,6 +9,8 @@ show that a path's memory does not grow with N·M·D. Overhead: one Python call 
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,3 +81,31 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     device_sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def retain_freed_memory() -> str:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS: from now on
+    a process that allocates and frees the same sizes again stops page-faulting fresh pages in.
+
+    Why a benchmark wants it: with glibc's defaults a `reference` call on CPU faults in
+    ~0.6–2 GB of fresh pages per call (its freed activations go back to the OS between calls;
+    how much depends on what ran before), which cost it 10–40% of its time on the 2-core CPU
+    (BENCHMARKS.md). Keeping freed memory measures every backend at its best, the strictest
+    baseline. Process-wide and not undone. Returns what was done, for the record.
+    """
+    if not sys.platform.startswith("linux"):
+        return "default (not Linux)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's maximum: larger blocks
+              and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # are always mmapped
+              and libc.mallopt(_M_TOP_PAD, 2**30))  # fmt: skip
+    except (OSError, AttributeError):
+        return "default (no glibc mallopt)"
+    if not ok:
+        return "default (mallopt refused)"
+    return "retain freed memory (glibc: mmap threshold 32 MiB, no trim, 1 GiB top pad)"

@@ -20,8 +20,9 @@ def test_fit_recovers_a_quadratic_and_largest_batch_inverts_it():
 def test_smoke_run_writes_rows_and_models(tmp_path, capsys):
     out = tmp_path / "ts.json"
     assert main(["--batches", "2,3,5", "--d-model", "32", "--budget-mib", "3", "--repeats", "1",
-                 "--json", str(out)]) == 0  # fmt: skip
+                 "--json", str(out), "--malloc", "default"]) == 0  # fmt: skip
     res = json.loads(out.read_text())
+    assert res["malloc"] == "default"
     assert {(r["backend"], r["batch"]) for r in res["rows"]} == {
         (b, n) for b in ("reference", "chunked") for n in (2, 3, 5)
     }
