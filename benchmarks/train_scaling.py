@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import carzero_fast as cf
-from carzero_fast.memory import device_sync as _sync
 from carzero_fast.memory import peak_extra_mib as _peak_mib
 from carzero_fast.memory import retain_freed_memory
+
+from .gpu_common import median_time
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -85,17 +84,10 @@ def run(batches: list[int], backends: list[str], budget_mib: float, dev: torch.d
         peaks = []
         for b in batches:
             step = make_step(al, backend, b, dev, dtype)
-            step()  # warm-up
-            times = []
-            for _ in range(repeats):
-                _sync(dev)
-                t0 = time.perf_counter()
-                step()
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
+            step_s = median_time(step, dev, repeats)  # after a warm-up call
             peak = _peak_mib(step, dev)
             peaks.append(peak)
-            rows.append({"backend": backend, "batch": b, "step_s": statistics.median(times),
+            rows.append({"backend": backend, "batch": b, "step_s": step_s,
                          "peak_extra_mib": peak})  # fmt: skip
             print(f"  {backend:<10} B={b:<5} step {rows[-1]['step_s']:8.3f} s  "
                   f"peak {peak:9.1f} MiB", flush=True)  # fmt: skip
