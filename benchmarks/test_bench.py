@@ -1,7 +1,9 @@
 """pytest-benchmark timings (`pytest benchmarks/`); not part of the test suite.
 
 Each group holds the reference and the chunked backend at the same size, so pytest-benchmark's
-comparison table shows the ratio. Sizes are small enough for a 2-core CPU.
+comparison table shows the ratio. Sizes are small enough for a 2-core CPU. Like
+`python -m benchmarks`, the session keeps freed memory (`retain_freed_memory`), so that the
+reference is not timed page-faulting its activations in (carzero_fast/bench.py).
 """
 
 from __future__ import annotations
@@ -10,8 +12,14 @@ import pytest
 import torch
 
 import carzero_fast as cf
+from carzero_fast.memory import retain_freed_memory
 
 N = M = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_page_faults():
+    retain_freed_memory()
 
 
 @pytest.fixture(scope="module")
