@@ -101,8 +101,11 @@ def retain_freed_memory() -> str:
         return "default (not Linux)"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's maximum: larger blocks
-              and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # are always mmapped
+        # mmap threshold: 32 MiB is glibc's maximum (larger blocks are always mmapped);
+        # trim threshold -1: never trim (a finite one, even 2 GiB, still let the heap top go
+        # back to the OS between calls when several backends ran in one process)
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+              and libc.mallopt(_M_TRIM_THRESHOLD, -1)
               and libc.mallopt(_M_TOP_PAD, 2**30))  # fmt: skip
     except (OSError, AttributeError):
         return "default (no glibc mallopt)"
