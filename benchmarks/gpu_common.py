@@ -1,6 +1,6 @@
-"""Helpers shared by the GPU check's sections (`gpu_check.py`, `gpu_training.py`): timing, the
-GEMM ceiling, the test model, error measures, and switches that change a backend's route
-while one call runs."""
+"""Helpers shared by the GPU check's sections (`gpu_check.py`, `gpu_training.py`): timing (also
+`train_scaling.py`'s), the GEMM ceiling, the test model, error measures, and switches that
+change a backend's route while one call runs."""
 
 from __future__ import annotations
 
