@@ -243,16 +243,27 @@ def _chunk_buffers(cfg: AlignerConfig, rows: int, dtype: torch.dtype, device: to
     return bufs, head
 
 
+def _item_buffers(cfg: AlignerConfig, items: int, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """An item block's LN0(memory) `(items·P, D)` and every layer's K/V `(items·P, L·2D)`."""
+    p, d = memory.shape[1], cfg.d_model
+    kw = dict(dtype=memory.dtype, device=memory.device)
+    return (torch.empty((items * p, d), **kw),
+            torch.empty((items * p, 2 * cfg.n_layers * d), **kw))  # fmt: skip
+
+
 class _KeptChunk(NamedTuple):
     """The last chunk of a direction's backward plan, run by the forward as the backward runs
     it: the backward starts there (it walks its chunks in reverse) and reuses the buffers, so
-    one chunk fewer is recomputed and the peak does not move."""
+    one chunk fewer is recomputed, its item block's K/V are not projected again, and the peak
+    does not move."""
 
     n0: int
     m0: int
     chunk: _Chunk  # views of the buffers below
     bufs: list[LayerBuffers]  # the backward's full-size chunk buffers
     head_bufs: list[Tensor]
+    y_mem: Tensor  # the backward's item-block buffers, holding the block n0: already
+    kv: Tensor
 
 
 def forward_keeping_last(
@@ -282,9 +293,9 @@ def forward_keeping_last(
     linear = functools.partial(linear_kernel, descriptors={})
     cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
     mem = memory[n0:].reshape(ni * p, d).contiguous()
-    y_i = torch.empty((ni * p, d), dtype=memory.dtype, device=memory.device)
-    kv_i = torch.empty((ni * p, 2 * cfg.n_layers * d), dtype=memory.dtype, device=memory.device)
-    item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
+    y_mem, kv = _item_buffers(cfg, items, memory)
+    kv_i = kv[: ni * p]
+    item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv_i)
     mask_i = mask[n0:].to(torch.int8) if mask is not None else None
     bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
     drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
@@ -292,7 +303,7 @@ def forward_keeping_last(
     chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, slice(m0, m),
                        [b.rows(r) for b in bufs], [h[:r] for h in head_bufs], drop)  # fmt: skip
     out[n0:, m0:] = F.linear(chunk.head_in[-1], *cp.head[-1]).view(ni, mc)
-    return out, _KeptChunk(n0, m0, chunk, bufs, head_bufs)
+    return out, _KeptChunk(n0, m0, chunk, bufs, head_bufs, y_mem, kv)
 
 
 def direction_backward(
@@ -320,13 +331,11 @@ def direction_backward(
     n, p, d = memory.shape
     m = cp.x0.shape[0]
     items, block_q = plan_train(cfg, n, m, p, memory.element_size(), budget)
-    kw = dict(dtype=memory.dtype, device=memory.device)
     if kept is not None:
-        bufs, head_bufs = kept.bufs, kept.head_bufs
+        bufs, head_bufs, y_mem, kv = kept.bufs, kept.head_bufs, kept.y_mem, kept.kv
     else:
         bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
-    y_mem = torch.empty((items * p, d), **kw)
-    kv = torch.empty((items * p, 2 * cfg.n_layers * d), **kw)
+        y_mem, kv = _item_buffers(cfg, items, memory)
     g_kv = torch.empty((items * p, 2 * cfg.n_layers * d), dtype=torch.float32,
                        device=memory.device)  # fmt: skip
     g_x0 = torch.zeros((m, d), dtype=torch.float32, device=memory.device)
@@ -342,7 +351,8 @@ def direction_backward(
         if mem.stride(-1) != 1:
             mem = mem.contiguous()
         y_i, kv_i, g_kv_i = y_mem[: ni * p], kv[: ni * p], g_kv[: ni * p]
-        item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
+        if kept is None or kept.n0 != n0:  # the kept chunk's block is projected already
+            item_stage(linear, w, cfg, cp, mem, y_i, kv_i)
         g_kv_i.zero_()
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
         for m0, m1 in reversed(pieces(m, block_q)):
