@@ -1,6 +1,6 @@
 """Block-size sweep of the triton backend's kernels on a GPU (bf16, CARZero shapes).
 
-    python -m benchmarks.tune_gpu --out DIR
+    python -m benchmarks.tune_gpu --out DIR [--only attention_bwd,backend]
     TRITON_INTERPRET=1 python -m benchmarks.tune_gpu --smoke --out DIR   # CPU dry run
 
 For each candidate configuration: every `linear` variant the backend launches, at a chunk's
@@ -68,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "tune_out"))
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default="",
+                        help="comma-separated sweeps: linear, attention, attention_bwd, backend")
     args = parser.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cpu" if args.smoke else "cuda")
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         results["device"] = torch.cuda.get_device_name(dev)
 
     base_lin = kc.override("linear", arch, "half", LINEAR_CANDIDATES[0][0])
-    for cand, tma in LINEAR_CANDIDATES:
+    for cand, tma in LINEAR_CANDIDATES if wanted("linear") else []:
         kc.override("linear", arch, "half", cand)
         config = dict(cand._asdict(), tma=tma)
         for name, (fn, flops, cublas) in variants.items():
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     def sweep(kernel: str, candidates: list, launch, flops: int, baseline_s: float) -> None:  # noqa: ANN001
         """Time `launch` under each candidate config of `kernel` into results[kernel]."""
         results[kernel] = []
+        if not wanted(kernel):
+            return
         shipped = kc.override(kernel, arch, "half", candidates[0])
         for cand in candidates:
             kc.override(kernel, arch, "half", cand)
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     results["best"] = {"linear": best_lin, "attention": best_att,
                        "attention_bwd": best(results["attention_bwd"])}  # fmt: skip
     print("best", json.dumps(results["best"]), flush=True)
-    if not args.smoke and best_lin and best_att:
+    if not args.smoke and wanted("backend") and best_lin and best_att:
         import carzero_fast as cf
         from carzero_fast.backends.fused import triton_forward
 
