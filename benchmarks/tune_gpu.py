@@ -68,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "tune_out"))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", default="",
-                        help="comma-separated sweeps: linear, attention, attention_bwd, backend")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated sweeps: linear, attention, attention_bwd, backend",
+    )
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
 
