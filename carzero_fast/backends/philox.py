@@ -83,5 +83,6 @@ def keep_torch(
 ) -> Tensor:
     """bool mask, True where kept, for broadcastable int64 index tensors (global item and
     query indices, column indices)."""
-    r = philox_torch(spec.seed, cols, queries, items, torch.tensor(tag_, dtype=torch.int64))
+    tag_t = torch.tensor(tag_, dtype=torch.int64, device=cols.device)
+    r = philox_torch(spec.seed, cols, queries, items, tag_t)
     return r >= spec.threshold
