@@ -89,6 +89,14 @@ class Check:
                 img16, txt16 = img.bfloat16(), txt.bfloat16()
                 got = self.al16.both_directions(img16, txt16, None, txt_mask, backend=backend)
                 out[f"{backend}_bf16"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+            # one direction (images as memory): the 16-bit residual stream against the fp32 one
+            q = self.randn(m, d)
+            ref1 = self.al(img, q, backend="reference")
+            out["triton_bf16_one_direction"] = rel(self._call(self.al16, img16, q.bfloat16(),
+                                                              "triton"), ref1)  # fmt: skip
+            out["triton_bf16_stream"] = rel(self._bf16_stream(img16, q.bfloat16()), ref1)
+            out["chunked_bf16_one_direction"] = rel(self._call(self.al16, img16, q.bfloat16(),
+                                                               "chunked"), ref1)  # fmt: skip
             zs_ref = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="reference")
             zs = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="triton")
             out["zero_shot_fp32"] = rel(zs, zs_ref)
@@ -242,19 +250,19 @@ class Check:
                 r["x_carzero_loop"] = loop_row["ms"] / r["ms"]
 
 
-def _profile(chk: Check, nm: int, training: bool = False) -> list[dict]:
-    """Where the triton backend's time goes: CUDA time per kernel over one call (one
-    direction), or over one training step (both directions)."""
+def _profile(chk: Check, nm: int, training: bool = False, backend: str = "triton") -> list[dict]:
+    """Where a backend's time goes: CUDA time per kernel over one call (one direction), or
+    over one training step (both directions)."""
     from torch.profiler import ProfilerActivity, profile
 
     d = chk.cfg.d_model
     mem = chk.randn(nm, 197, d, dtype=torch.bfloat16)
     if training:
         fn = step_fn(chk.al16, leaf(mem), leaf(chk.randn(nm, 98, d, dtype=torch.bfloat16)),
-                      "triton", amp=False)  # fmt: skip
+                      backend, amp=False)  # fmt: skip
     else:
         q = chk.randn(nm, d, dtype=torch.bfloat16)
-        fn = lambda: chk._call(chk.al16, mem, q, "triton")  # noqa: E731
+        fn = lambda: chk._call(chk.al16, mem, q, backend)  # noqa: E731
     fn()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -265,9 +273,11 @@ def _profile(chk: Check, nm: int, training: bool = False) -> list[dict]:
         if cuda_us:
             rows.append({"name": e.key[:80], "calls": e.count, "cuda_ms": cuda_us / 1e3})
     rows.sort(key=lambda r: -r["cuda_ms"])
-    for r in rows[:12]:
+    total = {"name": "(all kernels)", "calls": sum(r["calls"] for r in rows),
+             "cuda_ms": sum(r["cuda_ms"] for r in rows)}  # fmt: skip
+    for r in [total, *rows[:12]]:
         print(f"  {r['name']:<60} {r['calls']:6d} {r['cuda_ms']:9.2f} ms", flush=True)
-    return rows[:25]
+    return [total, *rows[:25]]
 
 
 Check.profile = _profile  # type: ignore[attr-defined]
@@ -373,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         section("profile", lambda: chk.profile(1024))
         if not args.no_training:
             section("profile_training", lambda: chk.profile(256, training=True))
+            section("profile_chunked_training",
+                    lambda: chk.profile(256, training=True, backend="chunked"))  # fmt: skip
     if not args.no_compile and time.perf_counter() - t_start < 240:
         section("torch_compile", lambda: chk.one_direction(sizes[:1], with_compile=True))
     res["total_seconds"] = time.perf_counter() - t_start

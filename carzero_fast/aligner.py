@@ -63,7 +63,7 @@ class CrossAttentionAligner(nn.Module):
             streaming on fused Triton kernels, forward and training).
         chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs
             (None: chunked 32 MiB, or 120 MiB when gradients are needed, 512 MiB / 1 GiB on
-            CUDA; triton 512 MiB, or 4 GiB when gradients are needed).
+            CUDA; triton 512 MiB, or 8 GiB when gradients are needed, at most 1/8 of the GPU).
     """
 
     def __init__(

@@ -61,10 +61,19 @@ from .philox import (
 from .plan import pieces
 
 # Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
-# 4 GiB holds ~57k pairs. Each chunk costs ~300 launches of host time: on an H200 a step at
-# N = M = 256 took 113 / 81 / 76 ms at 1 / 2 / 4 GiB, peaking at 1.3 / 2.4 / 4.6 GiB
-# (BENCHMARKS.md).
-DEFAULT_FUSED_TRAIN_BUDGET_BYTES = 4 * 2**30
+# 8 GiB holds ~115k pairs, a whole direction at N = M = 256 (65k pairs), which the forward
+# then keeps: nothing is recomputed. On an H200 (BENCHMARKS.md, def1bc8) a step at
+# N = M = 256 took 59.8 ms at 4 GiB and 50.0 at 8, peaking at 4.3 and 7.2 GiB; at 1024,
+# 762 and 735 ms, peaking at 4.8 and 9.0 GiB. A smaller GPU gets an eighth of its memory.
+DEFAULT_FUSED_TRAIN_BUDGET_BYTES = 8 * 2**30
+
+
+def default_train_budget(device: torch.device) -> int:
+    """The training chunk budget when the caller gives none: 8 GiB, at most 1/8 of a GPU."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(DEFAULT_FUSED_TRAIN_BUDGET_BYTES, total // 8)
+    return DEFAULT_FUSED_TRAIN_BUDGET_BYTES
 
 
 def plan_train(
@@ -476,7 +485,7 @@ def triton_train(
 ) -> tuple[Tensor, ...]:
     """Differentiable logits of each job over `tokens` (with its dropout), one autograd node."""
     check_device(tokens[0])
-    budget = check_budget(chunk_budget_bytes, DEFAULT_FUSED_TRAIN_BUDGET_BYTES)
+    budget = check_budget(chunk_budget_bytes, default_train_budget(tokens[0].device))
     if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
         anchor = sum(0.0 * t.sum() for t in (*tokens, *w.flatten()))  # empty, still connected
         return tuple(tokens[j.memory].new_zeros((tokens[j.memory].shape[0],
