@@ -21,8 +21,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from carzero_fast.kernels import add_layer_norm, attention, attention_backward, linear
+from carzero_fast.kernels import (
+    add_layer_norm,
+    attention,
+    attention_backward,
+    layer_norm_backward,
+    linear,
+)
 from carzero_fast.kernels import configs as kc
+from carzero_fast.kernels import layernorm as kln
+
+from .gpu_common import make_model, median_time
+from .gpu_training import leaf, step_fn
 
 # (config, TMA kernel?) — every candidate compiles without spills for sm_90; the first is
 # the shipped one
@@ -51,6 +61,9 @@ ATTENTION_BWD_CANDIDATES = [
     kc.AttentionBwdConfig(64, 16, 64, 16, 8, 2, 2, 256),
 ]
 
+# LayerNorm backward (rows per program, warps); the first is the shipped one
+LN_BWD_CANDIDATES = [(8, 8), (4, 4), (8, 16), (16, 16), (4, 8), (2, 4)]
+
 
 def bench(fn, dev: torch.device) -> float:  # noqa: ANN001
     """Median seconds of fn (CUDA events through triton.testing on a GPU)."""
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated sweeps: linear, attention, attention_bwd, backend",
+        help="comma-separated sweeps: linear, attention, attention_bwd, layer_norm_bwd, backend",
     )
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
@@ -189,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
           lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m, dk=acc[:, :d],
                                      dv=acc[:, d:]), flops_bwd, t_sdpa_bwd)  # fmt: skip
 
+    if wanted("layer_norm_bwd"):
+        results["layer_norm_bwd"] = sweep_layer_norm_bwd(x, g, a_d, dev, args.smoke)
+
     # the whole backend with each kernel's fastest configuration
     def best(rows: list[dict], key: str | None = None) -> dict | None:
         ok = [r for r in rows if "us" in r]
@@ -237,6 +253,43 @@ def main(argv: list[str] | None = None) -> int:
         results["triton_forward_ms"] = timing
     (out_dir / "tune_gpu.json").write_text(json.dumps(results, indent=1))
     return 0
+
+
+def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev: torch.device,
+                         smoke: bool) -> list[dict]:  # fmt: skip
+    """The LayerNorm backward under each (rows, warps) candidate: the kernel alone on `x`'s
+    rows (fp32 stream, 16-bit dy, fp32 dres: 14 bytes per element), and on a GPU a whole
+    triton training step at N = M = 256 beside the reference's (fp16 autocast)."""
+    rows, d = x.shape
+    dres = torch.randn(rows, d, device=dev)
+    shipped = (kln.LN_BWD_ROWS, kln.LN_BWD_WARPS)
+    step = ref_step = None
+    if not smoke:
+        import carzero_fast as cf
+
+        al = make_model(cf.AlignerConfig(), dev)
+        al16 = make_model(cf.AlignerConfig(), dev).bfloat16()
+        img, txt = torch.randn(256, 197, d, device=dev), torch.randn(256, 98, d, device=dev)
+        img16, txt16 = leaf(img.bfloat16()), leaf(txt.bfloat16())
+        step = step_fn(al16, img16, txt16, "triton", amp=False)
+        ref_step = step_fn(al, leaf(img), leaf(txt), "reference", amp=True)
+    out = []
+    for n_rows, warps in LN_BWD_CANDIDATES:
+        kln.LN_BWD_ROWS, kln.LN_BWD_WARPS = n_rows, warps
+        row: dict = {"rows": n_rows, "warps": warps}
+        try:
+            t = bench(lambda: layer_norm_backward(x, g, dy, 1e-5, dres=dres), dev)
+            row.update(us=t * 1e6, tb_s=rows * d * 14 / t / 1e12)
+            if step is not None:
+                row["step_ms"] = median_time(step, dev, reps=5) * 1e3
+                row["reference_step_ms"] = median_time(ref_step, dev, reps=3) * 1e3
+                row["x_reference"] = row["reference_step_ms"] / row["step_ms"]
+        except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
+            row["error"] = repr(e)[:300]
+        out.append(row)
+        print("layer_norm_bwd", json.dumps(row), flush=True)
+    kln.LN_BWD_ROWS, kln.LN_BWD_WARPS = shipped
+    return out
 
 
 if __name__ == "__main__":

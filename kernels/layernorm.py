@@ -22,7 +22,10 @@ from torch import Tensor
 from .dropout import ChunkPos, DropoutSpec, chunk_keep
 
 BLOCK_ROWS = 8
-LN_BWD_WARPS = 8  # the backward holds ~4 row tiles at once: 4 warps sit at the register limit
+# the backward's rows per program and warps: it holds ~4 row tiles at once (4 warps for 8
+# rows sit at the register limit); `benchmarks.tune_gpu --only layer_norm_bwd` sweeps both
+LN_BWD_ROWS = 8
+LN_BWD_WARPS = 8
 
 
 @triton.jit
@@ -188,7 +191,7 @@ def layer_norm_backward(
     """
     n_rows, d = x.shape
     block_d = triton.next_power_of_2(d)
-    programs = triton.cdiv(n_rows, BLOCK_ROWS)
+    programs = triton.cdiv(n_rows, LN_BWD_ROWS)
     dx = torch.empty((n_rows, d), dtype=torch.float32, device=x.device)
     # every program writes its row of partials: no zero-fill unless there is no row at all
     alloc = torch.empty if programs else torch.zeros
@@ -197,7 +200,7 @@ def layer_norm_backward(
         layer_norm_backward_kernel[(programs,)](
             x, weight, dy, dres, dx, parts[0], parts[1], n_rows, x.stride(0), dy.stride(0),
             dres.stride(0) if dres is not None else 0, dx.stride(0), eps,
-            D=d, HAS_DRES=dres is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d,
+            D=d, HAS_DRES=dres is not None, BLOCK_R=LN_BWD_ROWS, BLOCK_D=block_d,
             num_warps=LN_BWD_WARPS,
         )  # fmt: skip
     dw, db = parts.sum(dim=1)

@@ -21,7 +21,13 @@ from pathlib import Path
 from .attention import attention_kernel
 from .attention_backward import attention_dkdv_kernel, attention_dq_kernel, slice_width
 from .configs import shipped, shipped_bwd_with_dropout
-from .layernorm import BLOCK_ROWS, LN_BWD_WARPS, add_layer_norm_kernel, layer_norm_backward_kernel
+from .layernorm import (
+    BLOCK_ROWS,
+    LN_BWD_ROWS,
+    LN_BWD_WARPS,
+    add_layer_norm_kernel,
+    layer_norm_backward_kernel,
+)
 from .linear import DROPOUT_BLOCK_N, linear_kernel, linear_tma_kernel
 
 # CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
@@ -205,7 +211,7 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                    "p_dw_part": "*fp32", "p_db_part": "*fp32", "n_rows": "i32",
                    "stride_x": "i32", "stride_dy": "i32", "stride_dres": "i32",
                    "stride_dx": "i32", "eps": "fp32"}  # fmt: skip
-            const = dict(D=D_MODEL, HAS_DRES=True, BLOCK_R=BLOCK_ROWS, BLOCK_D=1024)
+            const = dict(D=D_MODEL, HAS_DRES=True, BLOCK_R=LN_BWD_ROWS, BLOCK_D=1024)
             desc = dict(dtype=dt, d_model=D_MODEL)
             jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
                          LN_BWD_WARPS, 1, False))  # fmt: skip
