@@ -274,7 +274,8 @@ def _profile(chk: Check, nm: int, training: bool = False, backend: str = "triton
             rows.append({"name": e.key[:80], "calls": e.count, "cuda_ms": cuda_us / 1e3})
     rows.sort(key=lambda r: -r["cuda_ms"])
     total = {"name": "(all kernels)", "calls": sum(r["calls"] for r in rows),
-             "cuda_ms": sum(r["cuda_ms"] for r in rows)}  # fmt: skip
+             "cuda_ms": sum(r["cuda_ms"] for r in rows),
+             "wall_ms": median_time(fn, chk.dev) * 1e3}  # fmt: skip
     for r in [total, *rows[:12]]:
         print(f"  {r['name']:<60} {r['calls']:6d} {r['cuda_ms']:9.2f} ms", flush=True)
     return [total, *rows[:25]]

@@ -9,15 +9,18 @@ from carzero_fast.backends import cpu_gemm
 from carzero_fast.backends.cpu_gemm import linear, mm_t, onednn_enabled
 
 
-@pytest.fixture(params=["onednn", "pytorch"])
+@pytest.fixture(params=["onednn", "pytorch", "library"])
 def route(request, monkeypatch):
-    """Run a test through oneDNN (every product, however small) and through PyTorch's GEMM."""
+    """Run a test through oneDNN (every product, however small), through PyTorch's GEMM, and
+    through the route other devices take (PyTorch's ops and autograd, no `_Linear`)."""
     if request.param == "onednn":
         if cpu_gemm._ONEDNN_LINEAR is None:
             pytest.skip("this PyTorch build has no oneDNN linear")
         monkeypatch.setattr(cpu_gemm, "_ONEDNN_MIN_MACS", 0)
     else:
         monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", None)
+    if request.param == "library":
+        monkeypatch.setattr(cpu_gemm, "python_backward", lambda x: False)
     return request.param
 
 
@@ -158,3 +161,32 @@ def test_onednn_probe_draws_no_random_numbers():
     torch.manual_seed(3)
     cpu_gemm._probe_onednn()
     assert torch.equal(torch.rand(4), want)
+
+
+def test_chunked_training_step_same_on_the_other_devices_route(monkeypatch):
+    """A chunked training step (dropout on) with PyTorch's autograd for every linear layer,
+    as on a GPU, gives the CPU route's loss and gradients."""
+    cfg = cf.AlignerConfig(d_model=32, n_heads=4, d_ffn=48, n_layers=2, head_dims=(24, 16),
+                           dropout=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    al = cf.CrossAttentionAligner(cfg)
+    img, txt = _rand(6, 9, 32, seed=50), _rand(6, 7, 32, seed=51)
+
+    def step() -> list[torch.Tensor]:
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        al.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        i2t, t2i = al.both_directions(a, b, backend="chunked", chunk_budget_bytes=20_000)
+        cf.carzero_loss(i2t, t2i).backward()
+        return [a.grad, b.grad, *(p.grad for p in al.parameters())]
+
+    al.train()
+    want = step()
+    monkeypatch.setattr(cpu_gemm, "python_backward", lambda x: False)
+    got = step()
+    assert all(g is not None for g in got[:2])
+    for a, e in zip(got, want, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

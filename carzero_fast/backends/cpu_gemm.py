@@ -8,7 +8,8 @@ than MKL, measured interleaved in one process (384 × 768 × 768: 209 against 19
 384 × 192 × 768: 179 against 170; the `g·W` of a backward with W as a transposed view: 200
 against 163). MKL stays for the weight gradients `gᵀ·x` (187 against 160 for oneDNN with
 transposed views), where it also accumulates in place. bf16 products already go through
-oneDNN inside PyTorch, and other devices keep PyTorch's own GEMMs.
+oneDNN inside PyTorch, and other devices keep PyTorch's own GEMMs and autograd
+(`python_backward`).
 
 Both routes compute the same fp32 products (different summation order only: ~1e-7
 relative); tests compare the chunked backend against the reference either way. On other CPUs
@@ -139,6 +140,15 @@ class _Linear(torch.autograd.Function):
         return g_x, g_w, g_b, None, None, None
 
 
+def python_backward(x: Tensor) -> bool:
+    """Whether `linear` runs `_Linear` for x: on the CPU only. Elsewhere PyTorch's own ops,
+    whose backward runs in C++: `_Linear`'s Python backward costs ~50 µs of host time per
+    layer, and on a GPU the chunked training step is host-bound (on an H200, a step at
+    N = M = 256 took 181–191 ms with `_Linear`, of which 67 ms CUDA time; 124.5 ms before it
+    existed, at 55e61eb)."""
+    return x.device.type == "cpu"
+
+
 def linear(
     x: Tensor,
     w: Tensor,
@@ -152,7 +162,13 @@ def linear(
     x `(..., in)` → `(..., out)`. The chunked backend's dropout scales ride on alpha/beta.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
+    if not python_backward(x):
+        w_t = w if w_in_out else w.t()  # [in, out]
+        if b is None:
+            y = torch.mm(x2, w_t) if alpha == 1.0 else torch.mm(x2, w_t) * alpha
+        else:
+            y = torch.addmm(b, x2, w_t, beta=beta, alpha=alpha)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
         y = _Linear.apply(x2, w, b, alpha, beta, w_in_out)
     else:
         y = mm_t(x2, w.t() if w_in_out else w, b, alpha, beta)
