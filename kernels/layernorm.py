@@ -24,8 +24,8 @@ from .dropout import ChunkPos, DropoutSpec, chunk_keep
 BLOCK_ROWS = 8
 # the backward's rows per program and warps: it holds ~4 row tiles at once (4 warps for 8
 # rows sit at the register limit); `benchmarks.tune_gpu --only layer_norm_bwd` sweeps both
-LN_BWD_ROWS = 8
-LN_BWD_WARPS = 8
+LN_BWD_ROWS = 4
+LN_BWD_WARPS = 4
 
 
 @triton.jit
