@@ -22,8 +22,9 @@ from torch import Tensor
 from .dropout import ChunkPos, DropoutSpec, chunk_keep
 
 BLOCK_ROWS = 8
-# the backward's rows per program and warps: it holds ~4 row tiles at once (4 warps for 8
-# rows sit at the register limit); `benchmarks.tune_gpu --only layer_norm_bwd` sweeps both
+# the backward's rows per program and warps (`benchmarks.tune_gpu --only layer_norm_bwd`):
+# on an H200, 65536 × 768 rows took 143 µs with 4 rows on 4 warps (2.46 TB/s, 130
+# registers), 168 with 2 on 4, 190 with 8 on 8 and 271–452 with 16 warps or 4 rows on 8
 LN_BWD_ROWS = 4
 LN_BWD_WARPS = 4
 
