@@ -24,7 +24,9 @@ def recomputing_all(fn: Callable[[], object]) -> Callable[[], object]:
     from carzero_fast.backends import fused_train
 
     def plain(w, cfg, memory, queries, mask, budget, dropout=None):  # noqa: ANN001, ANN202
-        return fused_train.triton_forward(w, cfg, memory, queries, mask, budget, dropout), None
+        out = fused_train.triton_forward(w, cfg, memory, queries, mask, budget, dropout,
+                                         torch.float32)  # fmt: skip
+        return out, None
 
     def run() -> object:
         keeping = fused_train.forward_keeping_last

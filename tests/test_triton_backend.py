@@ -18,6 +18,7 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
 from carzero_fast.backends.fused import check_device, plan_fused, triton_forward  # noqa: E402
+from carzero_fast.backends.fused_train import plan_train  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
 
@@ -161,6 +162,41 @@ def test_16_bit_residual_stream_no_worse_than_chunked(dtype):
     other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
     with pytest.raises(TypeError, match="stream_dtype"):
         triton_forward(w, al.config, mem_, q_, mask, budget, stream_dtype=other)
+
+
+def test_stream_environment_variable_selects_the_inference_stream(monkeypatch, triton_only):
+    """CARZERO_FAST_TRITON_STREAM=input: the backend's no-grad calls keep the stream in the
+    inputs' dtype (bit for bit `stream_dtype=` that dtype); training keeps fp32 (same logits
+    and gradients either way); another value is an error naming the variable."""
+    al = make_aligner(CONFIGS["d64h4_head1"], seed=3)
+    mem, q = _inputs(64, p=9, seed=4)
+    mem16, q16 = mem.bfloat16(), q.bfloat16()
+    al16 = make_aligner(CONFIGS["d64h4_head1"], seed=3).bfloat16()
+    w = al16.weights()
+    budget = 1  # training chunks of 2 items × all queries: pairs outside the kept chunk
+    while plan_train(al.config, N, M, 9, 2, budget) != (2, M):
+        budget = int(budget * 1.02) + 1
+
+    def train_step() -> list[torch.Tensor]:
+        a, b = mem16.clone().requires_grad_(), q16.clone().requires_grad_()
+        al16.zero_grad(set_to_none=True)
+        out = al16(a, b, backend="triton", chunk_budget_bytes=budget)
+        out.float().square().sum().backward()
+        return [out.detach(), a.grad, b.grad, *(p.grad for p in al16.parameters())]
+
+    with torch.no_grad():
+        wide = al16(mem16, q16, backend="triton")
+        narrow = triton_forward(w, al.config, mem16, q16, None, stream_dtype=torch.bfloat16)
+    trained = train_step()
+    monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "input")
+    with torch.no_grad():
+        got = al16(mem16, q16, backend="triton")
+    assert torch.equal(got, narrow) and not torch.equal(got, wide)
+    for a, e in zip(train_step(), trained, strict=True):
+        assert torch.equal(a, e)
+    monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "bf16")
+    with torch.no_grad(), pytest.raises(ValueError, match="CARZERO_FAST_TRITON_STREAM"):
+        al16(mem16, q16, backend="triton")
 
 
 @pytest.mark.parametrize(("n", "m"), [(0, 3), (3, 0), (0, 0)])

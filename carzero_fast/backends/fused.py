@@ -13,11 +13,13 @@ projections are cheap next to the pairs at the batch sizes this backend is for):
   straight into the `(N, M)` scores.
 
 The residual stream is fp32 in every dtype by default (16-bit inputs round only GEMM
-operands, as autocast does); `triton_forward(stream_dtype=...)` keeps it in the 16-bit dtype
-instead (a third less traffic in every add + LayerNorm pass, at the error of a plain 16-bit
-PyTorch forward; benchmarks.gpu_check times both). Chunk buffers are allocated once per
-call and reused, so memory is `rows·(3·D + F + max(head))` elements + `rows·D` fp32 (the
-stream) + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the scores, never O(N·M·D).
+operands, as autocast does); `triton_forward(stream_dtype=...)`, or for the backend's no-grad
+calls `CARZERO_FAST_TRITON_STREAM=input`, keeps it in the 16-bit dtype instead (a third less
+traffic in every add + LayerNorm pass, at the error of a plain 16-bit PyTorch forward;
+benchmarks.gpu_check times both). Training always keeps it fp32. Chunk buffers are
+allocated once per call and reused, so memory is `rows·(3·D + F + max(head))` elements +
+`rows·D` fp32 (the stream) + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the
+scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
 The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
@@ -29,6 +31,7 @@ a recomputation, or another chunk plan, sees the same masks.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -57,6 +60,19 @@ Drop = tuple[DropoutSpec, ChunkPos]  # a chunk's dropout: the direction's spec, 
 # GEMM large (~45k rows at CARZero dims) and the launches few (~38 per chunk): at 256 MiB an
 # H200 waited on kernel launches (BENCHMARKS.md).
 DEFAULT_FUSED_BUDGET_BYTES = 512 * 2**20
+STREAMS = ("fp32", "input")
+
+
+def inference_stream_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The residual stream's dtype for a forward without gradients, from
+    `CARZERO_FAST_TRITON_STREAM`: "fp32" (the default) or "input" (the inputs' dtype). On an
+    H200 at N = M = 1024, bf16: 71.7 against 76.5 ms a call, relative error 1.34e-2 against
+    1.10e-2 (chunked's own bf16: 1.36e-2; BENCHMARKS.md, d8928c3)."""
+    route = os.environ.get("CARZERO_FAST_TRITON_STREAM", "fp32")
+    if route not in STREAMS:
+        raise ValueError(f"CARZERO_FAST_TRITON_STREAM={route!r}; choose one of "
+                         f"{', '.join(STREAMS)}")  # fmt: skip
+    return dtype if route == "input" else torch.float32
 
 
 def kernels_available() -> bool:
@@ -235,13 +251,14 @@ def triton_forward(
     memory_mask: Tensor | None,
     chunk_budget_bytes: int | None = None,
     dropout: DropoutSpec | None = None,
-    stream_dtype: torch.dtype = torch.float32,
+    stream_dtype: torch.dtype | None = None,
     item_offset: int = 0,
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd; dropout with its spec, training mode).
 
-    stream_dtype: the residual stream's dtype, fp32 or the inputs' dtype (same chunk plan).
+    stream_dtype: the residual stream's dtype, fp32 or the inputs' dtype (same chunk plan);
+        None: `inference_stream_dtype` (training passes fp32: its backward recomputes so).
     item_offset: index of memory's first item in its direction, when it is a slice of it
     (dropout masks are keyed by the pair's place in the direction).
     """
@@ -251,6 +268,8 @@ def triton_forward(
     linear = functools.partial(linear_kernel, descriptors={})
 
     check_device(memory)
+    if stream_dtype is None:
+        stream_dtype = inference_stream_dtype(memory.dtype)
     if stream_dtype not in (torch.float32, memory.dtype):
         raise TypeError(f"stream_dtype must be torch.float32 or the inputs' {memory.dtype}, "
                         f"got {stream_dtype}")  # fmt: skip
