@@ -144,8 +144,8 @@ def python_backward(x: Tensor) -> bool:
     """Whether `linear` runs `_Linear` for x: on the CPU only. Elsewhere PyTorch's own ops,
     whose backward runs in C++: `_Linear`'s Python backward costs ~50 µs of host time per
     layer, and on a GPU the chunked training step is host-bound (on an H200, a step at
-    N = M = 256 took 181–191 ms with `_Linear`, of which 67 ms CUDA time; 124.5 ms before it
-    existed, at 55e61eb)."""
+    N = M = 256 took 181–191 ms with `_Linear`, of which 67 ms CUDA time, and 126.6 ms
+    without it; BENCHMARKS.md, cee02cd)."""
     return x.device.type == "cpu"
 
 
