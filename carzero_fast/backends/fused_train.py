@@ -271,8 +271,8 @@ class _KeptChunk(NamedTuple):
     chunk: _Chunk  # views of the buffers below
     bufs: list[LayerBuffers]  # the backward's full-size chunk buffers
     head_bufs: list[Tensor]
-    y_mem: Tensor  # the backward's item-block buffers, holding the block n0: already
-    kv: Tensor
+    y_mem: Tensor  # the backward's item-block buffers, already holding block n0's LN0(memory)
+    kv: Tensor  # ... and its K/V of every layer
 
 
 def forward_keeping_last(
