@@ -4,12 +4,17 @@
     TRITON_INTERPRET=1 python -m benchmarks.gpu_check --smoke --out DIR   # CPU dry run
 
 1. Correctness at CARZero dims: `triton` and `chunked` against `reference` fp32, in fp32
-   (IEEE unless TF32 is allowed) and bf16 (judged against chunked's own bf16 error, ×2).
+   (IEEE unless TF32 is allowed) and bf16 (judged against chunked's own bf16 error, ×2);
+   one direction in bf16 on every route of `triton` (`VARIANTS`, same rule), and SDPA's
+   attention in fp32 with ragged text masks.
 2. One direction (images as memory, P = 197) at N = M ∈ {256, 1024}: `reference` (fp16
    autocast, as CARZero ran), `chunked` (bf16), `chunked` with its attention on flash-attn's
    and xformers' kernels (when the `[gpu]` extras are installed), `torch.compile` of
-   chunked's pair stage (bf16), `triton` (bf16), and `triton` with its plain-epilogue GEMMs
-   on its own kernel instead of cuBLAS ("own GEMMs", `CARZERO_FAST_TRITON_GEMM=triton`).
+   chunked's pair stage (bf16), `triton` (bf16), and `triton` on its other routes
+   (`VARIANTS`): its plain-epilogue GEMMs on its own kernel instead of cuBLAS ("own GEMMs",
+   `CARZERO_FAST_TRITON_GEMM=triton`), the residual stream in bf16
+   (`CARZERO_FAST_TRITON_STREAM=input`), the attention on PyTorch's SDPA
+   (`CARZERO_FAST_TRITON_ATTENTION=library`), both, and 768 MiB chunks (fewer launches).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
@@ -55,9 +60,19 @@ from .gpu_common import (
     make_model,
     median_time,
     rel,
-    with_gemm_route,
+    with_env,
 )
 from .gpu_training import leaf, step_fn, training
+
+# the triton backend's routes beside its defaults: row suffix → environment while it runs
+VARIANTS = {
+    "": {},
+    ", own GEMMs": {"CARZERO_FAST_TRITON_GEMM": "triton"},
+    ", bf16 stream": {"CARZERO_FAST_TRITON_STREAM": "input"},
+    ", SDPA attention": {"CARZERO_FAST_TRITON_ATTENTION": "library"},
+    ", bf16 stream + SDPA": {"CARZERO_FAST_TRITON_STREAM": "input",
+                             "CARZERO_FAST_TRITON_ATTENTION": "library"},
+}  # fmt: skip
 
 
 class Check:
@@ -89,14 +104,20 @@ class Check:
                 img16, txt16 = img.bfloat16(), txt.bfloat16()
                 got = self.al16.both_directions(img16, txt16, None, txt_mask, backend=backend)
                 out[f"{backend}_bf16"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
-            # one direction (images as memory): the 16-bit residual stream against the fp32 one
+            # one direction (images as memory): the 16-bit residual stream and SDPA's attention
+            # against the defaults
             q = self.randn(m, d)
             ref1 = self.al(img, q, backend="reference")
-            out["triton_bf16_one_direction"] = rel(self._call(self.al16, img16, q.bfloat16(),
-                                                              "triton"), ref1)  # fmt: skip
-            out["triton_bf16_stream"] = rel(self._bf16_stream(img16, q.bfloat16()), ref1)
+            for name, env in VARIANTS.items():
+                run = with_env(lambda: self._call(self.al16, img16, q.bfloat16(), "triton"), **env)
+                out[f"triton_bf16_one_direction{name}"] = rel(run(), ref1)
             out["chunked_bf16_one_direction"] = rel(self._call(self.al16, img16, q.bfloat16(),
                                                                "chunked"), ref1)  # fmt: skip
+            # SDPA's attention with ragged text masks, fp32 (memory-efficient kernels)
+            with_sdpa = with_env(lambda: self.al.both_directions(img, txt, None, txt_mask,
+                                                                 backend="triton"),
+                                 **VARIANTS[", SDPA attention"])  # fmt: skip
+            out["triton_fp32_sdpa"] = [rel(g, r) for g, r in zip(with_sdpa(), ref, strict=True)]
             zs_ref = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="reference")
             zs = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="triton")
             out["zero_shot_fp32"] = rel(zs, zs_ref)
@@ -104,6 +125,9 @@ class Check:
         out["pass_fp32"] = max(*out["triton_fp32"], out["zero_shot_fp32"]) < 1e-4
         pairs = zip(out["triton_bf16"], out["chunked_bf16"], strict=True)
         out["pass_bf16"] = all(t <= 2 * c for t, c in pairs)
+        one = [v for k, v in out.items() if k.startswith("triton_bf16_one_direction")]
+        out["pass_variants"] = (max(out["triton_fp32_sdpa"]) < 1e-4
+                                and max(one) <= 2 * out["chunked_bf16_one_direction"])  # fmt: skip
         return out
 
     # -- 2./3. timings -------------------------------------------------------------------------
@@ -168,24 +192,18 @@ class Check:
                         return self._call(self.al16, mem16, q16, "chunked")
 
                 fns[f"chunked+{impl}"] = ("bf16", on_impl)
-        fns["triton"] = ("bf16", lambda: self._call(self.al16, mem16, q16, "triton"))
-        fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
-            "triton", lambda: self._call(self.al16, mem16, q16, "triton")))  # fmt: skip
-        fns["triton, bf16 stream"] = ("bf16", lambda: self._bf16_stream(mem16, q16))
+        def triton(budget: int = BUDGET) -> object:
+            return self._call(self.al16, mem16, q16, "triton", budget)
+
+        for name, env in VARIANTS.items():
+            fns[f"triton{name}"] = ("bf16", with_env(triton, **env))
+        fns["triton, 768 MiB chunks"] = ("bf16", lambda: triton(768 * 2**20))
         self._time_all(case, fns, self.flops(nm, nm, 197))
 
-    def _bf16_stream(self, mem: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The triton forward with its residual stream in bf16 (fewer bytes per add +
-        LayerNorm pass; the default keeps it fp32), same chunk plan."""
-        from carzero_fast.backends.fused import triton_forward
-
+    def _call(self, al: cf.CrossAttentionAligner, mem, q, backend: str,  # noqa: ANN001, ANN202
+              budget: int = BUDGET):  # fmt: skip
         with torch.no_grad():
-            return triton_forward(self.al16.weights(), self.cfg, mem, q, None, BUDGET,
-                                  stream_dtype=torch.bfloat16)  # fmt: skip
-
-    def _call(self, al: cf.CrossAttentionAligner, mem, q, backend: str):  # noqa: ANN001, ANN202
-        with torch.no_grad():
-            return al(mem, q, backend=backend, chunk_budget_bytes=BUDGET)
+            return al(mem, q, backend=backend, chunk_budget_bytes=budget)
 
     def _time_all(self, case: str, fns: dict, flops: float, reps: int = 3) -> None:
         base = {}
@@ -243,7 +261,10 @@ class Check:
             "reference": ("fp16-autocast", batched(self.al, img, txt, "reference")),
             "chunked": ("bf16", batched(self.al16, img16, txt16, "chunked")),
             "triton": ("bf16", batched(self.al16, img16, txt16, "triton")),
-        }
+            "triton, SDPA attention": ("bf16", with_env(batched(self.al16, img16, txt16,
+                                                                "triton"),
+                                                        **VARIANTS[", SDPA attention"])),
+        }  # fmt: skip
         self._time_all(case, fns, flops)
         for r in self.results["rows"]:
             if r.get("case") == case and "ms" in r:
@@ -401,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return all(sec.get("result", {}).get(k) for k in keys)
 
-    ok = passed("correctness", "pass_fp32", "pass_bf16") and passed("training", "pass")
+    ok = (passed("correctness", "pass_fp32", "pass_bf16", "pass_variants")
+          and passed("training", "pass"))  # fmt: skip
     return 0 if ok else 1
 
 

@@ -71,19 +71,21 @@ def autocast(dev: torch.device):  # noqa: ANN201
     return torch.autocast("cpu", enabled=False)
 
 
-def with_gemm_route(route: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` with CARZERO_FAST_TRITON_GEMM = `route` while it runs: the triton backend's
-    plain-epilogue GEMMs on its own kernel ("triton") against the default (cuBLAS for bf16)."""
+def with_env(fn: Callable[[], object], **env: str) -> Callable[[], object]:
+    """`fn` with environment variables set while it runs (the backends read their routes at
+    every call), e.g. `CARZERO_FAST_TRITON_GEMM="triton"`: the triton backend's plain-epilogue
+    GEMMs on its own kernel against the default (cuBLAS for bf16)."""
 
     def run() -> object:
-        old = os.environ.get("CARZERO_FAST_TRITON_GEMM")
-        os.environ["CARZERO_FAST_TRITON_GEMM"] = route
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if old is None:
-                del os.environ["CARZERO_FAST_TRITON_GEMM"]
-            else:
-                os.environ["CARZERO_FAST_TRITON_GEMM"] = old
+            for name, value in old.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
     return run

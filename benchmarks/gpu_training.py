@@ -12,7 +12,7 @@ import torch
 
 import carzero_fast as cf
 
-from .gpu_common import autocast, rel, with_gemm_route
+from .gpu_common import autocast, rel, with_env
 
 if TYPE_CHECKING:
     from .gpu_check import Check
@@ -107,8 +107,9 @@ def training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] 
             fns["reference"] = ("fp16-autocast", step_fn(chk.al, img, txt, "reference", True))
         fns["chunked"] = ("bf16", step_fn(chk.al16, img16, txt16, "chunked", False))
         fns["triton"] = ("bf16", step_fn(chk.al16, img16, txt16, "triton", False))
-        fns["triton, own GEMMs"] = ("bf16", with_gemm_route(
-            "triton", step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip
+        own_gemms = with_env(step_fn(chk.al16, img16, txt16, "triton", False),
+                             CARZERO_FAST_TRITON_GEMM="triton")  # fmt: skip
+        fns["triton, own GEMMs"] = ("bf16", own_gemms)
         if nm <= 256:
             fns["triton, recompute all"] = ("bf16", recomputing_all(
                 step_fn(chk.al16, img16, txt16, "triton", False)))  # fmt: skip

@@ -195,3 +195,22 @@ def use_library_gemm(a: torch.Tensor) -> bool:
     if route == "auto":
         return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
     return route == "library"
+
+
+ATTENTION_ROUTES = ("triton", "library")
+
+
+def library_attention() -> bool:
+    """`CARZERO_FAST_TRITON_ATTENTION`: who runs the forward's attention when nothing is kept
+    for a backward (no log-sum-exp, no dropout): "triton" (`attention`, the default) or
+    "library" (PyTorch's `scaled_dot_product_attention` on the same strided views: flash or
+    cuDNN kernels on CUDA without a mask, memory-efficient ones with it). The library's flash
+    kernel was ~19% faster than `attention` on contiguous K/V in `tune_gpu` (BENCHMARKS.md);
+    on the backend's strided K/V, with its output in a fresh tensor, it is untimed until a
+    GPU run of `benchmarks.gpu_check` ("triton, SDPA attention") says which is faster. Read
+    at every call, so that a benchmark can time both in one process."""
+    route = os.environ.get("CARZERO_FAST_TRITON_ATTENTION", "triton")
+    if route not in ATTENTION_ROUTES:
+        raise ValueError(f"CARZERO_FAST_TRITON_ATTENTION={route!r}; choose one of "
+                         f"{', '.join(ATTENTION_ROUTES)}")  # fmt: skip
+    return route == "library"

@@ -9,6 +9,13 @@ way. The GEMMs then run plain 16-bit main loops (`linear`).
 
 Layer 1 reads its stream from the per-query `x0` broadcast over a chunk's items (row
 `r % res_rows`); LN0 of the memory tokens is the same pass without an add.
+
+A forward without a backward stores less: the pass after the attention (LN3) writes only its
+LayerNorm, and the pass after the FFN adds both branches onto the layer's input stream again
+(`delta2`: x + attention branch + FFN branch, the same fp32 sums in the same order) and
+writes the stream only where a later layer reads it. With an fp32 stream that is 76 bytes
+per element of a pair's four layers instead of 92 (the x0 broadcast of layer 1 is read from
+L2), the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ LN_BWD_WARPS = 4
 def add_layer_norm_kernel(
     p_x,  # [res_rows, D] stream in (row r % res_rows); any float dtype
     p_delta,  # [R, D] branch output to add, HAS_DELTA
+    p_delta2,  # [R, D] a second branch added after it, HAS_DELTA2 (the FFN's, inference)
     p_x_out,  # [R, D] stream out (fp32 or 16-bit), WRITE_X (may be p_x itself)
     p_w,  # [D] γ
     p_b,  # [D] β
@@ -41,6 +49,7 @@ def add_layer_norm_kernel(
     res_rows,
     stride_x,
     stride_delta,
+    stride_delta2,
     stride_x_out,
     stride_y,
     eps,
@@ -54,6 +63,7 @@ def add_layer_norm_kernel(
     tag_y,
     D: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    HAS_DELTA2: tl.constexpr,
     WRITE_X: tl.constexpr,
     DROP_DELTA: tl.constexpr,  # dropout on the residual branch before the add
     DROP_Y: tl.constexpr,  # dropout on the LayerNorm's output (SimR, after decoder_norm)
@@ -73,6 +83,9 @@ def add_layer_norm_kernel(
             b_keep = chunk_keep(seed, threshold, o_r, o_d, n0, m0, cols, tag_delta)
             b_delta = tl.where(b_keep, b_delta * drop_scale, 0.0)
         b_x += b_delta
+    if HAS_DELTA2:
+        b_x += tl.load(p_delta2 + o_r[:, None] * stride_delta2 + o_d[None, :], mask=m_x,
+                       other=0.0).to(tl.float32)  # fmt: skip
     if WRITE_X:
         tl.store(p_x_out + o_r[:, None] * stride_x_out + o_d[None, :], b_x, mask=m_x)
     # two passes over the registers (mean, then centred variance), as torch's layer_norm:
@@ -98,22 +111,28 @@ def add_layer_norm(
     y: Tensor,
     *,
     delta: Tensor | None = None,
+    delta2: Tensor | None = None,
     x_out: Tensor | None = None,
     dropout: tuple[DropoutSpec, ChunkPos] | None = None,
     delta_tag: int | None = None,
     y_tag: int | None = None,
 ) -> Tensor:
-    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r]) in y's dtype; with `x_out` (`(R, D)`,
-    fp32 or y's dtype, may be `x` itself) the sum is stored there too, rounded to its dtype.
+    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r] + delta2[r]) in y's dtype (fp32 sums,
+    left to right); with `x_out` (`(R, D)`, fp32 or y's dtype, may be `x` itself) the sum is
+    stored there too, rounded to its dtype.
 
-    x `(res_rows, D)` with res_rows dividing R = y.shape[0]; delta `(R, D)` or None.
+    x `(res_rows, D)` with res_rows dividing R = y.shape[0]; delta, delta2 `(R, D)` or None
+    (delta2 only after delta, and without dropout: the forward without a backward).
     dropout = (spec, the chunk's position): with `delta_tag` the branch is dropped before the
     add, with `y_tag` the output after the LayerNorm (rows are the chunk's pairs).
     """
     n_rows, d = y.shape
-    for name, t in (("x", x), ("delta", delta), ("x_out", x_out), ("y", y)):
+    for name, t in (("x", x), ("delta", delta), ("delta2", delta2), ("x_out", x_out),
+                    ("y", y)):  # fmt: skip
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"add_layer_norm: {name} needs unit stride along its rows")
+    if delta2 is not None and (delta is None or dropout is not None):
+        raise ValueError("add_layer_norm: delta2 comes after delta, and without dropout")
     if x_out is not None and x_out.dtype not in (torch.float32, y.dtype):
         raise TypeError(f"add_layer_norm: the residual stream is fp32 or {y.dtype} (the "
                         f"output's dtype), got {x_out.dtype}")  # fmt: skip
@@ -122,11 +141,13 @@ def add_layer_norm(
     drop_delta = dropout is not None and delta_tag is not None and delta is not None
     drop_y = dropout is not None and y_tag is not None
     add_layer_norm_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
-        x, delta, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
+        x, delta, delta2, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
         delta.stride(0) if delta is not None else 0,
+        delta2.stride(0) if delta2 is not None else 0,
         x_out.stride(0) if x_out is not None else 0, y.stride(0), eps, spec.seed,
         spec.threshold, spec.scale, pos.n0, pos.m0, pos.cols, delta_tag or 0, y_tag or 0,
-        D=d, HAS_DELTA=delta is not None, WRITE_X=x_out is not None, DROP_DELTA=drop_delta,
+        D=d, HAS_DELTA=delta is not None, HAS_DELTA2=delta2 is not None,
+        WRITE_X=x_out is not None, DROP_DELTA=drop_delta,
         DROP_Y=drop_y, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d,
         num_warps=8 if drop_delta or drop_y or block_d > 1024 else 4,
     )  # fmt: skip
@@ -216,10 +237,13 @@ def add_layer_norm_torch(
     dtype: torch.dtype,
     rows: int,
     delta: Tensor | None = None,
+    delta2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The PyTorch stages `add_layer_norm` replaces → (x + delta in fp32, LN of it in dtype)."""
+    """The PyTorch stages `add_layer_norm` replaces → (x + delta + delta2 in fp32, LN of it
+    in dtype)."""
     s = x.float().repeat(rows // x.shape[0], 1)
-    if delta is not None:
-        s = s + delta.float()
+    for branch in (delta, delta2):
+        if branch is not None:
+            s = s + branch.float()
     y = F.layer_norm(s, (x.shape[-1],), weight.float(), bias.float(), eps)
     return s, y.to(dtype)

@@ -108,6 +108,12 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
                           options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
 
 
+def _ln_flags(delta: bool = True, delta2: bool = False, write: bool = True,
+              drop: bool = False) -> dict:  # fmt: skip
+    """add_layer_norm_kernel's switches for one build."""
+    return dict(HAS_DELTA=delta, HAS_DELTA2=delta2, WRITE_X=write, DROP_DELTA=drop, DROP_Y=drop)
+
+
 def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool]]:
     """(kernel, config description, fn, signature, constexprs, warps, stages, matrix?)."""
     jobs = []
@@ -184,24 +190,29 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                         block_m=tiles[0], block_p=tiles[1], block_c=const["BLOCK_C"])  # fmt: skip
             jobs.append((name, desc, fn, sig, const, bwd.num_warps, tiles[2], True))
         if kind != "tf32":  # no dot: one build per dtype. LN0(memory) (no add, 16-bit in)
-            # and the residual add + LN (fp32 stream in and out, or a 16-bit one; 16-bit delta)
-            add = dict(HAS_DELTA=True, WRITE_X=True, DROP_DELTA=False, DROP_Y=False)
+            # and the residual add + LN (fp32 stream in and out, or a 16-bit one; 16-bit delta);
+            # the forward without a backward: LN3 storing no stream, the FFN's pass adding
+            # both branches (storing the stream, or not in the last layer)
             for name, x_ty, flags in (
-                ("ln", ptr, dict(HAS_DELTA=False, WRITE_X=False, DROP_DELTA=False,
-                                 DROP_Y=False)),
-                ("add_ln", "*fp32", add),
-                ("add_ln_16bit_stream", ptr, add),
-                ("add_ln_dropout", "*fp32", dict(HAS_DELTA=True, WRITE_X=True,
-                                                 DROP_DELTA=True, DROP_Y=True)),
+                ("ln", ptr, _ln_flags(delta=False, write=False)),
+                ("add_ln", "*fp32", _ln_flags()),
+                ("add_ln_16bit_stream", ptr, _ln_flags()),
+                ("add_ln_dropout", "*fp32", _ln_flags(drop=True)),
+                ("add_ln_no_store", "*fp32", _ln_flags(write=False)),
+                ("add_ln_no_store_16bit_stream", ptr, _ln_flags(write=False)),
+                ("add2_ln", "*fp32", _ln_flags(delta2=True)),
+                ("add2_ln_16bit_stream", ptr, _ln_flags(delta2=True)),
+                ("add2_ln_no_store", "*fp32", _ln_flags(delta2=True, write=False)),
+                ("add2_ln_no_store_16bit_stream", ptr, _ln_flags(delta2=True, write=False)),
             ):
-                if name == "add_ln_16bit_stream" and dt == "fp32":
-                    continue  # the same build as add_ln
-                sig = {"p_x": x_ty, "p_delta": ptr, "p_x_out": x_ty if flags["WRITE_X"] else
-                       "*fp32", "p_w": ptr, "p_b": ptr,
+                if name.endswith("16bit_stream") and dt == "fp32":
+                    continue  # the same build as the fp32 stream's
+                sig = {"p_x": x_ty, "p_delta": ptr, "p_delta2": ptr, "p_x_out": x_ty if
+                       flags["WRITE_X"] else "*fp32", "p_w": ptr, "p_b": ptr,
                        "p_y": ptr, "n_rows": "i32", "res_rows": "i32", "stride_x": "i32",
-                       "stride_delta": "i32", "stride_x_out": "i32", "stride_y": "i32",
-                       "eps": "fp32", **DROPOUT_SIG, "cols": "i32", "tag_delta": "i32",
-                       "tag_y": "i32"}  # fmt: skip
+                       "stride_delta": "i32", "stride_delta2": "i32", "stride_x_out": "i32",
+                       "stride_y": "i32", "eps": "fp32", **DROPOUT_SIG, "cols": "i32",
+                       "tag_delta": "i32", "tag_y": "i32"}  # fmt: skip
                 del sig["drop_tag"]
                 const = dict(D=D_MODEL, BLOCK_R=BLOCK_ROWS, BLOCK_D=1024, **flags)
                 warps = 8 if flags["DROP_DELTA"] else 4  # as `add_layer_norm` launches it

@@ -31,6 +31,7 @@ from carzero_fast.kernels import (  # noqa: E402
     linear_torch,
 )
 from carzero_fast.kernels.configs import attention_config, linear_config  # noqa: E402
+from carzero_fast.kernels.dropout import ChunkPos, DropoutSpec  # noqa: E402
 from carzero_fast.kernels.layernorm import BLOCK_ROWS  # noqa: E402
 from conftest import rel_err  # noqa: E402
 
@@ -79,11 +80,12 @@ def _ids(x):
 # ----------------------------------------------------------------------- add_layer_norm
 
 
-def _add_ln_exact(x, weight, bias, rows, delta=None):
+def _add_ln_exact(x, weight, bias, rows, delta=None, delta2=None):
     """`add_layer_norm_torch` in float64 (the stage's own fp32 sum would cap the reference)."""
     s = x.double().repeat(rows // x.shape[0], 1)
-    if delta is not None:
-        s = s + delta.double()
+    for branch in (delta, delta2):
+        if branch is not None:
+            s = s + branch.double()
     return s, F.layer_norm(s, (x.shape[-1],), weight.double(), bias.double(), EPS)
 
 
@@ -91,7 +93,21 @@ def _add_ln_exact(x, weight, bias, rows, delta=None):
 # layer 1's add onto x0 broadcast over a chunk's items (fp32 stream written to x_out); every
 # later add in place on the fp32 stream (x_out is x); the same in place on a 16-bit stream
 # (`triton_forward(stream_dtype=...)`; fp32 rows make it the previous case).
-LN_VARIANTS = ["ln", "add_broadcast", "add_in_place", "add_in_place_16bit_stream"]
+# A forward without a backward (no dropout) also runs: the add after the attention with no
+# stream written; the add of both branches after the FFN onto the layer's input (x0
+# broadcast, or the stream in place, fp32 or 16-bit), and the last layer's without a stream
+# written.
+LN_VARIANTS = [
+    "ln",
+    "add_broadcast",
+    "add_in_place",
+    "add_in_place_16bit_stream",
+    "add_no_store",
+    "add2_broadcast",
+    "add2_in_place",
+    "add2_in_place_16bit_stream",
+    "add2_no_store",
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -106,29 +122,62 @@ def test_add_layer_norm(dtype, d, variant):
     # the inputs are rows of wider buffers (row stride ≠ D), the outputs slices of longer ones
     y_buf = torch.full((rows + 3, d + 5), NAN, dtype=dtype)
     y = y_buf[:rows, :d]
-    delta, x_out = None, None
+    delta, delta2, x_out = None, None, None
     if variant == "ln":
         x = _randn(rows, d + 9, dtype=dtype, seed=d, scale=2.0, shift=0.5)[:, 4 : 4 + d]
     else:
         delta = _randn(rows, d + 3, dtype=dtype, seed=d + 1)[:, :d]
-        if variant == "add_broadcast":
+        if variant.startswith("add2"):
+            delta2 = _randn(rows + 1, d + 7, dtype=dtype, seed=d + 3)[1:, 2 : 2 + d]
+        if variant.endswith("broadcast"):
             x = _randn(res_rows, d, seed=d + 2, scale=2.0, shift=0.5)
             x_out = torch.full((rows, d), NAN)
         else:
-            stream = dtype if variant == "add_in_place_16bit_stream" else torch.float32
+            stream = dtype if variant.endswith("16bit_stream") else torch.float32
             x = _randn(rows, d, dtype=stream, seed=d + 2, scale=2.0, shift=0.5)
-            x_out = x
+            x_out = None if variant.endswith("no_store") else x
     x_in = x.clone()
-    got = add_layer_norm(x, weight, bias, EPS, y, delta=delta, x_out=x_out)
+    got = add_layer_norm(x, weight, bias, EPS, y, delta=delta, delta2=delta2, x_out=x_out)
     assert got.data_ptr() == y.data_ptr()
     assert torch.isnan(y_buf[rows:]).all() and torch.isnan(y_buf[:, d:]).all()
-    s_ref, y_ref = add_layer_norm_torch(x_in, weight, bias, EPS, dtype, rows, delta)
-    s_exact, y_exact = _add_ln_exact(x_in, weight, bias, rows, delta)
+    s_ref, y_ref = add_layer_norm_torch(x_in, weight, bias, EPS, dtype, rows, delta, delta2)
+    s_exact, y_exact = _add_ln_exact(x_in, weight, bias, rows, delta, delta2)
     _check(y, y_ref, y_exact, dtype)
     if x_out is not None:  # the fp32 sum, rounded to the stream's dtype
         _check(x_out, s_ref.to(x_out.dtype), s_exact, x_out.dtype)
     else:
         assert torch.equal(x, x_in)
+
+
+def test_add_layer_norm_two_branches_repeat_the_one_branch_sums():
+    """The forward without a backward adds the attention branch again in the FFN's pass
+    instead of storing the stream between: the same fp32 sums, so the same stream and
+    LayerNorm bit for bit as storing x_mid and adding the FFN branch to it."""
+    rows, d = 19, 97
+    weight = _randn(d, seed=1, scale=0.2, shift=1.0)
+    bias = _randn(d, seed=2, scale=0.1)
+    x = _randn(rows, d, seed=3, scale=2.0, shift=0.5)
+    da = _randn(rows, d, dtype=torch.bfloat16, seed=4)
+    db = _randn(rows, d, dtype=torch.bfloat16, seed=5)
+    x_mid, x_out = torch.full((rows, d), NAN), torch.full((rows, d), NAN)
+    y3, y3_lean = (torch.empty(rows, d, dtype=torch.bfloat16) for _ in range(2))
+    add_layer_norm(x, weight, bias, EPS, y3, delta=da, x_out=x_mid)
+    add_layer_norm(x, weight, bias, EPS, y3_lean, delta=da)
+    assert torch.equal(y3, y3_lean)
+    y, y_lean = torch.empty(rows, d), torch.empty(rows, d)
+    add_layer_norm(x_mid, weight, bias, EPS, y, delta=db, x_out=x_out)
+    add_layer_norm(x, weight, bias, EPS, y_lean, delta=da, delta2=db, x_out=x)
+    assert torch.equal(y, y_lean) and torch.equal(x, x_out)
+
+
+def test_add_layer_norm_rejects_a_second_branch_alone_or_with_dropout():
+    x, y = _randn(8, 16), torch.empty(8, 16)
+    with pytest.raises(ValueError, match="delta2"):
+        add_layer_norm(x, torch.ones(16), torch.zeros(16), EPS, y, delta2=x)
+    drop = (DropoutSpec.make(0.1, 3), ChunkPos(0, 0, 8))
+    with pytest.raises(ValueError, match="delta2"):
+        add_layer_norm(x, torch.ones(16), torch.zeros(16), EPS, y, delta=x, delta2=x,
+                       dropout=drop, delta_tag=1)  # fmt: skip
 
 
 def test_add_layer_norm_survives_a_large_mean():

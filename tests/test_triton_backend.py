@@ -3,6 +3,7 @@ oracle at small odd shapes with tiny chunk budgets, 16-bit error, fallbacks and 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -17,7 +18,12 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
-from carzero_fast.backends.fused import check_device, plan_fused, triton_forward  # noqa: E402
+from carzero_fast.backends.fused import (  # noqa: E402
+    LayerBuffers,
+    check_device,
+    plan_fused,
+    triton_forward,
+)
 from carzero_fast.backends.fused_train import plan_train  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
@@ -197,6 +203,93 @@ def test_stream_environment_variable_selects_the_inference_stream(monkeypatch, t
     monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "bf16")
     with torch.no_grad(), pytest.raises(ValueError, match="CARZERO_FAST_TRITON_STREAM"):
         al16(mem16, q16, backend="triton")
+
+
+def _layer_buffers(cfg, rows, dtype, lean):
+    """One chunk's layer buffers as the forward (`lean`: shared, no x_mid, no last stream)
+    or as training (one set per layer, every stream stored) lays them out."""
+    d, kw, f32 = cfg.d_model, dict(dtype=dtype), dict(dtype=torch.float32)
+
+    def full():
+        e = lambda *shape, **k: torch.full(shape, float("nan"), **(k or kw))  # noqa: E731
+        return LayerBuffers(e(rows, d), e(rows, d), e(rows, cfg.n_heads, **f32), e(rows, d, **f32),
+                            e(rows, d), e(rows, cfg.d_ffn), e(rows, d, **f32), e(rows, d),
+                            branch=e(rows, d), ffn_branch=e(rows, d))  # fmt: skip
+
+    if not lean:
+        return [full() for _ in range(cfg.n_layers)]
+    b = full()._replace(lse=None, x_mid=None)
+    b = b._replace(branch=b.q, ffn_branch=b.o)
+    return [b] * (cfg.n_layers - 1) + [b._replace(x_out=None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_without_backward_stores_less_for_the_same_rows(dtype, triton_only):
+    """The forward's buffers skip the stream after each attention add (the FFN's pass adds
+    both branches again) and the last layer's stream: the decoder_norm'ed rows are the
+    training layout's (every stream stored) bit for bit, in every dtype (fp32 stream)."""
+    from carzero_fast.kernels import linear
+
+    from carzero_fast.backends.fused import call_plan, item_stage, pair_layers, query_stage
+
+    cfg = CONFIGS["d64h4_head1"]
+    al = make_aligner(cfg, seed=3).to(dtype)
+    w, (mem, q) = al.weights(), _inputs(64, seed=4, dtype=dtype)
+    mask = random_mask(N, P, seed=5).to(torch.int8)
+    rows = {}
+    with torch.no_grad():
+        cp = call_plan(w, cfg, *query_stage(w, cfg, q))
+        y_mem = torch.empty((N * P, 64), dtype=dtype)
+        kv = torch.empty((N * P, 2 * cfg.n_layers * 64), dtype=dtype)
+        item_stage(linear, w, cfg, cp, mem.reshape(N * P, 64), y_mem, kv)
+        for lean in (False, True):
+            bufs = _layer_buffers(cfg, N * M, dtype, lean)
+            rows[lean] = pair_layers(linear, w, cfg, cp, kv, mask, N, slice(0, M), bufs).clone()
+    assert not rows[True].isnan().any()
+    assert torch.equal(rows[True], rows[False])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_library_attention_route(masked, monkeypatch):
+    """CARZERO_FAST_TRITON_ATTENTION=library: the forward's attention on PyTorch's SDPA over
+    the same strided K/V (layer 1's shared queries broadcast): the reference in fp32, within
+    2× chunked's error in bf16; training keeps the kernel (its backward needs the
+    log-sum-exp) and another value is an error naming the variable."""
+    module = importlib.import_module("carzero_fast.kernels.attention")
+    real, calls = module.attention_torch, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["shared_queries"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "attention_torch", counted)
+    monkeypatch.setenv("CARZERO_FAST_TRITON_ATTENTION", "library")
+    al = make_aligner(CONFIGS["d96h2"], seed=5)
+    mem, q = _inputs(96, p=33, seed=9)
+    mask = random_mask(N, 33, seed=10) if masked else None
+    budget = _budget(al.config, 4, (2, M), p=33)
+    with torch.no_grad():
+        exact = al(mem, q, mask, backend="reference")
+        out = al(mem, q, mask, backend="triton", chunk_budget_bytes=budget)
+        assert rel_err(out, exact) < 1e-5
+        # 3 item blocks × 2 layers, layer 1's queries shared by the items
+        assert calls == [True, False] * 3
+        mem16, q16 = mem.bfloat16(), q.bfloat16()
+        chunked = al(mem16, q16, mask, backend="chunked")
+        out16 = al(mem16, q16, mask, backend="triton", chunk_budget_bytes=budget // 2)
+    assert rel_err(out16, exact) <= 2 * rel_err(chunked, exact)
+    if not masked:
+        return  # training once, below
+    calls.clear()
+    mem_ = mem[:2].clone().requires_grad_()
+    # one item per chunk: the forward runs the first item's chunk without keeping it
+    assert plan_train(al.config, 2, M, 33, 4, budget // 8)[0] == 1
+    out = al.eval()(mem_, q, mask[:2], backend="triton", chunk_budget_bytes=budget // 8)
+    out.sum().backward()
+    assert calls == [] and rel_err(out, exact[:2]) < 1e-5 and mem_.grad is not None
+    monkeypatch.setenv("CARZERO_FAST_TRITON_ATTENTION", "sdpa")
+    with torch.no_grad(), pytest.raises(ValueError, match="CARZERO_FAST_TRITON_ATTENTION"):
+        al(mem, q, backend="triton")
 
 
 @pytest.mark.parametrize(("n", "m"), [(0, 3), (3, 0), (0, 0)])

@@ -10,7 +10,11 @@ projections are cheap next to the pairs at the batch sizes this backend is for):
   Q projection → `attention` → output projection → `add_layer_norm` (residual add, LN3) →
   linear1 (ReLU) → linear2 → `add_layer_norm` (residual add, the next LN2 or decoder_norm);
   then the MLP head, whose last hidden layer reduces each row to its logit and writes it
-  straight into the `(N, M)` scores.
+  straight into the `(N, M)` scores. Without dropout the stream after LN3's add is not
+  stored: the second pass adds both branches to the layer's input again (the same fp32 sums),
+  and the last layer's stream, which nothing reads, is not stored either: 76 instead of 92
+  bytes of add + LayerNorm traffic per element of a pair with an fp32 stream.
+  `CARZERO_FAST_TRITON_ATTENTION=library` runs the attention on PyTorch's SDPA instead.
 
 The residual stream is fp32 in every dtype by default (16-bit inputs round only GEMM
 operands, as autocast does); `triton_forward(stream_dtype=...)`, or for the backend's no-grad
@@ -170,12 +174,15 @@ class LayerBuffers(NamedTuple):
     q: Tensor  # [r, D] projected queries (layers after the first)
     o: Tensor  # [r, D] attention output
     lse: Tensor | None  # [r, H] fp32 softmax log-sum-exp (training)
-    x_mid: Tensor  # [r, D] fp32 stream after the attention's residual add
+    x_mid: Tensor | None  # [r, D] fp32 stream after the attention's residual add; None:
+    #   not stored, the FFN's pass adds both branches onto the layer's input (no backward)
     y3: Tensor  # [r, D] LN3(x_mid)
     h: Tensor  # [r, F] relu(linear1(y3))
-    x_out: Tensor  # [r, D] fp32 stream after the FFN's residual add
+    x_out: Tensor | None  # [r, D] fp32 stream after the FFN's residual add (None: unread)
     y_next: Tensor  # [r, D] the next LayerNorm of x_out (the next LN2, or decoder_norm)
-    branch: Tensor  # [r, D] scratch: out_proj / linear2 outputs before their adds
+    branch: Tensor  # [r, D] out_proj's output before its add
+    ffn_branch: Tensor  # [r, D] linear2's output before its add (may be `branch` itself
+    #   when x_mid is stored)
 
     def rows(self, r: int) -> LayerBuffers:
         return LayerBuffers(*(t[:r] if t is not None else None for t in self))
@@ -192,11 +199,19 @@ def pair_layers(
     queries: slice,
     bufs: list[LayerBuffers],
     drop: Drop | None = None,
+    sdpa: bool = False,
 ) -> Tensor:
     """Every layer for `n_items` items (their K/V rows `kv` `(n_items·P, L·2D)`, int8 mask)
     × the queries `queries` → the decoder_norm'ed rows `(r, D)` the MLP head takes (SimR
-    dropped when `drop` is given: training mode, the chunk's dropout and position)."""
+    dropped when `drop` is given: training mode, the chunk's dropout and position).
+
+    Buffers without `x_mid` (a forward without a backward, no dropout) store no stream after
+    the attention's add; their FFN pass adds both branches to the layer's input instead, and
+    `x_out` None skips the last stream nobody reads (kernels/layernorm.py). `sdpa`: the
+    attention of layers without a log-sum-exp buffer or dropout on PyTorch's SDPA.
+    """
     from ..kernels import add_layer_norm, attention
+    from ..kernels.attention import attention_torch
 
     d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
     mc = cp.x0[queries].shape[0]
@@ -209,21 +224,28 @@ def pair_layers(
         k_l = kv[:, 2 * li * d : (2 * li + 1) * d]  # [n_items·P, D] strided views
         v_l = kv[:, (2 * li + 1) * d : (2 * li + 2) * d]
         if li == 0:  # the stream starts as x0, broadcast over the chunk's items
-            attention(cp.q1[queries], k_l, v_l, n_heads, n_items, mc, shared_queries=True,
-                      mask=mask, out=b.o, lse=b.lse, dropout=a_drop)  # fmt: skip
-            stream = cp.x0[queries]
+            q, shared, stream = cp.q1[queries], True, cp.x0[queries]
         else:  # the previous layer's y_next is this layer's LN2(x)
-            linear(bufs[li - 1].y_next, cp.q_w[li], cp.q_b[li], out=b.q)
-            attention(b.q, k_l, v_l, n_heads, n_items, mc, mask=mask, out=b.o, lse=b.lse,
-                      dropout=a_drop)  # fmt: skip
-            stream = bufs[li - 1].x_out
-        linear(b.o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
+            q = linear(bufs[li - 1].y_next, cp.q_w[li], cp.q_b[li], out=b.q)
+            shared, stream = False, bufs[li - 1].x_out
+        if sdpa and b.lse is None and drop is None:
+            o = attention_torch(q, k_l, v_l, n_heads, n_items, mc, shared_queries=shared,
+                                mask=mask)  # fmt: skip
+        else:
+            o = attention(q, k_l, v_l, n_heads, n_items, mc, shared_queries=shared, mask=mask,
+                          out=b.o, lse=b.lse, dropout=a_drop)  # fmt: skip
+        linear(o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
         add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, delta=b.branch, x_out=b.x_mid,
                        dropout=drop, delta_tag=tag(SITE_ATTN_BRANCH, li))  # fmt: skip
         linear(b.y3, lw.linear1_w, lw.linear1_b, relu=True, out=b.h, dropout=h_drop)
-        linear(b.h, lw.linear2_w, lw.linear2_b, out=b.branch)
-        add_layer_norm(b.x_mid, *cp.next_norm[li], eps, b.y_next, delta=b.branch, x_out=b.x_out,
-                       dropout=drop, delta_tag=tag(SITE_FFN_BRANCH, li), y_tag=simr)  # fmt: skip
+        linear(b.h, lw.linear2_w, lw.linear2_b, out=b.ffn_branch)
+        if b.x_mid is None:  # x_mid = stream + branch again, then + ffn_branch
+            add_layer_norm(stream, *cp.next_norm[li], eps, b.y_next, delta=b.branch,
+                           delta2=b.ffn_branch, x_out=b.x_out)  # fmt: skip
+        else:
+            add_layer_norm(b.x_mid, *cp.next_norm[li], eps, b.y_next, delta=b.ffn_branch,
+                           x_out=b.x_out, dropout=drop, delta_tag=tag(SITE_FFN_BRANCH, li),
+                           y_tag=simr)  # fmt: skip
     return bufs[-1].y_next
 
 
@@ -253,6 +275,7 @@ def triton_forward(
     dropout: DropoutSpec | None = None,
     stream_dtype: torch.dtype | None = None,
     item_offset: int = 0,
+    sdpa: bool | None = None,
 ) -> Tensor:
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd; dropout with its spec, training mode).
@@ -261,7 +284,11 @@ def triton_forward(
         None: `inference_stream_dtype` (training passes fp32: its backward recomputes so).
     item_offset: index of memory's first item in its direction, when it is a slice of it
     (dropout masks are keyed by the pair's place in the direction).
+    sdpa: the attention on PyTorch's SDPA instead of the kernel (without dropout); None:
+        `CARZERO_FAST_TRITON_ATTENTION` (`kernels.configs.library_attention`). Training
+        passes False: its backward recomputes with the kernel.
     """
+    from ..kernels import library_attention
     from ..kernels import linear as linear_kernel
 
     # one TMA descriptor per (buffer, block) for the whole call: the buffers are reused
@@ -270,6 +297,8 @@ def triton_forward(
     check_device(memory)
     if stream_dtype is None:
         stream_dtype = inference_stream_dtype(memory.dtype)
+    if sdpa is None:
+        sdpa = library_attention()
     if stream_dtype not in (torch.float32, memory.dtype):
         raise TypeError(f"stream_dtype must be torch.float32 or the inputs' {memory.dtype}, "
                         f"got {stream_dtype}")  # fmt: skip
@@ -291,8 +320,15 @@ def triton_forward(
     pool_b = torch.empty(rows * max(cfg.head_dims), **kw)  # head layers 1, 3, …
     y_mem = torch.empty((items * p, d), **kw)
     kv = torch.empty((items * p, 2 * cfg.n_layers * d), **kw)
-    # every layer aliases one set of buffers: nothing is kept for a backward
-    shared = LayerBuffers(q, o, None, x, y, _buffer(pool_a, rows, cfg.d_ffn), x, y, q)
+    # every layer aliases one set of buffers: nothing is kept for a backward. Without dropout
+    # the stream after the attention's add is not stored (the FFN's pass adds both branches:
+    # out_proj's output in q, linear2's in o, each dead by then), nor the last layer's stream
+    h = _buffer(pool_a, rows, cfg.d_ffn)
+    if dropout is None:
+        shared = LayerBuffers(q, o, None, None, y, h, x, y, branch=q, ffn_branch=o)
+    else:
+        shared = LayerBuffers(q, o, None, x, y, h, x, y, branch=q, ffn_branch=q)
+    last_layer = shared._replace(x_out=None) if dropout is None else shared
 
     for n0, n1 in pieces(n, items):  # near-equal blocks: no small tail
         ni = n1 - n0
@@ -303,10 +339,10 @@ def triton_forward(
         mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
         for m0, m1 in pieces(m, block_q):
             mc = m1 - m0
-            bufs = [shared.rows(ni * mc)] * cfg.n_layers
+            bufs = [shared.rows(ni * mc)] * (cfg.n_layers - 1) + [last_layer.rows(ni * mc)]
             drop = (dropout, ChunkPos(item_offset + n0, m0, mc)) if dropout is not None else None
             yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
-                             slice(m0, m0 + mc), bufs, drop)  # fmt: skip
+                             slice(m0, m0 + mc), bufs, drop, sdpa)  # fmt: skip
             _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc], drop)
     return out
 

@@ -245,6 +245,7 @@ def _chunk_buffers(cfg: AlignerConfig, rows: int, dtype: torch.dtype, device: to
             x_out=torch.empty((rows, d), **f32),
             y_next=torch.empty((rows, d), **kw),
             branch=branch,
+            ffn_branch=branch,
         )
         for li in range(cfg.n_layers)
     ]
@@ -298,7 +299,8 @@ def forward_keeping_last(
         if rows.start < rows.stop and cols.start < cols.stop:  # the pairs before that chunk
             mask_r = mask[rows] if mask is not None else None
             out[rows, cols] = triton_forward(w, cfg, memory[rows], queries[cols], mask_r, budget,
-                                             dropout, torch.float32, rows.start)  # fmt: skip
+                                             dropout, torch.float32, rows.start,
+                                             sdpa=False)  # fmt: skip
     linear = functools.partial(linear_kernel, descriptors={})
     cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
     mem = memory[n0:].reshape(ni * p, d).contiguous()
@@ -420,7 +422,7 @@ class _TritonAlign(torch.autograd.Function):
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
         outs = [
             triton_forward(w, cfg, tokens[j.memory], _queries(tokens, j), j.mask, budget,
-                           j.dropout, torch.float32)  # fmt: skip
+                           j.dropout, torch.float32, sdpa=False)  # fmt: skip
             for j in jobs[:-1]
         ]
         j = jobs[-1]
