@@ -3,9 +3,11 @@
     python -m benchmarks.tune_gpu --out DIR [--only attention_bwd,backend]
     TRITON_INTERPRET=1 python -m benchmarks.tune_gpu --smoke --out DIR   # CPU dry run
 
-For each candidate configuration: every `linear` variant the backend launches, at a chunk's
-shape, against cuBLAS on the same product (`torch.mm`, no fusion), and the attention kernel
-against PyTorch's SDPA on the same work, the attention backward (dQ and dK/dV kernels) against
+The forward's add + LayerNorm passes (each kind, with its bandwidth). For each candidate
+configuration: every `linear` variant the backend launches, at a chunk's shape, against
+cuBLAS on the same product (`torch.mm`, no fusion), and the attention kernel against
+PyTorch's SDPA on the same work (on contiguous K/V, and as the "library" attention route runs
+it on strided K/V), the attention backward (dQ and dK/dV kernels) against
 SDPA's backward on the same work; then the whole backend at N = M = 1024 with the fastest
 configuration of each forward kernel. Writes `tune_gpu.json`; prints a table.
 """
@@ -25,6 +27,7 @@ from carzero_fast.kernels import (
     add_layer_norm,
     attention,
     attention_backward,
+    attention_torch,
     layer_norm_backward,
     linear,
 )
@@ -127,15 +130,22 @@ def main(argv: list[str] | None = None) -> int:
         "head relu": (lambda t: linear(a_f, hw1, hb1, relu=True, out=y_h, tma=t),
                       rows * f * f, lambda: torch.mm(a_f, hw1.t())),
     }  # fmt: skip
-    t_ln = bench(lambda: add_layer_norm(x, g, bt, 1e-5, y_d, delta=a_d, x_out=x), dev)
-    ln_bytes = rows * d * (4 + 2 + 4 + 2)
-    print(f"add_layer_norm {rows}x{d}: {t_ln * 1e6:.1f} us, {ln_bytes / t_ln / 1e12:.2f} TB/s")
-    results: dict = {
-        "linear": [],
-        "device": str(dev),
-        "arch": arch,
-        "add_layer_norm": {"us": t_ln * 1e6, "tb_s": ln_bytes / t_ln / 1e12},
-    }
+    # the forward's add + LayerNorm passes (fp32 stream, 16-bit branches and outputs): bytes
+    # per element read and written
+    a_d2 = rnd(rows, d)
+    ln_passes = {
+        "add, stream in place": (dict(delta=a_d, x_out=x), 4 + 2 + 4 + 2),
+        "add, no stream out (LN3)": (dict(delta=a_d), 4 + 2 + 2),
+        "add both branches, stream in place": (dict(delta=a_d, delta2=a_d2, x_out=x),
+                                               4 + 2 + 2 + 4 + 2),
+        "add both branches, no stream out": (dict(delta=a_d, delta2=a_d2), 4 + 2 + 2 + 2),
+    }  # fmt: skip
+    results: dict = {"linear": [], "device": str(dev), "arch": arch, "add_layer_norm": {}}
+    for name, (kw, per_elem) in ln_passes.items():
+        t_ln = bench(lambda kw=kw: add_layer_norm(x, g, bt, 1e-5, y_d, **kw), dev)
+        tb_s = rows * d * per_elem / t_ln / 1e12
+        results["add_layer_norm"][name] = {"us": t_ln * 1e6, "tb_s": tb_s}
+        print(f"add_layer_norm {rows}x{d} [{name}]: {t_ln * 1e6:.1f} us, {tb_s:.2f} TB/s")
     if dev.type == "cuda":
         results["device"] = torch.cuda.get_device_name(dev)
 
@@ -184,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         kc.override(kernel, arch, "half", shipped)
 
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh), dev)
+    if wanted("attention"):  # SDPA as CARZERO_FAST_TRITON_ATTENTION=library runs it: K/V as
+        # column slices of one (items·P, 2D) buffer, the output a fresh tensor
+        t_lib = bench(lambda: attention_torch(q, k_, v_, heads, items, m), dev)
+        results["attention_baselines"] = {"sdpa_contiguous_tflops": flops / t_sdpa / 1e12,
+                                          "sdpa_strided_tflops": flops / t_lib / 1e12}  # fmt: skip
+        print("attention baselines", json.dumps(results["attention_baselines"]), flush=True)
     sweep("attention", ATTENTION_CANDIDATES, lambda: attention(q, k_, v_, heads, items, m, out=o),
           flops, t_sdpa)  # fmt: skip
 
