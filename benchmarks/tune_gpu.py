@@ -65,7 +65,9 @@ ATTENTION_BWD_CANDIDATES = [
 ]
 
 # LayerNorm backward (rows per program, warps); the first is the shipped one
-LN_BWD_CANDIDATES = [(8, 8), (4, 4), (8, 16), (16, 16), (4, 8), (2, 4)]
+# (rows per block, warps, programs per SM: 0 = one program per row block, else looping
+# programs); the shipped one first. 164 registers with the loop on 4 warps: 3 programs fit an SM
+LN_BWD_CANDIDATES = [(4, 4, 0), (4, 4, 3), (4, 4, 6), (8, 8, 2), (2, 4, 3), (8, 8, 0)]
 
 
 def bench(fn, dev: torch.device) -> float:  # noqa: ANN001
@@ -273,12 +275,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev: torch.device,
                          smoke: bool) -> list[dict]:  # fmt: skip
-    """The LayerNorm backward under each (rows, warps) candidate: the kernel alone on `x`'s
-    rows (fp32 stream, 16-bit dy, fp32 dres: 14 bytes per element), and on a GPU a whole
-    triton training step at N = M = 256 beside the reference's (fp16 autocast)."""
+    """The LayerNorm backward under each (rows, warps, programs per SM) candidate: the kernel
+    alone on `x`'s rows (fp32 stream, 16-bit dy, fp32 dres: 14 bytes per element), and on a
+    GPU a whole triton training step at N = M = 256 beside the reference's (fp16 autocast)."""
     rows, d = x.shape
     dres = torch.randn(rows, d, device=dev)
-    shipped = (kln.LN_BWD_ROWS, kln.LN_BWD_WARPS)
+    shipped = (kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM)
     step = ref_step = None
     if not smoke:
         import carzero_fast as cf
@@ -290,9 +292,9 @@ def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev
         step = step_fn(al16, img16, txt16, "triton", amp=False)
         ref_step = step_fn(al, leaf(img), leaf(txt), "reference", amp=True)
     out = []
-    for n_rows, warps in LN_BWD_CANDIDATES:
-        kln.LN_BWD_ROWS, kln.LN_BWD_WARPS = n_rows, warps
-        row: dict = {"rows": n_rows, "warps": warps}
+    for n_rows, warps, per_sm in LN_BWD_CANDIDATES:
+        kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = n_rows, warps, per_sm
+        row: dict = {"rows": n_rows, "warps": warps, "programs_per_sm": per_sm}
         try:
             t = bench(lambda: layer_norm_backward(x, g, dy, 1e-5, dres=dres), dev)
             row.update(us=t * 1e6, tb_s=rows * d * 14 / t / 1e12)
@@ -304,7 +306,7 @@ def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev
             row["error"] = repr(e)[:300]
         out.append(row)
         print("layer_norm_bwd", json.dumps(row), flush=True)
-    kln.LN_BWD_ROWS, kln.LN_BWD_WARPS = shipped
+    kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = shipped
     return out
 
 

@@ -20,6 +20,8 @@ L2), the same results bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -34,6 +36,10 @@ BLOCK_ROWS = 8
 # registers), 168 with 2 on 4, 190 with 8 on 8 and 271–452 with 16 warps or 4 rows on 8
 LN_BWD_ROWS = 4
 LN_BWD_WARPS = 4
+# programs per SM when each program loops over row blocks and writes one row of dγ/dβ
+# partials (0: one program per row block, whose partials at 65536 rows are 100 MB written
+# and summed again). Untimed on a GPU: `tune_gpu --only layer_norm_bwd` has the candidates.
+LN_BWD_PROGRAMS_PER_SM = 0
 
 
 @triton.jit
@@ -155,6 +161,30 @@ def add_layer_norm(
 
 
 @triton.jit
+def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows, stride_x, stride_dy,
+                 stride_dres, stride_dx, eps, D: tl.constexpr, HAS_DRES: tl.constexpr):  # fmt: skip
+    """dx of rows `o_r` `[BLOCK_R]` stored; returns their sums of dy·x̂ and dy `[BLOCK_D]`."""
+    m_x = (o_r < n_rows)[:, None] & m_d[None, :]
+    b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
+    b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
+    b_mean = tl.sum(b_x, axis=1) / D
+    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
+    b_xhat = b_c * b_rstd[:, None]
+    b_dy = tl.load(p_dy + o_r[:, None] * stride_dy + o_d[None, :], mask=m_x, other=0.0)
+    b_dy = b_dy.to(tl.float32)
+    b_g = b_dy * b_w[None, :]  # gradient of x̂
+    # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), the LayerNorm Jacobian applied to g
+    b_dx = (b_g - (tl.sum(b_g, axis=1) / D)[:, None]
+            - b_xhat * (tl.sum(b_g * b_xhat, axis=1) / D)[:, None]) * b_rstd[:, None]  # fmt: skip
+    if HAS_DRES:
+        b_dx += tl.load(p_dres + o_r[:, None] * stride_dres + o_d[None, :], mask=m_x,
+                        other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(p_dx + o_r[:, None] * stride_dx + o_d[None, :], b_dx, mask=m_x)
+    return tl.sum(b_dy * b_xhat, axis=0), tl.sum(b_dy, axis=0)
+
+
+@triton.jit
 def layer_norm_backward_kernel(
     p_x,  # [R, D] fp32 stream rows the LayerNorm saw (x + delta, recomputed)
     p_w,  # [D] γ
@@ -171,34 +201,31 @@ def layer_norm_backward_kernel(
     eps,
     D: tl.constexpr,
     HAS_DRES: tl.constexpr,
+    LOOP: tl.constexpr,  # fewer programs than row blocks: each takes blocks pid, pid + programs, …
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    o_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m_d = o_d < D
-    m_x = (o_r < n_rows)[:, None] & m_d[None, :]
-    b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
-    b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
-    b_mean = tl.sum(b_x, axis=1) / D
-    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)
-    b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
-    b_xhat = b_c * b_rstd[:, None]
-    b_dy = tl.load(p_dy + o_r[:, None] * stride_dy + o_d[None, :], mask=m_x, other=0.0)
-    b_dy = b_dy.to(tl.float32)
     b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
-    b_g = b_dy * b_w[None, :]  # gradient of x̂
-    # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), the LayerNorm Jacobian applied to g
-    b_dx = (b_g - (tl.sum(b_g, axis=1) / D)[:, None]
-            - b_xhat * (tl.sum(b_g * b_xhat, axis=1) / D)[:, None]) * b_rstd[:, None]  # fmt: skip
-    if HAS_DRES:
-        b_dx += tl.load(p_dres + o_r[:, None] * stride_dres + o_d[None, :], mask=m_x,
-                        other=0.0).to(tl.float32)  # fmt: skip
-    tl.store(p_dx + o_r[:, None] * stride_dx + o_d[None, :], b_dx, mask=m_x)
-    # per-program partial sums (no atomics): the caller adds the few rows of partials
-    tl.store(p_dw_part + pid * D + o_d, tl.sum(b_dy * b_xhat, axis=0), mask=m_d)
-    tl.store(p_db_part + pid * D + o_d, tl.sum(b_dy, axis=0), mask=m_d)
+    if LOOP:
+        b_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(pid * BLOCK_R, n_rows, tl.num_programs(0) * BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+            b_dw_r, b_db_r = _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows,
+                                          stride_x, stride_dy, stride_dres, stride_dx, eps, D,
+                                          HAS_DRES)  # fmt: skip
+            b_dw += b_dw_r
+            b_db += b_db_r
+    else:
+        o_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        b_dw, b_db = _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows, stride_x,
+                                  stride_dy, stride_dres, stride_dx, eps, D, HAS_DRES)  # fmt: skip
+    # per-program partial sums (no atomics, a fixed order): the caller adds the rows of partials
+    tl.store(p_dw_part + pid * D + o_d, b_dw, mask=m_d)
+    tl.store(p_db_part + pid * D + o_d, b_db, mask=m_d)
 
 
 def layer_norm_backward(
@@ -213,7 +240,10 @@ def layer_norm_backward(
     """
     n_rows, d = x.shape
     block_d = triton.next_power_of_2(d)
-    programs = triton.cdiv(n_rows, LN_BWD_ROWS)
+    blocks = triton.cdiv(n_rows, LN_BWD_ROWS)
+    programs = blocks
+    if LN_BWD_PROGRAMS_PER_SM:
+        programs = min(blocks, LN_BWD_PROGRAMS_PER_SM * multiprocessors(x.device))
     dx = torch.empty((n_rows, d), dtype=torch.float32, device=x.device)
     # every program writes its row of partials: no zero-fill unless there is no row at all
     alloc = torch.empty if programs else torch.zeros
@@ -222,11 +252,25 @@ def layer_norm_backward(
         layer_norm_backward_kernel[(programs,)](
             x, weight, dy, dres, dx, parts[0], parts[1], n_rows, x.stride(0), dy.stride(0),
             dres.stride(0) if dres is not None else 0, dx.stride(0), eps,
-            D=d, HAS_DRES=dres is not None, BLOCK_R=LN_BWD_ROWS, BLOCK_D=block_d,
-            num_warps=LN_BWD_WARPS,
+            D=d, HAS_DRES=dres is not None, LOOP=programs < blocks, BLOCK_R=LN_BWD_ROWS,
+            BLOCK_D=block_d, num_warps=LN_BWD_WARPS, num_stages=1,
         )  # fmt: skip
     dw, db = parts.sum(dim=1)
     return dx, dw, db
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the interpreter counts 2 (a few programs
+    that each loop over several row blocks)."""
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def add_layer_norm_torch(

@@ -222,10 +222,12 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                    "p_dw_part": "*fp32", "p_db_part": "*fp32", "n_rows": "i32",
                    "stride_x": "i32", "stride_dy": "i32", "stride_dres": "i32",
                    "stride_dx": "i32", "eps": "fp32"}  # fmt: skip
-            const = dict(D=D_MODEL, HAS_DRES=True, BLOCK_R=LN_BWD_ROWS, BLOCK_D=1024)
-            desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS)
-            jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
-                         LN_BWD_WARPS, 1, False))  # fmt: skip
+            for loop in (False, True):  # one row block per program, or looping programs
+                const = dict(D=D_MODEL, HAS_DRES=True, LOOP=loop, BLOCK_R=LN_BWD_ROWS,
+                             BLOCK_D=1024)  # fmt: skip
+                desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS, loop=loop)
+                jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
+                             LN_BWD_WARPS, 1, False))  # fmt: skip
     return jobs
 
 

@@ -10,16 +10,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from carzero_fast.kernels import layer_norm_backward  # noqa: E402
+from carzero_fast.kernels import layernorm as kln  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+# 0: one program per row block (shipped); 1: one program per "SM" (the interpreter counts
+# 2), each looping over several row blocks and writing one row of partials
+@pytest.fixture(params=[0, 1], ids=["program_per_block", "looping_programs"])
+def programs_per_sm(request, monkeypatch):
+    monkeypatch.setattr(kln, "LN_BWD_PROGRAMS_PER_SM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("rows,d", [(1, 64), (13, 97), (37, 768)])
 @pytest.mark.parametrize("with_residual_grad", [False, True])
 @pytest.mark.parametrize("dy_dtype", [torch.float32, torch.bfloat16])
-def test_matches_autograd(rows, d, with_residual_grad, dy_dtype):
+def test_matches_autograd(rows, d, with_residual_grad, dy_dtype, programs_per_sm):
     g = torch.Generator().manual_seed(rows * d)
     x = torch.randn(rows, d, generator=g) * 3 + 1  # the stream after the add, fp32
     w, b = 1 + 0.2 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g)
@@ -36,10 +45,12 @@ def test_matches_autograd(rows, d, with_residual_grad, dy_dtype):
     assert _rel(db, b64.grad) < 1e-5
 
 
-def test_deterministic_and_empty():
+def test_deterministic_and_empty(programs_per_sm):
     x, w, dy = torch.randn(50, 96), torch.rand(96), torch.randn(50, 96)
     first = layer_norm_backward(x, w, dy, 1e-5)
     again = layer_norm_backward(x, w, dy, 1e-5)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    if programs_per_sm:  # 2 programs over 13 row blocks
+        assert kln.multiprocessors(x.device) == 2
     dx, dw, db = layer_norm_backward(torch.empty(0, 8), torch.ones(8), torch.empty(0, 8), 1e-5)
     assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8)) and torch.equal(db, dw)
