@@ -276,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev: torch.device,
                          smoke: bool) -> list[dict]:  # fmt: skip
     """The LayerNorm backward under each (rows, warps, programs per SM) candidate: the kernel
-    alone on `x`'s rows (fp32 stream, 16-bit dy, fp32 dres: 14 bytes per element), and on a
-    GPU a whole triton training step at N = M = 256 beside the reference's (fp16 autocast)."""
+    alone on `x`'s rows as 16-bit training without dropout runs it (fp32 stream, 16-bit dy,
+    fp32 dres in; fp32 dx and the 16-bit dx of the residual branch out: 16 bytes per
+    element), and on a GPU a whole triton training step at N = M = 256 beside the
+    reference's (fp16 autocast)."""
     rows, d = x.shape
     dres = torch.randn(rows, d, device=dev)
+    dx16 = torch.empty((rows, d), dtype=dy.dtype, device=dev)
     shipped = (kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM)
     step = ref_step = None
     if not smoke:
@@ -296,8 +299,8 @@ def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev
         kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = n_rows, warps, per_sm
         row: dict = {"rows": n_rows, "warps": warps, "programs_per_sm": per_sm}
         try:
-            t = bench(lambda: layer_norm_backward(x, g, dy, 1e-5, dres=dres), dev)
-            row.update(us=t * 1e6, tb_s=rows * d * 14 / t / 1e12)
+            t = bench(lambda: layer_norm_backward(x, g, dy, 1e-5, dres=dres, dx16=dx16), dev)
+            row.update(us=t * 1e6, tb_s=rows * d * 16 / t / 1e12)
             if step is not None:
                 row["step_ms"] = median_time(step, dev, reps=5) * 1e3
                 row["reference_step_ms"] = median_time(ref_step, dev, reps=3) * 1e3

@@ -21,6 +21,7 @@ L2), the same results bit for bit.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ BLOCK_ROWS = 8
 # the backward's rows per program and warps (`benchmarks.tune_gpu --only layer_norm_bwd`):
 # on an H200, 65536 × 768 rows took 143 µs with 4 rows on 4 warps (2.46 TB/s, 130
 # registers), 168 with 2 on 4, 190 with 8 on 8 and 271–452 with 16 warps or 4 rows on 8
+# (cee02cd, before the kernel also wrote the 16-bit dx of the residual branch)
 LN_BWD_ROWS = 4
 LN_BWD_WARPS = 4
 # programs per SM when each program loops over row blocks and writes one row of dγ/dβ
@@ -161,9 +163,11 @@ def add_layer_norm(
 
 
 @triton.jit
-def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows, stride_x, stride_dy,
-                 stride_dres, stride_dx, eps, D: tl.constexpr, HAS_DRES: tl.constexpr):  # fmt: skip
-    """dx of rows `o_r` `[BLOCK_R]` stored; returns their sums of dy·x̂ and dy `[BLOCK_D]`."""
+def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x,
+                 stride_dy, stride_dres, stride_dx, stride_dx16, eps, D: tl.constexpr,
+                 HAS_DRES: tl.constexpr, WRITE_DX16: tl.constexpr):  # fmt: skip
+    """dx of rows `o_r` `[BLOCK_R]` stored (and its 16-bit copy); returns their column sums
+    of dy·x̂, of dy and of the 16-bit dx (`[BLOCK_D]` each; the last is dy's when unused)."""
     m_x = (o_r < n_rows)[:, None] & m_d[None, :]
     b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
     b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
@@ -181,7 +185,13 @@ def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows, stride_x, 
         b_dx += tl.load(p_dres + o_r[:, None] * stride_dres + o_d[None, :], mask=m_x,
                         other=0.0).to(tl.float32)  # fmt: skip
     tl.store(p_dx + o_r[:, None] * stride_dx + o_d[None, :], b_dx, mask=m_x)
-    return tl.sum(b_dy * b_xhat, axis=0), tl.sum(b_dy, axis=0)
+    b_db = tl.sum(b_dy, axis=0)
+    b_ds = b_db
+    if WRITE_DX16:  # the branch's linear layer takes dx in its GEMM dtype, and its bias Σ dx
+        b_dx16 = b_dx.to(p_dx16.dtype.element_ty)
+        tl.store(p_dx16 + o_r[:, None] * stride_dx16 + o_d[None, :], b_dx16, mask=m_x)
+        b_ds = tl.sum(tl.where(m_x, b_dx16.to(tl.float32), 0.0), axis=0)
+    return tl.sum(b_dy * b_xhat, axis=0), b_db, b_ds
 
 
 @triton.jit
@@ -191,16 +201,20 @@ def layer_norm_backward_kernel(
     p_dy,  # [R, D] gradient of the LayerNorm's output
     p_dres,  # [R, D] fp32 gradient reaching the stream from later layers, HAS_DRES
     p_dx,  # [R, D] fp32 gradient of the stream (= of delta, and of x)
+    p_dx16,  # [R, D] dx rounded to the GEMM dtype, WRITE_DX16
     p_dw_part,  # [programs, D] fp32 partial dγ of this program's rows
     p_db_part,  # [programs, D] fp32 partial dβ
+    p_ds_part,  # [programs, D] fp32 partial column sums of the 16-bit dx, WRITE_DX16
     n_rows,
     stride_x,
     stride_dy,
     stride_dres,
     stride_dx,
+    stride_dx16,
     eps,
     D: tl.constexpr,
     HAS_DRES: tl.constexpr,
+    WRITE_DX16: tl.constexpr,
     LOOP: tl.constexpr,  # fewer programs than row blocks: each takes blocks pid, pid + programs, …
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -212,33 +226,57 @@ def layer_norm_backward_kernel(
     if LOOP:
         b_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
         b_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for r0 in range(pid * BLOCK_R, n_rows, tl.num_programs(0) * BLOCK_R):
             o_r = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-            b_dw_r, b_db_r = _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows,
-                                          stride_x, stride_dy, stride_dres, stride_dx, eps, D,
-                                          HAS_DRES)  # fmt: skip
+            b_dw_r, b_db_r, b_ds_r = _ln_bwd_rows(
+                p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x,
+                stride_dy, stride_dres, stride_dx, stride_dx16, eps, D, HAS_DRES,
+                WRITE_DX16)  # fmt: skip
             b_dw += b_dw_r
             b_db += b_db_r
+            b_ds += b_ds_r
     else:
         o_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-        b_dw, b_db = _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, o_r, o_d, m_d, n_rows, stride_x,
-                                  stride_dy, stride_dres, stride_dx, eps, D, HAS_DRES)  # fmt: skip
+        b_dw, b_db, b_ds = _ln_bwd_rows(
+            p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x, stride_dy,
+            stride_dres, stride_dx, stride_dx16, eps, D, HAS_DRES, WRITE_DX16)  # fmt: skip
     # per-program partial sums (no atomics, a fixed order): the caller adds the rows of partials
     tl.store(p_dw_part + pid * D + o_d, b_dw, mask=m_d)
     tl.store(p_db_part + pid * D + o_d, b_db, mask=m_d)
+    if WRITE_DX16:
+        tl.store(p_ds_part + pid * D + o_d, b_ds, mask=m_d)
+
+
+class LayerNormGrads(NamedTuple):
+    dx: Tensor  # [R, D] fp32 gradient of the stream
+    dw: Tensor  # [D] fp32 dγ
+    db: Tensor  # [D] fp32 dβ
+    dx16_sum: Tensor | None  # [D] fp32 column sums of `dx16` (when one was given)
 
 
 def layer_norm_backward(
-    x: Tensor, weight: Tensor, dy: Tensor, eps: float, dres: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor,
+    weight: Tensor,
+    dy: Tensor,
+    eps: float,
+    dres: Tensor | None = None,
+    dx16: Tensor | None = None,
+) -> LayerNormGrads:
     """Backward of `add_layer_norm`'s LayerNorm (and of its add: the stream's gradient is
     the gradient of delta and of the stream before it).
 
     x `(R, D)` the rows the LayerNorm saw, dy `(R, D)` its output's gradient, dres `(R, D)`
-    the gradient the stream receives from later (residual) uses → (dx `(R, D)`, dγ `(D,)`,
-    dβ `(D,)`), fp32, deterministic (partials reduced in a fixed order).
+    the gradient the stream receives from later (residual) uses → dx `(R, D)`, dγ, dβ `(D,)`,
+    fp32, deterministic (partials reduced in a fixed order). With `dx16` (`(R, D)`, 16-bit)
+    dx is also written there rounded, and `dx16_sum` is its column sums: what the linear
+    layer of the residual branch needs (its GEMM operand and its bias gradient), without a
+    cast and a reduction over the rows afterwards.
     """
     n_rows, d = x.shape
+    if dx16 is not None and (dx16.shape != x.shape or dx16.stride(-1) != 1):
+        raise ValueError(f"layer_norm_backward: dx16 must be a {tuple(x.shape)} tensor with "
+                         f"unit stride along its rows, got {tuple(dx16.shape)}")  # fmt: skip
     block_d = triton.next_power_of_2(d)
     blocks = triton.cdiv(n_rows, LN_BWD_ROWS)
     programs = blocks
@@ -247,16 +285,18 @@ def layer_norm_backward(
     dx = torch.empty((n_rows, d), dtype=torch.float32, device=x.device)
     # every program writes its row of partials: no zero-fill unless there is no row at all
     alloc = torch.empty if programs else torch.zeros
-    parts = alloc((2, max(programs, 1), d), dtype=torch.float32, device=x.device)
+    parts = alloc((3 if dx16 is not None else 2, max(programs, 1), d), dtype=torch.float32,
+                  device=x.device)  # fmt: skip
     if n_rows:
         layer_norm_backward_kernel[(programs,)](
-            x, weight, dy, dres, dx, parts[0], parts[1], n_rows, x.stride(0), dy.stride(0),
-            dres.stride(0) if dres is not None else 0, dx.stride(0), eps,
-            D=d, HAS_DRES=dres is not None, LOOP=programs < blocks, BLOCK_R=LN_BWD_ROWS,
+            x, weight, dy, dres, dx, dx16, parts[0], parts[1], parts[-1], n_rows, x.stride(0),
+            dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
+            dx16.stride(0) if dx16 is not None else 0, eps, D=d, HAS_DRES=dres is not None,
+            WRITE_DX16=dx16 is not None, LOOP=programs < blocks, BLOCK_R=LN_BWD_ROWS,
             BLOCK_D=block_d, num_warps=LN_BWD_WARPS, num_stages=1,
         )  # fmt: skip
-    dw, db = parts.sum(dim=1)
-    return dx, dw, db
+    sums = parts.sum(dim=1)
+    return LayerNormGrads(dx, sums[0], sums[1], sums[2] if dx16 is not None else None)
 
 
 def multiprocessors(device: torch.device) -> int:

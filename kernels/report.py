@@ -219,13 +219,18 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 jobs.append(("add_layer_norm", dict(variant=name, dtype=dt, d_model=D_MODEL),
                              add_layer_norm_kernel, sig, const, warps, 1, False))  # fmt: skip
             sig = {"p_x": "*fp32", "p_w": ptr, "p_dy": ptr, "p_dres": "*fp32", "p_dx": "*fp32",
-                   "p_dw_part": "*fp32", "p_db_part": "*fp32", "n_rows": "i32",
-                   "stride_x": "i32", "stride_dy": "i32", "stride_dres": "i32",
-                   "stride_dx": "i32", "eps": "fp32"}  # fmt: skip
-            for loop in (False, True):  # one row block per program, or looping programs
-                const = dict(D=D_MODEL, HAS_DRES=True, LOOP=loop, BLOCK_R=LN_BWD_ROWS,
-                             BLOCK_D=1024)  # fmt: skip
-                desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS, loop=loop)
+                   "p_dx16": ptr, "p_dw_part": "*fp32", "p_db_part": "*fp32",
+                   "p_ds_part": "*fp32", "n_rows": "i32", "stride_x": "i32", "stride_dy": "i32",
+                   "stride_dres": "i32", "stride_dx": "i32", "stride_dx16": "i32",
+                   "eps": "fp32"}  # fmt: skip
+            # one row block per program, or looping programs; with the 16-bit dx of a
+            # residual branch and its column sums (16-bit training without dropout)
+            for loop, dx16 in ((False, False), (True, False), (False, True), (True, True)):
+                if dx16 and dt == "fp32":
+                    continue
+                const = dict(D=D_MODEL, HAS_DRES=True, WRITE_DX16=dx16, LOOP=loop,
+                             BLOCK_R=LN_BWD_ROWS, BLOCK_D=1024)  # fmt: skip
+                desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS, loop=loop, dx16=dx16)
                 jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
                              LN_BWD_WARPS, 1, False))  # fmt: skip
     return jobs

@@ -9,7 +9,9 @@ Backward, per direction (DESIGN.md §3, "backward recomputes"):
   accumulator for the block;
 - per chunk of pairs: the forward again (`pair_layers`, now one buffer set per layer and the
   softmax log-sum-exp kept), then back through the head, decoder_norm and the layers in
-  reverse: `layer_norm_backward` for every residual add + LayerNorm, `attention_backward` for
+  reverse: `layer_norm_backward` for every residual add + LayerNorm (with 16-bit GEMMs and
+  no dropout it also writes the residual branch's 16-bit dy and that linear layer's bias
+  gradient: no cast and no row reduction apart), `attention_backward` for
   the attention (dK/dV of an item's key block in one program, added into the block's
   accumulator; layer 1's shared queries get their per-pair dq summed over items), GEMMs for
   every linear layer;
@@ -96,10 +98,12 @@ def linear_backward(
     g_b: Tensor | None,
     relu_of: Tensor | None = None,
     drop_scale: float = 1.0,
+    dy_sum: Tensor | None = None,
 ) -> Tensor:
     """Backward of `y = x·Wᵀ + b`: dy `(r, out)`, x `(r, in)` → dx `(r, in)`.
 
-    Adds dW = dyᵀ·x and db = Σ dy into the fp32 accumulators (when given). With `relu_of`
+    Adds dW = dyᵀ·x and db = Σ dy into the fp32 accumulators (when given; `dy_sum`: Σ dy
+    already summed, fp32 `(out,)`, e.g. by the LayerNorm backward that made dy). With `relu_of`
     (x itself: a ReLU output, possibly dropped and scaled by `drop_scale`), dx is the gradient
     before that ReLU and dropout: an element of x is > 0 exactly where the ReLU passed it
     and dropout kept it, so x alone carries both masks.
@@ -107,7 +111,7 @@ def linear_backward(
     dy = dy.to(weight.dtype)
     if g_w is not None:
         g_w.add_(torch.mm(dy.t(), x))
-        g_b.add_(dy.sum(0, dtype=torch.float32))
+        g_b.add_(dy.sum(0, dtype=torch.float32) if dy_sum is None else dy_sum)
     if relu_of is not None and drop_scale != 1.0:
         weight = weight * drop_scale  # the dropout's scale on the small weight: one pass less
     dx = torch.mm(dy, weight)
@@ -171,6 +175,22 @@ def _chunk_backward(
         out = torch.empty(g.shape, dtype=w.norm0_w.dtype, device=g.device)
         return apply_dropout(g, *drop, tag(site, layer), out=out)
 
+    def ln_backward(x: Tensor, weight: Tensor, dy: Tensor, dres: Tensor | None = None):  # noqa: ANN202
+        """A LayerNorm's backward whose dx also enters a residual branch's linear layer:
+        with 16-bit GEMMs and no dropout it writes that layer's dy and bias gradient too →
+        (dx fp32, dγ, dβ, branch: (dy, Σ dy), or None: `undrop` and the layer's own sum)."""
+        if drop or w.norm0_w.dtype == torch.float32:
+            return (*layer_norm_backward(x, weight, dy, eps, dres)[:3], None)
+        dx16 = torch.empty(x.shape, dtype=w.norm0_w.dtype, device=x.device)
+        out = layer_norm_backward(x, weight, dy, eps, dres, dx16=dx16)
+        return out.dx, out.dw, out.db, (dx16, out.dx16_sum)
+
+    def branch_backward(dx: Tensor, branch, site: int, layer: int, *args, **kwargs) -> Tensor:  # noqa: ANN001
+        """`linear_backward` of a residual branch's linear layer from the stream's dx."""
+        if branch is None:
+            return linear_backward(undrop(dx, site, layer), *args, **kwargs)
+        return linear_backward(branch[0], *args, dy_sum=branch[1], **kwargs)
+
     gh = grads.head if grads is not None else [(None, None)] * len(w.head)
     acts, head = chunk.head_in, cp.head
     # the logit layer (width → 1), then the hidden layers back to decoder_norm's output
@@ -183,7 +203,7 @@ def _chunk_backward(
                              drop_scale=scale)  # fmt: skip
     bufs = chunk.bufs
     da = undrop(da, SITE_SIMR, 0)
-    dx, dg, db = layer_norm_backward(bufs[-1].x_out, w.norm0_w, da, eps)
+    dx, dg, db, branch = ln_backward(bufs[-1].x_out, w.norm0_w, da)
     if grads is not None:
         _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
     mc = g_x0[queries].shape[0]
@@ -196,15 +216,15 @@ def _chunk_backward(
             return t[rows] if t is not None and rows is not None else t
 
         # x_out = x_mid + drop(linear2(drop(relu(linear1(LN3(x_mid))))))
-        dh = linear_backward(undrop(dx, SITE_FFN_BRANCH, li), b.h, lw.linear2_w,
+        dh = branch_backward(dx, branch, SITE_FFN_BRANCH, li, b.h, lw.linear2_w,
                              g("linear2_w"), g("linear2_b"), relu_of=b.h,
                              drop_scale=scale)  # fmt: skip
         dy3 = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"))
-        dx_mid, dg, db = layer_norm_backward(b.x_mid, lw.norm3_w, dy3, eps, dres=dx)
+        dx_mid, dg, db, branch = ln_backward(b.x_mid, lw.norm3_w, dy3, dres=dx)
         if gl is not None:
             _add_norm(gl.norm3_w, gl.norm3_b, dg, db)
         # x_mid = x_in + drop(out_proj(attention(q, K, V)))
-        do = linear_backward(undrop(dx_mid, SITE_ATTN_BRANCH, li), b.o, lw.out_proj_w,
+        do = branch_backward(dx_mid, branch, SITE_ATTN_BRANCH, li, b.o, lw.out_proj_w,
                              g("out_proj_w"), g("out_proj_b"))  # fmt: skip
         k_cols = slice(2 * li * d, (2 * li + 1) * d)
         v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
@@ -222,8 +242,7 @@ def _chunk_backward(
             rows = slice(0, d)
             dy2 = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li], g("in_proj_w", rows),
                                   g("in_proj_b", rows))  # fmt: skip
-            dx, dg, db = layer_norm_backward(bufs[li - 1].x_out, lw.norm2_w, dy2, eps,
-                                             dres=dx_mid)  # fmt: skip
+            dx, dg, db, branch = ln_backward(bufs[li - 1].x_out, lw.norm2_w, dy2, dres=dx_mid)
             if gl is not None:
                 _add_norm(gl.norm2_w, gl.norm2_b, dg, db)
 
@@ -382,7 +401,7 @@ def direction_backward(
         # kv = LN0(memory)·Wkvᵀ + bkv, then LN0's backward to the memory tokens
         g_w = g_kv_w if grads is not None else None
         dy_mem = linear_backward(g_kv_i, y_i, cp.kv_w, g_w, g_kv_b)
-        d_mem, dg, db = layer_norm_backward(mem, w.norm0_w, dy_mem, cfg.layer_norm_eps)
+        d_mem, dg, db, _ = layer_norm_backward(mem, w.norm0_w, dy_mem, cfg.layer_norm_eps)
         if g_memory is not None:
             g_memory[n0 : n0 + ni] += d_mem.view(ni, p, d)
         if grads is not None:
