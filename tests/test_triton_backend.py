@@ -34,13 +34,17 @@ def _interpreter_active():
         pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set (see this module's top)")
 
 
-# small configs covering the head's three shapes: a normalised first layer then a fused last
+# small configs covering the head's shapes: a normalised first layer then a fused last
 # hidden layer; one hidden layer (LN0 prologue and logit in one kernel); a last hidden layer
-# wider than HEAD_MAX_WIDTH (plain kernel + GEMV). 96/2 gives a head_dim (48) that is padded.
+# wider than HEAD_MAX_WIDTH (plain kernel + GEMV); three hidden layers, the second written
+# where q and the attention's output were (the golden model's is wider than those: its own
+# space). 96/2 gives a head_dim (48) that is padded.
 CONFIGS = {
     "d96h2": cf.AlignerConfig(d_model=96, n_heads=2, n_layers=2, d_ffn=160, head_dims=(48, 24)),
     "d64h4_head1": cf.AlignerConfig(d_model=64, n_heads=4, n_layers=3, d_ffn=96, head_dims=(40,)),
     "d64h4_wide": cf.AlignerConfig(d_model=64, n_heads=4, n_layers=1, d_ffn=64, head_dims=(300,)),
+    "d64h4_head3": cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=96,
+                                    head_dims=(80, 48, 24)),
 }
 N, M, P = 5, 7, 19
 

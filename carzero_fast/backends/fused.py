@@ -21,9 +21,10 @@ operands, as autocast does); `triton_forward(stream_dtype=...)`, or for the back
 calls `CARZERO_FAST_TRITON_STREAM=input`, keeps it in the 16-bit dtype instead (a third less
 traffic in every add + LayerNorm pass, at the error of a plain 16-bit PyTorch forward;
 benchmarks.gpu_check times both). Training always keeps it fp32. Chunk buffers are
-allocated once per call and reused, so memory is `rows·(3·D + F + max(head))` elements +
-`rows·D` fp32 (the stream) + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the
-scores, never O(N·M·D).
+allocated once per call and reused, so memory is `rows·(D + max(2·D, B) + A)` elements
+(LayerNorm outputs; q and the attention's output, whose space the head's odd layers reuse,
+B their widest; the FFN and the head's even layers, A the widest) + `rows·D` fp32 (the
+stream) + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
 The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
@@ -104,10 +105,17 @@ def plan_fused(
     cfg: AlignerConfig, n: int, m: int, p: int, itemsize: int, budget: int
 ) -> tuple[int, int]:
     """(items per block, queries per chunk) for a memory budget in bytes."""
-    widest = max(cfg.d_ffn, *cfg.head_dims)
-    per_pair = itemsize * (3 * cfg.d_model + widest + max(cfg.head_dims)) + 4 * cfg.d_model
+    widest_a, widest_b = pool_widths(cfg)
+    per_pair = itemsize * (cfg.d_model + max(2 * cfg.d_model, widest_b) + widest_a)
+    per_pair += 4 * cfg.d_model  # the fp32 stream
     per_item = p * itemsize * (2 * cfg.n_layers + 1) * cfg.d_model
     return fit_plan(n, m, per_pair, per_item, budget)
+
+
+def pool_widths(cfg: AlignerConfig) -> tuple[int, int]:
+    """Widest rows of the two buffers the FFN and the MLP head alternate between: (the FFN
+    and head layers 0, 2, …; head layers 1, 3, … or 0 when there are none)."""
+    return max(cfg.d_ffn, *cfg.head_dims[0::2]), max(cfg.head_dims[1::2], default=0)
 
 
 def fit_plan(n: int, m: int, per_pair: int, per_item: int, budget: int) -> tuple[int, int]:
@@ -315,9 +323,13 @@ def triton_forward(
     rows = items * block_q
     kw = dict(dtype=memory.dtype, device=memory.device)
     x = torch.empty((rows, d), dtype=stream_dtype, device=memory.device)  # residual stream
-    y, q, o = (torch.empty((rows, d), **kw) for _ in range(3))  # LN out, q / branch out, attn
-    pool_a = torch.empty(rows * max(cfg.d_ffn, *cfg.head_dims), **kw)  # FFN, head 0, 2, …
-    pool_b = torch.empty(rows * max(cfg.head_dims), **kw)  # head layers 1, 3, …
+    y = torch.empty((rows, d), **kw)  # LayerNorm outputs
+    widest_a, widest_b = pool_widths(cfg)
+    pool_a = torch.empty(rows * widest_a, **kw)  # FFN, head layers 0, 2, …
+    # q and the attention's output (or the branches), dead once the head runs, whose space
+    # its layers 1, 3, … reuse
+    pool_b = torch.empty(rows * max(2 * d, widest_b), **kw)
+    q, o = _buffer(pool_b, rows, d), pool_b[rows * d : 2 * rows * d].view(rows, d)
     y_mem = torch.empty((items * p, d), **kw)
     kv = torch.empty((items * p, 2 * cfg.n_layers * d), **kw)
     # every layer aliases one set of buffers: nothing is kept for a backward. Without dropout
