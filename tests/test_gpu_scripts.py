@@ -1,0 +1,51 @@
+"""The GPU scripts' dry runs on CPU (`--smoke`, kernels under the interpreter): a GPU session
+is short and rare, so a script that fails there costs its whole device budget. Subprocesses:
+the scripts pick the interpreter before Triton's first import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", module, "--smoke", "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_correctness_section(tmp_path):
+    """Every triton route's error in bf16 within 2× chunked's, SDPA's fp32 error with masks,
+    written to the JSON, and the script's exit status says so."""
+    proc = _run("benchmarks.gpu_check", tmp_path, "--only", "correctness", "--no-training",
+                "--no-compile")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["correctness"]
+    got = result["result"]
+    assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"]
+    routes = {k for k in got if k.startswith("triton_bf16_one_direction")}
+    assert routes == {"triton_bf16_one_direction" + name for name in
+                      ("", ", own GEMMs", ", bf16 stream", ", SDPA attention",
+                       ", bf16 stream + SDPA")}  # fmt: skip
+    assert (tmp_path / "gpu_check.md").exists()
+
+
+def test_tune_gpu_layer_norm_backward_sweep(tmp_path):
+    """Every candidate of the LayerNorm-backward sweep runs (no error rows, each once), and
+    every kind of the forward's add + LayerNorm pass is timed."""
+    proc = _run("benchmarks.tune_gpu", tmp_path, "--only", "layer_norm_bwd")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "tune_gpu.json").read_text())["layer_norm_bwd"]
+    assert rows and all("us" in r and "error" not in r for r in rows), rows
+    assert len(rows) == len({(r["rows"], r["warps"], r["programs_per_sm"]) for r in rows})
+    assert set(json.loads((tmp_path / "tune_gpu.json").read_text())["add_layer_norm"]) == {
+        "add, stream in place",
+        "add, no stream out (LN3)",
+        "add both branches, stream in place",
+        "add both branches, no stream out",
+    }
