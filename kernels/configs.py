@@ -182,11 +182,16 @@ def gemm_route() -> str:
     of the pair stage) ran at 636–677 TFLOP/s in cuBLAS against 504–589 for this package's
     TMA kernel (`tune_gpu`, BENCHMARKS.md); the fusions that kernel existed for (LayerNorm
     prologue, residual epilogue) halved its rate and moved to `add_layer_norm`."""
-    route = os.environ.get("CARZERO_FAST_TRITON_GEMM", "auto")
-    if route not in GEMM_ROUTES:
-        raise ValueError(f"CARZERO_FAST_TRITON_GEMM={route!r}; choose one of "
-                         f"{', '.join(GEMM_ROUTES)}")  # fmt: skip
-    return route
+    return env_choice("CARZERO_FAST_TRITON_GEMM", GEMM_ROUTES)
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable `name`, one of `choices` (the first when unset); any
+    other value is an error naming the variable."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; choose one of {', '.join(choices)}")
+    return value
 
 
 def use_library_gemm(a: torch.Tensor) -> bool:
@@ -209,8 +214,4 @@ def library_attention() -> bool:
     on the backend's strided K/V, with its output in a fresh tensor, it is untimed until a
     GPU run of `benchmarks.gpu_check` ("triton, SDPA attention") says which is faster. Read
     at every call, so that a benchmark can time both in one process."""
-    route = os.environ.get("CARZERO_FAST_TRITON_ATTENTION", "triton")
-    if route not in ATTENTION_ROUTES:
-        raise ValueError(f"CARZERO_FAST_TRITON_ATTENTION={route!r}; choose one of "
-                         f"{', '.join(ATTENTION_ROUTES)}")  # fmt: skip
-    return route == "library"
+    return env_choice("CARZERO_FAST_TRITON_ATTENTION", ATTENTION_ROUTES) == "library"

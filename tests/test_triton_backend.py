@@ -18,13 +18,8 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
-from carzero_fast.backends.fused import (  # noqa: E402
-    LayerBuffers,
-    check_device,
-    plan_fused,
-    triton_forward,
-)
-from carzero_fast.backends.fused_train import plan_train  # noqa: E402
+from carzero_fast.backends.fused import check_device, plan_fused, triton_forward  # noqa: E402
+from carzero_fast.backends.fused_train import _chunk_buffers, plan_train  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
 
@@ -211,18 +206,14 @@ def test_stream_environment_variable_selects_the_inference_stream(monkeypatch, t
 
 def _layer_buffers(cfg, rows, dtype, lean):
     """One chunk's layer buffers as the forward (`lean`: shared, no x_mid, no last stream)
-    or as training (one set per layer, every stream stored) lays them out."""
-    d, kw, f32 = cfg.d_model, dict(dtype=dtype), dict(dtype=torch.float32)
-
-    def full():
-        e = lambda *shape, **k: torch.full(shape, float("nan"), **(k or kw))  # noqa: E731
-        return LayerBuffers(e(rows, d), e(rows, d), e(rows, cfg.n_heads, **f32), e(rows, d, **f32),
-                            e(rows, d), e(rows, cfg.d_ffn), e(rows, d, **f32), e(rows, d),
-                            branch=e(rows, d), ffn_branch=e(rows, d))  # fmt: skip
-
+    or as training (`fused_train`'s: one set per layer, every stream stored) lays them out,
+    NaN-filled."""
+    bufs, _ = _chunk_buffers(cfg, rows, dtype, torch.device("cpu"))
+    for t in {id(t): t for b in bufs for t in b if t is not None}.values():
+        t.fill_(float("nan"))
     if not lean:
-        return [full() for _ in range(cfg.n_layers)]
-    b = full()._replace(lse=None, x_mid=None)
+        return bufs
+    b = bufs[-1]._replace(lse=None, x_mid=None)
     b = b._replace(branch=b.q, ffn_branch=b.o)
     return [b] * (cfg.n_layers - 1) + [b._replace(x_out=None)]
 

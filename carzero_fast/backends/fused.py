@@ -335,12 +335,10 @@ def triton_forward(
     # every layer aliases one set of buffers: nothing is kept for a backward. Without dropout
     # the stream after the attention's add is not stored (the FFN's pass adds both branches:
     # out_proj's output in q, linear2's in o, each dead by then), nor the last layer's stream
-    h = _buffer(pool_a, rows, cfg.d_ffn)
-    if dropout is None:
-        shared = LayerBuffers(q, o, None, None, y, h, x, y, branch=q, ffn_branch=o)
-    else:
-        shared = LayerBuffers(q, o, None, x, y, h, x, y, branch=q, ffn_branch=q)
-    last_layer = shared._replace(x_out=None) if dropout is None else shared
+    lean = dropout is None
+    shared = LayerBuffers(q, o, None, None if lean else x, y, _buffer(pool_a, rows, cfg.d_ffn),
+                          x, y, branch=q, ffn_branch=o if lean else q)  # fmt: skip
+    last_layer = shared._replace(x_out=None) if lean else shared
 
     for n0, n1 in pieces(n, items):  # near-equal blocks: no small tail
         ni = n1 - n0
