@@ -13,8 +13,11 @@
    chunked's pair stage (bf16), `triton` (bf16), and `triton` on its other routes
    (`VARIANTS`): its plain-epilogue GEMMs on its own kernel instead of cuBLAS ("own GEMMs",
    `CARZERO_FAST_TRITON_GEMM=triton`), the residual stream in bf16
-   (`CARZERO_FAST_TRITON_STREAM=input`), the attention on PyTorch's SDPA
-   (`CARZERO_FAST_TRITON_ATTENTION=library`), both, and 768 MiB chunks (fewer launches).
+   (`CARZERO_FAST_TRITON_STREAM=input`: layers 2… then add their branches inside cuBLAS's
+   GEMMs), the same with those adds in the add + LayerNorm passes
+   (`CARZERO_FAST_TRITON_RESIDUAL=pass`), the attention on PyTorch's SDPA
+   (`CARZERO_FAST_TRITON_ATTENTION=library`), bf16 stream + SDPA, and 768 MiB chunks (fewer
+   launches).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
@@ -69,6 +72,8 @@ VARIANTS = {
     "": {},
     ", own GEMMs": {"CARZERO_FAST_TRITON_GEMM": "triton"},
     ", bf16 stream": {"CARZERO_FAST_TRITON_STREAM": "input"},
+    ", bf16 stream, adds in passes": {"CARZERO_FAST_TRITON_STREAM": "input",
+                                      "CARZERO_FAST_TRITON_RESIDUAL": "pass"},
     ", SDPA attention": {"CARZERO_FAST_TRITON_ATTENTION": "library"},
     ", bf16 stream + SDPA": {"CARZERO_FAST_TRITON_STREAM": "input",
                              "CARZERO_FAST_TRITON_ATTENTION": "library"},

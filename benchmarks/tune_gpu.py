@@ -142,12 +142,28 @@ def main(argv: list[str] | None = None) -> int:
                                                4 + 2 + 2 + 4 + 2),
         "add both branches, no stream out": (dict(delta=a_d, delta2=a_d2), 4 + 2 + 2 + 2),
     }  # fmt: skip
-    results: dict = {"linear": [], "device": str(dev), "arch": arch, "add_layer_norm": {}}
+    # a 16-bit stream whose GEMMs add their products to it (bias left out): read + shift
+    x16, shift = rnd(rows, d), rnd(d, dtype=torch.float32)
+    ln_passes["16-bit stream read, shift"] = (dict(shift=shift), 2 + 2)
+    results: dict = {"linear": [], "device": str(dev), "arch": arch, "add_layer_norm": {},
+                     "residual_gemm": {}}  # fmt: skip
     for name, (kw, per_elem) in ln_passes.items():
-        t_ln = bench(lambda kw=kw: add_layer_norm(x, g, bt, 1e-5, y_d, **kw), dev)
+        x_in = x16 if "shift" in kw else x
+        t_ln = bench(lambda kw=kw, x_in=x_in: add_layer_norm(x_in, g, bt, 1e-5, y_d, **kw), dev)
         tb_s = rows * d * per_elem / t_ln / 1e12
         results["add_layer_norm"][name] = {"us": t_ln * 1e6, "tb_s": tb_s}
         print(f"add_layer_norm {rows}x{d} [{name}]: {t_ln * 1e6:.1f} us, {tb_s:.2f} TB/s")
+    # the same GEMMs with the bias epilogue (the branch written apart) and adding into the
+    # 16-bit stream in place (cuBLAS reading it as C), as the forward's two residual routes
+    for name, a_in, w_in in (("out proj", a_d, w_dd), ("linear2", a_f, w_df)):
+        flops = 2 * rows * d * a_in.shape[1]
+        t_bias = bench(lambda a_in=a_in, w_in=w_in: torch.addmm(b_d, a_in, w_in.t(), out=y_d),
+                       dev)  # fmt: skip
+        t_add = bench(lambda a_in=a_in, w_in=w_in: x16.addmm_(a_in, w_in.t()), dev)
+        results["residual_gemm"][name] = {"bias_us": t_bias * 1e6, "into_stream_us": t_add * 1e6,
+                                          "bias_tflops": flops / t_bias / 1e12,
+                                          "into_stream_tflops": flops / t_add / 1e12}  # fmt: skip
+        print(f"residual gemm [{name}]", json.dumps(results["residual_gemm"][name]), flush=True)
     if dev.type == "cuda":
         results["device"] = torch.cuda.get_device_name(dev)
 

@@ -9,7 +9,7 @@ One op family per module, each with its kernel, launcher and the PyTorch stage i
 from .attention import attention, attention_torch
 from .attention_backward import attention_backward
 from .common import fix_interpreter_rounding, interpreting
-from .configs import dot_precision, library_attention
+from .configs import dot_precision, library_attention, residual_in_gemm
 from .layernorm import add_layer_norm, add_layer_norm_torch, layer_norm_backward
 from .linear import linear, linear_torch
 
@@ -18,4 +18,4 @@ if interpreting():
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "attention", "attention_backward",
            "attention_torch", "dot_precision", "layer_norm_backward", "library_attention",
-           "linear", "linear_torch"]  # fmt: skip
+           "linear", "linear_torch", "residual_in_gemm"]  # fmt: skip

@@ -15,7 +15,9 @@ LayerNorm, and the pass after the FFN adds both branches onto the layer's input 
 (`delta2`: x + attention branch + FFN branch, the same fp32 sums in the same order) and
 writes the stream only where a later layer reads it. With an fp32 stream that is 76 bytes
 per element of a pair's four layers instead of 92 (the x0 broadcast of layer 1 is read from
-L2), the same results bit for bit.
+L2), the same results bit for bit. When PyTorch's GEMMs add their products to a stream of
+their own dtype (`backends/fused.py`), a pass only reads the stream and adds a constant row
+(`shift`: the biases those GEMMs left out).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def add_layer_norm_kernel(
     p_x,  # [res_rows, D] stream in (row r % res_rows); any float dtype
     p_delta,  # [R, D] branch output to add, HAS_DELTA
     p_delta2,  # [R, D] a second branch added after it, HAS_DELTA2 (the FFN's, inference)
+    p_shift,  # [D] fp32 added to every row last, HAS_SHIFT (biases a GEMM left out)
     p_x_out,  # [R, D] stream out (fp32 or 16-bit), WRITE_X (may be p_x itself)
     p_w,  # [D] γ
     p_b,  # [D] β
@@ -72,6 +75,7 @@ def add_layer_norm_kernel(
     D: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     HAS_DELTA2: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     WRITE_X: tl.constexpr,
     DROP_DELTA: tl.constexpr,  # dropout on the residual branch before the add
     DROP_Y: tl.constexpr,  # dropout on the LayerNorm's output (SimR, after decoder_norm)
@@ -94,6 +98,8 @@ def add_layer_norm_kernel(
     if HAS_DELTA2:
         b_x += tl.load(p_delta2 + o_r[:, None] * stride_delta2 + o_d[None, :], mask=m_x,
                        other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_SHIFT:
+        b_x += tl.load(p_shift + o_d, mask=m_d, other=0.0)[None, :]
     if WRITE_X:
         tl.store(p_x_out + o_r[:, None] * stride_x_out + o_d[None, :], b_x, mask=m_x)
     # two passes over the registers (mean, then centred variance), as torch's layer_norm:
@@ -120,17 +126,20 @@ def add_layer_norm(
     *,
     delta: Tensor | None = None,
     delta2: Tensor | None = None,
+    shift: Tensor | None = None,
     x_out: Tensor | None = None,
     dropout: tuple[DropoutSpec, ChunkPos] | None = None,
     delta_tag: int | None = None,
     y_tag: int | None = None,
 ) -> Tensor:
-    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r] + delta2[r]) in y's dtype (fp32 sums,
-    left to right); with `x_out` (`(R, D)`, fp32 or y's dtype, may be `x` itself) the sum is
+    """`y` `(R, D)` = LN(x[r % res_rows] + delta[r] + delta2[r] + shift) in y's dtype (fp32
+    sums, left to right); with `x_out` (`(R, D)`, fp32 or y's dtype, may be `x` itself) the sum is
     stored there too, rounded to its dtype.
 
     x `(res_rows, D)` with res_rows dividing R = y.shape[0]; delta, delta2 `(R, D)` or None
-    (delta2 only after delta, and without dropout: the forward without a backward).
+    (delta2 only after delta, and without dropout: the forward without a backward); shift
+    `(D,)` fp32 or None: a constant row, the biases of GEMMs that added their products to the
+    stream without them (`backends/fused.py`, residual adds in the GEMM).
     dropout = (spec, the chunk's position): with `delta_tag` the branch is dropped before the
     add, with `y_tag` the output after the LayerNorm (rows are the chunk's pairs).
     """
@@ -141,6 +150,10 @@ def add_layer_norm(
             raise ValueError(f"add_layer_norm: {name} needs unit stride along its rows")
     if delta2 is not None and (delta is None or dropout is not None):
         raise ValueError("add_layer_norm: delta2 comes after delta, and without dropout")
+    if shift is not None and (shift.shape != (d,) or shift.dtype != torch.float32
+                              or shift.stride(0) != 1):  # fmt: skip
+        raise ValueError(f"add_layer_norm: shift must be a contiguous fp32 ({d},) vector, "
+                         f"got {shift.dtype} {tuple(shift.shape)}")  # fmt: skip
     if x_out is not None and x_out.dtype not in (torch.float32, y.dtype):
         raise TypeError(f"add_layer_norm: the residual stream is fp32 or {y.dtype} (the "
                         f"output's dtype), got {x_out.dtype}")  # fmt: skip
@@ -149,13 +162,13 @@ def add_layer_norm(
     drop_delta = dropout is not None and delta_tag is not None and delta is not None
     drop_y = dropout is not None and y_tag is not None
     add_layer_norm_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
-        x, delta, delta2, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
+        x, delta, delta2, shift, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
         delta.stride(0) if delta is not None else 0,
         delta2.stride(0) if delta2 is not None else 0,
         x_out.stride(0) if x_out is not None else 0, y.stride(0), eps, spec.seed,
         spec.threshold, spec.scale, pos.n0, pos.m0, pos.cols, delta_tag or 0, y_tag or 0,
         D=d, HAS_DELTA=delta is not None, HAS_DELTA2=delta2 is not None,
-        WRITE_X=x_out is not None, DROP_DELTA=drop_delta,
+        HAS_SHIFT=shift is not None, WRITE_X=x_out is not None, DROP_DELTA=drop_delta,
         DROP_Y=drop_y, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d,
         num_warps=8 if drop_delta or drop_y or block_d > 1024 else 4,
     )  # fmt: skip
@@ -322,11 +335,12 @@ def add_layer_norm_torch(
     rows: int,
     delta: Tensor | None = None,
     delta2: Tensor | None = None,
+    shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The PyTorch stages `add_layer_norm` replaces → (x + delta + delta2 in fp32, LN of it
-    in dtype)."""
+    """The PyTorch stages `add_layer_norm` replaces → (x + delta + delta2 + shift in fp32, LN
+    of it in dtype)."""
     s = x.float().repeat(rows // x.shape[0], 1)
-    for branch in (delta, delta2):
+    for branch in (delta, delta2, shift):
         if branch is not None:
             s = s + branch.float()
     y = F.layer_norm(s, (x.shape[-1],), weight.float(), bias.float(), eps)

@@ -109,9 +109,10 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
 
 
 def _ln_flags(delta: bool = True, delta2: bool = False, write: bool = True,
-              drop: bool = False) -> dict:  # fmt: skip
+              drop: bool = False, shift: bool = False) -> dict:  # fmt: skip
     """add_layer_norm_kernel's switches for one build."""
-    return dict(HAS_DELTA=delta, HAS_DELTA2=delta2, WRITE_X=write, DROP_DELTA=drop, DROP_Y=drop)
+    return dict(HAS_DELTA=delta, HAS_DELTA2=delta2, HAS_SHIFT=shift, WRITE_X=write,
+                DROP_DELTA=drop, DROP_Y=drop)  # fmt: skip
 
 
 def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool]]:
@@ -204,13 +205,16 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 ("add2_ln_16bit_stream", ptr, _ln_flags(delta2=True)),
                 ("add2_ln_no_store", "*fp32", _ln_flags(delta2=True, write=False)),
                 ("add2_ln_no_store_16bit_stream", ptr, _ln_flags(delta2=True, write=False)),
+                # the stream in the GEMMs' dtype, their branches added there without biases
+                ("shift_ln", ptr, _ln_flags(delta=False, write=False, shift=True)),
             ):
                 if name.endswith("16bit_stream") and dt == "fp32":
                     continue  # the same build as the fp32 stream's
-                sig = {"p_x": x_ty, "p_delta": ptr, "p_delta2": ptr, "p_x_out": x_ty if
-                       flags["WRITE_X"] else "*fp32", "p_w": ptr, "p_b": ptr,
-                       "p_y": ptr, "n_rows": "i32", "res_rows": "i32", "stride_x": "i32",
-                       "stride_delta": "i32", "stride_delta2": "i32", "stride_x_out": "i32",
+                sig = {"p_x": x_ty, "p_delta": ptr, "p_delta2": ptr, "p_shift": "*fp32",
+                       "p_x_out": x_ty if flags["WRITE_X"] else "*fp32", "p_w": ptr,
+                       "p_b": ptr, "p_y": ptr, "n_rows": "i32", "res_rows": "i32",
+                       "stride_x": "i32", "stride_delta": "i32", "stride_delta2": "i32",
+                       "stride_x_out": "i32",
                        "stride_y": "i32", "eps": "fp32", **DROPOUT_SIG, "cols": "i32",
                        "tag_delta": "i32", "tag_y": "i32"}  # fmt: skip
                 del sig["drop_tag"]

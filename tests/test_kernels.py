@@ -80,10 +80,10 @@ def _ids(x):
 # ----------------------------------------------------------------------- add_layer_norm
 
 
-def _add_ln_exact(x, weight, bias, rows, delta=None, delta2=None):
+def _add_ln_exact(x, weight, bias, rows, delta=None, delta2=None, shift=None):
     """`add_layer_norm_torch` in float64 (the stage's own fp32 sum would cap the reference)."""
     s = x.double().repeat(rows // x.shape[0], 1)
-    for branch in (delta, delta2):
+    for branch in (delta, delta2, shift):
         if branch is not None:
             s = s + branch.double()
     return s, F.layer_norm(s, (x.shape[-1],), weight.double(), bias.double(), EPS)
@@ -96,7 +96,8 @@ def _add_ln_exact(x, weight, bias, rows, delta=None, delta2=None):
 # A forward without a backward (no dropout) also runs: the add after the attention with no
 # stream written; the add of both branches after the FFN onto the layer's input (x0
 # broadcast, or the stream in place, fp32 or 16-bit), and the last layer's without a stream
-# written.
+# written. When the GEMMs add their products to the stream themselves, a pass only reads the
+# stream (fp32 or 16-bit) and adds the biases those GEMMs left out (`shift`).
 LN_VARIANTS = [
     "ln",
     "add_broadcast",
@@ -107,6 +108,8 @@ LN_VARIANTS = [
     "add2_in_place",
     "add2_in_place_16bit_stream",
     "add2_no_store",
+    "shift",
+    "shift_16bit_stream",
 ]
 
 
@@ -122,9 +125,13 @@ def test_add_layer_norm(dtype, d, variant):
     # the inputs are rows of wider buffers (row stride ≠ D), the outputs slices of longer ones
     y_buf = torch.full((rows + 3, d + 5), NAN, dtype=dtype)
     y = y_buf[:rows, :d]
-    delta, delta2, x_out = None, None, None
+    delta, delta2, x_out, shift = None, None, None, None
     if variant == "ln":
         x = _randn(rows, d + 9, dtype=dtype, seed=d, scale=2.0, shift=0.5)[:, 4 : 4 + d]
+    elif variant.startswith("shift"):
+        stream = dtype if variant.endswith("16bit_stream") else torch.float32
+        x = _randn(rows, d, dtype=stream, seed=d + 2, scale=2.0, shift=0.5)
+        shift = _randn(d, seed=d + 4, scale=0.3)
     else:
         delta = _randn(rows, d + 3, dtype=dtype, seed=d + 1)[:, :d]
         if variant.startswith("add2"):
@@ -137,11 +144,13 @@ def test_add_layer_norm(dtype, d, variant):
             x = _randn(rows, d, dtype=stream, seed=d + 2, scale=2.0, shift=0.5)
             x_out = None if variant.endswith("no_store") else x
     x_in = x.clone()
-    got = add_layer_norm(x, weight, bias, EPS, y, delta=delta, delta2=delta2, x_out=x_out)
+    got = add_layer_norm(x, weight, bias, EPS, y, delta=delta, delta2=delta2, shift=shift,
+                         x_out=x_out)  # fmt: skip
     assert got.data_ptr() == y.data_ptr()
     assert torch.isnan(y_buf[rows:]).all() and torch.isnan(y_buf[:, d:]).all()
-    s_ref, y_ref = add_layer_norm_torch(x_in, weight, bias, EPS, dtype, rows, delta, delta2)
-    s_exact, y_exact = _add_ln_exact(x_in, weight, bias, rows, delta, delta2)
+    s_ref, y_ref = add_layer_norm_torch(x_in, weight, bias, EPS, dtype, rows, delta, delta2,
+                                        shift)  # fmt: skip
+    s_exact, y_exact = _add_ln_exact(x_in, weight, bias, rows, delta, delta2, shift)
     _check(y, y_ref, y_exact, dtype)
     if x_out is not None:  # the fp32 sum, rounded to the stream's dtype
         _check(x_out, s_ref.to(x_out.dtype), s_exact, x_out.dtype)
@@ -178,6 +187,14 @@ def test_add_layer_norm_rejects_a_second_branch_alone_or_with_dropout():
     with pytest.raises(ValueError, match="delta2"):
         add_layer_norm(x, torch.ones(16), torch.zeros(16), EPS, y, delta=x, delta2=x,
                        dropout=drop, delta_tag=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("shift", [torch.zeros(15), torch.zeros(16).bfloat16(),
+                                   torch.zeros(32)[::2]], ids=["shape", "dtype", "stride"])
+def test_add_layer_norm_rejects_a_bad_shift(shift):
+    x, y = _randn(8, 16), torch.empty(8, 16)
+    with pytest.raises(ValueError, match="shift"):
+        add_layer_norm(x, torch.ones(16), torch.zeros(16), EPS, y, shift=shift)
 
 
 def test_add_layer_norm_survives_a_large_mean():

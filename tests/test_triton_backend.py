@@ -80,6 +80,21 @@ def test_matches_golden(golden, golden_weights, triton_only):
     assert rel_err(zs, golden["outputs.zero_shot"]) < 1e-5
 
 
+def test_matches_golden_with_residual_adds_in_the_gemms(golden, golden_weights, monkeypatch,
+                                                       triton_only):  # fmt: skip
+    """The golden model (two layers) with its plain GEMMs on PyTorch, as 16-bit CUDA calls run
+    them: layer 2 adds its branches to the fp32 stream inside those GEMMs."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", "library")
+    calls = _count_stream_gemms(monkeypatch)
+    al = cf.CrossAttentionAligner.from_carzero_state_dict(golden_weights).eval()
+    img, txt = golden["inputs.img_tokens"], golden["inputs.txt_tokens"]
+    with torch.no_grad():
+        i2t, t2i = cf.alignment_logits(al, img, txt, backend="triton")
+    assert len(calls) >= 4  # two per direction at least
+    assert rel_err(i2t, golden["outputs.i2t"]) < 1e-5
+    assert rel_err(t2i, golden["outputs.t2i"]) < 1e-5
+
+
 # -------------------------------------------------------------------------- reference
 
 
@@ -112,6 +127,55 @@ def test_fp32_with_library_gemms_matches_reference(monkeypatch, triton_only):
         ref = al(mem, q, mask, backend="reference")
         out = al(mem, q, mask, backend="triton", chunk_budget_bytes=_budget(al.config, 4, (2, M)))
     assert rel_err(out, ref) < 1e-5
+
+
+def _count_stream_gemms(monkeypatch) -> list[int]:
+    """Record the rows of every in-place `addmm_` (a residual add inside a GEMM)."""
+    real, calls = torch.Tensor.addmm_, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.shape[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_adds_in_the_gemms(dtype, monkeypatch):
+    """With PyTorch's GEMMs and the stream in their dtype (fp32; a 16-bit stream), layers 2…
+    add out_proj's and linear2's products to the stream inside the GEMM, without biases (the
+    passes add them back): fp32 still the reference, bf16 within 2× chunked's error and not
+    the passes' result; `CARZERO_FAST_TRITON_RESIDUAL=pass` adds in the passes, and another
+    value is an error naming the variable."""
+    monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", "library")
+    if dtype != torch.float32:
+        monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "input")
+    cfg = CONFIGS["d64h4_head1"]  # three layers: two of them add in their GEMMs
+    al = make_aligner(cfg, seed=6)
+    mem, q = _inputs(64, p=21, seed=2)
+    mask = random_mask(N, 21, seed=4)
+    budget = _budget(cfg, dtype.itemsize, (2, M), p=21)  # three item blocks
+    calls = _count_stream_gemms(monkeypatch)
+    with torch.no_grad():
+        exact = al(mem, q, mask, backend="reference")
+        mem_, q_ = mem.to(dtype), q.to(dtype)
+        out = al(mem_, q_, mask, backend="triton", chunk_budget_bytes=budget)
+        # two GEMMs in each of two layers, for every pair once
+        assert len(calls) == 3 * 2 * 2 and sum(calls) == 2 * 2 * N * M
+        calls.clear()
+        monkeypatch.setenv("CARZERO_FAST_TRITON_RESIDUAL", "pass")
+        passes = al(mem_, q_, mask, backend="triton", chunk_budget_bytes=budget)
+        assert calls == []
+        if dtype == torch.float32:
+            assert rel_err(out, exact) < 1e-5 and rel_err(passes, exact) < 1e-5
+        else:
+            chunked = al(mem_, q_, mask, backend="chunked")
+            assert rel_err(out, exact) <= 2 * rel_err(chunked, exact)
+            assert not torch.equal(out, passes)
+        monkeypatch.setenv("CARZERO_FAST_TRITON_RESIDUAL", "cublas")
+        with pytest.raises(ValueError, match="CARZERO_FAST_TRITON_RESIDUAL"):
+            al(mem_, q_, mask, backend="triton")
 
 
 def test_both_directions_match_reference(triton_only):

@@ -13,7 +13,12 @@ projections are cheap next to the pairs at the batch sizes this backend is for):
   straight into the `(N, M)` scores. Without dropout the stream after LN3's add is not
   stored: the second pass adds both branches to the layer's input again (the same fp32 sums),
   and the last layer's stream, which nothing reads, is not stored either: 76 instead of 92
-  bytes of add + LayerNorm traffic per element of a pair with an fp32 stream.
+  bytes of add + LayerNorm traffic per element of a pair with an fp32 stream. Where the
+  plain GEMMs run on PyTorch (16-bit on CUDA) and the stream has their dtype, layers 2… add
+  out_proj's and linear2's products to the stream in place inside those GEMMs (cuBLAS reads
+  it as C) without their biases, and each pass reads the stream plus the biases left out so
+  far (`residual_offsets`): 8 bytes of pass traffic per element and layer instead of 16
+  with a 16-bit stream (`CARZERO_FAST_TRITON_RESIDUAL=pass` keeps the adds in the passes).
   `CARZERO_FAST_TRITON_ATTENTION=library` runs the attention on PyTorch's SDPA instead.
 
 The residual stream is fp32 in every dtype by default (16-bit inputs round only GEMM
@@ -208,6 +213,7 @@ def pair_layers(
     bufs: list[LayerBuffers],
     drop: Drop | None = None,
     sdpa: bool = False,
+    offsets: list[tuple[Tensor, Tensor] | None] | None = None,
 ) -> Tensor:
     """Every layer for `n_items` items (their K/V rows `kv` `(n_items·P, L·2D)`, int8 mask)
     × the queries `queries` → the decoder_norm'ed rows `(r, D)` the MLP head takes (SimR
@@ -217,6 +223,9 @@ def pair_layers(
     the attention's add; their FFN pass adds both branches to the layer's input instead, and
     `x_out` None skips the last stream nobody reads (kernels/layernorm.py). `sdpa`: the
     attention of layers without a log-sum-exp buffer or dropout on PyTorch's SDPA.
+    `offsets` (`residual_offsets`; lean buffers only): layers after the first add their
+    out_proj and linear2 products to layer 1's stream in place inside PyTorch's GEMM, without
+    the biases, which the passes add back from there (`stream + offset`).
     """
     from ..kernels import add_layer_norm, attention
     from ..kernels.attention import attention_torch
@@ -224,6 +233,10 @@ def pair_layers(
     d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
     mc = cp.x0[queries].shape[0]
     last = cfg.n_layers - 1
+    if offsets is not None and (drop is not None or bufs[0].x_out is None):
+        raise ValueError("pair_layers: residual adds in the GEMMs need layer 1's stream "
+                         "stored and no dropout")  # fmt: skip
+    stream = cp.x0[queries]  # the stream starts as x0, broadcast over the chunk's items
     for li, lw in enumerate(w.layers):
         a_drop = (*drop, tag(SITE_ATTENTION, li)) if drop else None
         h_drop = (*drop, tag(SITE_FFN_HIDDEN, li)) if drop else None
@@ -231,17 +244,25 @@ def pair_layers(
         b = bufs[li]
         k_l = kv[:, 2 * li * d : (2 * li + 1) * d]  # [n_items·P, D] strided views
         v_l = kv[:, (2 * li + 1) * d : (2 * li + 2) * d]
-        if li == 0:  # the stream starts as x0, broadcast over the chunk's items
-            q, shared, stream = cp.q1[queries], True, cp.x0[queries]
+        if li == 0:  # layer 1's projected queries, shared by the items
+            q, shared = cp.q1[queries], True
         else:  # the previous layer's y_next is this layer's LN2(x)
             q = linear(bufs[li - 1].y_next, cp.q_w[li], cp.q_b[li], out=b.q)
-            shared, stream = False, bufs[li - 1].x_out
+            shared = False
         if sdpa and b.lse is None and drop is None:
             o = attention_torch(q, k_l, v_l, n_heads, n_items, mc, shared_queries=shared,
                                 mask=mask)  # fmt: skip
         else:
             o = attention(q, k_l, v_l, n_heads, n_items, mc, shared_queries=shared, mask=mask,
                           out=b.o, lse=b.lse, dropout=a_drop)  # fmt: skip
+        if offsets is not None and li > 0:  # stream = x − offset before, in place
+            stream.addmm_(o, lw.out_proj_w.t())
+            mid, out = offsets[li]
+            add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, shift=mid)
+            linear(b.y3, lw.linear1_w, lw.linear1_b, relu=True, out=b.h)
+            stream.addmm_(b.h, lw.linear2_w.t())
+            add_layer_norm(stream, *cp.next_norm[li], eps, b.y_next, shift=out)
+            continue
         linear(o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
         add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, delta=b.branch, x_out=b.x_mid,
                        dropout=drop, delta_tag=tag(SITE_ATTN_BRANCH, li))  # fmt: skip
@@ -254,7 +275,21 @@ def pair_layers(
             add_layer_norm(b.x_mid, *cp.next_norm[li], eps, b.y_next, delta=b.ffn_branch,
                            x_out=b.x_out, dropout=drop, delta_tag=tag(SITE_FFN_BRANCH, li),
                            y_tag=simr)  # fmt: skip
+        stream = b.x_out
     return bufs[-1].y_next
+
+
+def residual_offsets(w: AlignerWeights) -> list[tuple[Tensor, Tensor] | None]:
+    """What a stream whose GEMMs add their products without biases lacks, per layer: None for
+    layer 1 (its passes store the true stream), then (after the attention's add, after the
+    FFN's), fp32 `(D,)` each: every out_proj and linear2 bias left out so far."""
+    offsets: list[tuple[Tensor, Tensor] | None] = [None]
+    out = None
+    for lw in w.layers[1:]:
+        mid = lw.out_proj_b.float() if out is None else out + lw.out_proj_b.float()
+        out = mid + lw.linear2_b.float()
+        offsets.append((mid, out))
+    return offsets
 
 
 def item_stage(
@@ -296,7 +331,7 @@ def triton_forward(
         `CARZERO_FAST_TRITON_ATTENTION` (`kernels.configs.library_attention`). Training
         passes False: its backward recomputes with the kernel.
     """
-    from ..kernels import library_attention
+    from ..kernels import library_attention, residual_in_gemm
     from ..kernels import linear as linear_kernel
 
     # one TMA descriptor per (buffer, block) for the whole call: the buffers are reused
@@ -339,6 +374,9 @@ def triton_forward(
     shared = LayerBuffers(q, o, None, None if lean else x, y, _buffer(pool_a, rows, cfg.d_ffn),
                           x, y, branch=q, ffn_branch=o if lean else q)  # fmt: skip
     last_layer = shared._replace(x_out=None) if lean else shared
+    # layers 2… add their branches inside PyTorch's GEMMs where the stream has their dtype
+    in_gemm = lean and cfg.n_layers > 1 and residual_in_gemm(y, stream_dtype)
+    offsets = residual_offsets(w) if in_gemm else None
 
     for n0, n1 in pieces(n, items):  # near-equal blocks: no small tail
         ni = n1 - n0
@@ -352,7 +390,7 @@ def triton_forward(
             bufs = [shared.rows(ni * mc)] * (cfg.n_layers - 1) + [last_layer.rows(ni * mc)]
             drop = (dropout, ChunkPos(item_offset + n0, m0, mc)) if dropout is not None else None
             yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
-                             slice(m0, m0 + mc), bufs, drop, sdpa)  # fmt: skip
+                             slice(m0, m0 + mc), bufs, drop, sdpa, offsets)  # fmt: skip
             _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc], drop)
     return out
 
