@@ -11,13 +11,13 @@
    autocast, as CARZero ran), `chunked` (bf16), `chunked` with its attention on flash-attn's
    and xformers' kernels (when the `[gpu]` extras are installed), `torch.compile` of
    chunked's pair stage (bf16), `triton` (bf16), and `triton` on its other routes
-   (`VARIANTS`): its plain-epilogue GEMMs on its own kernel instead of cuBLAS ("own GEMMs",
-   `CARZERO_FAST_TRITON_GEMM=triton`), the residual stream in bf16
-   (`CARZERO_FAST_TRITON_STREAM=input`: layers 2… then add their branches inside cuBLAS's
-   GEMMs), the same with those adds in the add + LayerNorm passes
-   (`CARZERO_FAST_TRITON_RESIDUAL=pass`), the attention on PyTorch's SDPA
-   (`CARZERO_FAST_TRITON_ATTENTION=library`), bf16 stream + SDPA, and 768 MiB chunks (fewer
-   launches).
+   (`VARIANTS`) beside its default (a bf16 residual stream, to which layers 2… add their
+   branches inside cuBLAS's GEMMs): its plain-epilogue GEMMs on its own kernel instead of
+   cuBLAS ("own GEMMs", `CARZERO_FAST_TRITON_GEMM=triton`), an fp32 stream
+   (`CARZERO_FAST_TRITON_STREAM=fp32`, the default until 2026-11-29), the bf16 stream with
+   its adds in the add + LayerNorm passes (`CARZERO_FAST_TRITON_RESIDUAL=pass`), the
+   attention on PyTorch's SDPA (`CARZERO_FAST_TRITON_ATTENTION=library`), and 768 MiB chunks
+   (fewer launches).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
@@ -71,11 +71,10 @@ from .gpu_training import leaf, step_fn, training
 VARIANTS = {
     "": {},
     ", own GEMMs": {"CARZERO_FAST_TRITON_GEMM": "triton"},
-    ", bf16 stream": {"CARZERO_FAST_TRITON_STREAM": "input"},
-    ", bf16 stream, adds in passes": {"CARZERO_FAST_TRITON_STREAM": "input",
-                                      "CARZERO_FAST_TRITON_RESIDUAL": "pass"},
+    ", fp32 stream": {"CARZERO_FAST_TRITON_STREAM": "fp32"},
+    ", adds in passes": {"CARZERO_FAST_TRITON_RESIDUAL": "pass"},
     ", SDPA attention": {"CARZERO_FAST_TRITON_ATTENTION": "library"},
-    ", bf16 stream + SDPA": {"CARZERO_FAST_TRITON_STREAM": "input",
+    ", fp32 stream + SDPA": {"CARZERO_FAST_TRITON_STREAM": "fp32",
                              "CARZERO_FAST_TRITON_ATTENTION": "library"},
 }  # fmt: skip
 
@@ -269,6 +268,8 @@ class Check:
             "triton, SDPA attention": ("bf16", with_env(batched(self.al16, img16, txt16,
                                                                 "triton"),
                                                         **VARIANTS[", SDPA attention"])),
+            "triton, fp32 stream": ("bf16", with_env(batched(self.al16, img16, txt16, "triton"),
+                                                     **VARIANTS[", fp32 stream"])),
         }  # fmt: skip
         self._time_all(case, fns, flops)
         for r in self.results["rows"]:

@@ -226,8 +226,8 @@ def residual_in_gemm(activations: torch.Tensor, stream_dtype: torch.dtype) -> bo
     output projection's and linear2's GEMMs (`stream += a·Wᵀ`, cuBLAS reading the stream as
     its C matrix), where those GEMMs run on PyTorch (`use_library_gemm`) and the stream has
     their dtype; the add + LayerNorm passes then only read the stream (4 bytes per element
-    instead of 6 and 10 with a 16-bit stream). "pass": always in the passes, after GEMMs that
-    write each branch apart. Untimed on a GPU until `benchmarks.gpu_check` runs the row
-    "triton, bf16 stream, adds in passes" beside the default."""
+    each, instead of 6 and 10 with a 16-bit stream, 8 in the last layer). "pass": always in
+    the passes, after GEMMs that write each branch apart. Untimed on a GPU until
+    `benchmarks.gpu_check` runs the row "triton, adds in passes" beside the default."""
     route = env_choice("CARZERO_FAST_TRITON_RESIDUAL", RESIDUAL_ROUTES)
     return route == "gemm" and stream_dtype == activations.dtype and use_library_gemm(activations)

@@ -30,8 +30,8 @@ def test_gpu_check_correctness_section(tmp_path):
     assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"]
     routes = {k for k in got if k.startswith("triton_bf16_one_direction")}
     assert routes == {"triton_bf16_one_direction" + name for name in
-                      ("", ", own GEMMs", ", bf16 stream", ", bf16 stream, adds in passes",
-                       ", SDPA attention", ", bf16 stream + SDPA")}  # fmt: skip
+                      ("", ", own GEMMs", ", fp32 stream", ", adds in passes",
+                       ", SDPA attention", ", fp32 stream + SDPA")}  # fmt: skip
     assert (tmp_path / "gpu_check.md").exists()
 
 

@@ -210,10 +210,11 @@ def test_half_precision_no_worse_than_chunked(dtype, route, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_16_bit_residual_stream_no_worse_than_chunked(dtype):
+def test_both_residual_streams_no_worse_than_chunked(dtype):
     """`stream_dtype` = the inputs' dtype (the stream rounded at every add, as a plain 16-bit
-    PyTorch forward does): relative RMS error within 2× the chunked backend's in that dtype,
-    and not the fp32 stream's result (the option takes effect)."""
+    PyTorch forward does; the default of no-grad calls) and fp32 (16-bit inputs round only
+    GEMM operands): each within 2× the chunked backend's relative RMS error in that dtype,
+    and different results (the option takes effect)."""
     al = make_aligner(CONFIGS["d96h2"], seed=5)
     mem, q = _inputs(96, p=33, seed=9)
     mask = random_mask(N, 33, seed=10)
@@ -223,10 +224,11 @@ def test_16_bit_residual_stream_no_worse_than_chunked(dtype):
     with torch.no_grad():
         exact = al(mem, q, mask, backend="reference")
         chunked = al(mem_, q_, mask, backend="chunked")
-        wide = triton_forward(w, al.config, mem_, q_, mask, budget)
+        wide = triton_forward(w, al.config, mem_, q_, mask, budget, stream_dtype=torch.float32)
         out = triton_forward(w, al.config, mem_, q_, mask, budget, stream_dtype=dtype)
     assert out.dtype == dtype and out.shape == (N, M)
     assert rel_err(out, exact) <= 2 * rel_err(chunked, exact)
+    assert rel_err(wide, exact) <= 2 * rel_err(chunked, exact)
     assert not torch.equal(out, wide)
     other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
     with pytest.raises(TypeError, match="stream_dtype"):
@@ -234,9 +236,9 @@ def test_16_bit_residual_stream_no_worse_than_chunked(dtype):
 
 
 def test_stream_environment_variable_selects_the_inference_stream(monkeypatch, triton_only):
-    """CARZERO_FAST_TRITON_STREAM=input: the backend's no-grad calls keep the stream in the
-    inputs' dtype (bit for bit `stream_dtype=` that dtype); training keeps fp32 (same logits
-    and gradients either way); another value is an error naming the variable."""
+    """The backend's no-grad calls keep the stream in the inputs' dtype (bit for bit
+    `stream_dtype=` that dtype), CARZERO_FAST_TRITON_STREAM=fp32 in fp32; training keeps fp32
+    (same logits and gradients either way); another value is an error naming the variable."""
     al = make_aligner(CONFIGS["d64h4_head1"], seed=3)
     mem, q = _inputs(64, p=9, seed=4)
     mem16, q16 = mem.bfloat16(), q.bfloat16()
@@ -254,13 +256,15 @@ def test_stream_environment_variable_selects_the_inference_stream(monkeypatch, t
         return [out.detach(), a.grad, b.grad, *(p.grad for p in al16.parameters())]
 
     with torch.no_grad():
-        wide = al16(mem16, q16, backend="triton")
+        got = al16(mem16, q16, backend="triton")
         narrow = triton_forward(w, al.config, mem16, q16, None, stream_dtype=torch.bfloat16)
+        wide = triton_forward(w, al.config, mem16, q16, None, stream_dtype=torch.float32)
+    assert torch.equal(got, narrow) and not torch.equal(got, wide)
     trained = train_step()
-    monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "input")
+    monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "fp32")
     with torch.no_grad():
         got = al16(mem16, q16, backend="triton")
-    assert torch.equal(got, narrow) and not torch.equal(got, wide)
+    assert torch.equal(got, wide)
     for a, e in zip(train_step(), trained, strict=True):
         assert torch.equal(a, e)
     monkeypatch.setenv("CARZERO_FAST_TRITON_STREAM", "bf16")

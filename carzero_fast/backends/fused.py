@@ -17,14 +17,15 @@ projections are cheap next to the pairs at the batch sizes this backend is for):
   plain GEMMs run on PyTorch (16-bit on CUDA) and the stream has their dtype, layers 2… add
   out_proj's and linear2's products to the stream in place inside those GEMMs (cuBLAS reads
   it as C) without their biases, and each pass reads the stream plus the biases left out so
-  far (`residual_offsets`): 8 bytes of pass traffic per element and layer instead of 16
+  far (`residual_offsets`): 8 bytes of pass traffic per element and layer instead of 14–16
   with a 16-bit stream (`CARZERO_FAST_TRITON_RESIDUAL=pass` keeps the adds in the passes).
   `CARZERO_FAST_TRITON_ATTENTION=library` runs the attention on PyTorch's SDPA instead.
 
-The residual stream is fp32 in every dtype by default (16-bit inputs round only GEMM
-operands, as autocast does); `triton_forward(stream_dtype=...)`, or for the backend's no-grad
-calls `CARZERO_FAST_TRITON_STREAM=input`, keeps it in the 16-bit dtype instead (a third less
-traffic in every add + LayerNorm pass, at the error of a plain 16-bit PyTorch forward;
+The residual stream of the backend's calls without gradients has the inputs' dtype by
+default (16-bit inputs: a third less traffic in every add + LayerNorm pass, and the residual
+adds inside the GEMMs above; its error is a plain 16-bit PyTorch forward's, chunked's);
+`CARZERO_FAST_TRITON_STREAM=fp32`, or `triton_forward(stream_dtype=torch.float32)`, keeps it
+fp32 (16-bit inputs then round only GEMM operands, as autocast does: ~20% lower error;
 benchmarks.gpu_check times both). Training always keeps it fp32. Chunk buffers are
 allocated once per call and reused, so memory is `rows·(D + max(2·D, B) + A)` elements
 (LayerNorm outputs; q and the attention's output, whose space the head's odd layers reuse,
@@ -70,15 +71,17 @@ Drop = tuple[DropoutSpec, ChunkPos]  # a chunk's dropout: the direction's spec, 
 # GEMM large (~45k rows at CARZero dims) and the launches few (~38 per chunk): at 256 MiB an
 # H200 waited on kernel launches (BENCHMARKS.md).
 DEFAULT_FUSED_BUDGET_BYTES = 512 * 2**20
-STREAMS = ("fp32", "input")
+STREAMS = ("input", "fp32")
 
 
 def inference_stream_dtype(dtype: torch.dtype) -> torch.dtype:
     """The residual stream's dtype for a forward without gradients, from
-    `CARZERO_FAST_TRITON_STREAM`: "fp32" (the default) or "input" (the inputs' dtype). On an
-    H200 at N = M = 1024, bf16: 71.7 against 76.5 ms a call, relative error 1.34e-2 against
-    1.10e-2 (chunked's own bf16: 1.36e-2; BENCHMARKS.md, d8928c3)."""
-    route = os.environ.get("CARZERO_FAST_TRITON_STREAM", "fp32")
+    `CARZERO_FAST_TRITON_STREAM`: "input" (the inputs' dtype, the default) or "fp32". On an
+    H200 at N = M = 1024, bf16, d8928c3 (before the residual adds moved into the GEMMs): 71.7
+    against 76.5 ms a call, relative error 1.34e-2 against 1.10e-2 (chunked's own bf16:
+    1.36e-2; BENCHMARKS.md). On CPU at CARZero dims, with the adds in the GEMMs: 1.28–1.81e-2
+    against fp32's 1.06–1.54e-2 and chunked's 1.39–1.82e-2 (three seeds)."""
+    route = os.environ.get("CARZERO_FAST_TRITON_STREAM", "input")
     if route not in STREAMS:
         raise ValueError(f"CARZERO_FAST_TRITON_STREAM={route!r}; choose one of "
                          f"{', '.join(STREAMS)}")  # fmt: skip
