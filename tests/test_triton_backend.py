@@ -169,6 +169,15 @@ def test_residual_adds_in_the_gemms(dtype, monkeypatch):
         assert calls == []
         if dtype == torch.float32:
             assert rel_err(out, exact) < 1e-5 and rel_err(passes, exact) < 1e-5
+            # ragged query chunks (the stream a prefix of its buffer), and SDPA's attention
+            monkeypatch.setenv("CARZERO_FAST_TRITON_RESIDUAL", "gemm")
+            calls.clear()
+            ragged = al(mem, q, mask, backend="triton",
+                        chunk_budget_bytes=_budget(cfg, 4, (1, 3), p=21))  # fmt: skip
+            assert sum(calls) == 2 * 2 * N * M and rel_err(ragged, exact) < 1e-5
+            monkeypatch.setenv("CARZERO_FAST_TRITON_ATTENTION", "library")
+            sdpa = al(mem, q, mask, backend="triton", chunk_budget_bytes=budget)
+            assert rel_err(sdpa, exact) < 1e-5
         else:
             chunked = al(mem_, q_, mask, backend="chunked")
             assert rel_err(out, exact) <= 2 * rel_err(chunked, exact)
