@@ -57,10 +57,11 @@ def _inputs(d, n=N, m=M, p=P, dtype=torch.float32, seed=0):
     )
 
 
-def _budget(cfg, itemsize, want, n=N, m=M, p=P):
-    """The smallest budget whose plan (items per block, queries per chunk) is `want`."""
-    b = 1
-    while plan_fused(cfg, n, m, p, itemsize, b) != want:
+def _budget(cfg, itemsize, want, n=N, m=M, p=P, stream_itemsize=None):
+    """The smallest budget whose plan (items per block, queries per chunk) is `want`, for
+    inputs of `itemsize` bytes and a stream of `stream_itemsize` (default: the inputs')."""
+    b, stream = 1, itemsize if stream_itemsize is None else stream_itemsize
+    while plan_fused(cfg, n, m, p, itemsize, b, stream) != want:
         b = int(b * 1.02) + 1
         assert b < 2**30, want
     return b

@@ -29,8 +29,8 @@ fp32 (16-bit inputs then round only GEMM operands, as autocast does: ~20% lower 
 benchmarks.gpu_check times both). Training always keeps it fp32. Chunk buffers are
 allocated once per call and reused, so memory is `rows·(D + max(2·D, B) + A)` elements
 (LayerNorm outputs; q and the attention's output, whose space the head's odd layers reuse,
-B their widest; the FFN and the head's even layers, A the widest) + `rows·D` fp32 (the
-stream) + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the scores, never O(N·M·D).
+B their widest; the FFN and the head's even layers, A the widest) + `rows·D` in the
+stream's dtype + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the scores, never O(N·M·D).
 Nothing reads back to the host inside the loop.
 
 The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
@@ -110,12 +110,14 @@ def check_device(t: Tensor) -> None:
 
 
 def plan_fused(
-    cfg: AlignerConfig, n: int, m: int, p: int, itemsize: int, budget: int
-) -> tuple[int, int]:
-    """(items per block, queries per chunk) for a memory budget in bytes."""
+    cfg: AlignerConfig, n: int, m: int, p: int, itemsize: int, budget: int,
+    stream_itemsize: int = 4,
+) -> tuple[int, int]:  # fmt: skip
+    """(items per block, queries per chunk) for a memory budget in bytes (`itemsize`: the
+    inputs', `stream_itemsize`: the residual stream's)."""
     widest_a, widest_b = pool_widths(cfg)
     per_pair = itemsize * (cfg.d_model + max(2 * cfg.d_model, widest_b) + widest_a)
-    per_pair += 4 * cfg.d_model  # the fp32 stream
+    per_pair += stream_itemsize * cfg.d_model
     per_item = p * itemsize * (2 * cfg.n_layers + 1) * cfg.d_model
     return fit_plan(n, m, per_pair, per_item, budget)
 
@@ -326,7 +328,7 @@ def triton_forward(
     """memory `(N, P, D)`, queries `(M, D)`, mask `(N, P)` bool → logits `(N, M)`, streamed
     through the fused kernels (no autograd; dropout with its spec, training mode).
 
-    stream_dtype: the residual stream's dtype, fp32 or the inputs' dtype (same chunk plan);
+    stream_dtype: the residual stream's dtype, fp32 or the inputs' dtype;
         None: `inference_stream_dtype` (training passes fp32: its backward recomputes so).
     item_offset: index of memory's first item in its direction, when it is a slice of it
     (dropout masks are keyed by the pair's place in the direction).
@@ -354,7 +356,8 @@ def triton_forward(
     if n == 0 or m == 0:
         return out
     budget = check_budget(chunk_budget_bytes, DEFAULT_FUSED_BUDGET_BYTES)
-    items, block_q = plan_fused(cfg, n, m, p, memory.element_size(), budget)
+    items, block_q = plan_fused(cfg, n, m, p, memory.element_size(), budget,
+                                stream_dtype.itemsize)  # fmt: skip
     cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
     mask8 = memory_mask.to(torch.int8) if memory_mask is not None else None
 
