@@ -84,11 +84,10 @@ def _store_head(p_rows, b_0, b_1, b_2, b_3, m_rows, ACCUMULATE: tl.constexpr,
 
 
 @triton.jit
-def _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag):  # noqa: ANN001, ANN202
-    """Dropout keep mask of the weights of queries o_m `[BLOCK_M]` over keys o_p `[BLOCK_P]`."""
-    b_query = (m0 + o_m)[:, None] + 0 * o_p[None, :]  # [BLOCK_M, BLOCK_P]
-    b_key = o_p[None, :] + 0 * o_m[:, None]
-    return keep_mask(seed, threshold, b_key, b_query, n0 + item + 0 * b_key, drop_tag)
+def _keep(seed, threshold, o_m, p0, n0, m0, item, drop_tag, BLOCK_P: tl.constexpr):  # noqa: ANN001, ANN202
+    """Dropout keep mask of the weights of queries o_m `[BLOCK_M]` over keys p0 … p0 +
+    BLOCK_P − 1 → `[BLOCK_M, BLOCK_P]`."""
+    return keep_mask(seed, threshold, p0, m0 + o_m, n0 + item + 0 * o_m, drop_tag, BLOCK_P)
 
 
 @triton.jit
@@ -169,8 +168,8 @@ def attention_kernel(
         b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)  # the softmax's own sum: before dropout
         b_max = b_new
         if DROPOUT:
-            b_p = tl.where(_keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head), b_p,
-                           0.0)  # fmt: skip
+            b_p = tl.where(_keep(seed, threshold, o_m, p0, n0, m0, item, drop_tag + head,
+                                 BLOCK_P), b_p, 0.0)  # fmt: skip
         b_p = b_p.to(p_v.dtype.element_ty)  # rounded like flash attention's P
         b_v = _slice_rows(p_vrows, 0, m_p, HEAD_DIM, BLOCK_C)  # [BLOCK_P, BLOCK_C]
         b_o0 = mma(b_p, b_v, b_o0 * b_alpha[:, None], PRECISION, UPCAST)
@@ -235,7 +234,7 @@ def attention(
     if out is None:
         out = q.new_empty((n_items * n_queries, d))
     head_dim = d // n_heads
-    cfg = attention_config(q.device, q.dtype)
+    cfg = attention_config(q.device, q.dtype, dropout is not None)
     # slices of ≤ 64 columns, at most four (power-of-two widths ≥ 16 for the tensor cores)
     block_c = max(16, min(64, triton.next_power_of_2(head_dim)))
     block_c = max(block_c, triton.next_power_of_2(triton.cdiv(head_dim, 4)))

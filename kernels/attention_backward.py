@@ -97,7 +97,7 @@ def attention_dq_kernel(
                       tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                       UPCAST)  # [BLOCK_M, BLOCK_P] weight gradients  # fmt: skip
         if DROPOUT:  # O = (P∘Z)·V·s: the weights' gradient goes through the mask
-            b_keep = _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head)
+            b_keep = _keep(seed, threshold, o_m, p0, n0, m0, item, drop_tag + head, BLOCK_P)
             b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_k0.dtype)  # score gradients
         b_dq0 = mma(b_ds, b_k0, b_dq0, PRECISION, UPCAST)
@@ -160,7 +160,8 @@ def attention_dkdv_kernel(
                       tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                       UPCAST)  # fmt: skip
         if DROPOUT:  # O = (P∘Z)·V·s: dV sees the dropped weights, dP the mask
-            b_keep = _keep(seed, threshold, o_m, o_p, n0, m0, item, drop_tag + head)
+            b_keep = _keep(seed, threshold, o_m, pid_p * BLOCK_P, n0, m0, item, drop_tag + head,
+                           BLOCK_P)  # fmt: skip
             b_pv = tl.where(b_keep, b_p * drop_scale, 0.0).to(b_do0.dtype)
             b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
         else:

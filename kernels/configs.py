@@ -126,21 +126,33 @@ def linear_config(device: torch.device, dtype: torch.dtype, head: bool = False) 
     return (_HEAD if head else _LINEAR)[_key(arch_of(device), dot_kind(dtype))]
 
 
-def attention_config(device: torch.device, dtype: torch.dtype) -> AttentionConfig:
-    return _ATTENTION[_key(arch_of(device), dot_kind(dtype))]
+def attention_config(device: torch.device, dtype: torch.dtype,
+                     dropout: bool = False) -> AttentionConfig:  # fmt: skip
+    """The forward's tiles; with dropout, exact fp32 (FMA code) runs 8 warps: on 4, its 32×32
+    tile and the mask's registers spilled on sm_90 (compile report)."""
+    kind = dot_kind(dtype)
+    cfg = _ATTENTION[_key(arch_of(device), kind)]
+    return shipped_with_dropout(cfg, kind) if dropout else cfg
 
 
 def attention_bwd_config(device: torch.device, dtype: torch.dtype,
                          dropout: bool = False) -> AttentionBwdConfig:  # fmt: skip
     """The backward tiles; with dropout, fp32 runs the dK/dV loop unpipelined (the Philox
-    registers would make the pipelined one spill on sm_80, compile report)."""
+    registers would make the pipelined one spill on sm_80, compile report), and exact fp32
+    on 16-query steps (32 spilled on sm_90)."""
     kind = dot_kind(dtype)
     cfg = _ATTENTION_BWD[_key(arch_of(device), kind)]
-    return _with_dropout(cfg, kind) if dropout else cfg
+    return shipped_with_dropout(cfg, kind) if dropout else cfg
 
 
-def _with_dropout(cfg: AttentionBwdConfig, kind: str) -> AttentionBwdConfig:
-    return cfg if kind == "half" else cfg._replace(dkdv_stages=1)
+def shipped_with_dropout(cfg: NamedTuple, kind: str) -> NamedTuple:
+    """An attention forward or backward configuration as the kernels run it with dropout."""
+    if kind == "half":
+        return cfg
+    if isinstance(cfg, AttentionConfig):
+        return cfg._replace(num_warps=8) if kind == "ieee" else cfg
+    cfg = cfg._replace(dkdv_stages=1)
+    return cfg._replace(dkdv_block_m=16) if kind == "ieee" else cfg
 
 
 def override(kernel: str, arch: int, kind: str, config: NamedTuple) -> NamedTuple:
@@ -157,11 +169,6 @@ def shipped(arch: int, kind: str) -> dict[str, NamedTuple]:
     key = _key(arch, kind)
     return {"linear": _LINEAR[key], "head": _HEAD[key], "attention": _ATTENTION[key],
             "attention_bwd": _ATTENTION_BWD[key]}  # fmt: skip
-
-
-def shipped_bwd_with_dropout(arch: int, kind: str) -> AttentionBwdConfig:
-    """The backward tiles the kernels run with dropout on (for the compile report)."""
-    return _with_dropout(_ATTENTION_BWD[_key(arch, kind)], kind)
 
 
 # ---------------------------------------------------------------------------------------------

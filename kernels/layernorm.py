@@ -92,7 +92,7 @@ def add_layer_norm_kernel(
         b_delta = tl.load(p_delta + o_r[:, None] * stride_delta + o_d[None, :], mask=m_x,
                           other=0.0).to(tl.float32)  # fmt: skip
         if DROP_DELTA:
-            b_keep = chunk_keep(seed, threshold, o_r, o_d, n0, m0, cols, tag_delta)
+            b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, tag_delta, BLOCK_D)
             b_delta = tl.where(b_keep, b_delta * drop_scale, 0.0)
         b_x += b_delta
     if HAS_DELTA2:
@@ -111,7 +111,7 @@ def add_layer_norm_kernel(
     b_b = tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_y = b_c * b_rstd[:, None] * b_w[None, :] + b_b[None, :]
     if DROP_Y:
-        b_keep = chunk_keep(seed, threshold, o_r, o_d, n0, m0, cols, tag_y)
+        b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, tag_y, BLOCK_D)
         b_y = tl.where(b_keep, b_y * drop_scale, 0.0)
     tl.store(p_y + o_r[:, None] * stride_y + o_d[None, :], b_y.to(p_y.dtype.element_ty),
              mask=m_x)  # fmt: skip
@@ -157,7 +157,7 @@ def add_layer_norm(
     if x_out is not None and x_out.dtype not in (torch.float32, y.dtype):
         raise TypeError(f"add_layer_norm: the residual stream is fp32 or {y.dtype} (the "
                         f"output's dtype), got {x_out.dtype}")  # fmt: skip
-    block_d = triton.next_power_of_2(d)
+    block_d = max(4, triton.next_power_of_2(d))  # dropout draws columns four at a time
     spec, pos = dropout if dropout is not None else (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1))
     drop_delta = dropout is not None and delta_tag is not None and delta is not None
     drop_y = dropout is not None and y_tag is not None

@@ -29,8 +29,10 @@ from .common import mma, upcast_dots
 from .configs import arch_of, dot_precision, linear_config, use_library_gemm
 from .dropout import ChunkPos, DropoutSpec, chunk_keep
 
-# The dropout epilogue draws Philox for every element of the tile: half-width tiles keep its
-# registers from spilling (compile report)
+# The dropout epilogue's tiles are half as wide: drawing Philox for every element, the full
+# tile spilled (compile report). With four columns per draw it no longer does, but at 173
+# registers on sm_90 (one program per SM, against two for the plain epilogue's 106) where the
+# half tile takes 74: kept until a GPU times both.
 DROPOUT_BLOCK_N = 64
 
 
@@ -50,17 +52,20 @@ def _tile(pid, n_rows, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
+def _epilogue(b_acc, o_m, col0, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
               logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU: tl.constexpr,
-              HEAD: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
-    """bias, ReLU, dropout, then either the tile or (HEAD) one logit per row, stored."""
+              HEAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """bias, ReLU, dropout, then either the tile (columns col0 …) or (HEAD) one logit per row,
+    stored."""
+    o_n = col0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_m = o_m < n_rows  # [BLOCK_M]
     m_n = o_n < n_out  # [BLOCK_N]
     b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
         b_acc = tl.maximum(b_acc, 0.0)
     if DROPOUT:  # row r is pair (n0 + r // logit_cols, m0 + r % logit_cols) of the direction
-        b_keep = chunk_keep(seed, threshold, o_m, o_n, n0, m0, logit_cols, drop_tag)
+        b_keep = chunk_keep(seed, threshold, o_m, col0, n0, m0, logit_cols, drop_tag,
+                            BLOCK_N)  # fmt: skip
         b_acc = tl.where(b_keep, b_acc * drop_scale, 0.0)
     if HEAD:
         b_hw = tl.load(p_head_w + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
@@ -127,9 +132,9 @@ def linear_kernel(
             other=0.0,
         )  # [BLOCK_K, BLOCK_N]
         b_acc = mma(b_a, b_w, b_acc, PRECISION, UPCAST)
-    _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
-              logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU, HEAD,
-              DROPOUT)  # fmt: skip
+    _epilogue(b_acc, o_m, pid_n * BLOCK_N, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b,
+              stride_out, logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU, HEAD,
+              DROPOUT, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -170,10 +175,9 @@ def linear_tma_kernel(
         b_w = d_w.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K]
         b_acc = mma(b_a, b_w.T, b_acc, PRECISION, UPCAST)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    _epilogue(b_acc, o_m, o_n, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b, stride_out,
-              logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU, HEAD,
-              DROPOUT)  # fmt: skip
+    _epilogue(b_acc, o_m, pid_n * BLOCK_N, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b,
+              stride_out, logit_cols, seed, threshold, drop_scale, n0, m0, drop_tag, RELU, HEAD,
+              DROPOUT, BLOCK_N)  # fmt: skip
 
 
 def _tma_ok(*tensors: Tensor) -> bool:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .attention import attention_kernel
 from .attention_backward import attention_dkdv_kernel, attention_dq_kernel, slice_width
-from .configs import shipped, shipped_bwd_with_dropout
+from .configs import shipped, shipped_with_dropout
+from .dropout import APPLY_BLOCK_C, APPLY_BLOCK_R, apply_dropout_kernel
 from .layernorm import (
     BLOCK_ROWS,
     LN_BWD_ROWS,
@@ -144,9 +145,10 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                        **DROPOUT_SIG}  # fmt: skip
                 jobs.append(("linear_tma", dict(desc), linear_tma_kernel, sig, const,
                              cfg.num_warps, cfg.num_stages, True))  # fmt: skip
-        cfg = tables["attention"]
         # inference without and with a mask; training with dropout (and the log-sum-exp)
         for has_mask, training in ((False, False), (True, False), (True, True)):
+            cfg = tables["attention"]
+            cfg = shipped_with_dropout(cfg, kind) if training else cfg
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
                    "p_lse": "*fp32", "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                    "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
@@ -178,7 +180,8 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 sig["stride_out"] = "i32"
             sig.update({"stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
                         else "stride_dq": "i32", "scale": "fp32", **DROPOUT_SIG})  # fmt: skip
-            bwd = shipped_bwd_with_dropout(arch, kind) if dropout else tables["attention_bwd"]
+            bwd = tables["attention_bwd"]
+            bwd = shipped_with_dropout(bwd, kind) if dropout else bwd
             tiles = ((bwd.dkdv_block_m, bwd.dkdv_block_p, bwd.dkdv_stages)
                      if name == "attention_dkdv"
                      else (bwd.dq_block_m, bwd.dq_block_p, bwd.dq_stages))  # fmt: skip
@@ -237,6 +240,15 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                 desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS, loop=loop, dx16=dx16)
                 jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
                              LN_BWD_WARPS, 1, False))  # fmt: skip
+            # the backward of a dropout whose mask the saved values do not show: an fp32
+            # gradient in, the GEMM operands' dtype out
+            sig = {"p_x": "*fp32", "p_out": ptr, "n_rows": "i32", "n_cols": "i32",
+                   "stride_x": "i32", "stride_out": "i32", "seed": "i64", "threshold": "i64",
+                   "scale": "fp32", "n0": "i32", "m0": "i32", "cols": "i32",
+                   "drop_tag": "i32"}  # fmt: skip
+            const = dict(BLOCK_R=APPLY_BLOCK_R, BLOCK_C=APPLY_BLOCK_C)
+            jobs.append(("apply_dropout", dict(dtype=dt), apply_dropout_kernel, sig, const, 4,
+                         1, False))  # fmt: skip
     return jobs
 
 

@@ -2,12 +2,13 @@
 (`kernels/dropout.py`) and PyTorch, importable without Triton.
 
 Every mask bit is a pure function of (seed, pair, layer, site, column): Philox4x32-10 on the
-counters c0 = column (feature, or key for the attention weights), c1 = query index m,
-c2 = memory item index n, c3 = tag(site, layer, head), with m and n the pair's global indices
-in its direction; an element is dropped where the first 32-bit output is below
-`threshold` = round(p·2³²), and kept elements are scaled by 1/(1 − threshold/2³²) (the
-expectation stays exact for the probability actually applied). `keep_torch` computes the
-same bits as `tl.philox` in PyTorch integer arithmetic.
+counters c0 = column // 4 (column: a feature, or a key for the attention weights),
+c1 = query index m, c2 = memory item index n, c3 = tag(site, layer, head), with m and n the
+pair's global indices in its direction; of the call's four 32-bit outputs, column c takes
+output c % 4 (one call draws four neighbouring columns). An element is dropped where its
+output is below `threshold` = round(p·2³²), and kept elements are scaled by
+1/(1 − threshold/2³²) (the expectation stays exact for the probability actually applied).
+`keep_torch` computes the same bits as `tl.philox` in PyTorch integer arithmetic.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return high & _M32, low
 
 
-def philox_torch(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
-    """The first output of Philox4x32-10 as `tl.philox` computes it (int64 tensors holding
+def philox_torch(
+    seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four outputs of Philox4x32-10 as `tl.philox` computes them (int64 tensors holding
     uint32 values, broadcast together)."""
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     c0, c1, c2, c3 = (c & _M32 for c in (c0, c1, c2, c3))
@@ -75,7 +78,7 @@ def philox_torch(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> T
         hi_a, lo_a = _mulhilo(0xD2511F53, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def keep_torch(
@@ -84,5 +87,7 @@ def keep_torch(
     """bool mask, True where kept, for broadcastable int64 index tensors (global item and
     query indices, column indices)."""
     tag_t = torch.tensor(tag_, dtype=torch.int64, device=cols.device)
-    r = philox_torch(spec.seed, cols, queries, items, tag_t)
+    r0, r1, r2, r3 = philox_torch(spec.seed, cols // 4, queries, items, tag_t)
+    t = torch.broadcast_to(cols % 4, r0.shape)
+    r = torch.where(t == 0, r0, torch.where(t == 1, r1, torch.where(t == 2, r2, r3)))
     return r >= spec.threshold
