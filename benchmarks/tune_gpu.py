@@ -8,7 +8,8 @@ configuration: every `linear` variant the backend launches, at a chunk's shape, 
 cuBLAS on the same product (`torch.mm`, no fusion), and the attention kernel against
 PyTorch's SDPA on the same work (on contiguous K/V, and as the "library" attention route runs
 it on strided K/V), the attention backward (dQ and dK/dV kernels) against
-SDPA's backward on the same work; then the whole backend at N = M = 1024 with the fastest
+SDPA's backward on the same work; train mode's dropout epilogue and attention beside the
+same kernels without masks; then the whole backend at N = M = 1024 with the fastest
 configuration of each forward kernel. Writes `tune_gpu.json`; prints a table.
 """
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print("attention baselines", json.dumps(results["attention_baselines"]), flush=True)
     sweep("attention", ATTENTION_CANDIDATES, lambda: attention(q, k_, v_, heads, items, m, out=o),
           flops, t_sdpa)  # fmt: skip
+    results["dropout"] = time_dropout(a_d, w_fd, b_f, y_f, q, k_, v_, o, heads, items, m, dev)
 
     # attention backward: both kernels, dK/dV added into fp32 accumulators as training does;
     # 5 products of 2·m·P·D per item (S and dP recomputed, dQ, dK, dV)
@@ -287,6 +289,53 @@ def main(argv: list[str] | None = None) -> int:
         results["triton_forward_ms"] = timing
     (out_dir / "tune_gpu.json").write_text(json.dumps(results, indent=1))
     return 0
+
+
+def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
+                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, heads: int,
+                 items: int, m: int, dev: torch.device) -> dict:  # fmt: skip
+    """Train mode's kernels with their dropout masks, beside the same kernels without: linear1's
+    ReLU + dropout epilogue at the shipped half-width tiles and at the full ones (which compile
+    spill-free since the masks draw four columns per Philox call), and the attention forward."""
+    import importlib
+
+    from carzero_fast.backends.philox import SITE_ATTENTION, SITE_FFN_HIDDEN, ChunkPos, DropoutSpec
+    from carzero_fast.backends.philox import tag as site_tag
+
+    kl = importlib.import_module("carzero_fast.kernels.linear")  # not the function
+    spec = DropoutSpec.make(0.1, 1234)
+    rows, f = y.shape
+    flops = 2 * rows * a.shape[1] * f
+    out: dict = {}
+    drop = (spec, ChunkPos(0, 0, m), site_tag(SITE_FFN_HIDDEN, 0))
+    shipped, route = kl.DROPOUT_BLOCK_N, os.environ.get("CARZERO_FAST_TRITON_GEMM")
+    runs = (("no dropout, cuBLAS", "library", None), ("no dropout, this kernel", "triton", None),
+            (f"dropout, {shipped}-wide tiles", "auto", shipped),
+            ("dropout, full tiles", "auto", 1 << 30))  # fmt: skip
+    for label, gemm, block_n in runs:
+        os.environ["CARZERO_FAST_TRITON_GEMM"] = gemm
+        kl.DROPOUT_BLOCK_N = block_n or shipped
+        try:
+            t = bench(lambda block_n=block_n: linear(a, w, b, relu=True, out=y, tma=True,
+                      dropout=drop if block_n else None), dev)  # fmt: skip
+            out[f"linear1 [{label}]"] = {"us": t * 1e6, "tflops": flops / t / 1e12}
+        except Exception as e:  # noqa: BLE001 — recorded, the run goes on
+            out[f"linear1 [{label}]"] = {"error": repr(e)[:300]}
+    kl.DROPOUT_BLOCK_N = shipped
+    if route is None:
+        os.environ.pop("CARZERO_FAST_TRITON_GEMM")
+    else:
+        os.environ["CARZERO_FAST_TRITON_GEMM"] = route
+    lse = torch.empty((items * m, heads), dtype=torch.float32, device=dev)
+    flops = 4 * items * m * (k.shape[0] // items) * q.shape[1]
+    a_drop = (spec, ChunkPos(0, 0, m), site_tag(SITE_ATTENTION, 0))
+    for label, dropout in (("lse, no dropout", None), ("lse, dropout", a_drop)):
+        t = bench(lambda dropout=dropout: attention(q, k, v, heads, items, m, out=o, lse=lse,
+                                                    dropout=dropout), dev)  # fmt: skip
+        out[f"attention [{label}]"] = {"us": t * 1e6, "tflops": flops / t / 1e12}
+    for name, row in out.items():
+        print(f"dropout {name}: {json.dumps(row)}", flush=True)
+    return out
 
 
 def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev: torch.device,

@@ -177,10 +177,13 @@ def add_layer_norm(
 
 @triton.jit
 def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x,
-                 stride_dy, stride_dres, stride_dx, stride_dx16, eps, D: tl.constexpr,
-                 HAS_DRES: tl.constexpr, WRITE_DX16: tl.constexpr):  # fmt: skip
-    """dx of rows `o_r` `[BLOCK_R]` stored (and its 16-bit copy); returns their column sums
-    of dy·x̂, of dy and of the 16-bit dx (`[BLOCK_D]` each; the last is dy's when unused)."""
+                 stride_dy, stride_dres, stride_dx, stride_dx16, eps, seed, threshold,
+                 drop_scale, n0, m0, cols, drop_tag, D: tl.constexpr, HAS_DRES: tl.constexpr,
+                 WRITE_DX16: tl.constexpr, DROP_DX16: tl.constexpr,
+                 BLOCK_D: tl.constexpr):  # fmt: skip
+    """dx of rows `o_r` `[BLOCK_R]` stored (and its copy in the GEMM dtype, dropped with
+    DROP_DX16); returns their column sums of dy·x̂, of dy and of that copy (`[BLOCK_D]` each;
+    the last is dy's when unused)."""
     m_x = (o_r < n_rows)[:, None] & m_d[None, :]
     b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
     b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
@@ -201,7 +204,11 @@ def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, st
     b_db = tl.sum(b_dy, axis=0)
     b_ds = b_db
     if WRITE_DX16:  # the branch's linear layer takes dx in its GEMM dtype, and its bias Σ dx
-        b_dx16 = b_dx.to(p_dx16.dtype.element_ty)
+        b_dx16 = b_dx
+        if DROP_DX16:  # the branch was dropped before its add: its gradient goes through the mask
+            b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, drop_tag, BLOCK_D)
+            b_dx16 = tl.where(b_keep, b_dx * drop_scale, 0.0)
+        b_dx16 = b_dx16.to(p_dx16.dtype.element_ty)
         tl.store(p_dx16 + o_r[:, None] * stride_dx16 + o_d[None, :], b_dx16, mask=m_x)
         b_ds = tl.sum(tl.where(m_x, b_dx16.to(tl.float32), 0.0), axis=0)
     return tl.sum(b_dy * b_xhat, axis=0), b_db, b_ds
@@ -214,10 +221,10 @@ def layer_norm_backward_kernel(
     p_dy,  # [R, D] gradient of the LayerNorm's output
     p_dres,  # [R, D] fp32 gradient reaching the stream from later layers, HAS_DRES
     p_dx,  # [R, D] fp32 gradient of the stream (= of delta, and of x)
-    p_dx16,  # [R, D] dx rounded to the GEMM dtype, WRITE_DX16
+    p_dx16,  # [R, D] dx in the GEMM dtype (dropped with DROP_DX16), WRITE_DX16
     p_dw_part,  # [programs, D] fp32 partial dγ of this program's rows
     p_db_part,  # [programs, D] fp32 partial dβ
-    p_ds_part,  # [programs, D] fp32 partial column sums of the 16-bit dx, WRITE_DX16
+    p_ds_part,  # [programs, D] fp32 partial column sums of dx16, WRITE_DX16
     n_rows,
     stride_x,
     stride_dy,
@@ -225,9 +232,17 @@ def layer_norm_backward_kernel(
     stride_dx,
     stride_dx16,
     eps,
+    seed,  # DROP_DX16: kernels/dropout.py's counters; rows are the chunk's pairs
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    cols,
+    drop_tag,
     D: tl.constexpr,
     HAS_DRES: tl.constexpr,
     WRITE_DX16: tl.constexpr,
+    DROP_DX16: tl.constexpr,
     LOOP: tl.constexpr,  # fewer programs than row blocks: each takes blocks pid, pid + programs, …
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -244,8 +259,9 @@ def layer_norm_backward_kernel(
             o_r = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
             b_dw_r, b_db_r, b_ds_r = _ln_bwd_rows(
                 p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x,
-                stride_dy, stride_dres, stride_dx, stride_dx16, eps, D, HAS_DRES,
-                WRITE_DX16)  # fmt: skip
+                stride_dy, stride_dres, stride_dx, stride_dx16, eps, seed, threshold,
+                drop_scale, n0, m0, cols, drop_tag, D, HAS_DRES, WRITE_DX16, DROP_DX16,
+                BLOCK_D)  # fmt: skip
             b_dw += b_dw_r
             b_db += b_db_r
             b_ds += b_ds_r
@@ -253,7 +269,8 @@ def layer_norm_backward_kernel(
         o_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
         b_dw, b_db, b_ds = _ln_bwd_rows(
             p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x, stride_dy,
-            stride_dres, stride_dx, stride_dx16, eps, D, HAS_DRES, WRITE_DX16)  # fmt: skip
+            stride_dres, stride_dx, stride_dx16, eps, seed, threshold, drop_scale, n0, m0,
+            cols, drop_tag, D, HAS_DRES, WRITE_DX16, DROP_DX16, BLOCK_D)  # fmt: skip
     # per-program partial sums (no atomics, a fixed order): the caller adds the rows of partials
     tl.store(p_dw_part + pid * D + o_d, b_dw, mask=m_d)
     tl.store(p_db_part + pid * D + o_d, b_db, mask=m_d)
@@ -275,6 +292,7 @@ def layer_norm_backward(
     eps: float,
     dres: Tensor | None = None,
     dx16: Tensor | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
 ) -> LayerNormGrads:
     """Backward of `add_layer_norm`'s LayerNorm (and of its add: the stream's gradient is
     the gradient of delta and of the stream before it).
@@ -284,13 +302,17 @@ def layer_norm_backward(
     fp32, deterministic (partials reduced in a fixed order). With `dx16` (`(R, D)`, 16-bit)
     dx is also written there rounded, and `dx16_sum` is its column sums: what the linear
     layer of the residual branch needs (its GEMM operand and its bias gradient), without a
-    cast and a reduction over the rows afterwards.
+    cast and a reduction over the rows afterwards. dropout = (spec, the chunk's position,
+    tag(site, layer)) of a branch the forward dropped before its add: `dx16` is then dx
+    through that mask (the branch's gradient), and `dx16_sum` its sums.
     """
     n_rows, d = x.shape
     if dx16 is not None and (dx16.shape != x.shape or dx16.stride(-1) != 1):
         raise ValueError(f"layer_norm_backward: dx16 must be a {tuple(x.shape)} tensor with "
                          f"unit stride along its rows, got {tuple(dx16.shape)}")  # fmt: skip
-    block_d = triton.next_power_of_2(d)
+    if dropout is not None and dx16 is None:
+        raise ValueError("layer_norm_backward: dropout applies to dx16; give one")
+    block_d = max(4, triton.next_power_of_2(d))  # dropout draws columns four at a time
     blocks = triton.cdiv(n_rows, LN_BWD_ROWS)
     programs = blocks
     if LN_BWD_PROGRAMS_PER_SM:
@@ -300,13 +322,15 @@ def layer_norm_backward(
     alloc = torch.empty if programs else torch.zeros
     parts = alloc((3 if dx16 is not None else 2, max(programs, 1), d), dtype=torch.float32,
                   device=x.device)  # fmt: skip
+    spec, pos, drop_tag = dropout or (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1), 0)
     if n_rows:
         layer_norm_backward_kernel[(programs,)](
             x, weight, dy, dres, dx, dx16, parts[0], parts[1], parts[-1], n_rows, x.stride(0),
             dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
-            dx16.stride(0) if dx16 is not None else 0, eps, D=d, HAS_DRES=dres is not None,
-            WRITE_DX16=dx16 is not None, LOOP=programs < blocks, BLOCK_R=LN_BWD_ROWS,
-            BLOCK_D=block_d, num_warps=LN_BWD_WARPS, num_stages=1,
+            dx16.stride(0) if dx16 is not None else 0, eps, spec.seed, spec.threshold,
+            spec.scale, pos.n0, pos.m0, pos.cols, drop_tag, D=d, HAS_DRES=dres is not None,
+            WRITE_DX16=dx16 is not None, DROP_DX16=dropout is not None, LOOP=programs < blocks,
+            BLOCK_R=LN_BWD_ROWS, BLOCK_D=block_d, num_warps=LN_BWD_WARPS, num_stages=1,
         )  # fmt: skip
     sums = parts.sum(dim=1)
     return LayerNormGrads(dx, sums[0], sums[1], sums[2] if dx16 is not None else None)

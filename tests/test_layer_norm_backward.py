@@ -11,6 +11,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from carzero_fast.kernels import layer_norm_backward  # noqa: E402
 from carzero_fast.kernels import layernorm as kln  # noqa: E402
+from carzero_fast.kernels.dropout import apply_dropout  # noqa: E402
+
+from carzero_fast.backends.philox import SITE_ATTN_BRANCH, ChunkPos, DropoutSpec, tag  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,3 +81,28 @@ def test_writes_the_branch_gradient_in_16_bit_with_its_column_sums(dtype, progra
     assert _rel(got.dx16_sum, expected) < 1e-6 and got.dx16_sum.dtype == torch.float32
     with pytest.raises(ValueError, match="dx16"):
         layer_norm_backward(x, w, dy, 1e-5, dx16=dx16[:, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_drops_the_branch_gradient_through_its_mask(dtype, programs_per_sm):
+    """With `dropout` (training mode, a branch dropped before its add), `dx16` is exactly
+    `apply_dropout(dx)` (the mask `philox.keep_torch` draws, the scale, one rounding) and
+    `dx16_sum` its column sums; dx, dγ, dβ as without it, bit for bit."""
+    rows, d = 37, 97
+    spec, pos, t = DropoutSpec.make(0.3, 99), ChunkPos(3, 11, 5), tag(SITE_ATTN_BRANCH, 2)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(rows, d, generator=g) * 2 + 0.5
+    w = 1 + 0.2 * torch.randn(d, generator=g)
+    dy = torch.randn(rows, d, generator=g).to(dtype)
+    dres = torch.randn(rows, d, generator=g)
+    plain = layer_norm_backward(x, w, dy, 1e-5, dres)
+    dx16 = torch.full((rows, d), float("nan"), dtype=dtype)
+    got = layer_norm_backward(x, w, dy, 1e-5, dres, dx16=dx16, dropout=(spec, pos, t))
+    for a, b in zip(got[:3], plain[:3], strict=True):
+        assert torch.equal(a, b)
+    want = apply_dropout(plain.dx, spec, pos, t, out=torch.empty(rows, d, dtype=dtype))
+    assert torch.equal(dx16, want)
+    assert 0.2 < (want == 0).float().mean() < 0.4  # the mask is on (p = 0.3)
+    assert _rel(got.dx16_sum, want.double().sum(0)) < 1e-6
+    with pytest.raises(ValueError, match="dx16"):
+        layer_norm_backward(x, w, dy, 1e-5, dropout=(spec, pos, t))

@@ -185,30 +185,40 @@ def test_half_precision_no_worse_than_pytorch(dtype, route, monkeypatch):
         assert err <= 2 * base, (what, err, base)
 
 
-def test_16_bit_branch_gradients_from_the_layer_norm_backward(monkeypatch, triton_only):
-    """16-bit training without dropout takes each residual branch's dy (16-bit) and its
-    bias gradient (column sums) from the LayerNorm backward that made dx: the same step as
-    casting dx and summing it apart (every gradient bit for bit but the summed biases, which
-    add the same numbers in another order)."""
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "dropout"])
+def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch, triton_only):
+    """16-bit training takes each residual branch's dy (16-bit; in train mode through the
+    branch's dropout mask) and its bias gradient (column sums) from the LayerNorm backward
+    that made dx: the same step as casting (or `apply_dropout` on) dx and summing it apart
+    (every gradient bit for bit but the summed biases, which add the same numbers in another
+    order)."""
     import carzero_fast.kernels as kernels
+    from carzero_fast.kernels.dropout import apply_dropout
 
-    al = make_aligner(CONFIGS["d64h4"], seed=5, dtype=torch.bfloat16)
+    al = make_aligner(CONFIGS["d64h4"], seed=5, dtype=torch.bfloat16).train(train)
     img, txt = _tokens(64, seed=6, dtype=torch.bfloat16)
     budget = _budget(al.config, (2, M))
+    torch.manual_seed(11)  # the directions' dropout seeds
     fused = _step(al, "triton", img, txt, budget=budget)
     real, seen = kernels.layer_norm_backward, []
 
-    def cast_and_sum(x, weight, dy, eps, dres=None, dx16=None):
+    def cast_and_sum(x, weight, dy, eps, dres=None, dx16=None, dropout=None):
         out = real(x, weight, dy, eps, dres)
-        seen.append(dx16 is not None)
+        seen.append((dx16 is not None, dropout is not None))
         if dx16 is None:
             return out
-        dx16.copy_(out.dx)
+        if dropout is None:
+            dx16.copy_(out.dx)
+        else:
+            apply_dropout(out.dx, *dropout, out=dx16)
         return out._replace(dx16_sum=dx16.sum(0, dtype=torch.float32))
 
     monkeypatch.setattr(kernels, "layer_norm_backward", cast_and_sum)
+    torch.manual_seed(11)
     apart = _step(al, "triton", img, txt, budget=budget)
-    assert any(seen) and not all(seen)  # LN0's backward has no branch
+    branches = [drop for has_dx16, drop in seen if has_dx16]
+    assert branches and len(branches) < len(seen)  # LN0's backward has no branch
+    assert all(branches) if train else not any(branches)
     for name, a, b in zip(_names(al), fused, apart, strict=True):
         if name.endswith(("linear2.bias", "out_proj.bias")):
             assert rel_err(a, b) < 1e-5, name

@@ -9,9 +9,10 @@ Backward, per direction (DESIGN.md §3, "backward recomputes"):
   accumulator for the block;
 - per chunk of pairs: the forward again (`pair_layers`, now one buffer set per layer and the
   softmax log-sum-exp kept), then back through the head, decoder_norm and the layers in
-  reverse: `layer_norm_backward` for every residual add + LayerNorm (with 16-bit GEMMs and
-  no dropout it also writes the residual branch's 16-bit dy and that linear layer's bias
-  gradient: no cast and no row reduction apart), `attention_backward` for
+  reverse: `layer_norm_backward` for every residual add + LayerNorm (with 16-bit GEMMs or
+  dropout it also writes the residual branch's dy in the GEMM dtype, through the branch's
+  dropout mask in training mode, and that linear layer's bias gradient: no cast, mask pass
+  or row reduction apart), `attention_backward` for
   the attention (dK/dV of an item's key block in one program, added into the block's
   accumulator; layer 1's shared queries get their per-pair dq summed over items), GEMMs for
   every linear layer;
@@ -23,7 +24,8 @@ atomics); every reduction runs in a fixed order, so gradients are deterministic.
 Memory: the inputs, the `(N, M)` logits and one chunk's activations (`plan_train`), never
 O(N·M·D). Dropout (training mode) uses the counter-based masks of `philox.py` in every
 kernel, so the recomputation sees the forward's masks; its backward reads the ReLU+dropout
-masks from the saved (dropped) values and redraws the others (`apply_dropout`).
+masks from the saved (dropped) values and redraws the others (the residual branches' in
+`layer_norm_backward`, SimR's with `apply_dropout`, the attention weights' in its kernels).
 """
 
 from __future__ import annotations
@@ -175,20 +177,24 @@ def _chunk_backward(
         out = torch.empty(g.shape, dtype=w.norm0_w.dtype, device=g.device)
         return apply_dropout(g, *drop, tag(site, layer), out=out)
 
-    def ln_backward(x: Tensor, weight: Tensor, dy: Tensor, dres: Tensor | None = None):  # noqa: ANN202
-        """A LayerNorm's backward whose dx also enters a residual branch's linear layer:
-        with 16-bit GEMMs and no dropout it writes that layer's dy and bias gradient too →
-        (dx fp32, dγ, dβ, branch: (dy, Σ dy), or None: `undrop` and the layer's own sum)."""
-        if drop or w.norm0_w.dtype == torch.float32:
+    def ln_backward(x: Tensor, weight: Tensor, dy: Tensor, site: int, layer: int,
+                    dres: Tensor | None = None):  # noqa: ANN202  # fmt: skip
+        """A LayerNorm's backward whose dx also enters a residual branch's linear layer (the
+        branch `site` of `layer`): with 16-bit GEMMs or dropout it writes that layer's dy (dx
+        through the branch's mask, in training mode) and its bias gradient too → (dx fp32,
+        dγ, dβ, branch: (dy, Σ dy), or None: fp32 without dropout, dx is the layer's dy)."""
+        if not drop and w.norm0_w.dtype == torch.float32:
             return (*layer_norm_backward(x, weight, dy, eps, dres)[:3], None)
         dx16 = torch.empty(x.shape, dtype=w.norm0_w.dtype, device=x.device)
-        out = layer_norm_backward(x, weight, dy, eps, dres, dx16=dx16)
+        out = layer_norm_backward(x, weight, dy, eps, dres, dx16=dx16,
+                                  dropout=(*drop, tag(site, layer)) if drop else None)  # fmt: skip
         return out.dx, out.dw, out.db, (dx16, out.dx16_sum)
 
-    def branch_backward(dx: Tensor, branch, site: int, layer: int, *args, **kwargs) -> Tensor:  # noqa: ANN001
-        """`linear_backward` of a residual branch's linear layer from the stream's dx."""
+    def branch_backward(dx: Tensor, branch, *args, **kwargs) -> Tensor:  # noqa: ANN001
+        """`linear_backward` of a residual branch's linear layer from the stream's dx, or
+        from the layer's dy and bias gradient that `ln_backward` made (`branch`)."""
         if branch is None:
-            return linear_backward(undrop(dx, site, layer), *args, **kwargs)
+            return linear_backward(dx, *args, **kwargs)
         return linear_backward(branch[0], *args, dy_sum=branch[1], **kwargs)
 
     gh = grads.head if grads is not None else [(None, None)] * len(w.head)
@@ -203,7 +209,8 @@ def _chunk_backward(
                              drop_scale=scale)  # fmt: skip
     bufs = chunk.bufs
     da = undrop(da, SITE_SIMR, 0)
-    dx, dg, db, branch = ln_backward(bufs[-1].x_out, w.norm0_w, da)
+    dx, dg, db, branch = ln_backward(bufs[-1].x_out, w.norm0_w, da, SITE_FFN_BRANCH,
+                                     cfg.n_layers - 1)  # fmt: skip
     if grads is not None:
         _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
     mc = g_x0[queries].shape[0]
@@ -216,16 +223,16 @@ def _chunk_backward(
             return t[rows] if t is not None and rows is not None else t
 
         # x_out = x_mid + drop(linear2(drop(relu(linear1(LN3(x_mid))))))
-        dh = branch_backward(dx, branch, SITE_FFN_BRANCH, li, b.h, lw.linear2_w,
-                             g("linear2_w"), g("linear2_b"), relu_of=b.h,
-                             drop_scale=scale)  # fmt: skip
+        dh = branch_backward(dx, branch, b.h, lw.linear2_w, g("linear2_w"), g("linear2_b"),
+                             relu_of=b.h, drop_scale=scale)  # fmt: skip
         dy3 = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"))
-        dx_mid, dg, db, branch = ln_backward(b.x_mid, lw.norm3_w, dy3, dres=dx)
+        dx_mid, dg, db, branch = ln_backward(b.x_mid, lw.norm3_w, dy3, SITE_ATTN_BRANCH, li,
+                                             dres=dx)  # fmt: skip
         if gl is not None:
             _add_norm(gl.norm3_w, gl.norm3_b, dg, db)
         # x_mid = x_in + drop(out_proj(attention(q, K, V)))
-        do = branch_backward(dx_mid, branch, SITE_ATTN_BRANCH, li, b.o, lw.out_proj_w,
-                             g("out_proj_w"), g("out_proj_b"))  # fmt: skip
+        do = branch_backward(dx_mid, branch, b.o, lw.out_proj_w, g("out_proj_w"),
+                             g("out_proj_b"))  # fmt: skip
         k_cols = slice(2 * li * d, (2 * li + 1) * d)
         v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
         q = cp.q1[queries] if li == 0 else b.q
@@ -242,7 +249,8 @@ def _chunk_backward(
             rows = slice(0, d)
             dy2 = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li], g("in_proj_w", rows),
                                   g("in_proj_b", rows))  # fmt: skip
-            dx, dg, db, branch = ln_backward(bufs[li - 1].x_out, lw.norm2_w, dy2, dres=dx_mid)
+            dx, dg, db, branch = ln_backward(bufs[li - 1].x_out, lw.norm2_w, dy2,
+                                             SITE_FFN_BRANCH, li - 1, dres=dx_mid)  # fmt: skip
             if gl is not None:
                 _add_norm(gl.norm2_w, gl.norm2_b, dg, db)
 
