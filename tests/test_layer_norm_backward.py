@@ -60,12 +60,17 @@ def test_deterministic_and_empty(programs_per_sm):
     assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8)) and torch.equal(db, dw)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_writes_the_branch_gradient_in_16_bit_with_its_column_sums(dtype, programs_per_sm):
-    """`dx16`: dx rounded to the GEMM dtype (what the residual branch's linear layer takes)
-    and `dx16_sum` its column sums in fp32 (that layer's bias gradient); dx, dγ, dβ as
-    without it, bit for bit."""
+@pytest.mark.parametrize(("dtype", "drop"), [(torch.bfloat16, False), (torch.float16, False),
+                                           (torch.bfloat16, True), (torch.float32, True)],
+                         ids=["bf16", "fp16", "bf16-dropout", "fp32-dropout"])  # fmt: skip
+def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_per_sm):
+    """`dx16`: dx in the GEMM dtype (what the residual branch's linear layer takes), and with
+    `dropout` (training mode, a branch dropped before its add) exactly `apply_dropout(dx)`
+    (the mask `philox.keep_torch` draws, the scale, one rounding); `dx16_sum` its column sums
+    in fp32 (that layer's bias gradient); dx, dγ, dβ as without it, bit for bit."""
     rows, d = 37, 97
+    spec, pos, t = DropoutSpec.make(0.3, 99), ChunkPos(3, 11, 5), tag(SITE_ATTN_BRANCH, 2)
+    dropout = (spec, pos, t) if drop else None
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, d, generator=g) * 2 + 0.5
     w = 1 + 0.2 * torch.randn(d, generator=g)
@@ -73,36 +78,18 @@ def test_writes_the_branch_gradient_in_16_bit_with_its_column_sums(dtype, progra
     dres = torch.randn(rows, d, generator=g)
     plain = layer_norm_backward(x, w, dy, 1e-5, dres)
     dx16 = torch.full((rows, d), float("nan"), dtype=dtype)
-    got = layer_norm_backward(x, w, dy, 1e-5, dres, dx16=dx16)
+    got = layer_norm_backward(x, w, dy, 1e-5, dres, dx16=dx16, dropout=dropout)
     for a, b in zip(got[:3], plain[:3], strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(dx16, got.dx.to(dtype))
-    expected = dx16.double().sum(0)
-    assert _rel(got.dx16_sum, expected) < 1e-6 and got.dx16_sum.dtype == torch.float32
+    if drop:
+        want = apply_dropout(plain.dx, *dropout, out=torch.empty(rows, d, dtype=dtype))
+        assert 0.2 < (want == 0).float().mean() < 0.4  # the mask is on (p = 0.3)
+    else:
+        want = plain.dx.to(dtype)
+    assert torch.equal(dx16, want)
+    assert _rel(got.dx16_sum, want.double().sum(0)) < 1e-6
+    assert got.dx16_sum.dtype == torch.float32
     with pytest.raises(ValueError, match="dx16"):
         layer_norm_backward(x, w, dy, 1e-5, dx16=dx16[:, :-1])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_drops_the_branch_gradient_through_its_mask(dtype, programs_per_sm):
-    """With `dropout` (training mode, a branch dropped before its add), `dx16` is exactly
-    `apply_dropout(dx)` (the mask `philox.keep_torch` draws, the scale, one rounding) and
-    `dx16_sum` its column sums; dx, dγ, dβ as without it, bit for bit."""
-    rows, d = 37, 97
-    spec, pos, t = DropoutSpec.make(0.3, 99), ChunkPos(3, 11, 5), tag(SITE_ATTN_BRANCH, 2)
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(rows, d, generator=g) * 2 + 0.5
-    w = 1 + 0.2 * torch.randn(d, generator=g)
-    dy = torch.randn(rows, d, generator=g).to(dtype)
-    dres = torch.randn(rows, d, generator=g)
-    plain = layer_norm_backward(x, w, dy, 1e-5, dres)
-    dx16 = torch.full((rows, d), float("nan"), dtype=dtype)
-    got = layer_norm_backward(x, w, dy, 1e-5, dres, dx16=dx16, dropout=(spec, pos, t))
-    for a, b in zip(got[:3], plain[:3], strict=True):
-        assert torch.equal(a, b)
-    want = apply_dropout(plain.dx, spec, pos, t, out=torch.empty(rows, d, dtype=dtype))
-    assert torch.equal(dx16, want)
-    assert 0.2 < (want == 0).float().mean() < 0.4  # the mask is on (p = 0.3)
-    assert _rel(got.dx16_sum, want.double().sum(0)) < 1e-6
     with pytest.raises(ValueError, match="dx16"):
         layer_norm_backward(x, w, dy, 1e-5, dropout=(spec, pos, t))
