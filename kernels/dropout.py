@@ -24,8 +24,8 @@ def keep_mask(seed, threshold, col0, o_query, o_item, drop_tag, BLOCK_C: tl.cons
     multiple of 4) of the rows whose query and item indices are o_query, o_item `[R]`.
 
     One Philox call draws four neighbouring columns (column c is output c % 4 of the call on
-    counter c // 4): a quarter of the integer work of one call per element, which dominated
-    the attention kernels with dropout on (compile report's instruction counts)."""
+    counter c // 4): a quarter of the calls of one per element, whose integer work was most of
+    what a mask added to a kernel (sm_90 instruction counts, BENCHMARKS.md)."""
     R: tl.constexpr = o_query.shape[0]
     o_c4 = col0 // 4 + tl.arange(0, BLOCK_C // 4)  # [BLOCK_C // 4]
     b_c4 = o_c4[None, :] + 0 * o_query[:, None]  # [R, BLOCK_C // 4]
