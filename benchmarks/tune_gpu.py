@@ -8,7 +8,8 @@ configuration: every `linear` variant the backend launches, at a chunk's shape, 
 cuBLAS on the same product (`torch.mm`, no fusion), and the attention kernel against
 PyTorch's SDPA on the same work (on contiguous K/V, and as the "library" attention route runs
 it on strided K/V), the attention backward (dQ and dK/dV kernels) against
-SDPA's backward on the same work; train mode's dropout epilogue and attention beside the
+SDPA's backward on the same work; training's ReLU backward with its column sums against
+PyTorch's two passes; train mode's dropout epilogue and attention beside the
 same kernels without masks; then the whole backend at N = M = 1024 with the fastest
 configuration of each forward kernel. Writes `tune_gpu.json`; prints a table.
 """
@@ -31,6 +32,8 @@ from carzero_fast.kernels import (
     attention_torch,
     layer_norm_backward,
     linear,
+    relu_backward,
+    relu_backward_torch,
 )
 from carzero_fast.kernels import configs as kc
 from carzero_fast.kernels import layernorm as kln
@@ -165,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                                           "bias_tflops": flops / t_bias / 1e12,
                                           "into_stream_tflops": flops / t_add / 1e12}  # fmt: skip
         print(f"residual gemm [{name}]", json.dumps(results["residual_gemm"][name]), flush=True)
+    # training's ReLU backward with the next bias gradient, against PyTorch's two passes
+    act = torch.relu(rnd(rows, f))
+    t_kernel = bench(lambda: relu_backward(a_f, act), dev)
+    t_torch = bench(lambda: relu_backward_torch(a_f, act), dev)
+    results["relu_backward"] = {"kernel_us": t_kernel * 1e6, "torch_us": t_torch * 1e6,
+                                "kernel_tb_s": rows * f * 6 / t_kernel / 1e12}  # fmt: skip
+    print("relu_backward", json.dumps(results["relu_backward"]), flush=True)
     if dev.type == "cuda":
         results["device"] = torch.cuda.get_device_name(dev)
 

@@ -2,7 +2,8 @@
 
 One op family per module, each with its kernel, launcher and the PyTorch stage it replaces:
 `layernorm` (residual add + LayerNorm), `linear` (GEMM with bias/ReLU/MLP-head epilogues),
-`attention` (a query block over one item's keys, online softmax) and `attention_backward`.
+`attention` (a query block over one item's keys, online softmax), `attention_backward` and
+`relu_backward` (a ReLU's backward with the column sums of its result).
 `report` compiles every shipped configuration without a GPU (`python -m carzero_fast.kernels`).
 """
 
@@ -12,10 +13,12 @@ from .common import fix_interpreter_rounding, interpreting
 from .configs import dot_precision, library_attention, residual_in_gemm
 from .layernorm import add_layer_norm, add_layer_norm_torch, layer_norm_backward
 from .linear import linear, linear_torch
+from .relu_backward import relu_backward, relu_backward_torch
 
 if interpreting():
     fix_interpreter_rounding()
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "attention", "attention_backward",
            "attention_torch", "dot_precision", "layer_norm_backward", "library_attention",
-           "linear", "linear_torch", "residual_in_gemm"]  # fmt: skip
+           "linear", "linear_torch", "relu_backward", "relu_backward_torch",
+           "residual_in_gemm"]  # fmt: skip

@@ -116,6 +116,20 @@ def _capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the interpreter counts 2 (a few programs
+    that each loop over several row blocks)."""
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _key(arch: int, kind: str) -> tuple[int, str]:
     """arch: a major version (9) or a compute capability (90, 80)."""
     major = arch // 10 if arch >= 10 else arch

@@ -22,7 +22,6 @@ their own dtype (`backends/fused.py`), a pass only reads the stream and adds a c
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -31,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .configs import multiprocessors
 from .dropout import ChunkPos, DropoutSpec, chunk_keep
 
 BLOCK_ROWS = 8
@@ -334,20 +334,6 @@ def layer_norm_backward(
         )  # fmt: skip
     sums = parts.sum(dim=1)
     return LayerNormGrads(dx, sums[0], sums[1], sums[2] if dx16 is not None else None)
-
-
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; the interpreter counts 2 (a few programs
-    that each loop over several row blocks)."""
-    if device.type != "cuda":
-        return 2
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _multiprocessors(index)
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def add_layer_norm_torch(

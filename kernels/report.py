@@ -30,6 +30,9 @@ from .layernorm import (
     layer_norm_backward_kernel,
 )
 from .linear import DROPOUT_BLOCK_N, linear_kernel, linear_tma_kernel
+from .relu_backward import BLOCK_C as RELU_BLOCK_C
+from .relu_backward import BLOCK_R as RELU_BLOCK_R
+from .relu_backward import relu_backward_kernel
 
 # CARZero's dims: D = 768, 4 heads of 192, FFN 1024, head 1024-512-256-1
 D_MODEL, HEAD_DIM = 768, 192
@@ -254,6 +257,13 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             const = dict(BLOCK_R=APPLY_BLOCK_R, BLOCK_C=APPLY_BLOCK_C)
             jobs.append(("apply_dropout", dict(dtype=dt), apply_dropout_kernel, sig, const, 4,
                          1, False))  # fmt: skip
+            # a ReLU's backward with the column sums of its result (training)
+            sig = {"p_dy": ptr, "p_act": ptr, "p_dx": ptr, "p_part": "*fp32", "n_rows": "i32",
+                   "n_cols": "i32", "stride_dy": "i32", "stride_act": "i32",
+                   "stride_dx": "i32"}  # fmt: skip
+            const = dict(BLOCK_R=RELU_BLOCK_R, BLOCK_C=RELU_BLOCK_C)
+            jobs.append(("relu_backward", dict(dtype=dt), relu_backward_kernel, sig, const, 4, 1,
+                         False))  # fmt: skip
     return jobs
 
 

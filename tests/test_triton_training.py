@@ -226,6 +226,34 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
             assert torch.equal(a, b), name
 
 
+def test_bias_gradients_from_the_relu_backward(monkeypatch, triton_only):
+    """The backward takes the bias gradient of every layer before a ReLU (linear1, the
+    head's hidden layers) from the pass that applies the ReLU's mask (`relu_backward`): the
+    same step as PyTorch's `threshold_backward` and a sum apart, every gradient bit for bit
+    but those biases, which add the same numbers in another order."""
+    import carzero_fast.kernels as kernels
+
+    al = make_aligner(CONFIGS["d96h2"], seed=8, dtype=torch.bfloat16)
+    img, txt = _tokens(96, seed=9, dtype=torch.bfloat16)
+    fused = _step(al, "triton", img, txt)
+    calls = []
+
+    def apart(dy, act):
+        calls.append(dy.shape)
+        return kernels.relu_backward_torch(dy, act)
+
+    monkeypatch.setattr(kernels, "relu_backward", apart)
+    torch_path = _step(al, "triton", img, txt)
+    # per direction: linear1 in each layer, the head's hidden layers after the first
+    assert len(calls) == 2 * (al.config.n_layers + len(al.config.head_dims) - 1)
+    for name, a, b in zip(_names(al), fused, torch_path, strict=True):
+        if name.endswith("linear1.bias") or (name.startswith("mlp_head.") and name.endswith(
+                ".bias") and name != f"mlp_head.{3 * len(al.config.head_dims)}.bias"):  # fmt: skip
+            assert rel_err(a, b) < 1e-5, name
+        else:
+            assert torch.equal(a, b), name
+
+
 # ---------------------------------------------------------- determinism, frozen parts
 
 

@@ -101,14 +101,17 @@ def linear_backward(
     relu_of: Tensor | None = None,
     drop_scale: float = 1.0,
     dy_sum: Tensor | None = None,
-) -> Tensor:
-    """Backward of `y = x·Wᵀ + b`: dy `(r, out)`, x `(r, in)` → dx `(r, in)`.
+    sum_dx: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Backward of `y = x·Wᵀ + b`: dy `(r, out)`, x `(r, in)` → (dx `(r, in)`, Σ dx or None).
 
     Adds dW = dyᵀ·x and db = Σ dy into the fp32 accumulators (when given; `dy_sum`: Σ dy
     already summed, fp32 `(out,)`, e.g. by the LayerNorm backward that made dy). With `relu_of`
     (x itself: a ReLU output, possibly dropped and scaled by `drop_scale`), dx is the gradient
     before that ReLU and dropout: an element of x is > 0 exactly where the ReLU passed it
-    and dropout kept it, so x alone carries both masks.
+    and dropout kept it, so x alone carries both masks. `sum_dx` (with `relu_of`): also the
+    column sums of dx, fp32 `(in,)`, from the same pass (`kernels.relu_backward`): the bias
+    gradient of the layer that made x.
     """
     dy = dy.to(weight.dtype)
     if g_w is not None:
@@ -117,9 +120,13 @@ def linear_backward(
     if relu_of is not None and drop_scale != 1.0:
         weight = weight * drop_scale  # the dropout's scale on the small weight: one pass less
     dx = torch.mm(dy, weight)
-    if relu_of is not None:  # one pass (a compare and a masked_fill were two)
-        dx = torch.ops.aten.threshold_backward(dx, relu_of, 0)
-    return dx
+    if relu_of is None:
+        return dx, None
+    if sum_dx:  # one pass for the mask and the next layer's bias gradient
+        from ..kernels import relu_backward
+
+        return relu_backward(dx, relu_of)
+    return torch.ops.aten.threshold_backward(dx, relu_of, 0), None
 
 
 def _add_norm(g_w: Tensor, g_b: Tensor, dg: Tensor, db: Tensor) -> None:
@@ -190,7 +197,7 @@ def _chunk_backward(
                                   dropout=(*drop, tag(site, layer)) if drop else None)  # fmt: skip
         return out.dx, out.dw, out.db, (dx16, out.dx16_sum)
 
-    def branch_backward(dx: Tensor, branch, *args, **kwargs) -> Tensor:  # noqa: ANN001
+    def branch_backward(dx: Tensor, branch, *args, **kwargs) -> tuple[Tensor, Tensor | None]:  # noqa: ANN001
         """`linear_backward` of a residual branch's linear layer from the stream's dx, or
         from the layer's dy and bias gradient that `ln_backward` made (`branch`)."""
         if branch is None:
@@ -204,9 +211,12 @@ def _chunk_backward(
         gh[-1][0].add_(g_scores[None, :] @ acts[-1].float())
         gh[-1][1].add_(g_scores.sum())
     da = (g_scores[:, None] * head[-1][0].float()).masked_fill_(acts[-1] <= 0, 0.0) * scale
-    for i in reversed(range(len(head) - 1)):
-        da = linear_backward(da, acts[i], head[i][0], *gh[i], relu_of=acts[i] if i else None,
-                             drop_scale=scale)  # fmt: skip
+    da_sum = None
+    for i in reversed(range(len(head) - 1)):  # acts[i] (i > 0) is layer i − 1's ReLU output
+        sum_dx = i > 0 and gh[i - 1][1] is not None  # that layer's bias gradient
+        da, da_sum = linear_backward(da, acts[i], head[i][0], *gh[i],
+                                     relu_of=acts[i] if i else None, drop_scale=scale,
+                                     dy_sum=da_sum, sum_dx=sum_dx)  # fmt: skip
     bufs = chunk.bufs
     da = undrop(da, SITE_SIMR, 0)
     dx, dg, db, branch = ln_backward(bufs[-1].x_out, w.norm0_w, da, SITE_FFN_BRANCH,
@@ -223,16 +233,18 @@ def _chunk_backward(
             return t[rows] if t is not None and rows is not None else t
 
         # x_out = x_mid + drop(linear2(drop(relu(linear1(LN3(x_mid))))))
-        dh = branch_backward(dx, branch, b.h, lw.linear2_w, g("linear2_w"), g("linear2_b"),
-                             relu_of=b.h, drop_scale=scale)  # fmt: skip
-        dy3 = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"))
+        dh, dh_sum = branch_backward(dx, branch, b.h, lw.linear2_w, g("linear2_w"),
+                                     g("linear2_b"), relu_of=b.h, drop_scale=scale,
+                                     sum_dx=g("linear1_b") is not None)  # fmt: skip
+        dy3, _ = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"),
+                                 dy_sum=dh_sum)  # fmt: skip
         dx_mid, dg, db, branch = ln_backward(b.x_mid, lw.norm3_w, dy3, SITE_ATTN_BRANCH, li,
                                              dres=dx)  # fmt: skip
         if gl is not None:
             _add_norm(gl.norm3_w, gl.norm3_b, dg, db)
         # x_mid = x_in + drop(out_proj(attention(q, K, V)))
-        do = branch_backward(dx_mid, branch, b.o, lw.out_proj_w, g("out_proj_w"),
-                             g("out_proj_b"))  # fmt: skip
+        do, _ = branch_backward(dx_mid, branch, b.o, lw.out_proj_w, g("out_proj_w"),
+                                g("out_proj_b"))  # fmt: skip
         k_cols = slice(2 * li * d, (2 * li + 1) * d)
         v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
         q = cp.q1[queries] if li == 0 else b.q
@@ -247,7 +259,7 @@ def _chunk_backward(
             g_x0[queries] += dx_mid.view(ni, mc, d).sum(0)
         else:  # q = LN2(x_in)·Wqᵀ + bq, x_in the previous layer's x_out
             rows = slice(0, d)
-            dy2 = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li], g("in_proj_w", rows),
+            dy2, _ = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li], g("in_proj_w", rows),
                                   g("in_proj_b", rows))  # fmt: skip
             dx, dg, db, branch = ln_backward(bufs[li - 1].x_out, lw.norm2_w, dy2,
                                              SITE_FFN_BRANCH, li - 1, dres=dx_mid)  # fmt: skip
@@ -408,7 +420,7 @@ def direction_backward(
                             g_kv_i, g_x0, g_q1, drop)  # fmt: skip
         # kv = LN0(memory)·Wkvᵀ + bkv, then LN0's backward to the memory tokens
         g_w = g_kv_w if grads is not None else None
-        dy_mem = linear_backward(g_kv_i, y_i, cp.kv_w, g_w, g_kv_b)
+        dy_mem, _ = linear_backward(g_kv_i, y_i, cp.kv_w, g_w, g_kv_b)
         d_mem, dg, db, _ = layer_norm_backward(mem, w.norm0_w, dy_mem, cfg.layer_norm_eps)
         if g_memory is not None:
             g_memory[n0 : n0 + ni] += d_mem.view(ni, p, d)
