@@ -15,7 +15,8 @@ Backward, per direction (DESIGN.md §3, "backward recomputes"):
   or row reduction apart), `attention_backward` for
   the attention (dK/dV of an item's key block in one program, added into the block's
   accumulator; layer 1's shared queries get their per-pair dq summed over items), GEMMs for
-  every linear layer;
+  every linear layer, `relu_backward` for each ReLU (with the bias gradient of the layer
+  before it);
 - after a block's chunks: the K/V projection's and LN0's backward give the memory tokens'
   gradient.
 
