@@ -178,12 +178,12 @@ def add_layer_norm(
 @triton.jit
 def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x,
                  stride_dy, stride_dres, stride_dx, stride_dx16, eps, seed, threshold,
-                 drop_scale, n0, m0, cols, drop_tag, D: tl.constexpr, HAS_DRES: tl.constexpr,
-                 WRITE_DX16: tl.constexpr, DROP_DX16: tl.constexpr,
-                 BLOCK_D: tl.constexpr):  # fmt: skip
+                 drop_scale, n0, m0, cols, tag_dx16, tag_dy, D: tl.constexpr,
+                 HAS_DRES: tl.constexpr, WRITE_DX16: tl.constexpr, DROP_DX16: tl.constexpr,
+                 DROP_DY: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """dx of rows `o_r` `[BLOCK_R]` stored (and its copy in the GEMM dtype, dropped with
     DROP_DX16); returns their column sums of dy·x̂, of dy and of that copy (`[BLOCK_D]` each;
-    the last is dy's when unused)."""
+    the last is dy's when unused). DROP_DY: dy is the gradient of the dropped output."""
     m_x = (o_r < n_rows)[:, None] & m_d[None, :]
     b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
     b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
@@ -192,6 +192,10 @@ def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, st
     b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
     b_xhat = b_c * b_rstd[:, None]
     b_dy = tl.load(p_dy + o_r[:, None] * stride_dy + o_d[None, :], mask=m_x, other=0.0)
+    if DROP_DY:  # the output was dropped after the LayerNorm (SimR): back through its mask,
+        # rounded to dy's dtype as the dropped output's gradient was
+        b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, tag_dy, BLOCK_D)
+        b_dy = tl.where(b_keep, b_dy.to(tl.float32) * drop_scale, 0.0).to(b_dy.dtype)
     b_dy = b_dy.to(tl.float32)
     b_g = b_dy * b_w[None, :]  # gradient of x̂
     # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), the LayerNorm Jacobian applied to g
@@ -206,7 +210,7 @@ def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, st
     if WRITE_DX16:  # the branch's linear layer takes dx in its GEMM dtype, and its bias Σ dx
         b_dx16 = b_dx
         if DROP_DX16:  # the branch was dropped before its add: its gradient goes through the mask
-            b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, drop_tag, BLOCK_D)
+            b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, tag_dx16, BLOCK_D)
             b_dx16 = tl.where(b_keep, b_dx * drop_scale, 0.0)
         b_dx16 = b_dx16.to(p_dx16.dtype.element_ty)
         tl.store(p_dx16 + o_r[:, None] * stride_dx16 + o_d[None, :], b_dx16, mask=m_x)
@@ -232,17 +236,19 @@ def layer_norm_backward_kernel(
     stride_dx,
     stride_dx16,
     eps,
-    seed,  # DROP_DX16: kernels/dropout.py's counters; rows are the chunk's pairs
+    seed,  # DROP_DX16 / DROP_DY: kernels/dropout.py's counters; rows are the chunk's pairs
     threshold,
     drop_scale,
     n0,
     m0,
     cols,
-    drop_tag,
+    tag_dx16,
+    tag_dy,
     D: tl.constexpr,
     HAS_DRES: tl.constexpr,
     WRITE_DX16: tl.constexpr,
-    DROP_DX16: tl.constexpr,
+    DROP_DX16: tl.constexpr,  # dx16 through the mask of a branch dropped before its add
+    DROP_DY: tl.constexpr,  # dy through the mask of the dropped output
     LOOP: tl.constexpr,  # fewer programs than row blocks: each takes blocks pid, pid + programs, …
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -260,8 +266,8 @@ def layer_norm_backward_kernel(
             b_dw_r, b_db_r, b_ds_r = _ln_bwd_rows(
                 p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x,
                 stride_dy, stride_dres, stride_dx, stride_dx16, eps, seed, threshold,
-                drop_scale, n0, m0, cols, drop_tag, D, HAS_DRES, WRITE_DX16, DROP_DX16,
-                BLOCK_D)  # fmt: skip
+                drop_scale, n0, m0, cols, tag_dx16, tag_dy, D, HAS_DRES, WRITE_DX16, DROP_DX16,
+                DROP_DY, BLOCK_D)  # fmt: skip
             b_dw += b_dw_r
             b_db += b_db_r
             b_ds += b_ds_r
@@ -270,7 +276,8 @@ def layer_norm_backward_kernel(
         b_dw, b_db, b_ds = _ln_bwd_rows(
             p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, stride_x, stride_dy,
             stride_dres, stride_dx, stride_dx16, eps, seed, threshold, drop_scale, n0, m0,
-            cols, drop_tag, D, HAS_DRES, WRITE_DX16, DROP_DX16, BLOCK_D)  # fmt: skip
+            cols, tag_dx16, tag_dy, D, HAS_DRES, WRITE_DX16, DROP_DX16, DROP_DY,
+            BLOCK_D)  # fmt: skip
     # per-program partial sums (no atomics, a fixed order): the caller adds the rows of partials
     tl.store(p_dw_part + pid * D + o_d, b_dw, mask=m_d)
     tl.store(p_db_part + pid * D + o_d, b_db, mask=m_d)
@@ -292,7 +299,9 @@ def layer_norm_backward(
     eps: float,
     dres: Tensor | None = None,
     dx16: Tensor | None = None,
-    dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
+    dropout: tuple[DropoutSpec, ChunkPos] | None = None,
+    dx16_tag: int | None = None,
+    dy_tag: int | None = None,
 ) -> LayerNormGrads:
     """Backward of `add_layer_norm`'s LayerNorm (and of its add: the stream's gradient is
     the gradient of delta and of the stream before it).
@@ -302,16 +311,20 @@ def layer_norm_backward(
     fp32, deterministic (partials reduced in a fixed order). With `dx16` (`(R, D)`, 16-bit)
     dx is also written there rounded, and `dx16_sum` is its column sums: what the linear
     layer of the residual branch needs (its GEMM operand and its bias gradient), without a
-    cast and a reduction over the rows afterwards. dropout = (spec, the chunk's position,
-    tag(site, layer)) of a branch the forward dropped before its add: `dx16` is then dx
-    through that mask (the branch's gradient), and `dx16_sum` its sums.
+    cast and a reduction over the rows afterwards. dropout = (spec, the chunk's position),
+    training mode: with `dx16_tag`, the site of a branch the forward dropped before its add,
+    `dx16` is dx through that mask (the branch's gradient) and `dx16_sum` its sums; with
+    `dy_tag` the LayerNorm's output was dropped (SimR) and dy is the gradient of the dropped
+    output, taken back through the mask here.
     """
     n_rows, d = x.shape
     if dx16 is not None and (dx16.shape != x.shape or dx16.stride(-1) != 1):
         raise ValueError(f"layer_norm_backward: dx16 must be a {tuple(x.shape)} tensor with "
                          f"unit stride along its rows, got {tuple(dx16.shape)}")  # fmt: skip
-    if dropout is not None and dx16 is None:
-        raise ValueError("layer_norm_backward: dropout applies to dx16; give one")
+    if dx16_tag is not None and (dx16 is None or dropout is None):
+        raise ValueError("layer_norm_backward: dx16_tag drops dx16; give dx16 and dropout")
+    if dy_tag is not None and dropout is None:
+        raise ValueError("layer_norm_backward: dy_tag needs dropout = (spec, position)")
     block_d = max(4, triton.next_power_of_2(d))  # dropout draws columns four at a time
     blocks = triton.cdiv(n_rows, LN_BWD_ROWS)
     programs = blocks
@@ -322,14 +335,15 @@ def layer_norm_backward(
     alloc = torch.empty if programs else torch.zeros
     parts = alloc((3 if dx16 is not None else 2, max(programs, 1), d), dtype=torch.float32,
                   device=x.device)  # fmt: skip
-    spec, pos, drop_tag = dropout or (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1), 0)
+    spec, pos = dropout or (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1))
     if n_rows:
         layer_norm_backward_kernel[(programs,)](
             x, weight, dy, dres, dx, dx16, parts[0], parts[1], parts[-1], n_rows, x.stride(0),
             dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
             dx16.stride(0) if dx16 is not None else 0, eps, spec.seed, spec.threshold,
-            spec.scale, pos.n0, pos.m0, pos.cols, drop_tag, D=d, HAS_DRES=dres is not None,
-            WRITE_DX16=dx16 is not None, DROP_DX16=dropout is not None, LOOP=programs < blocks,
+            spec.scale, pos.n0, pos.m0, pos.cols, dx16_tag or 0, dy_tag or 0, D=d,
+            HAS_DRES=dres is not None, WRITE_DX16=dx16 is not None,
+            DROP_DX16=dx16_tag is not None, DROP_DY=dy_tag is not None, LOOP=programs < blocks,
             BLOCK_R=LN_BWD_ROWS, BLOCK_D=block_d, num_warps=LN_BWD_WARPS, num_stages=1,
         )  # fmt: skip
     sums = parts.sum(dim=1)

@@ -233,21 +233,24 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                    "p_ds_part": "*fp32", "n_rows": "i32", "stride_x": "i32", "stride_dy": "i32",
                    "stride_dres": "i32", "stride_dx": "i32", "stride_dx16": "i32",
                    "eps": "fp32", **DROPOUT_SIG, "cols": "i32"}  # fmt: skip
-            sig["drop_tag"] = sig.pop("drop_tag")  # after cols, as the kernel takes them
+            del sig["drop_tag"]
+            sig.update(tag_dx16="i32", tag_dy="i32")
             # one row block per program, or looping programs; with the residual branch's dx
             # in the GEMM dtype and its column sums (16-bit training), through the branch's
-            # dropout mask (training mode, any dtype)
-            for loop, dx16, drop in ((False, False, False), (True, False, False),
-                                     (False, True, False), (True, True, False),
-                                     (False, True, True), (True, True, True)):  # fmt: skip
-                if dx16 and not drop and dt == "fp32":
-                    continue
-                const = dict(D=D_MODEL, HAS_DRES=True, WRITE_DX16=dx16, DROP_DX16=drop,
-                             LOOP=loop, BLOCK_R=LN_BWD_ROWS, BLOCK_D=1024)  # fmt: skip
-                desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS, loop=loop, dx16=dx16,
-                            dropout=drop)  # fmt: skip
-                jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig, const,
-                             LN_BWD_WARPS, 1, False))  # fmt: skip
+            # dropout mask (training mode, any dtype), and decoder_norm's with SimR's mask on
+            # its output's gradient too
+            for loop in (False, True):
+                for dx16, drop, drop_dy in ((False, False, False), (True, False, False),
+                                            (True, True, False), (True, True, True)):  # fmt: skip
+                    if dx16 and not drop and dt == "fp32":
+                        continue
+                    const = dict(D=D_MODEL, HAS_DRES=not drop_dy, WRITE_DX16=dx16,
+                                 DROP_DX16=drop, DROP_DY=drop_dy, LOOP=loop,
+                                 BLOCK_R=LN_BWD_ROWS, BLOCK_D=1024)  # fmt: skip
+                    desc = dict(dtype=dt, d_model=D_MODEL, rows=LN_BWD_ROWS, loop=loop,
+                                dx16=dx16, dropout=drop, dropped_output=drop_dy)  # fmt: skip
+                    jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig,
+                                 const, LN_BWD_WARPS, 1, False))  # fmt: skip
             # the backward of a dropout whose mask the saved values do not show: an fp32
             # gradient in, the GEMM operands' dtype out
             sig = {"p_x": "*fp32", "p_out": ptr, "n_rows": "i32", "n_cols": "i32",

@@ -13,7 +13,14 @@ from carzero_fast.kernels import layer_norm_backward  # noqa: E402
 from carzero_fast.kernels import layernorm as kln  # noqa: E402
 from carzero_fast.kernels.dropout import apply_dropout  # noqa: E402
 
-from carzero_fast.backends.philox import SITE_ATTN_BRANCH, ChunkPos, DropoutSpec, tag  # noqa: E402
+from carzero_fast.backends.philox import (  # noqa: E402
+    SITE_ATTN_BRANCH,
+    SITE_FFN_BRANCH,
+    SITE_SIMR,
+    ChunkPos,
+    DropoutSpec,
+    tag,
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,7 +77,7 @@ def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_p
     in fp32 (that layer's bias gradient); dx, dγ, dβ as without it, bit for bit."""
     rows, d = 37, 97
     spec, pos, t = DropoutSpec.make(0.3, 99), ChunkPos(3, 11, 5), tag(SITE_ATTN_BRANCH, 2)
-    dropout = (spec, pos, t) if drop else None
+    dropout = dict(dropout=(spec, pos), dx16_tag=t) if drop else {}
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, d, generator=g) * 2 + 0.5
     w = 1 + 0.2 * torch.randn(d, generator=g)
@@ -78,11 +85,11 @@ def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_p
     dres = torch.randn(rows, d, generator=g)
     plain = layer_norm_backward(x, w, dy, 1e-5, dres)
     dx16 = torch.full((rows, d), float("nan"), dtype=dtype)
-    got = layer_norm_backward(x, w, dy, 1e-5, dres, dx16=dx16, dropout=dropout)
+    got = layer_norm_backward(x, w, dy, 1e-5, dres, dx16=dx16, **dropout)
     for a, b in zip(got[:3], plain[:3], strict=True):
         assert torch.equal(a, b)
     if drop:
-        want = apply_dropout(plain.dx, *dropout, out=torch.empty(rows, d, dtype=dtype))
+        want = apply_dropout(plain.dx, spec, pos, t, out=torch.empty(rows, d, dtype=dtype))
         assert 0.2 < (want == 0).float().mean() < 0.4  # the mask is on (p = 0.3)
     else:
         want = plain.dx.to(dtype)
@@ -92,4 +99,29 @@ def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_p
     with pytest.raises(ValueError, match="dx16"):
         layer_norm_backward(x, w, dy, 1e-5, dx16=dx16[:, :-1])
     with pytest.raises(ValueError, match="dx16"):
-        layer_norm_backward(x, w, dy, 1e-5, dropout=(spec, pos, t))
+        layer_norm_backward(x, w, dy, 1e-5, dropout=(spec, pos), dx16_tag=t)
+    with pytest.raises(ValueError, match="dy_tag"):
+        layer_norm_backward(x, w, dy, 1e-5, dy_tag=t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_takes_a_dropped_outputs_gradient_back_through_its_mask(dtype, programs_per_sm):
+    """`dy_tag` (the LayerNorm's output was dropped after it, SimR): the same as the
+    backward of `apply_dropout(dy)`, bit for bit, with the branch's dropped dx16 beside it."""
+    rows, d = 29, 97
+    spec, pos = DropoutSpec.make(0.3, 7), ChunkPos(2, 4, 3)
+    t_y, t_x = tag(SITE_SIMR, 0), tag(SITE_FFN_BRANCH, 3)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, d, generator=g) * 2 - 0.5
+    w = 1 + 0.2 * torch.randn(d, generator=g)
+    dy = torch.randn(rows, d, generator=g).to(dtype)
+    dy_in = apply_dropout(dy, spec, pos, t_y, out=torch.empty(rows, d, dtype=dtype))
+    want16, got16 = (torch.full((rows, d), float("nan"), dtype=dtype) for _ in range(2))
+    want = layer_norm_backward(x, w, dy_in, 1e-5, dx16=want16, dropout=(spec, pos),
+                               dx16_tag=t_x)  # fmt: skip
+    got = layer_norm_backward(x, w, dy, 1e-5, dx16=got16, dropout=(spec, pos), dx16_tag=t_x,
+                              dy_tag=t_y)  # fmt: skip
+    for a, b in zip((*got[:3], got16), (*want[:3], want16), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(got.dx16_sum, want.dx16_sum)
+    assert not torch.equal(dy_in, dy)  # the mask is on

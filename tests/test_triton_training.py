@@ -189,9 +189,9 @@ def test_half_precision_no_worse_than_pytorch(dtype, route, monkeypatch):
 def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch, triton_only):
     """16-bit training takes each residual branch's dy (16-bit; in train mode through the
     branch's dropout mask) and its bias gradient (column sums) from the LayerNorm backward
-    that made dx: the same step as casting (or `apply_dropout` on) dx and summing it apart
-    (every gradient bit for bit but the summed biases, which add the same numbers in another
-    order)."""
+    that made dx, and in train mode decoder_norm's backward takes SimR's mask itself: the
+    same step as casting (or `apply_dropout` on) dx and dy and summing apart (every gradient
+    bit for bit but the summed biases, which add the same numbers in another order)."""
     import carzero_fast.kernels as kernels
     from carzero_fast.kernels.dropout import apply_dropout
 
@@ -202,15 +202,18 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
     fused = _step(al, "triton", img, txt, budget=budget)
     real, seen = kernels.layer_norm_backward, []
 
-    def cast_and_sum(x, weight, dy, eps, dres=None, dx16=None, dropout=None):
+    def cast_and_sum(x, weight, dy, eps, dres=None, dx16=None, dropout=None, dx16_tag=None,
+                     dy_tag=None):  # fmt: skip
+        if dy_tag is not None:  # SimR's mask on the output's gradient, applied apart
+            dy = apply_dropout(dy, *dropout, dy_tag, out=torch.empty_like(dy))
         out = real(x, weight, dy, eps, dres)
-        seen.append((dx16 is not None, dropout is not None))
+        seen.append((dx16 is not None, dx16_tag is not None))
         if dx16 is None:
             return out
-        if dropout is None:
+        if dx16_tag is None:
             dx16.copy_(out.dx)
         else:
-            apply_dropout(out.dx, *dropout, out=dx16)
+            apply_dropout(out.dx, *dropout, dx16_tag, out=dx16)
         return out._replace(dx16_sum=dx16.sum(0, dtype=torch.float32))
 
     monkeypatch.setattr(kernels, "layer_norm_backward", cast_and_sum)

@@ -25,8 +25,8 @@ atomics); every reduction runs in a fixed order, so gradients are deterministic.
 Memory: the inputs, the `(N, M)` logits and one chunk's activations (`plan_train`), never
 O(N·M·D). Dropout (training mode) uses the counter-based masks of `philox.py` in every
 kernel, so the recomputation sees the forward's masks; its backward reads the ReLU+dropout
-masks from the saved (dropped) values and redraws the others (the residual branches' in
-`layer_norm_backward`, SimR's with `apply_dropout`, the attention weights' in its kernels).
+masks from the saved (dropped) values and redraws the others (the residual branches' and
+SimR's in `layer_norm_backward`, the attention weights' in its kernels).
 """
 
 from __future__ import annotations
@@ -172,30 +172,26 @@ def _chunk_backward(
     item block's dK/dV `g_kv` `(ni·P, L·2D)` and the per-query `g_x0`, `g_q1` `(M, D)`.
     With `drop` (training mode), through the forward's dropout masks."""
     from ..kernels import attention_backward, layer_norm_backward
-    from ..kernels.dropout import apply_dropout
 
     d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
     scale = drop[0].scale if drop else 1.0
 
-    def undrop(g: Tensor, site: int, layer: int) -> Tensor:
-        """The gradient before a dropout whose mask the saved values do not show, in the
-        GEMM operands' dtype (the next use is a linear layer's backward)."""
-        if not drop:
-            return g
-        out = torch.empty(g.shape, dtype=w.norm0_w.dtype, device=g.device)
-        return apply_dropout(g, *drop, tag(site, layer), out=out)
-
     def ln_backward(x: Tensor, weight: Tensor, dy: Tensor, site: int, layer: int,
-                    dres: Tensor | None = None):  # noqa: ANN202  # fmt: skip
+                    dres: Tensor | None = None, dropped_output: bool = False):  # noqa: ANN202  # fmt: skip
         """A LayerNorm's backward whose dx also enters a residual branch's linear layer (the
         branch `site` of `layer`): with 16-bit GEMMs or dropout it writes that layer's dy (dx
         through the branch's mask, in training mode) and its bias gradient too → (dx fp32,
-        dγ, dβ, branch: (dy, Σ dy), or None: fp32 without dropout, dx is the layer's dy)."""
+        dγ, dβ, branch: (dy, Σ dy), or None: fp32 without dropout, dx is the layer's dy).
+        `dropped_output`: the LayerNorm's output was dropped (SimR) and dy is the gradient of
+        the dropped output (the kernel takes it back through that mask)."""
         if not drop and w.norm0_w.dtype == torch.float32:
             return (*layer_norm_backward(x, weight, dy, eps, dres)[:3], None)
         dx16 = torch.empty(x.shape, dtype=w.norm0_w.dtype, device=x.device)
-        out = layer_norm_backward(x, weight, dy, eps, dres, dx16=dx16,
-                                  dropout=(*drop, tag(site, layer)) if drop else None)  # fmt: skip
+        tags = {}
+        if drop:
+            tags = dict(dx16_tag=tag(site, layer),
+                        dy_tag=tag(SITE_SIMR, 0) if dropped_output else None)  # fmt: skip
+        out = layer_norm_backward(x, weight, dy, eps, dres, dx16=dx16, dropout=drop, **tags)
         return out.dx, out.dw, out.db, (dx16, out.dx16_sum)
 
     def branch_backward(dx: Tensor, branch, *args, **kwargs) -> tuple[Tensor, Tensor | None]:  # noqa: ANN001
@@ -219,9 +215,8 @@ def _chunk_backward(
                                      relu_of=acts[i] if i else None, drop_scale=scale,
                                      dy_sum=da_sum, sum_dx=sum_dx)  # fmt: skip
     bufs = chunk.bufs
-    da = undrop(da, SITE_SIMR, 0)
     dx, dg, db, branch = ln_backward(bufs[-1].x_out, w.norm0_w, da, SITE_FFN_BRANCH,
-                                     cfg.n_layers - 1)  # fmt: skip
+                                     cfg.n_layers - 1, dropped_output=True)  # fmt: skip
     if grads is not None:
         _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
     mc = g_x0[queries].shape[0]
