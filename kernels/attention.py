@@ -21,9 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec
+
 from .common import mma, upcast_dots
 from .configs import attention_config, dot_precision
-from .dropout import ChunkPos, DropoutSpec, keep_mask
+from .dropout import keep_mask
 
 
 @triton.jit

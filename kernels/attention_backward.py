@@ -24,10 +24,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec
+
 from .attention import _drop_args, _head, _keep, _store_head
 from .common import mma, upcast_dots
 from .configs import attention_bwd_config, dot_precision
-from .dropout import ChunkPos, DropoutSpec
 
 
 @triton.jit

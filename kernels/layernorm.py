@@ -30,8 +30,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec
+
 from .configs import multiprocessors
-from .dropout import ChunkPos, DropoutSpec, chunk_keep
+from .dropout import chunk_keep
 
 BLOCK_ROWS = 8
 # the backward's rows per program and warps (`benchmarks.tune_gpu --only layer_norm_bwd`):

@@ -25,9 +25,11 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec
+
 from .common import mma, upcast_dots
 from .configs import arch_of, dot_precision, linear_config, use_library_gemm
-from .dropout import ChunkPos, DropoutSpec, chunk_keep
+from .dropout import chunk_keep
 
 # The dropout epilogue's tiles are half as wide: drawing Philox for every element, the full
 # tile spilled (compile report). With four columns per draw it no longer does, but at 173

@@ -21,7 +21,6 @@ from pathlib import Path
 from .attention import attention_kernel
 from .attention_backward import attention_dkdv_kernel, attention_dq_kernel, slice_width
 from .configs import shipped, shipped_with_dropout
-from .dropout import APPLY_BLOCK_C, APPLY_BLOCK_R, apply_dropout_kernel
 from .layernorm import (
     BLOCK_ROWS,
     LN_BWD_ROWS,
@@ -251,15 +250,6 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                                 dx16=dx16, dropout=drop, dropped_output=drop_dy)  # fmt: skip
                     jobs.append(("layer_norm_backward", desc, layer_norm_backward_kernel, sig,
                                  const, LN_BWD_WARPS, 1, False))  # fmt: skip
-            # the backward of a dropout whose mask the saved values do not show: an fp32
-            # gradient in, the GEMM operands' dtype out
-            sig = {"p_x": "*fp32", "p_out": ptr, "n_rows": "i32", "n_cols": "i32",
-                   "stride_x": "i32", "stride_out": "i32", "seed": "i64", "threshold": "i64",
-                   "scale": "fp32", "n0": "i32", "m0": "i32", "cols": "i32",
-                   "drop_tag": "i32"}  # fmt: skip
-            const = dict(BLOCK_R=APPLY_BLOCK_R, BLOCK_C=APPLY_BLOCK_C)
-            jobs.append(("apply_dropout", dict(dtype=dt), apply_dropout_kernel, sig, const, 4,
-                         1, False))  # fmt: skip
             # a ReLU's backward with the column sums of its result (training)
             sig = {"p_dy": ptr, "p_act": ptr, "p_dx": ptr, "p_part": "*fp32", "n_rows": "i32",
                    "n_cols": "i32", "stride_dy": "i32", "stride_act": "i32",

@@ -16,7 +16,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from carzero_fast.kernels import add_layer_norm, attention, attention_backward, linear  # noqa: E402
-from carzero_fast.kernels.dropout import apply_dropout  # noqa: E402
 
 from carzero_fast.backends.philox import (  # noqa: E402
     SITE_ATTENTION,
@@ -25,6 +24,7 @@ from carzero_fast.backends.philox import (  # noqa: E402
     SITE_SIMR,
     ChunkPos,
     DropoutSpec,
+    chunk_dropout_torch,
     keep_torch,
     tag,
 )
@@ -53,11 +53,16 @@ CHUNKS = [(1, 1, ChunkPos(0, 0, 1)), (21, 45, ChunkPos(3, 5, 7)),
 
 
 @pytest.mark.parametrize(("rows", "cols", "pos"), CHUNKS)
-def test_apply_dropout_matches_pytorch_philox(rows, cols, pos):
-    x = torch.randn(rows, cols)
-    got = apply_dropout(x, SPEC, pos, tag(SITE_FFN_BRANCH, 3))
+def test_chunk_dropout_torch_is_the_chunks_mask(rows, cols, pos):
+    """`chunk_dropout_torch` (the PyTorch form of what the kernels do to a chunk's rows, the
+    backward tests' oracle): row r is pair (n0 + r // cols, m0 + r % cols), scaled in fp32 and
+    rounded once."""
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
     keep = _chunk_keep(pos, rows, cols, tag(SITE_FFN_BRANCH, 3))
+    got = chunk_dropout_torch(x, SPEC, pos, tag(SITE_FFN_BRANCH, 3))
     assert torch.equal(got, torch.where(keep, x * SPEC.scale, 0.0))
+    got16 = chunk_dropout_torch(x, SPEC, pos, tag(SITE_FFN_BRANCH, 3), torch.bfloat16)
+    assert torch.equal(got16, torch.where(keep, x * SPEC.scale, 0.0).bfloat16())
 
 
 def test_mask_rate_and_independence():

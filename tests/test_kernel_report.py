@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ARCHS = (90, 80)
-KERNELS = {"linear", "attention", "add_layer_norm", "apply_dropout", "relu_backward"}
+KERNELS = {"linear", "attention", "add_layer_norm", "relu_backward"}
 
 
 def _describe(row: dict) -> str:

@@ -31,9 +31,10 @@ from carzero_fast.kernels import (  # noqa: E402
     linear_torch,
 )
 from carzero_fast.kernels.configs import attention_config, linear_config  # noqa: E402
-from carzero_fast.kernels.dropout import ChunkPos, DropoutSpec  # noqa: E402
 from carzero_fast.kernels.layernorm import BLOCK_ROWS  # noqa: E402
 from conftest import rel_err  # noqa: E402
+
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5

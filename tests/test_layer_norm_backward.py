@@ -11,7 +11,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from carzero_fast.kernels import layer_norm_backward  # noqa: E402
 from carzero_fast.kernels import layernorm as kln  # noqa: E402
-from carzero_fast.kernels.dropout import apply_dropout  # noqa: E402
 
 from carzero_fast.backends.philox import (  # noqa: E402
     SITE_ATTN_BRANCH,
@@ -19,6 +18,7 @@ from carzero_fast.backends.philox import (  # noqa: E402
     SITE_SIMR,
     ChunkPos,
     DropoutSpec,
+    chunk_dropout_torch,
     tag,
 )
 
@@ -72,7 +72,7 @@ def test_deterministic_and_empty(programs_per_sm):
                          ids=["bf16", "fp16", "bf16-dropout", "fp32-dropout"])  # fmt: skip
 def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_per_sm):
     """`dx16`: dx in the GEMM dtype (what the residual branch's linear layer takes), and with
-    `dropout` (training mode, a branch dropped before its add) exactly `apply_dropout(dx)`
+    `dropout` (training mode, a branch dropped before its add) exactly `chunk_dropout_torch(dx)`
     (the mask `philox.keep_torch` draws, the scale, one rounding); `dx16_sum` its column sums
     in fp32 (that layer's bias gradient); dx, dγ, dβ as without it, bit for bit."""
     rows, d = 37, 97
@@ -89,7 +89,7 @@ def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_p
     for a, b in zip(got[:3], plain[:3], strict=True):
         assert torch.equal(a, b)
     if drop:
-        want = apply_dropout(plain.dx, spec, pos, t, out=torch.empty(rows, d, dtype=dtype))
+        want = chunk_dropout_torch(plain.dx, spec, pos, t, dtype)
         assert 0.2 < (want == 0).float().mean() < 0.4  # the mask is on (p = 0.3)
     else:
         want = plain.dx.to(dtype)
@@ -107,7 +107,7 @@ def test_writes_the_branch_gradient_with_its_column_sums(dtype, drop, programs_p
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_takes_a_dropped_outputs_gradient_back_through_its_mask(dtype, programs_per_sm):
     """`dy_tag` (the LayerNorm's output was dropped after it, SimR): the same as the
-    backward of `apply_dropout(dy)`, bit for bit, with the branch's dropped dx16 beside it."""
+    backward of `chunk_dropout_torch(dy)`, bit for bit, with the branch's dropped dx16 beside it."""
     rows, d = 29, 97
     spec, pos = DropoutSpec.make(0.3, 7), ChunkPos(2, 4, 3)
     t_y, t_x = tag(SITE_SIMR, 0), tag(SITE_FFN_BRANCH, 3)
@@ -115,7 +115,7 @@ def test_takes_a_dropped_outputs_gradient_back_through_its_mask(dtype, programs_
     x = torch.randn(rows, d, generator=g) * 2 - 0.5
     w = 1 + 0.2 * torch.randn(d, generator=g)
     dy = torch.randn(rows, d, generator=g).to(dtype)
-    dy_in = apply_dropout(dy, spec, pos, t_y, out=torch.empty(rows, d, dtype=dtype))
+    dy_in = chunk_dropout_torch(dy, spec, pos, t_y)
     want16, got16 = (torch.full((rows, d), float("nan"), dtype=dtype) for _ in range(2))
     want = layer_norm_backward(x, w, dy_in, 1e-5, dx16=want16, dropout=(spec, pos),
                                dx16_tag=t_x)  # fmt: skip

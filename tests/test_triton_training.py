@@ -190,10 +190,11 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
     """16-bit training takes each residual branch's dy (16-bit; in train mode through the
     branch's dropout mask) and its bias gradient (column sums) from the LayerNorm backward
     that made dx, and in train mode decoder_norm's backward takes SimR's mask itself: the
-    same step as casting (or `apply_dropout` on) dx and dy and summing apart (every gradient
+    same step as casting (or `chunk_dropout_torch` on) dx and dy and summing apart (every gradient
     bit for bit but the summed biases, which add the same numbers in another order)."""
     import carzero_fast.kernels as kernels
-    from carzero_fast.kernels.dropout import apply_dropout
+
+    from carzero_fast.backends.philox import chunk_dropout_torch
 
     al = make_aligner(CONFIGS["d64h4"], seed=5, dtype=torch.bfloat16).train(train)
     img, txt = _tokens(64, seed=6, dtype=torch.bfloat16)
@@ -205,7 +206,7 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
     def cast_and_sum(x, weight, dy, eps, dres=None, dx16=None, dropout=None, dx16_tag=None,
                      dy_tag=None):  # fmt: skip
         if dy_tag is not None:  # SimR's mask on the output's gradient, applied apart
-            dy = apply_dropout(dy, *dropout, dy_tag, out=torch.empty_like(dy))
+            dy = chunk_dropout_torch(dy, *dropout, dy_tag)
         out = real(x, weight, dy, eps, dres)
         seen.append((dx16 is not None, dx16_tag is not None))
         if dx16 is None:
@@ -213,7 +214,7 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
         if dx16_tag is None:
             dx16.copy_(out.dx)
         else:
-            apply_dropout(out.dx, *dropout, dx16_tag, out=dx16)
+            dx16.copy_(chunk_dropout_torch(out.dx, *dropout, dx16_tag, dx16.dtype))
         return out._replace(dx16_sum=dx16.sum(0, dtype=torch.float32))
 
     monkeypatch.setattr(kernels, "layer_norm_backward", cast_and_sum)

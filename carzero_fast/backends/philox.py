@@ -91,3 +91,15 @@ def keep_torch(
     t = torch.broadcast_to(cols % 4, r0.shape)
     r = torch.where(t == 0, r0, torch.where(t == 1, r1, torch.where(t == 2, r2, r3)))
     return r >= spec.threshold
+
+
+def chunk_dropout_torch(
+    x: Tensor, spec: DropoutSpec, pos: ChunkPos, tag_: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    """x `(R, C)`, one row per pair of the chunk at `pos` → x ∘ keep · scale (fp32 arithmetic,
+    rounded once to `dtype`, x's by default): what the kernels do to a dropped tensor, or to
+    its gradient in the backward."""
+    r = torch.arange(x.shape[0], device=x.device)
+    keep = keep_torch(spec, (pos.n0 + r // pos.cols)[:, None], (pos.m0 + r % pos.cols)[:, None],
+                      torch.arange(x.shape[1], device=x.device)[None, :], tag_)  # fmt: skip
+    return torch.where(keep, x.float() * spec.scale, 0.0).to(dtype or x.dtype)
