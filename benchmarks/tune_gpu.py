@@ -38,7 +38,7 @@ from carzero_fast.kernels import (
 from carzero_fast.kernels import configs as kc
 from carzero_fast.kernels import layernorm as kln
 
-from .gpu_common import make_model, median_time
+from .gpu_common import make_model, median_time, with_env
 from .gpu_training import leaf, step_fn
 
 # (config, TMA kernel?) — every candidate compiles without spills for sm_90; the first is
@@ -318,24 +318,22 @@ def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Ten
     flops = 2 * rows * a.shape[1] * f
     out: dict = {}
     drop = (spec, ChunkPos(0, 0, m), site_tag(SITE_FFN_HIDDEN, 0))
-    shipped, route = kl.DROPOUT_BLOCK_N, os.environ.get("CARZERO_FAST_TRITON_GEMM")
+    shipped = kl.DROPOUT_BLOCK_N
     runs = (("no dropout, cuBLAS", "library", None), ("no dropout, this kernel", "triton", None),
             (f"dropout, {shipped}-wide tiles", "auto", shipped),
             ("dropout, full tiles", "auto", 1 << 30))  # fmt: skip
     for label, gemm, block_n in runs:
-        os.environ["CARZERO_FAST_TRITON_GEMM"] = gemm
         kl.DROPOUT_BLOCK_N = block_n or shipped
+        run = lambda block_n=block_n: linear(a, w, b, relu=True, out=y, tma=True,  # noqa: E731
+                                             dropout=drop if block_n else None)  # fmt: skip
+        launch = with_env(run, CARZERO_FAST_TRITON_GEMM=gemm)
         try:
-            t = bench(lambda block_n=block_n: linear(a, w, b, relu=True, out=y, tma=True,
-                      dropout=drop if block_n else None), dev)  # fmt: skip
+            t = bench(launch, dev)
             out[f"linear1 [{label}]"] = {"us": t * 1e6, "tflops": flops / t / 1e12}
         except Exception as e:  # noqa: BLE001 — recorded, the run goes on
             out[f"linear1 [{label}]"] = {"error": repr(e)[:300]}
-    kl.DROPOUT_BLOCK_N = shipped
-    if route is None:
-        os.environ.pop("CARZERO_FAST_TRITON_GEMM")
-    else:
-        os.environ["CARZERO_FAST_TRITON_GEMM"] = route
+        finally:
+            kl.DROPOUT_BLOCK_N = shipped
     lse = torch.empty((items * m, heads), dtype=torch.float32, device=dev)
     flops = 4 * items * m * (k.shape[0] // items) * q.shape[1]
     a_drop = (spec, ChunkPos(0, 0, m), site_tag(SITE_ATTENTION, 0))
