@@ -2,7 +2,9 @@
 
 Memory-item-major: program (query block, head, item) reads that item's K and V for one head
 (≤ 256 keys in CARZero, L2-resident across the item's query blocks), runs an online softmax
-over key blocks (the scores never leave registers) and writes the head's slice of the output.
+over key blocks (the scores never leave registers; in log2 units, so that each weight is one
+FMA and an exp2; the accumulators rescaled only when a row's max jumps, see the loop) and
+writes the head's slice of the output.
 Queries are per pair (`q_item_stride` = queries per item) or shared by every item (layer 1:
 its query does not depend on the item, `q_item_stride` = 0). An optional key mask (True =
 ignore) comes per item.
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import mma, upcast_dots
+from .common import FP_FUSION, mma, upcast_dots
 from .configs import attention_config, dot_precision
 from .dropout import keep_mask
 
@@ -123,6 +125,7 @@ def attention_kernel(
     BLOCK_C: tl.constexpr,  # head-dim slice; the head is 1 to 4 slices (HEAD_DIM ≤ 4·BLOCK_C)
     STORE_LSE: tl.constexpr,
     DROPOUT: tl.constexpr,
+    RESCALE_LOG2: tl.constexpr,  # growth of a row's max (log2 units) that forces a rescale
 ):
     pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
@@ -139,7 +142,9 @@ def attention_kernel(
     b_o2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     b_o3 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
 
-    # running max starts finite so that a fully masked key block gives exp(−inf) = 0, not NaN
+    # Scores in log2 units (scale·log2 e folded in: one FMA and an exp2 per weight). The
+    # running max starts finite so that a fully masked key block gives exp2(−inf) = 0, not NaN.
+    qk_scale = scale * 1.4426950408889634
     b_max = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # [BLOCK_M]
     b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M]
     for p0 in range(0, n_keys, BLOCK_P):
@@ -158,37 +163,51 @@ def attention_kernel(
         if N_SLICES > 3:
             b_kt = _slice_cols(p_krows, 3 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
             b_s = mma(b_q3, b_kt, b_s, PRECISION, UPCAST)
-        b_s = b_s * scale
         m_key = m_p
         if HAS_MASK:
             b_ignore = tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1)
             m_key = m_key & (b_ignore == 0)
         b_s = tl.where(m_key[None, :], b_s, float("-inf"))
-        b_new = tl.maximum(b_max, tl.max(b_s, axis=1))  # [BLOCK_M]
-        b_alpha = tl.exp(b_max - b_new)
-        b_p = tl.exp(b_s - b_new[:, None])  # [BLOCK_M, BLOCK_P]
-        b_sum = b_sum * b_alpha + tl.sum(b_p, axis=1)  # the softmax's own sum: before dropout
-        b_max = b_new
+        b_new = tl.maximum(b_max, tl.max(b_s, axis=1) * qk_scale)  # [BLOCK_M]
+        # Rescale the accumulators only when some row's max grew by more than RESCALE_LOG2
+        # (0: whenever one grew). Otherwise the stale max stays the reference: the weights,
+        # then ≤ 2^RESCALE_LOG2 (8: far below fp16's 65504), round to 16 bits with the same
+        # relative error, and out = Σ p·v / Σ p is the same quotient. Once a row's scores
+        # settle, this skips the HEAD_DIM multiplies per query and key block (6 a score at
+        # 32 keys and head dim 192) that rescaling the accumulators costs.
+        if tl.max(b_new - b_max, axis=0) > RESCALE_LOG2:
+            b_alpha = tl.exp2(b_max - b_new)  # [BLOCK_M]
+            b_sum = b_sum * b_alpha
+            b_o0 = b_o0 * b_alpha[:, None]
+            if N_SLICES > 1:
+                b_o1 = b_o1 * b_alpha[:, None]
+            if N_SLICES > 2:
+                b_o2 = b_o2 * b_alpha[:, None]
+            if N_SLICES > 3:
+                b_o3 = b_o3 * b_alpha[:, None]
+            b_max = b_new
+        b_p = tl.exp2(b_s * qk_scale - b_max[:, None])  # [BLOCK_M, BLOCK_P]
+        b_sum += tl.sum(b_p, axis=1)  # the softmax's own sum: before dropout
         if DROPOUT:
             b_p = tl.where(_keep(seed, threshold, o_m, p0, n0, m0, item, drop_tag + head,
                                  BLOCK_P), b_p, 0.0)  # fmt: skip
         b_p = b_p.to(p_v.dtype.element_ty)  # rounded like flash attention's P
         b_v = _slice_rows(p_vrows, 0, m_p, HEAD_DIM, BLOCK_C)  # [BLOCK_P, BLOCK_C]
-        b_o0 = mma(b_p, b_v, b_o0 * b_alpha[:, None], PRECISION, UPCAST)
+        b_o0 = mma(b_p, b_v, b_o0, PRECISION, UPCAST)
         if N_SLICES > 1:
             b_v = _slice_rows(p_vrows, BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
-            b_o1 = mma(b_p, b_v, b_o1 * b_alpha[:, None], PRECISION, UPCAST)
+            b_o1 = mma(b_p, b_v, b_o1, PRECISION, UPCAST)
         if N_SLICES > 2:
             b_v = _slice_rows(p_vrows, 2 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
-            b_o2 = mma(b_p, b_v, b_o2 * b_alpha[:, None], PRECISION, UPCAST)
+            b_o2 = mma(b_p, b_v, b_o2, PRECISION, UPCAST)
         if N_SLICES > 3:
             b_v = _slice_rows(p_vrows, 3 * BLOCK_C, m_p, HEAD_DIM, BLOCK_C)
-            b_o3 = mma(b_p, b_v, b_o3 * b_alpha[:, None], PRECISION, UPCAST)
+            b_o3 = mma(b_p, b_v, b_o3, PRECISION, UPCAST)
 
     if STORE_LSE:
         n_heads = tl.num_programs(1)
-        tl.store(p_lse + (item * n_queries + o_m) * n_heads + head, b_max + tl.log(b_sum),
-                 mask=m_m)  # fmt: skip
+        b_lse = (b_max + tl.log2(b_sum)) * 0.6931471805599453  # natural log of Σ exp
+        tl.store(p_lse + (item * n_queries + o_m) * n_heads + head, b_lse, mask=m_m)
     b_inv = (drop_scale if DROPOUT else 1.0) / b_sum[:, None]  # [BLOCK_M, 1]
     p_orows = p_out + (item * n_queries + o_m)[:, None] * stride_out + c0  # [BLOCK_M, 1]
     _store_head(p_orows, b_o0 * b_inv, b_o1 * b_inv, b_o2 * b_inv, b_o3 * b_inv, m_m, False,
@@ -249,7 +268,8 @@ def attention(
         *_drop_args(dropout), HEAD_DIM=head_dim, HAS_MASK=mask is not None,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dots(q.dtype), BLOCK_M=cfg.block_m,
         BLOCK_P=block_p, BLOCK_C=block_c, STORE_LSE=lse is not None,
-        DROPOUT=dropout is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DROPOUT=dropout is not None, RESCALE_LOG2=cfg.rescale_log2, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 

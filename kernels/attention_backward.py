@@ -27,7 +27,7 @@ from torch import Tensor
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
 from .attention import _drop_args, _head, _keep, _store_head
-from .common import mma, upcast_dots
+from .common import FP_FUSION, mma, upcast_dots
 from .configs import attention_bwd_config, dot_precision
 
 
@@ -77,7 +77,9 @@ def attention_dq_kernel(
     tl.store(p_delta + o_row * n_heads + head, b_delta, mask=m_m)
     p_qrows = p_q + (item * q_item_stride + o_m)[:, None] * stride_q + c0
     b_q0, b_q1, b_q2, b_q3 = _head(p_qrows, m_m, HEAD_DIM, BLOCK_C, N_SLICES)
-    b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)  # [BLOCK_M]
+    # exp(s·scale − lse) as exp2(s·scale·log2 e − lse·log2 e): one FMA and an exp2 a weight
+    qk_scale = scale * 1.4426950408889634
+    b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0) * 1.4426950408889634
     b_dq0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # [BLOCK_M, BLOCK_C]
     b_dq1 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     b_dq2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -93,7 +95,7 @@ def attention_dq_kernel(
         b_s = _dot_t(b_q0, b_q1, b_q2, b_q3, b_k0, b_k1, b_k2, b_k3,
                      tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                      UPCAST)  # [BLOCK_M, BLOCK_P] scores  # fmt: skip
-        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp(b_s * scale - b_lse[:, None]), 0.0)
+        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.0)
         b_dp = _dot_t(b_do0, b_do1, b_do2, b_do3, b_v0, b_v1, b_v2, b_v3,
                       tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                       UPCAST)  # [BLOCK_M, BLOCK_P] weight gradients  # fmt: skip
@@ -125,6 +127,7 @@ def attention_dkdv_kernel(
     pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
+    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e), as in the dQ kernel
     c0 = head * HEAD_DIM
     o_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] keys of this item
     m_p = o_p < n_keys
@@ -152,11 +155,12 @@ def attention_dkdv_kernel(
         b_do0, b_do1, b_do2, b_do3 = _head(p_do + o_row[:, None] * stride_do + c0, m_m,
                                            HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
         b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_lse = b_lse * 1.4426950408889634  # log2 units, as exp2 below takes them
         b_delta = tl.load(p_delta + o_row * n_heads + head, mask=m_m, other=0.0)
         b_s = _dot_t(b_q0, b_q1, b_q2, b_q3, b_k0, b_k1, b_k2, b_k3,
                      tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                      UPCAST)  # [BLOCK_M, BLOCK_P] scores  # fmt: skip
-        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp(b_s * scale - b_lse[:, None]), 0.0)
+        b_p = tl.where(m_m[:, None] & m_p[None, :], tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.0)
         b_dp = _dot_t(b_do0, b_do1, b_do2, b_do3, b_v0, b_v1, b_v2, b_v3,
                       tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                       UPCAST)  # fmt: skip
@@ -245,7 +249,8 @@ def attention_backward(
     keys_pow2 = max(16, triton.next_power_of_2(n_keys))  # no key tile wider than the keys
     common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
                   UPCAST=upcast_dots(q.dtype), BLOCK_C=slice_width(head_dim, cfg.block_c),
-                  DROPOUT=dropout is not None, num_warps=cfg.num_warps)  # fmt: skip
+                  DROPOUT=dropout is not None, num_warps=cfg.num_warps,
+                  enable_fp_fusion=FP_FUSION)  # fmt: skip
     scale, drop_args = 1.0 / math.sqrt(head_dim), _drop_args(dropout)
     q_item_stride = 0 if shared_queries else n_queries
     mask_stride = mask.stride(0) if mask is not None else 0

@@ -8,6 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
+# FMA contraction (a·b + c in one rounding) in the compiled kernels. Triton 3.9 enables it by
+# default with a warning that 3.10 will not; the kernels were tuned and measured with it (an
+# FFMA per softmax weight, per LayerNorm element), so every launch asks for it explicitly.
+FP_FUSION = True
+
 
 def interpreting() -> bool:
     """True under `TRITON_INTERPRET=1` (kernels run on CPU tensors through numpy)."""

@@ -31,6 +31,9 @@ class AttentionConfig(NamedTuple):
     block_p: int  # keys per step of the online softmax
     num_warps: int
     num_stages: int
+    # rescale the accumulators only when a row's running max grew by more than this (log2
+    # units; 0: whenever one grew, the textbook online softmax)
+    rescale_log2: float = 8.0
 
 
 class AttentionBwdConfig(NamedTuple):

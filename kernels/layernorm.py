@@ -32,6 +32,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
+from .common import FP_FUSION
 from .configs import multiprocessors
 from .dropout import chunk_keep
 
@@ -172,7 +173,7 @@ def add_layer_norm(
         D=d, HAS_DELTA=delta is not None, HAS_DELTA2=delta2 is not None,
         HAS_SHIFT=shift is not None, WRITE_X=x_out is not None, DROP_DELTA=drop_delta,
         DROP_Y=drop_y, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d,
-        num_warps=8 if drop_delta or drop_y or block_d > 1024 else 4,
+        num_warps=8 if drop_delta or drop_y or block_d > 1024 else 4, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return y
 
@@ -347,6 +348,7 @@ def layer_norm_backward(
             HAS_DRES=dres is not None, WRITE_DX16=dx16 is not None,
             DROP_DX16=dx16_tag is not None, DROP_DY=dy_tag is not None, LOOP=programs < blocks,
             BLOCK_R=LN_BWD_ROWS, BLOCK_D=block_d, num_warps=LN_BWD_WARPS, num_stages=1,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     sums = parts.sum(dim=1)
     return LayerNormGrads(dx, sums[0], sums[1], sums[2] if dx16 is not None else None)

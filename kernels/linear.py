@@ -27,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import mma, upcast_dots
+from .common import FP_FUSION, mma, upcast_dots
 from .configs import arch_of, dot_precision, linear_config, use_library_gemm
 from .dropout import chunk_keep
 
@@ -264,7 +264,7 @@ def linear(
                  PRECISION=dot_precision(a.dtype),
                  UPCAST=upcast_dots(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
                  BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps,
-                 num_stages=cfg.num_stages)  # fmt: skip
+                 num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)  # fmt: skip
     if tma is None:
         tma = use_tma(a, w)
     if tma:

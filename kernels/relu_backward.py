@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import FP_FUSION
 from .configs import multiprocessors
 
 BLOCK_R, BLOCK_C = 32, 128  # rows per step of a program's loop, columns per program
@@ -72,7 +73,7 @@ def relu_backward(dy: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
     if n_rows and n_cols:
         relu_backward_kernel[(col_programs, row_programs)](
             dy, act, dx, part, n_rows, n_cols, dy.stride(0), act.stride(0), dx.stride(0),
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return dx, part.sum(0)
 

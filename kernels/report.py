@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .attention import attention_kernel
 from .attention_backward import attention_dkdv_kernel, attention_dq_kernel, slice_width
+from .common import FP_FUSION
 from .configs import shipped, shipped_with_dropout
 from .layernorm import (
     BLOCK_ROWS,
@@ -107,8 +108,8 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
         attrs = {}  # descriptors carry their own alignment; the JIT adds no hints with them
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
-    return triton.compile(src, target=target,
-                          options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": FP_FUSION}
+    return triton.compile(src, target=target, options=options)
 
 
 def _ln_flags(delta: bool = True, delta2: bool = False, write: bool = True,
@@ -157,7 +158,8 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                    "stride_out": "i32", "scale": "fp32", **DROPOUT_SIG}  # fmt: skip
             const = dict(HEAD_DIM=HEAD_DIM, HAS_MASK=has_mask, PRECISION=prec, UPCAST=False,
                          BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_C=64,
-                         STORE_LSE=training, DROPOUT=training)  # fmt: skip
+                         STORE_LSE=training, DROPOUT=training,
+                         RESCALE_LOG2=cfg.rescale_log2)  # fmt: skip
             desc = dict(mask=has_mask, dropout=training, dtype=dt, precision=prec,
                         head_dim=HEAD_DIM, **cfg._asdict())  # fmt: skip
             jobs.append(("attention", desc, attention_kernel, sig, const, cfg.num_warps,

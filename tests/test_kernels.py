@@ -364,6 +364,36 @@ def test_attention(dtype, d, heads, p, shared, masked):
     _check(out, ref, exact, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("rescale_log2", [0.0, 3.0, 8.0])
+def test_attention_rescaling_as_row_maxima_grow(dtype, rescale_log2):
+    """Scores rise along the keys, at a different rate per query, so that from one key block
+    to the next some rows' maxima grow by less than the rescale threshold (the stale max
+    stays their reference), some by more (the accumulators are rescaled), some not at all."""
+    import carzero_fast.kernels.configs as kc
+
+    d, heads, p, n_items, n_queries = 64, 2, 97, 2, 6
+    shipped = attention_config(CPU, dtype)
+    assert shipped.block_p < p  # several key blocks
+    u = torch.nn.functional.normalize(_randn(1, d, seed=1), dim=1)
+    ramp = 0.4 * torch.arange(n_items * p, dtype=torch.float64).remainder(p)[:, None]
+    k = (ramp * u + 0.3 * _randn(n_items * p, d, seed=2)).to(dtype)
+    v = _randn(n_items * p, d, dtype=dtype, seed=3)
+    # per query, its rise per key: falling, flat, slow (≈ 1 log2 unit a block), fast (> 8)
+    alpha = torch.tensor([-3.0, 0.0, 0.3, 1.0, 3.0, 8.0], dtype=torch.float64)
+    q = alpha.repeat(n_items)[:, None] * u + 0.3 * _randn(n_items * n_queries, d, seed=4)
+    q = q.to(dtype)
+    previous = kc.override("attention", 9, kc.dot_kind(dtype),
+                           shipped._replace(rescale_log2=rescale_log2))  # fmt: skip
+    try:
+        out = attention(q, k, v, heads, n_items, n_queries)
+    finally:
+        kc.override("attention", 9, kc.dot_kind(dtype), previous)
+    ref = attention_torch(q, k, v, heads, n_items, n_queries)
+    exact = attention_torch(*_double((q, k, v)), heads, n_items, n_queries)
+    _check(out, ref, exact, dtype)
+
+
 def test_attention_allocates_its_output():
     q, kv = _randn(6, 64, seed=1), _randn(2 * 9, 128, seed=2)
     out = attention(q, kv[:, :64], kv[:, 64:], 4, 2, 3)
