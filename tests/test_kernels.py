@@ -369,7 +369,9 @@ def test_attention(dtype, d, heads, p, shared, masked):
 def test_attention_rescaling_as_row_maxima_grow(dtype, rescale_log2):
     """Scores rise along the keys, at a different rate per query, so that from one key block
     to the next some rows' maxima grow by less than the rescale threshold (the stale max
-    stays their reference), some by more (the accumulators are rescaled), some not at all."""
+    stays their reference), some by more (the accumulators are rescaled), some not at all.
+    The second item hides its first 40 keys: rows that see only masked scores in a whole key
+    block keep the initial max until a later block."""
     import carzero_fast.kernels.configs as kc
 
     d, heads, p, n_items, n_queries = 64, 2, 97, 2, 6
@@ -383,14 +385,16 @@ def test_attention_rescaling_as_row_maxima_grow(dtype, rescale_log2):
     alpha = torch.tensor([-3.0, 0.0, 0.3, 1.0, 3.0, 8.0], dtype=torch.float64)
     q = alpha.repeat(n_items)[:, None] * u + 0.3 * _randn(n_items * n_queries, d, seed=4)
     q = q.to(dtype)
+    mask = torch.zeros((n_items, p), dtype=torch.int8)
+    mask[1, :40] = 1
     previous = kc.override("attention", 9, kc.dot_kind(dtype),
                            shipped._replace(rescale_log2=rescale_log2))  # fmt: skip
     try:
-        out = attention(q, k, v, heads, n_items, n_queries)
+        out = attention(q, k, v, heads, n_items, n_queries, mask=mask)
     finally:
         kc.override("attention", 9, kc.dot_kind(dtype), previous)
-    ref = attention_torch(q, k, v, heads, n_items, n_queries)
-    exact = attention_torch(*_double((q, k, v)), heads, n_items, n_queries)
+    ref = attention_torch(q, k, v, heads, n_items, n_queries, mask=mask)
+    exact = attention_torch(*_double((q, k, v)), heads, n_items, n_queries, mask=mask)
     _check(out, ref, exact, dtype)
 
 
