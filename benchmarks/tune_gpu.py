@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep("attention_bwd", ATTENTION_BWD_CANDIDATES,
           lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m, dk=acc[:, :d],
                                      dv=acc[:, d:]), flops_bwd, t_sdpa_bwd)  # fmt: skip
+    results["dq_sums"] = time_dq_sums(q, k_, v_, o, do, lse, heads, items, m, acc, dev)
 
     if wanted("layer_norm_bwd"):
         results["layer_norm_bwd"] = sweep_layer_norm_bwd(x, g, a_d, dev, args.smoke)
@@ -348,6 +349,28 @@ def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Ten
         out[f"attention [{label}]"] = {"us": t * 1e6, "tflops": flops / t / 1e12}
     for name, row in out.items():
         print(f"dropout {name}: {json.dumps(row)}", flush=True)
+    return out
+
+
+def time_dq_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 do: torch.Tensor, lse: torch.Tensor, heads: int, items: int, m: int,
+                 acc: torch.Tensor, dev: torch.device) -> dict:  # fmt: skip
+    """The query projection's bias gradient as training takes it for layers 2…: the attention
+    backward with the dQ kernel's column sums (`dq_sum`), beside the backward without them
+    and PyTorch's reduction over the 16-bit dq apart (what it replaced)."""
+    d = q.shape[1]
+    dq_sum = torch.empty(d, dtype=torch.float32, device=dev)
+    kw = dict(dk=acc[:, :d], dv=acc[:, d:], dq_dtype=q.dtype)
+    dq, _, _ = attention_backward(q, k, v, o, do, lse, heads, items, m, **kw)
+    runs = {
+        "backward with dq_sum": lambda: attention_backward(q, k, v, o, do, lse, heads, items, m,
+                                                           dq_sum=dq_sum, **kw),
+        "backward without": lambda: attention_backward(q, k, v, o, do, lse, heads, items, m,
+                                                       **kw),
+        "PyTorch sum over dq": lambda: dq.sum(0, dtype=torch.float32),
+    }  # fmt: skip
+    out = {label: {"us": bench(run, dev) * 1e6} for label, run in runs.items()}
+    print("dq sums", json.dumps(out), flush=True)
     return out
 
 

@@ -88,6 +88,21 @@ def _store_head(p_rows, b_0, b_1, b_2, b_3, m_rows, ACCUMULATE: tl.constexpr,
 
 
 @triton.jit
+def _rescale(b_max, b_new, b_sum, b_o0, b_o1, b_o2, b_o3, N_SLICES: tl.constexpr):  # noqa: ANN001, ANN202
+    """The running sum and a head's accumulator slices moved from max b_max to b_new
+    (`[BLOCK_M]`, log2 units)."""
+    b_alpha = tl.exp2(b_max - b_new)  # [BLOCK_M]
+    b_o0 = b_o0 * b_alpha[:, None]
+    if N_SLICES > 1:
+        b_o1 = b_o1 * b_alpha[:, None]
+    if N_SLICES > 2:
+        b_o2 = b_o2 * b_alpha[:, None]
+    if N_SLICES > 3:
+        b_o3 = b_o3 * b_alpha[:, None]
+    return b_sum * b_alpha, b_o0, b_o1, b_o2, b_o3
+
+
+@triton.jit
 def _keep(seed, threshold, o_m, p0, n0, m0, item, drop_tag, BLOCK_P: tl.constexpr):  # noqa: ANN001, ANN202
     """Dropout keep mask of the weights of queries o_m `[BLOCK_M]` over keys p0 … p0 +
     BLOCK_P − 1 → `[BLOCK_M, BLOCK_P]`."""
@@ -170,21 +185,20 @@ def attention_kernel(
         b_s = tl.where(m_key[None, :], b_s, float("-inf"))
         b_new = tl.maximum(b_max, tl.max(b_s, axis=1) * qk_scale)  # [BLOCK_M]
         # Rescale the accumulators only when some row's max grew by more than RESCALE_LOG2
-        # (0: whenever one grew). Otherwise the stale max stays the reference: the weights,
-        # then ≤ 2^RESCALE_LOG2 (8: far below fp16's 65504), round to 16 bits with the same
-        # relative error, and out = Σ p·v / Σ p is the same quotient. Once a row's scores
-        # settle, this skips the HEAD_DIM multiplies per query and key block (6 a score at
-        # 32 keys and head dim 192) that rescaling the accumulators costs.
-        if tl.max(b_new - b_max, axis=0) > RESCALE_LOG2:
-            b_alpha = tl.exp2(b_max - b_new)  # [BLOCK_M]
-            b_sum = b_sum * b_alpha
-            b_o0 = b_o0 * b_alpha[:, None]
-            if N_SLICES > 1:
-                b_o1 = b_o1 * b_alpha[:, None]
-            if N_SLICES > 2:
-                b_o2 = b_o2 * b_alpha[:, None]
-            if N_SLICES > 3:
-                b_o3 = b_o3 * b_alpha[:, None]
+        # (0: at every key block, the textbook online softmax, with no branch). Otherwise the
+        # stale max stays the reference: the weights, then ≤ 2^RESCALE_LOG2 (8: far below
+        # fp16's 65504), round to 16 bits with the same relative error, and out = Σ p·v / Σ p
+        # is the same quotient. Once a row's scores settle, this skips the HEAD_DIM
+        # multiplies per query and key block (6 a score at 32 keys and head dim 192) that
+        # rescaling the accumulators costs.
+        if RESCALE_LOG2 > 0:
+            if tl.max(b_new - b_max, axis=0) > RESCALE_LOG2:
+                b_sum, b_o0, b_o1, b_o2, b_o3 = _rescale(b_max, b_new, b_sum, b_o0, b_o1, b_o2,
+                                                         b_o3, N_SLICES)  # fmt: skip
+                b_max = b_new
+        else:
+            b_sum, b_o0, b_o1, b_o2, b_o3 = _rescale(b_max, b_new, b_sum, b_o0, b_o1, b_o2, b_o3,
+                                                     N_SLICES)  # fmt: skip
             b_max = b_new
         b_p = tl.exp2(b_s * qk_scale - b_max[:, None])  # [BLOCK_M, BLOCK_P]
         b_sum += tl.sum(b_p, axis=1)  # the softmax's own sum: before dropout

@@ -46,13 +46,28 @@ def _dot_t(b_a0, b_a1, b_a2, b_a3, b_b0, b_b1, b_b2, b_b3, acc, N_SLICES: tl.con
 
 
 @triton.jit
+def _store_dq_slice(p_rows, p_cols, col0, b_x, m_rows, SUM: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Store columns col0 … col0 + BLOCK_C − 1 of a head's dq rows `p_rows` `[R, 1]` in their
+    dtype and, with SUM, the column sums of what was stored at `p_cols` (the head's first
+    column of this program's row of partials). Slice by slice: fewer registers alive."""
+    o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    m_c = o_c < HEAD_DIM
+    b_x = b_x.to(p_rows.dtype.element_ty)  # [R, BLOCK_C]
+    tl.store(p_rows + o_c[None, :], b_x, mask=m_rows[:, None] & m_c[None, :])
+    if SUM:  # rows past the queries are zero: their dO rows loaded as zeros
+        tl.store(p_cols + o_c, tl.sum(b_x.to(tl.float32), axis=0), mask=m_c)
+
+
+@triton.jit
 def attention_dq_kernel(
     p_q, p_k, p_v, p_mask, p_out, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
+    p_dq_parts,  # [items·query blocks, D] fp32 column sums of each program's dq, SUM_DQ
     n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_out, stride_do,
     stride_dq, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, SUM_DQ: tl.constexpr,
 ):  # fmt: skip
     pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
@@ -110,9 +125,20 @@ def attention_dq_kernel(
             b_dq2 = mma(b_ds, b_k2, b_dq2, PRECISION, UPCAST)
         if N_SLICES > 3:
             b_dq3 = mma(b_ds, b_k3, b_dq3, PRECISION, UPCAST)
-    _store_head(p_dq + o_row[:, None] * stride_dq + c0, b_dq0 * scale, b_dq1 * scale,
-                b_dq2 * scale, b_dq3 * scale, m_m, False, HEAD_DIM, BLOCK_C,
-                N_SLICES)  # fmt: skip
+    # with SUM_DQ, also the query projection's bias gradient: Σ over rows of dq as stored,
+    # one row of partials per program, summed by the caller in a fixed order
+    p_dqrows = p_dq + o_row[:, None] * stride_dq + c0  # [BLOCK_M, 1]
+    p_parts = p_dq_parts + (item * tl.num_programs(0) + pid_m) * n_heads * HEAD_DIM + c0
+    _store_dq_slice(p_dqrows, p_parts, 0, b_dq0 * scale, m_m, SUM_DQ, HEAD_DIM, BLOCK_C)
+    if N_SLICES > 1:
+        _store_dq_slice(p_dqrows, p_parts, BLOCK_C, b_dq1 * scale, m_m, SUM_DQ, HEAD_DIM,
+                        BLOCK_C)  # fmt: skip
+    if N_SLICES > 2:
+        _store_dq_slice(p_dqrows, p_parts, 2 * BLOCK_C, b_dq2 * scale, m_m, SUM_DQ, HEAD_DIM,
+                        BLOCK_C)  # fmt: skip
+    if N_SLICES > 3:
+        _store_dq_slice(p_dqrows, p_parts, 3 * BLOCK_C, b_dq3 * scale, m_m, SUM_DQ, HEAD_DIM,
+                        BLOCK_C)  # fmt: skip
 
 
 @triton.jit
@@ -216,6 +242,7 @@ def attention_backward(
     dv: Tensor | None = None,
     dropout: tuple[DropoutSpec, ChunkPos, int] | None = None,
     dq_dtype: torch.dtype = torch.float32,
+    dq_sum: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `attention` (same arguments, plus its output `out`, the output's gradient
     `dout` and the `lse` it stored) → (dq per pair `(n_items·n_queries, D)`, dk, dv
@@ -227,6 +254,8 @@ def attention_backward(
     dk, dv: fp32 `(n_items·P, D)` buffers (row-strided views are fine, one row stride for
     both) that the key/value gradients are added into, e.g. an item block's accumulators
     over its query chunks; new ones are returned when not given. dropout: as the forward's.
+    dq_sum: an fp32 `(D,)` tensor that receives Σ over rows of dq as returned (the query
+    projection's bias gradient), from partial sums the dQ kernel writes: no pass over dq.
     """
     d = q.shape[1]
     n_keys = k.shape[0] // max(n_items, 1)
@@ -254,12 +283,23 @@ def attention_backward(
     scale, drop_args = 1.0 / math.sqrt(head_dim), _drop_args(dropout)
     q_item_stride = 0 if shared_queries else n_queries
     mask_stride = mask.stride(0) if mask is not None else 0
-    attention_dq_kernel[(triton.cdiv(n_queries, cfg.dq_block_m), n_heads, n_items)](
-        q, k, v, mask, out, dout, lse, delta, dq, n_queries, n_keys, q.stride(0), q_item_stride,
-        k.stride(0), mask_stride, out.stride(0), dout.stride(0), dq.stride(0), scale, *drop_args,
-        **common, BLOCK_M=cfg.dq_block_m, BLOCK_P=min(cfg.dq_block_p, keys_pow2),
+    q_blocks = triton.cdiv(n_queries, cfg.dq_block_m)
+    parts = None
+    if dq_sum is not None:
+        if dq_sum.shape != (d,) or dq_sum.dtype != torch.float32:
+            raise ValueError(f"attention_backward: dq_sum must be fp32 of shape ({d},), got "
+                             f"{dq_sum.dtype} {tuple(dq_sum.shape)}")  # fmt: skip
+        parts = torch.empty((n_items * q_blocks, d), dtype=torch.float32, device=q.device)
+    # without sums, delta stands in for the partials' pointer (fp32, never written through it)
+    attention_dq_kernel[(q_blocks, n_heads, n_items)](
+        q, k, v, mask, out, dout, lse, delta, dq, delta if parts is None else parts, n_queries,
+        n_keys, q.stride(0), q_item_stride, k.stride(0), mask_stride, out.stride(0),
+        dout.stride(0), dq.stride(0), scale, *drop_args, **common, BLOCK_M=cfg.dq_block_m,
+        BLOCK_P=min(cfg.dq_block_p, keys_pow2), SUM_DQ=parts is not None,
         num_stages=cfg.dq_stages,
     )  # fmt: skip
+    if parts is not None:  # fixed order: deterministic
+        torch.sum(parts, dim=0, out=dq_sum)
     block_p = min(cfg.dkdv_block_p, keys_pow2)
     attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,

@@ -67,13 +67,15 @@ _HEAD = {
     (8, "tf32"): LinearConfig(64, 256, 32, 8, 2),
     (8, "ieee"): LinearConfig(32, 256, 32, 8, 2),
 }
+# fp32 rescales at every key block (rescale_log2 = 0, no branch): with the branch, Triton
+# 3.6 (the GPU image's) spilled 8–16 bytes in three of its fp32 builds (3.9 did not)
 _ATTENTION = {
     (9, "half"): AttentionConfig(64, 32, 4, 3),
-    (9, "tf32"): AttentionConfig(64, 32, 4, 2),
-    (9, "ieee"): AttentionConfig(32, 32, 4, 2),
+    (9, "tf32"): AttentionConfig(64, 32, 4, 2, rescale_log2=0.0),
+    (9, "ieee"): AttentionConfig(32, 32, 4, 2, rescale_log2=0.0),
     (8, "half"): AttentionConfig(32, 64, 4, 2),
-    (8, "tf32"): AttentionConfig(64, 32, 4, 2),
-    (8, "ieee"): AttentionConfig(32, 32, 4, 2),
+    (8, "tf32"): AttentionConfig(64, 32, 4, 2, rescale_log2=0.0),
+    (8, "ieee"): AttentionConfig(32, 32, 4, 2, rescale_log2=0.0),
 }
 # Backward: the head as 64-wide slices; 64-query dQ programs and the dK/dV kernel's
 # transposed [64, keys] accumulators reach wgmma on Hopper in 16-bit (the first padded 32×16
@@ -89,7 +91,9 @@ _ATTENTION_BWD = {
     # one dK/dV stage: with two, Triton 3.6 (the GPU image's) spilled 32 bytes at 255
     # registers on sm_80 (Triton 3.9 did not)
     (8, "tf32"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 1),
-    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 2, 1),
+    # one dQ stage: with two, the dQ kernel's column sums (dropout on) spilled 8 bytes at 80
+    # registers on sm_80 (Triton 3.9); FMA code gains little from the pipeline
+    (8, "ieee"): AttentionBwdConfig(32, 16, 32, 16, 8, 1, 1),
 }
 HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and a GEMV
 

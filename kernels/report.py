@@ -174,10 +174,12 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             if name == "attention_dq":  # it computes delta = rowsum(dO ∘ O) from the output
                 sig["p_out"] = ptr
             sig.update({"p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32"})
-            # dq: fp32 for layer 1's shared queries, the GEMM dtype for the others (both are
-            # launched; the eval rows build the first, the dropout rows the second)
+            # dq: fp32 for layer 1's shared queries, the GEMM dtype with its column sums (the
+            # query projection's bias gradient) for the others (both are launched; the eval
+            # rows build the first, the dropout rows the second)
+            dq_sig = {"p_dq": ptr if dropout else "*fp32", "p_dq_parts": "*fp32"}
             sig.update({"p_dk": "*fp32", "p_dv": "*fp32"} if name == "attention_dkdv"
-                       else {"p_dq": ptr if dropout else "*fp32"})  # fmt: skip
+                       else dq_sig)  # fmt: skip
             sig.update({"n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                         "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32"})
             if name == "attention_dq":
@@ -194,6 +196,8 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
                          BLOCK_C=slice_width(HEAD_DIM, bwd.block_c), DROPOUT=dropout)  # fmt: skip
             if name == "attention_dkdv":  # as training launches it: into the accumulators
                 const["ACCUMULATE"] = True
+            else:
+                const["SUM_DQ"] = dropout
             desc = dict(dtype=dt, precision=prec, head_dim=HEAD_DIM, dropout=dropout,
                         block_m=tiles[0], block_p=tiles[1], block_c=const["BLOCK_C"])  # fmt: skip
             jobs.append((name, desc, fn, sig, const, bwd.num_warps, tiles[2], True))

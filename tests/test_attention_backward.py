@@ -134,3 +134,25 @@ def test_dq_in_the_gemm_dtype_is_the_rounded_fp32_dq():
                                     dq_dtype=torch.bfloat16)  # fmt: skip
     assert dq16.dtype == torch.bfloat16
     assert torch.equal(dq16, dq32.to(torch.bfloat16))
+
+
+# (dtype, queries per item, heads, D, query blocks of the dQ kernel per item on CPU)
+DQ_SUM_CASES = [(torch.float32, 37, 2, 96, 2), (torch.bfloat16, 131, 2, 96, 2),
+                (torch.bfloat16, 9, 1, 48, 1)]
+
+
+@pytest.mark.parametrize(("dtype", "m", "heads", "d", "blocks"), DQ_SUM_CASES)
+def test_dq_column_sums(dtype, m, heads, d, blocks):
+    """dq_sum (the query projection's bias gradient, from the dQ kernel's per-program
+    partials) is the column sum of dq as returned (rounded to the GEMM dtype first): over
+    ragged query blocks, and a head narrower than its 64-column slice."""
+    n, p = 3, 23
+    block_m = configs.attention_bwd_config(torch.device("cpu"), dtype).dq_block_m
+    assert -(-m // block_m) == blocks
+    q, k, v, mask, dout, out, lse = _masked_forward(n, m, p, heads, d, dtype)
+    dq_sum = torch.full((d,), float("nan"))
+    dq, _, _ = attention_backward(q, k, v, out, dout, lse, heads, n, m, mask=mask,
+                                  dq_dtype=dtype, dq_sum=dq_sum)  # fmt: skip
+    assert _rel(dq_sum, dq.double().sum(0)) < 1e-6
+    with pytest.raises(ValueError, match=rf"dq_sum must be fp32 of shape \({d},\)"):
+        attention_backward(q, k, v, out, dout, lse, heads, n, m, dq_sum=torch.empty(d + 1))

@@ -52,3 +52,6 @@ def test_tune_gpu_layer_norm_backward_sweep(tmp_path):
     }
     assert set(json.loads((tmp_path / "tune_gpu.json").read_text())["residual_gemm"]) == {
         "out proj", "linear2"}
+    dq_sums = json.loads((tmp_path / "tune_gpu.json").read_text())["dq_sums"]
+    assert set(dq_sums) == {"backward with dq_sum", "backward without", "PyTorch sum over dq"}
+    assert all("us" in row for row in dq_sums.values())

@@ -261,6 +261,36 @@ def test_bias_gradients_from_the_relu_backward(monkeypatch, triton_only):
 # ---------------------------------------------------------- determinism, frozen parts
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_query_bias_gradients_from_the_dq_kernel(dtype, monkeypatch, triton_only):
+    """Layers after the first take the query projection's bias gradient from the column sums
+    the dQ kernel writes (`dq_sum`): the same step as summing dq apart (what the linear
+    backward did), every gradient bit for bit but those biases, which add the same numbers
+    in another order."""
+    import carzero_fast.kernels as kernels
+
+    al = make_aligner(CONFIGS["d64h4"], seed=12, dtype=dtype)
+    img, txt = _tokens(64, seed=13, dtype=dtype)
+    fused = _step(al, "triton", img, txt)
+    real, sums = kernels.attention_backward, []
+
+    def sum_apart(*args, dq_sum=None, **kwargs):
+        dq, dk, dv = real(*args, **kwargs)
+        if dq_sum is not None:
+            sums.append(dq.dtype)
+            dq_sum.copy_(dq.sum(0, dtype=torch.float32))
+        return dq, dk, dv
+
+    monkeypatch.setattr(kernels, "attention_backward", sum_apart)
+    apart = _step(al, "triton", img, txt)
+    assert sums == [dtype] * (2 * (al.config.n_layers - 1))  # both directions, layers 2…
+    for name, a, b in zip(_names(al), fused, apart, strict=True):
+        if name.endswith("in_proj_bias"):
+            assert rel_err(a, b) < 1e-5, name
+        else:
+            assert torch.equal(a, b), name
+
+
 def test_deterministic(triton_only):
     al = make_aligner(CONFIGS["d64h4"], seed=6)
     img, txt = _tokens(64, seed=7)

@@ -245,18 +245,24 @@ def _chunk_backward(
         v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
         q = cp.q1[queries] if li == 0 else b.q
         a_drop = (*drop, tag(SITE_ATTENTION, li)) if drop else None
-        # layer 1's per-pair dq is summed over items in fp32; the others go into a GEMM
+        # layer 1's per-pair dq is summed over items in fp32; the others go into a GEMM, the
+        # dQ kernel summing their columns (the query projection's bias gradient) on the way
+        q_rows = slice(0, d)
+        dq_sum = None
+        if li > 0 and g("in_proj_b", q_rows) is not None:
+            dq_sum = torch.empty(d, dtype=torch.float32, device=dx_mid.device)
         dq, _, _ = attention_backward(q, kv[:, k_cols], kv[:, v_cols], b.o, do, b.lse, n_heads,
                                       ni, mc, shared_queries=li == 0, mask=mask,
                                       dk=g_kv[:, k_cols], dv=g_kv[:, v_cols], dropout=a_drop,
-                                      dq_dtype=torch.float32 if li == 0 else q.dtype)  # fmt: skip
+                                      dq_dtype=torch.float32 if li == 0 else q.dtype,
+                                      dq_sum=dq_sum)  # fmt: skip
         if li == 0:  # x_in is x0 and q is q1, both shared by the chunk's items
             g_q1[queries] += dq.view(ni, mc, d).sum(0)
             g_x0[queries] += dx_mid.view(ni, mc, d).sum(0)
         else:  # q = LN2(x_in)·Wqᵀ + bq, x_in the previous layer's x_out
-            rows = slice(0, d)
-            dy2, _ = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li], g("in_proj_w", rows),
-                                  g("in_proj_b", rows))  # fmt: skip
+            dy2, _ = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li],
+                                     g("in_proj_w", q_rows), g("in_proj_b", q_rows),
+                                     dy_sum=dq_sum)  # fmt: skip
             dx, dg, db, branch = ln_backward(bufs[li - 1].x_out, lw.norm2_w, dy2,
                                              SITE_FFN_BRANCH, li - 1, dres=dx_mid)  # fmt: skip
             if gl is not None:
