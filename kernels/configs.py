@@ -32,7 +32,7 @@ class AttentionConfig(NamedTuple):
     num_warps: int
     num_stages: int
     # rescale the accumulators only when a row's running max grew by more than this (log2
-    # units; 0: whenever one grew, the textbook online softmax)
+    # units; 0: at every key block, the textbook online softmax, with no branch)
     rescale_log2: float = 8.0
 
 
