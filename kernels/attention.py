@@ -25,7 +25,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION, mma, upcast_dots
+from .common import FP_FUSION, LN2, LOG2E, mma, upcast_dots
 from .configs import attention_config, dot_precision
 from .dropout import keep_mask
 
@@ -159,7 +159,7 @@ def attention_kernel(
 
     # Scores in log2 units (scale·log2 e folded in: one FMA and an exp2 per weight). The
     # running max starts finite so that a fully masked key block gives exp2(−inf) = 0, not NaN.
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     b_max = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # [BLOCK_M]
     b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M]
     for p0 in range(0, n_keys, BLOCK_P):
@@ -220,7 +220,7 @@ def attention_kernel(
 
     if STORE_LSE:
         n_heads = tl.num_programs(1)
-        b_lse = (b_max + tl.log2(b_sum)) * 0.6931471805599453  # natural log of Σ exp
+        b_lse = (b_max + tl.log2(b_sum)) * LN2  # natural log of Σ exp
         tl.store(p_lse + (item * n_queries + o_m) * n_heads + head, b_lse, mask=m_m)
     b_inv = (drop_scale if DROPOUT else 1.0) / b_sum[:, None]  # [BLOCK_M, 1]
     p_orows = p_out + (item * n_queries + o_m)[:, None] * stride_out + c0  # [BLOCK_M, 1]

@@ -27,7 +27,7 @@ from torch import Tensor
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
 from .attention import _drop_args, _head, _keep, _store_head
-from .common import FP_FUSION, mma, upcast_dots
+from .common import FP_FUSION, LOG2E, mma, upcast_dots
 from .configs import attention_bwd_config, dot_precision
 
 
@@ -93,8 +93,8 @@ def attention_dq_kernel(
     p_qrows = p_q + (item * q_item_stride + o_m)[:, None] * stride_q + c0
     b_q0, b_q1, b_q2, b_q3 = _head(p_qrows, m_m, HEAD_DIM, BLOCK_C, N_SLICES)
     # exp(s·scale − lse) as exp2(s·scale·log2 e − lse·log2 e): one FMA and an exp2 a weight
-    qk_scale = scale * 1.4426950408889634
-    b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0) * 1.4426950408889634
+    qk_scale = scale * LOG2E
+    b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0) * LOG2E
     b_dq0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # [BLOCK_M, BLOCK_C]
     b_dq1 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     b_dq2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -153,7 +153,7 @@ def attention_dkdv_kernel(
     pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
-    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e), as in the dQ kernel
+    qk_scale = scale * LOG2E  # exp(x) = exp2(x·log2 e), as in the dQ kernel
     c0 = head * HEAD_DIM
     o_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] keys of this item
     m_p = o_p < n_keys
@@ -181,7 +181,7 @@ def attention_dkdv_kernel(
         b_do0, b_do1, b_do2, b_do3 = _head(p_do + o_row[:, None] * stride_do + c0, m_m,
                                            HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
         b_lse = tl.load(p_lse + o_row * n_heads + head, mask=m_m, other=0.0)  # [BLOCK_M]
-        b_lse = b_lse * 1.4426950408889634  # log2 units, as exp2 below takes them
+        b_lse = b_lse * LOG2E  # log2 units, as exp2 below takes them
         b_delta = tl.load(p_delta + o_row * n_heads + head, mask=m_m, other=0.0)
         b_s = _dot_t(b_q0, b_q1, b_q2, b_q3, b_k0, b_k1, b_k2, b_k3,
                      tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,

@@ -13,6 +13,10 @@ import triton.language as tl
 # FFMA per softmax weight, per LayerNorm element), so every launch asks for it explicitly.
 FP_FUSION = True
 
+# exp(x) = exp2(x·LOG2E), ln(x) = log2(x)·LN2: the softmax kernels work in log2 units
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
 
 def interpreting() -> bool:
     """True under `TRITON_INTERPRET=1` (kernels run on CPU tensors through numpy)."""
