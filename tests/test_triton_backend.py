@@ -18,7 +18,12 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
-from carzero_fast.backends.fused import check_device, plan_fused, triton_forward  # noqa: E402
+from carzero_fast.backends.fused import (  # noqa: E402
+    check_device,
+    kernels_unavailable,
+    plan_fused,
+    triton_forward,
+)
 from carzero_fast.backends.fused_train import _chunk_buffers, plan_train  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
@@ -408,6 +413,45 @@ def test_auto_picks_triton_on_cuda_only():
     assert resolve_backend("auto", "cpu") == "chunked"
     assert resolve_backend("auto", "cuda") == "triton"
     assert resolve_backend("triton", "cpu") == "triton"
+
+
+@pytest.fixture
+def fresh_kernel_check():
+    """kernels_unavailable() is cached per process: recheck under the test's patches."""
+    kernels_unavailable.cache_clear()
+    yield
+    kernels_unavailable.cache_clear()
+
+
+@pytest.mark.parametrize(("version", "usable"),
+                         [("3.3.1", False), ("3.4.0", True), ("3.10.0+git1a2b", True)])  # fmt: skip
+def test_triton_older_than_3_4_is_named_and_auto_falls_back(monkeypatch, fresh_kernel_check,
+                                                           version, usable):  # fmt: skip
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    reason = kernels_unavailable()
+    assert (reason is None) == usable
+    if usable:
+        assert resolve_backend("auto", "cuda") == "triton"
+        return
+    assert "3.3.1" in reason and ">= 3.4" in reason
+    with pytest.warns(RuntimeWarning, match="runs 'chunked' on CUDA: Triton 3.3.1"):
+        assert resolve_backend("auto", "cuda") == "chunked"
+    assert resolve_backend("auto", "cpu") == "chunked"
+    al = make_aligner(CONFIGS["d64h4_head1"])
+    mem, q = _inputs(64, n=2, m=2, p=3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="'triton' is unavailable: Triton 3.3"):
+        al(mem, q, backend="triton")
+    with pytest.raises(RuntimeError, match="unavailable"):  # training's entry too
+        al(mem.requires_grad_(), q, backend="triton")
+
+
+def test_missing_triton_is_named(monkeypatch, fresh_kernel_check):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert "not installed" in kernels_unavailable()
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        check_device(torch.zeros(1))
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

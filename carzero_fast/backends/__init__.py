@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .chunked import chunked_both_directions, chunked_forward
-from .fused import draw_dropout, kernels_available, triton_both_directions, triton_forward
+from .fused import draw_dropout, kernels_unavailable, triton_both_directions, triton_forward
 from .fused_train import Job, triton_train
 from .reference import reference_forward
 
@@ -23,11 +25,16 @@ def check_backend_name(name: str) -> str:
 
 def resolve_backend(name: str, device_type: str) -> str:
     """The concrete backend `name` stands for on a device of this type: "auto" is "triton"
-    on CUDA devices (when Triton is installed), "chunked" elsewhere."""
+    on CUDA devices (when its kernels can run: a warning says why not), "chunked" elsewhere."""
     check_backend_name(name)
-    if name != "auto":
-        return name
-    return "triton" if device_type == "cuda" and kernels_available() else "chunked"
+    if name != "auto" or device_type != "cuda":
+        return "chunked" if name == "auto" else name
+    reason = kernels_unavailable()
+    if reason is None:
+        return "triton"
+    warnings.warn(f"backend 'auto' runs 'chunked' on CUDA: {reason}", RuntimeWarning,
+                  stacklevel=2)  # fmt: skip
+    return "chunked"
 
 
 def _needs_autograd(w: AlignerWeights, *t: Tensor) -> bool:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -88,17 +89,39 @@ def inference_stream_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if route == "input" else torch.float32
 
 
-def kernels_available() -> bool:
-    try:
-        import triton  # noqa: F401
+# The oldest Triton whose kernels build: `triton.tools.tensor_descriptor` (the linear kernels'
+# TMA descriptors) arrived in 3.4. The compile report (sm_90, sm_80) is spill-free from 3.6 on;
+# 3.4 spills in 5 sm_90 builds (fp32) and 9 sm_80 ones, 3.5 in one sm_80 fp32 build (README).
+# setup.py does not pin it: PyTorch's CUDA wheels pin their own Triton.
+MIN_TRITON = (3, 4)
 
-        from .. import kernels  # noqa: F401
+
+@functools.cache
+def kernels_unavailable() -> str | None:
+    """Why the `triton` backend cannot run here (Triton missing or too old, the kernels failing
+    to import), or None when it can. Cached: checked once per process."""
+    try:
+        import triton
     except ImportError:
-        return False
-    return True
+        return "Triton is not installed (`pip install triton`, Linux only)"
+    found = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+    if found < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"Triton {triton.__version__} is installed; its kernels need Triton >= {need}"
+    try:
+        from .. import kernels  # noqa: F401
+    except ImportError as e:
+        return f"carzero_fast.kernels failed to import: {e}"
+    return None
 
 
 def check_device(t: Tensor) -> None:
+    """The `triton` backend can run on `t`'s device: its kernels import, and `t` is on CUDA
+    (or the kernels run under Triton's CPU interpreter)."""
+    reason = kernels_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' is unavailable: {reason}; use 'chunked' "
+                           "(or 'auto', which falls back to it)")  # fmt: skip
     from ..kernels.common import interpreting
 
     if t.device.type != "cuda" and not interpreting():
