@@ -49,7 +49,7 @@ class AttentionBwdConfig(NamedTuple):
     block_c: int = 64  # head-dim slice width (192 = 3 × 64); 256: one padded tile
 
 
-# (arch major, dot kind) → config; archs below 8 use the Ampere entries
+# (table, dot kind) → config; `table_arch` says which GPUs run which table
 _LINEAR = {
     (9, "half"): LinearConfig(128, 128, 64, 8, 3),
     (9, "tf32"): LinearConfig(128, 128, 32, 8, 3),
@@ -111,16 +111,42 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def arch_of(device: torch.device) -> int:
-    """Major compute capability; CPU tensors (the interpreter) use the Hopper tables."""
+    """Compute capability as major·10 + minor (90, 80, 86, 100, 120); CPU tensors (the
+    interpreter) use the Hopper tables (90)."""
     if device.type != "cuda":
-        return 9
+        return 90
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
 def _capability(index: int) -> int:
     # cached: asked once per kernel launch, and the driver query costs microseconds
-    return torch.cuda.get_device_capability(index)[0]
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def table_arch(arch: int) -> int:
+    """The table (9: Hopper's, 8: Ampere's) a compute capability (90, 86, 120, …) runs.
+
+    Hopper's tiles need up to 227 KB of shared memory a block and its 16-bit path feeds
+    wgmma through TMA: sm_90 and the datacenter Blackwells (sm_100, sm_103, sm_110), which
+    have as much. Everything else runs Ampere's mma.sync tiles, which fit the 99 KB of
+    sm_86, sm_89 and the consumer Blackwells (sm_120, sm_121): there Hopper's tiles spilled
+    in 13 builds and needed up to 136 KB (compile report for sm_120, Triton 3.9).
+    """
+    if arch < 10:
+        raise ValueError(f"arch {arch}: give a compute capability such as 90 or 80")
+    return 9 if 90 <= arch < 120 else 8
+
+
+# The most shared memory one block may use on the GPUs that run each table (the opt-in
+# maximum): sm_90/sm_100 227 KB; sm_86/sm_89/sm_120 99 KB (sm_80's own is 163 KB).
+SHARED_LIMIT = {9: 227 * 1024, 8: 99 * 1024}
+
+
+def uses_tma(arch: int) -> bool:
+    """16-bit linear layers run the TMA-fed kernel (Hopper's table), the pointer one else."""
+    return table_arch(arch) == 9
 
 
 def multiprocessors(device: torch.device) -> int:
@@ -138,9 +164,8 @@ def _multiprocessors(index: int) -> int:
 
 
 def _key(arch: int, kind: str) -> tuple[int, str]:
-    """arch: a major version (9) or a compute capability (90, 80)."""
-    major = arch // 10 if arch >= 10 else arch
-    return (9 if major >= 9 else 8, kind)
+    """arch: a compute capability (90, 80, 120, …)."""
+    return (table_arch(arch), kind)
 
 
 def linear_config(device: torch.device, dtype: torch.dtype, head: bool = False) -> LinearConfig:
@@ -151,9 +176,9 @@ def attention_config(device: torch.device, dtype: torch.dtype,
                      dropout: bool = False) -> AttentionConfig:  # fmt: skip
     """The forward's tiles; with dropout, exact fp32 (FMA code) runs 8 warps: on 4, its 32×32
     tile and the mask's registers spilled on sm_90 (compile report)."""
-    kind = dot_kind(dtype)
-    cfg = _ATTENTION[_key(arch_of(device), kind)]
-    return shipped_with_dropout(cfg, kind) if dropout else cfg
+    kind, arch = dot_kind(dtype), arch_of(device)
+    cfg = _ATTENTION[_key(arch, kind)]
+    return shipped_with_dropout(cfg, kind, arch) if dropout else cfg
 
 
 def attention_bwd_config(device: torch.device, dtype: torch.dtype,
@@ -161,17 +186,22 @@ def attention_bwd_config(device: torch.device, dtype: torch.dtype,
     """The backward tiles; with dropout, fp32 runs the dK/dV loop unpipelined (the Philox
     registers would make the pipelined one spill on sm_80, compile report), and exact fp32
     on 16-query steps (32 spilled on sm_90)."""
-    kind = dot_kind(dtype)
-    cfg = _ATTENTION_BWD[_key(arch_of(device), kind)]
-    return shipped_with_dropout(cfg, kind) if dropout else cfg
+    kind, arch = dot_kind(dtype), arch_of(device)
+    cfg = _ATTENTION_BWD[_key(arch, kind)]
+    return shipped_with_dropout(cfg, kind, arch) if dropout else cfg
 
 
-def shipped_with_dropout(cfg: NamedTuple, kind: str) -> NamedTuple:
+def shipped_with_dropout(cfg: NamedTuple, kind: str, arch: int) -> NamedTuple:
     """An attention forward or backward configuration as the kernels run it with dropout."""
     if kind == "half":
         return cfg
     if isinstance(cfg, AttentionConfig):
-        return cfg._replace(num_warps=8) if kind == "ieee" else cfg
+        if kind == "ieee":
+            return cfg._replace(num_warps=8)
+        # Ampere's TF32 tiles with the mask's and Philox's buffers need 104 KB, over the 99 KB
+        # of the sm_86/89/120 GPUs that run that table: 16-key steps need 74 KB and 196
+        # registers, spill-free on sm_80/86/120 (one stage spilled 72 bytes on sm_120)
+        return cfg._replace(block_p=16) if table_arch(arch) == 8 else cfg
     cfg = cfg._replace(dkdv_stages=1)
     return cfg._replace(dkdv_block_m=16) if kind == "ieee" else cfg
 

@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
 from .common import FP_FUSION, mma, upcast_dots
-from .configs import arch_of, dot_precision, linear_config, use_library_gemm
+from .configs import arch_of, dot_precision, linear_config, use_library_gemm, uses_tma
 from .dropout import chunk_keep
 
 # The dropout epilogue's tiles are half as wide: drawing Philox for every element, the full
@@ -198,9 +198,9 @@ def _descriptor(t: Tensor, block: list[int], cache: dict | None) -> TensorDescri
 
 
 def use_tma(a: Tensor, w: Tensor) -> bool:
-    """The TMA kernel for 16-bit operands on Hopper (and under the interpreter, which runs
-    both kernels), the pointer kernel elsewhere (Ampere, fp32)."""
-    if a.dtype not in (torch.bfloat16, torch.float16) or arch_of(a.device) < 9:
+    """The TMA kernel for 16-bit operands on Hopper-table GPUs (and under the interpreter,
+    which runs both kernels), the pointer kernel elsewhere (Ampere's table, fp32)."""
+    if a.dtype not in (torch.bfloat16, torch.float16) or not uses_tma(arch_of(a.device)):
         return False
     return _tma_ok(a, w)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from .attention import attention_kernel
 from .attention_backward import attention_dkdv_kernel, attention_dq_kernel, slice_width
 from .common import FP_FUSION
-from .configs import shipped, shipped_with_dropout
+from .configs import SHARED_LIMIT, shipped, shipped_with_dropout, table_arch, uses_tma
 from .layernorm import (
     BLOCK_ROWS,
     LN_BWD_ROWS,
@@ -139,7 +139,7 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             desc = dict(variant=variant, dtype=dt, precision=prec, **cfg._asdict())
             jobs.append(("linear", desc, linear_kernel, sig, const, cfg.num_warps,
                          cfg.num_stages, True))  # fmt: skip
-            if kind == "half" and arch >= 90:  # Hopper's 16-bit path: TMA-fed tiles
+            if kind == "half" and uses_tma(arch):  # Hopper's 16-bit path: TMA-fed tiles
                 bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
                 sig = {"d_a": f"tensordesc<{dt}[{bm}, {bk}]>",
                        "d_w": f"tensordesc<{dt}[{bn}, {bk}]>", "p_bias": ptr, "p_out": ptr,
@@ -151,7 +151,7 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
         # inference without and with a mask; training with dropout (and the log-sum-exp)
         for has_mask, training in ((False, False), (True, False), (True, True)):
             cfg = tables["attention"]
-            cfg = shipped_with_dropout(cfg, kind) if training else cfg
+            cfg = shipped_with_dropout(cfg, kind, arch) if training else cfg
             sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_mask": "*i8", "p_out": ptr,
                    "p_lse": "*fp32", "n_queries": "i32", "n_keys": "i32", "stride_q": "i32",
                    "q_item_stride": "i32", "stride_kv": "i32", "stride_mask": "i32",
@@ -187,7 +187,7 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
             sig.update({"stride_do": "i32", "stride_dkv" if name == "attention_dkdv"
                         else "stride_dq": "i32", "scale": "fp32", **DROPOUT_SIG})  # fmt: skip
             bwd = tables["attention_bwd"]
-            bwd = shipped_with_dropout(bwd, kind) if dropout else bwd
+            bwd = shipped_with_dropout(bwd, kind, arch) if dropout else bwd
             tiles = ((bwd.dkdv_block_m, bwd.dkdv_block_p, bwd.dkdv_stages)
                      if name == "attention_dkdv"
                      else (bwd.dq_block_m, bwd.dq_block_p, bwd.dq_stages))  # fmt: skip
@@ -268,7 +268,10 @@ def _jobs(arch: int) -> list[tuple[str, dict, object, dict, dict, int, int, bool
 
 def compile_report(arch: int) -> list[dict]:
     """One dict per shipped configuration: kernel, config, registers, spill_bytes,
-    shared_bytes, tensor_cores, error."""
+    shared_bytes, tensor_cores, error. A build that needs more shared memory than the GPUs
+    running this arch's table give a block (`configs.SHARED_LIMIT`) is an error: its launch
+    would fail there."""
+    limit = SHARED_LIMIT[table_arch(arch)]
     rows = []
     for kernel, desc, fn, sig, const, warps, stages, matrix in _jobs(arch):
         row = {"kernel": kernel, "config": dict(desc, num_warps=warps, num_stages=stages),
@@ -284,6 +287,9 @@ def compile_report(arch: int) -> list[dict]:
             row["wgmma"] = "wgmma" in ptx
         except Exception as e:  # noqa: BLE001 — reported, not raised: the report lists all
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        if row["shared_bytes"] is not None and row["shared_bytes"] > limit:
+            row["error"] = (f"shared memory: {row['shared_bytes']} B, over the {limit} B a "
+                            f"block gets on the GPUs that run sm_{arch}'s table")  # fmt: skip
         rows.append(row)
     return rows
 

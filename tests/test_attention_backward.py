@@ -19,12 +19,12 @@ def slice_cfg(request):  # noqa: ANN001, ANN201
     """The backward's head-dim slice width (`block_c`): the shipped 64 (one slice, padded,
     for these head dims ≤ 64), 32 (48 = 32 + a partial slice) and 16 (three or four slices,
     as CARZero's 192 = 3 × 64 runs on a GPU). The interpreter reads the Hopper tables."""
-    old = {kind: configs.shipped(9, kind)["attention_bwd"] for kind in configs.KINDS}
+    old = {kind: configs.shipped(90, kind)["attention_bwd"] for kind in configs.KINDS}
     for kind, cfg in old.items():
-        configs.override("attention_bwd", 9, kind, cfg._replace(block_c=request.param))
+        configs.override("attention_bwd", 90, kind, cfg._replace(block_c=request.param))
     yield request.param
     for kind, cfg in old.items():
-        configs.override("attention_bwd", 9, kind, cfg)
+        configs.override("attention_bwd", 90, kind, cfg)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:

@@ -321,6 +321,38 @@ def test_gemm_route_choice(monkeypatch):
         linear(*_linear_inputs(torch.float32, 4, 8, 8))
 
 
+TABLES = [(90, 9), (100, 9), (103, 9), (110, 9), (80, 8), (86, 8), (89, 8), (120, 8), (121, 8),
+          (75, 8)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "table"), TABLES)
+def test_each_compute_capability_runs_the_table_that_fits_it(monkeypatch, arch, table):
+    """Hopper's tiles (and TMA) on sm_90 and the datacenter Blackwells; Ampere's, which fit
+    99 KB of shared memory, on Ampere, Ada and the consumer Blackwells (sm_120 major 12 once
+    read as "1x" and ran Hopper's tables). The device is faked: only its capability is read."""
+    from carzero_fast.kernels import configs as kc
+
+    assert kc.table_arch(arch) == table
+    assert kc.uses_tma(arch) is (table == 9)
+    monkeypatch.setattr(kc, "_capability", lambda index: arch)
+    gpu = torch.device("cuda", 0)
+    assert kc.arch_of(gpu) == arch
+    for kind, dtype in (("half", torch.bfloat16), ("ieee", torch.float32)):
+        assert linear_config(gpu, dtype) == kc._LINEAR[(table, kind)]
+        assert attention_config(gpu, dtype) == kc._ATTENTION[(table, kind)]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    keys = attention_config(gpu, torch.float32, dropout=True).block_p
+    assert keys == (16 if table == 8 else kc._ATTENTION[(9, "tf32")].block_p)
+
+
+def test_capabilities_are_not_majors():
+    from carzero_fast.kernels import configs as kc
+
+    assert kc.arch_of(torch.device("cpu")) == 90  # the interpreter runs Hopper's tables
+    with pytest.raises(ValueError, match="compute capability such as 90"):
+        kc.table_arch(9)
+
+
 # ---------------------------------------------------------------------------- attention
 
 # (D, heads, P): head_dim 16 and 48 (one 64-column slice, padded) at every key count; 96 (two
@@ -387,12 +419,12 @@ def test_attention_rescaling_as_row_maxima_grow(dtype, rescale_log2):
     q = q.to(dtype)
     mask = torch.zeros((n_items, p), dtype=torch.int8)
     mask[1, :40] = 1
-    previous = kc.override("attention", 9, kc.dot_kind(dtype),
+    previous = kc.override("attention", 90, kc.dot_kind(dtype),
                            shipped._replace(rescale_log2=rescale_log2))  # fmt: skip
     try:
         out = attention(q, k, v, heads, n_items, n_queries, mask=mask)
     finally:
-        kc.override("attention", 9, kc.dot_kind(dtype), previous)
+        kc.override("attention", 90, kc.dot_kind(dtype), previous)
     ref = attention_torch(q, k, v, heads, n_items, n_queries, mask=mask)
     exact = attention_torch(*_double((q, k, v)), heads, n_items, n_queries, mask=mask)
     _check(out, ref, exact, dtype)
