@@ -57,10 +57,11 @@ class CrossAttentionAligner(nn.Module):
 
     Args:
         config: the module's shape; CARZero's defaults when omitted.
-        backend: "auto" (the best available for the inputs' device: "triton" on CUDA,
-            "chunked" elsewhere), "reference" (materialises every pair like the original: the
-            oracle), "chunked" (streams pair chunks through PyTorch ops) or "triton" (the same
-            streaming on fused Triton kernels, forward and training).
+        backend: "auto" (the best available for the inputs' device: "triton" on NVIDIA
+            GPUs from sm_80 with Triton >= 3.4, "chunked" elsewhere), "reference"
+            (materialises every pair like the original: the oracle), "chunked" (streams pair
+            chunks through PyTorch ops) or "triton" (the same streaming on fused Triton
+            kernels, forward and training).
         chunk_budget_bytes: memory the streaming backends may use for one chunk of pairs
             (None: chunked 32 MiB, or 120 MiB when gradients are needed, 512 MiB / 1 GiB on
             CUDA; triton 512 MiB, or 8 GiB when gradients are needed, at most 1/8 of the GPU).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from types import SimpleNamespace
 
 # Before Triton's first import (see tests/test_kernels.py): its own jitted helpers are built
 # at import time, in the mode the environment selects then.
@@ -19,6 +20,7 @@ from conftest import make_aligner, random_mask, rel_err  # noqa: E402
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
 from carzero_fast.backends.fused import (  # noqa: E402
+    _runtime_unavailable,
     check_device,
     kernels_unavailable,
     plan_fused,
@@ -409,18 +411,28 @@ def test_gradients_match_chunked():
 # ------------------------------------------------------------------------- dispatching
 
 
-def test_auto_picks_triton_on_cuda_only():
-    assert resolve_backend("auto", "cpu") == "chunked"
-    assert resolve_backend("auto", "cuda") == "triton"
-    assert resolve_backend("triton", "cpu") == "triton"
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)  # a device name: nothing runs on it
+
+
+def test_auto_picks_triton_on_cuda_only(monkeypatch):
+    from carzero_fast.kernels import configs as kc
+
+    monkeypatch.setattr(kc, "_capability", lambda index: 90)
+    assert resolve_backend("auto", CPU) == "chunked"
+    assert resolve_backend("auto", GPU) == "triton"
+    assert resolve_backend("triton", CPU) == "triton"
 
 
 @pytest.fixture
-def fresh_kernel_check():
-    """kernels_unavailable() is cached per process: recheck under the test's patches."""
-    kernels_unavailable.cache_clear()
+def fresh_kernel_check(monkeypatch):
+    """The process-wide checks are cached: recheck under the test's patches (on an sm_90
+    unless the test fakes another GPU)."""
+    from carzero_fast.kernels import configs as kc
+
+    monkeypatch.setattr(kc, "_capability", lambda index: 90)
+    _runtime_unavailable.cache_clear()
     yield
-    kernels_unavailable.cache_clear()
+    _runtime_unavailable.cache_clear()
 
 
 @pytest.mark.parametrize(("version", "usable"),
@@ -433,18 +445,44 @@ def test_triton_older_than_3_4_is_named_and_auto_falls_back(monkeypatch, fresh_k
     reason = kernels_unavailable()
     assert (reason is None) == usable
     if usable:
-        assert resolve_backend("auto", "cuda") == "triton"
+        assert resolve_backend("auto", GPU) == "triton"
         return
     assert "3.3.1" in reason and ">= 3.4" in reason
     with pytest.warns(RuntimeWarning, match="runs 'chunked' on CUDA: Triton 3.3.1"):
-        assert resolve_backend("auto", "cuda") == "chunked"
-    assert resolve_backend("auto", "cpu") == "chunked"
+        assert resolve_backend("auto", GPU) == "chunked"
+    assert resolve_backend("auto", CPU) == "chunked"
     al = make_aligner(CONFIGS["d64h4_head1"])
     mem, q = _inputs(64, n=2, m=2, p=3)
     with torch.no_grad(), pytest.raises(RuntimeError, match="'triton' is unavailable: Triton 3.3"):
         al(mem, q, backend="triton")
     with pytest.raises(RuntimeError, match="unavailable"):  # training's entry too
         al(mem.requires_grad_(), q, backend="triton")
+
+
+@pytest.mark.parametrize(("arch", "hip", "reason"), [
+    (75, None, "the GPU is sm_75; the kernels need sm_80 or later"),
+    (70, None, "the GPU is sm_70"),
+    (90, "6.2.41133", "this PyTorch is a ROCm build"),
+    (80, None, None),
+    (120, None, None),
+])  # fmt: skip
+def test_gpus_the_kernels_do_not_target_fall_back(monkeypatch, fresh_kernel_check, arch, hip,
+                                                  reason):  # fmt: skip
+    from carzero_fast.kernels import configs as kc
+
+    monkeypatch.setattr(kc, "_capability", lambda index: arch)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    if reason is None:
+        assert kernels_unavailable(GPU) is None
+        assert resolve_backend("auto", GPU) == "triton"
+        return
+    assert reason in kernels_unavailable(GPU)
+    assert kernels_unavailable(CPU) is None  # the interpreter still runs them
+    with pytest.warns(RuntimeWarning, match=reason):
+        assert resolve_backend("auto", GPU) == "chunked"
+    on_gpu = SimpleNamespace(device=GPU)  # check_device reads only the tensor's device
+    with pytest.raises(RuntimeError, match=f"'triton' is unavailable: {reason}"):
+        check_device(on_gpu)
 
 
 def test_missing_triton_is_named(monkeypatch, fresh_kernel_check):

@@ -23,13 +23,13 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def resolve_backend(name: str, device_type: str) -> str:
-    """The concrete backend `name` stands for on a device of this type: "auto" is "triton"
-    on CUDA devices (when its kernels can run: a warning says why not), "chunked" elsewhere."""
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend `name` stands for on `device`: "auto" is "triton" on CUDA
+    devices (when its kernels can run there: a warning says why not), "chunked" elsewhere."""
     check_backend_name(name)
-    if name != "auto" or device_type != "cuda":
+    if name != "auto" or device.type != "cuda":
         return "chunked" if name == "auto" else name
-    reason = kernels_unavailable()
+    reason = kernels_unavailable(device)
     if reason is None:
         return "triton"
     warnings.warn(f"backend 'auto' runs 'chunked' on CUDA: {reason}", RuntimeWarning,
@@ -53,7 +53,7 @@ def run_backend(
     chunk_budget_bytes: int | None = None,
 ) -> Tensor:
     """Dispatch to a backend; every backend returns `(N, M)` logits in the inputs' dtype."""
-    name = resolve_backend(name, memory.device.type)
+    name = resolve_backend(name, memory.device)
     if name == "reference":
         return reference_forward(w, cfg, memory, queries, memory_mask, training)
     if name == "triton":
@@ -79,7 +79,7 @@ def run_backend_both(
     chunk_budget_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both directions, globals from row 0 → (i2t `(N, M)`, t2i `(M, N)`)."""
-    name = resolve_backend(name, img_tokens.device.type)
+    name = resolve_backend(name, img_tokens.device)
     if name == "reference":
         return (
             reference_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, training),

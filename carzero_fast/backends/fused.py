@@ -94,12 +94,12 @@ def inference_stream_dtype(dtype: torch.dtype) -> torch.dtype:
 # 3.4 spills in 5 sm_90 builds (fp32) and 9 sm_80 ones, 3.5 in one sm_80 fp32 build (README).
 # setup.py does not pin it: PyTorch's CUDA wheels pin their own Triton.
 MIN_TRITON = (3, 4)
+MIN_ARCH = 80  # bf16 tensor cores, and the 99 KB of shared memory Ampere's table fits
 
 
 @functools.cache
-def kernels_unavailable() -> str | None:
-    """Why the `triton` backend cannot run here (Triton missing or too old, the kernels failing
-    to import), or None when it can. Cached: checked once per process."""
+def _runtime_unavailable() -> str | None:
+    """The process-wide part of `kernels_unavailable` (checked once)."""
     try:
         import triton
     except ImportError:
@@ -115,10 +115,30 @@ def kernels_unavailable() -> str | None:
     return None
 
 
+def kernels_unavailable(device: torch.device | None = None) -> str | None:
+    """Why the `triton` backend cannot run here, or on `device`, or None when it can: Triton
+    missing or too old, the kernels failing to import; on a GPU, a ROCm build of PyTorch
+    (the kernels and their tables are written and compile-checked for NVIDIA GPUs only) or a
+    GPU older than sm_80."""
+    reason = _runtime_unavailable()
+    if reason is not None or device is None or device.type != "cuda":
+        return reason
+    if torch.version.hip is not None:
+        return ("this PyTorch is a ROCm build; the kernels are written and compile-checked "
+                "for NVIDIA GPUs (sm_80 and later) only")  # fmt: skip
+    from ..kernels.configs import arch_of
+
+    arch = arch_of(device)
+    if arch < MIN_ARCH:
+        return (f"the GPU is sm_{arch}; the kernels need sm_{MIN_ARCH} or later (bf16 tensor "
+                "cores, 99 KB of shared memory a block)")  # fmt: skip
+    return None
+
+
 def check_device(t: Tensor) -> None:
     """The `triton` backend can run on `t`'s device: its kernels import, and `t` is on CUDA
     (or the kernels run under Triton's CPU interpreter)."""
-    reason = kernels_unavailable()
+    reason = kernels_unavailable(t.device)
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is unavailable: {reason}; use 'chunked' "
                            "(or 'auto', which falls back to it)")  # fmt: skip
