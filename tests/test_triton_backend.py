@@ -485,6 +485,15 @@ def test_gpus_the_kernels_do_not_target_fall_back(monkeypatch, fresh_kernel_chec
         check_device(on_gpu)
 
 
+def test_launch_device_is_the_tensors_gpu():
+    from carzero_fast.backends.fused import launch_device
+
+    guard = launch_device(SimpleNamespace(device=torch.device("cuda", 1)))  # not entered
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with launch_device(torch.zeros(1)):  # CPU: nothing to switch
+        pass
+
+
 def test_missing_triton_is_named(monkeypatch, fresh_kernel_check):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     assert "not installed" in kernels_unavailable()

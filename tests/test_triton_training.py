@@ -440,3 +440,42 @@ def test_training_memory_does_not_grow_with_pairs(triton_only):
     token_tensor = 2 * 16 * p * d * 4  # growth of one fp32 tensor of both modalities' tokens
     pair_row = 24 * 24 * d * 4  # one fp32 row of D per pair at N = M = 24
     assert peaks[24] - peaks[8] < 6 * token_tensor + pair_row / 8, peaks
+
+
+def test_every_launch_runs_under_the_inputs_device(monkeypatch, triton_only):
+    """Triton launches on the current CUDA device, not on its arguments': the forward (with
+    and without gradients) and the recomputing backward keep every kernel launch inside
+    `launch_device` (spied here: CPU tensors have no device to switch to)."""
+    import contextlib
+
+    import triton.runtime.interpreter as interpreter
+
+    from carzero_fast.backends import fused, fused_train
+
+    state = {"depth": 0, "launches": 0, "outside": 0}
+
+    @contextlib.contextmanager
+    def spy(t):  # noqa: ANN001, ANN202
+        state["depth"] += 1
+        try:
+            yield
+        finally:
+            state["depth"] -= 1
+
+    run = interpreter.InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        state["launches"] += 1
+        state["outside"] += state["depth"] == 0
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch_device", spy)
+    monkeypatch.setattr(fused_train, "launch_device", spy)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted)
+    al = make_aligner(CONFIGS["d64h4"], seed=3).train()
+    img, txt = _tokens(64, seed=1)
+    _step(al, "triton", img, txt, budget=_budget(al.config, (1, 4)))
+    with torch.no_grad():
+        al(img, txt[:, 0], backend="triton")
+    assert state["launches"] > 50
+    assert state["outside"] == 0, f"{state['outside']} of {state['launches']} launches"

@@ -41,6 +41,7 @@ a recomputation, or another chunk plan, sees the same masks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -150,6 +151,13 @@ def check_device(t: Tensor) -> None:
             "(or 'auto') there, or set TRITON_INTERPRET=1 to run the kernels through "
             "Triton's CPU interpreter"
         )
+
+
+def launch_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Make `t`'s GPU the current one while the kernels run: Triton launches on the current
+    device and its stream, not on its arguments' (tensors on cuda:1 with cuda:0 current would
+    run there, racing PyTorch's own ops on cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def plan_fused(
@@ -427,20 +435,23 @@ def triton_forward(
     in_gemm = lean and cfg.n_layers > 1 and residual_in_gemm(y, stream_dtype)
     offsets = residual_offsets(w) if in_gemm else None
 
-    for n0, n1 in pieces(n, items):  # near-equal blocks: no small tail
-        ni = n1 - n0
-        mem = memory[n0 : n0 + ni].reshape(ni * p, d)
-        if mem.stride(-1) != 1:
-            mem = mem.contiguous()
-        item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv[: ni * p])
-        mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
-        for m0, m1 in pieces(m, block_q):
-            mc = m1 - m0
-            bufs = [shared.rows(ni * mc)] * (cfg.n_layers - 1) + [last_layer.rows(ni * mc)]
-            drop = (dropout, ChunkPos(item_offset + n0, m0, mc)) if dropout is not None else None
-            yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
-                             slice(m0, m0 + mc), bufs, drop, sdpa, offsets)  # fmt: skip
-            _head(linear, cp.head, yc, pool_a, pool_b, out[n0 : n0 + ni, m0 : m0 + mc], drop)
+    with launch_device(memory):
+        for n0, n1 in pieces(n, items):  # near-equal blocks: no small tail
+            ni = n1 - n0
+            mem = memory[n0 : n0 + ni].reshape(ni * p, d)
+            if mem.stride(-1) != 1:
+                mem = mem.contiguous()
+            item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv[: ni * p])
+            mask_i = mask8[n0 : n0 + ni] if mask8 is not None else None
+            for m0, m1 in pieces(m, block_q):
+                mc = m1 - m0
+                bufs = [shared.rows(ni * mc)] * (cfg.n_layers - 1) + [last_layer.rows(ni * mc)]
+                pos = ChunkPos(item_offset + n0, m0, mc)
+                drop = (dropout, pos) if dropout is not None else None
+                yc = pair_layers(linear, w, cfg, cp, kv[: ni * p], mask_i, ni,
+                                 slice(m0, m0 + mc), bufs, drop, sdpa, offsets)  # fmt: skip
+                scores = out[n0 : n0 + ni, m0 : m0 + mc]
+                _head(linear, cp.head, yc, pool_a, pool_b, scores, drop)
     return out
 
 

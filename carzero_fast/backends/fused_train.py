@@ -49,6 +49,7 @@ from .fused import (
     check_device,
     fit_plan,
     item_stage,
+    launch_device,
     pair_layers,
     query_stage,
     triton_forward,
@@ -459,6 +460,16 @@ class _TritonAlign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
+        with launch_device(tensors[0]):
+            return _TritonAlign._forward(ctx, cfg, jobs, budget, n_tokens, *tensors)
+
+    @staticmethod
+    def backward(ctx, *g_outs):  # noqa: ANN001
+        with launch_device(ctx.saved_tensors[0]):
+            return _TritonAlign._backward(ctx, *g_outs)
+
+    @staticmethod
+    def _forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
         tokens, flat = tensors[:n_tokens], tensors[n_tokens:]
         w = AlignerWeights.unflatten(flat, cfg.n_layers)
         outs = [
@@ -475,7 +486,7 @@ class _TritonAlign(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, *g_outs):  # noqa: ANN001
+    def _backward(ctx, *g_outs):  # noqa: ANN001
         saved = ctx.saved_tensors
         cfg, n_tokens = ctx.cfg, ctx.n_tokens
         tokens, flat = saved[:n_tokens], saved[n_tokens:]
