@@ -5,6 +5,9 @@ One op family per module, each with its kernel, launcher and the PyTorch stage i
 `attention` (a query block over one item's keys, online softmax), `attention_backward` and
 `relu_backward` (a ReLU's backward with the column sums of its result).
 `report` compiles every shipped configuration without a GPU (`python -m carzero_fast.kernels`).
+Like every Triton launch, the launchers run on the current CUDA device: callers with tensors
+on another GPU make theirs current first (the backend does, `backends.fused.launch_device`),
+rather than each launch paying for a device switch.
 """
 
 from .attention import attention, attention_torch
