@@ -322,6 +322,15 @@ def environment(dev: torch.device) -> dict:
         info["triton"] = None
     if dev.type == "cuda":
         info["device"] = torch.cuda.get_device_name(dev)
+    from carzero_fast.backends.fused import kernels_unavailable
+
+    # which of the kernels' tables ran (kernels/configs.table_arch), or why none could
+    info["kernels"] = kernels_unavailable(dev)
+    if info["kernels"] is None:
+        from carzero_fast.kernels import configs
+
+        arch = configs.arch_of(dev)
+        info["kernels"] = f"sm_{arch}, table {configs.table_arch(arch)}"
     for pkg in ("flash_attn", "xformers"):
         try:
             __import__(pkg)

@@ -33,6 +33,8 @@ def test_gpu_check_correctness_section(tmp_path):
                       ("", ", own GEMMs", ", fp32 stream", ", adds in passes",
                        ", SDPA attention", ", fp32 stream + SDPA")}  # fmt: skip
     assert (tmp_path / "gpu_check.md").exists()
+    env = json.loads((tmp_path / "gpu_check.json").read_text())["environment"]
+    assert env["kernels"] == "sm_90, table 9"  # the interpreter runs Hopper's table
 
 
 def test_tune_gpu_layer_norm_backward_sweep(tmp_path):
