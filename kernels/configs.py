@@ -3,8 +3,10 @@
 Dot kinds: "half" (bf16/fp16 operands), "tf32" (fp32 operands, TF32 allowed by the user) and
 "ieee" (fp32 without TF32: FMA code, exact fp32). Hopper (sm_90) first: 128×128 tiles with
 8 warps (two warpgroups for wgmma), 3 stages; Ampere (sm_80): 4-stage cp.async pipelines with
-4 warps (mma.sync). Every entry compiles without spills on both (`python -m
-carzero_fast.kernels --arch 90`, checked by tests/test_kernel_report.py).
+4 warps (mma.sync). `table_arch` says which GPUs run which table (the datacenter Blackwells
+Hopper's, Ada and the consumer Blackwells Ampere's). Every entry compiles without spills and
+within its GPUs' shared memory (`python -m carzero_fast.kernels --arch 90`, checked by
+tests/test_kernel_report.py for sm_90, sm_80 and sm_120).
 """
 
 from __future__ import annotations
