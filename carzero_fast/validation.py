@@ -66,3 +66,48 @@ def check_inputs(
         if bool(hidden.any()):
             items = hidden.nonzero().flatten()[:10].tolist()
             raise ValueError(f"memory_mask hides every token of item(s) {items}")
+
+
+def check_first_order(backend: str, instead: str) -> None:
+    """Raise inside a recomputing backward asked for a graph (`create_graph=True`, as a
+    gradient penalty does): its gradients would be constants, their own gradients silently
+    zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend {backend!r} has no double backward (its backward recomputes the forward "
+            f"without a graph); for create_graph=True, e.g. a gradient penalty, use "
+            f"backend={instead!r}"
+        )
+
+
+def check_token_pair(cfg: AlignerConfig, img_tokens: Tensor, txt_tokens: Tensor) -> None:
+    """Raise `TypeError`/`ValueError` naming `img_tokens` or `txt_tokens` if either is not an
+    `(items, tokens, D)` tensor of a supported dtype with the global in row 0 (so at least one
+    token) and the aligner's D, or if the two differ in dtype or device.
+
+    Both directions take each tensor's row 0 as the other's queries: checked here first, the
+    errors name the caller's tensors instead of the "memory"/"queries" of one direction.
+    """
+    d = cfg.d_model
+    for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must be (items, tokens, D) with the global in row 0, got "
+                f"{tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; supported: float32, float64, bfloat16, float16"
+            )
+        if t.shape[2] != d:
+            raise ValueError(f"{name} has D = {t.shape[2]}, the aligner's d_model is {d}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has 0 tokens per item; row 0 must hold the global")
+    if img_tokens.dtype != txt_tokens.dtype:
+        raise TypeError(f"img_tokens are {img_tokens.dtype} but txt_tokens are "
+                        f"{txt_tokens.dtype}; use one dtype")  # fmt: skip
+    if img_tokens.device != txt_tokens.device:
+        raise ValueError(f"img_tokens are on {img_tokens.device} but txt_tokens are on "
+                         f"{txt_tokens.device}")  # fmt: skip

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION, LN2, LOG2E, mma, upcast_dots
+from .common import FP_FUSION, LN2, LOG2E, check_matrices, mma, upcast_dots
 from .configs import attention_config, dot_precision
 from .dropout import keep_mask
 
@@ -236,6 +236,25 @@ def _drop_args(dropout: tuple[DropoutSpec, ChunkPos, int] | None) -> tuple:
     return (spec.seed, spec.threshold, spec.scale, pos.n0, pos.m0, drop_tag)
 
 
+def check_keys(fn: str, q: Tensor, k: Tensor, v: Tensor, n_heads: int, n_items: int,
+               mask: Tensor | None) -> None:  # fmt: skip
+    """What the attention kernels assume of their keys, values and mask beyond
+    `check_matrices`: D split evenly into heads, k and v `(n_items·P, D)` sharing a row
+    stride, mask int8 `(n_items, P)`."""
+    d = q.shape[1]
+    if d % n_heads:
+        raise ValueError(f"{fn}: D = {d} does not split into {n_heads} heads")
+    if k.shape != v.shape or k.shape[1] != d or k.shape[0] % max(n_items, 1):
+        raise ValueError(f"{fn}: k and v must be (n_items·P, {d}) with n_items = {n_items}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")  # fmt: skip
+    if k.stride(0) != v.stride(0):
+        raise ValueError(f"{fn}: k and v must share a row stride")
+    n_keys = k.shape[0] // max(n_items, 1)
+    if mask is not None and (mask.dtype != torch.int8 or mask.shape != (n_items, n_keys)):
+        raise ValueError(f"{fn}: mask must be int8 ({n_items}, {n_keys}) (1 = ignore), got "
+                         f"{mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -261,13 +280,19 @@ def attention(
     """
     d = q.shape[1]
     n_keys = k.shape[0] // max(n_items, 1)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(1) != 1:
-            raise ValueError(f"attention: {name} needs unit stride along its last dimension")
-    if k.stride(0) != v.stride(0):
-        raise ValueError("attention: k and v must share a row stride")
+    check_matrices("attention", q=q, k=k, v=v, mask=mask, out=out, lse=lse)
+    check_keys("attention", q, k, v, n_heads, n_items, mask)
+    rows = n_items * n_queries
+    if q.shape[0] != (n_queries if shared_queries else rows):
+        raise ValueError(f"attention: q must have {n_queries if shared_queries else rows} rows "
+                         f"(shared_queries={shared_queries}), got {q.shape[0]}")  # fmt: skip
     if out is None:
-        out = q.new_empty((n_items * n_queries, d))
+        out = q.new_empty((rows, d))
+    if out.shape != (rows, d):
+        raise ValueError(f"attention: out must be ({rows}, {d}), got {tuple(out.shape)}")
+    if lse is not None and (lse.shape != (rows, n_heads) or lse.dtype != torch.float32):
+        raise ValueError(f"attention: lse must be fp32 ({rows}, {n_heads}), got {lse.dtype} "
+                         f"{tuple(lse.shape)}")  # fmt: skip
     head_dim = d // n_heads
     cfg = attention_config(q.device, q.dtype, dropout is not None)
     # slices of ≤ 64 columns, at most four (power-of-two widths ≥ 16 for the tensor cores)
@@ -286,7 +311,6 @@ def attention(
         num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
-
 
 
 def attention_torch(

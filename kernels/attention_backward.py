@@ -26,8 +26,8 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .attention import _drop_args, _head, _keep, _store_head
-from .common import FP_FUSION, LOG2E, mma, upcast_dots
+from .attention import _drop_args, _head, _keep, _store_head, check_keys
+from .common import FP_FUSION, LOG2E, check_matrices, mma, upcast_dots
 from .configs import attention_bwd_config, dot_precision
 
 
@@ -261,8 +261,15 @@ def attention_backward(
     n_keys = k.shape[0] // max(n_items, 1)
     head_dim = d // n_heads
     rows = n_items * n_queries
-    if dout.stride(1) != 1 or out.stride(1) != 1:
-        raise ValueError("attention_backward: out and dout need unit stride along their rows")
+    check_matrices("attention_backward", q=q, k=k, v=v, mask=mask, out=out, dout=dout,
+                   lse=lse, dk=dk, dv=dv)  # fmt: skip
+    check_keys("attention_backward", q, k, v, n_heads, n_items, mask)
+    if out.shape != (rows, d) or dout.shape != (rows, d):
+        raise ValueError(f"attention_backward: out and dout must be ({rows}, {d}), got "
+                         f"{tuple(out.shape)} and {tuple(dout.shape)}")  # fmt: skip
+    if lse.shape != (rows, n_heads) or lse.dtype != torch.float32:
+        raise ValueError(f"attention_backward: lse must be fp32 ({rows}, {n_heads}), got "
+                         f"{lse.dtype} {tuple(lse.shape)}")  # fmt: skip
     delta = torch.empty((rows, n_heads), dtype=torch.float32, device=q.device)  # by the dQ kernel
     # every valid row and head column is stored by exactly one program: no zero-fill needed
     dq = torch.empty((rows, d), dtype=dq_dtype, device=q.device)
@@ -272,8 +279,10 @@ def attention_backward(
             raise ValueError("attention_backward: give both dk and dv, or neither")
         dk = torch.empty((n_items * n_keys, d), dtype=torch.float32, device=q.device)
         dv = torch.empty_like(dk)
-    if dk.dtype != torch.float32 or dv.dtype != torch.float32 or dk.stride() != dv.stride():
-        raise ValueError("attention_backward: dk and dv must be fp32 with the same strides")
+    if (dk.dtype != torch.float32 or dv.dtype != torch.float32 or dk.stride() != dv.stride()
+            or dk.shape != k.shape or dv.shape != k.shape):  # fmt: skip
+        raise ValueError(f"attention_backward: dk and dv must be fp32 {tuple(k.shape)} with "
+                         "the same strides")  # fmt: skip
     cfg = attention_bwd_config(q.device, q.dtype, dropout is not None)
     keys_pow2 = max(16, triton.next_power_of_2(n_keys))  # no key tile wider than the keys
     common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),

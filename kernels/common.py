@@ -7,6 +7,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # FMA contraction (a·b + c in one rounding) in the compiled kernels. Triton 3.9 enables it by
 # default with a warning that 3.10 will not; the kernels were tuned and measured with it (an
@@ -21,6 +22,19 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 def interpreting() -> bool:
     """True under `TRITON_INTERPRET=1` (kernels run on CPU tensors through numpy)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_matrices(fn: str, **tensors: Tensor | None) -> None:
+    """Each given tensor (None: skipped) is 2-D with unit stride along its rows: the kernels
+    index element (r, c) at `r·stride(0) + c` (a single column may have any stride)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            raise ValueError(f"{fn}: {name} needs unit stride along its rows, got strides "
+                             f"{t.stride()}")  # fmt: skip
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

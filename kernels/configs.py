@@ -101,8 +101,11 @@ HEAD_MAX_WIDTH = 256  # wider last hidden layers use the plain linear kernel and
 
 
 def dot_kind(dtype: torch.dtype) -> str:
+    """Which table a matrix kernel of this operand dtype uses: "half", "tf32" or "ieee"."""
     if dtype in (torch.bfloat16, torch.float16):
         return "half"
+    if dtype != torch.float32:  # e.g. float64: tl.dot would not accumulate in fp32
+        raise TypeError(f"the kernels take float32, bfloat16 or float16 operands, got {dtype}")
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 

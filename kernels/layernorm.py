@@ -32,7 +32,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION
+from .common import FP_FUSION, check_matrices
 from .configs import multiprocessors
 from .dropout import chunk_keep
 
@@ -146,11 +146,18 @@ def add_layer_norm(
     dropout = (spec, the chunk's position): with `delta_tag` the branch is dropped before the
     add, with `y_tag` the output after the LayerNorm (rows are the chunk's pairs).
     """
+    check_matrices("add_layer_norm", x=x, delta=delta, delta2=delta2, x_out=x_out, y=y)
     n_rows, d = y.shape
-    for name, t in (("x", x), ("delta", delta), ("delta2", delta2), ("x_out", x_out),
-                    ("y", y)):  # fmt: skip
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"add_layer_norm: {name} needs unit stride along its rows")
+    for name, t in (("delta", delta), ("delta2", delta2), ("x_out", x_out)):
+        if t is not None and t.shape != y.shape:
+            raise ValueError(f"add_layer_norm: {name} must be {tuple(y.shape)} like y, got "
+                             f"{tuple(t.shape)}")  # fmt: skip
+    if x.shape[1] != d or (n_rows and (not x.shape[0] or n_rows % x.shape[0])):
+        raise ValueError(f"add_layer_norm: x must be (rows dividing {n_rows}, {d}), got "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    if weight.shape != (d,) or bias.shape != (d,):
+        raise ValueError(f"add_layer_norm: weight and bias must be ({d},), got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")  # fmt: skip
     if delta2 is not None and (delta is None or dropout is not None):
         raise ValueError("add_layer_norm: delta2 comes after delta, and without dropout")
     if shift is not None and (shift.shape != (d,) or shift.dtype != torch.float32
@@ -320,10 +327,15 @@ def layer_norm_backward(
     `dy_tag` the LayerNorm's output was dropped (SimR) and dy is the gradient of the dropped
     output, taken back through the mask here.
     """
+    check_matrices("layer_norm_backward", x=x, dy=dy, dres=dres, dx16=dx16)
     n_rows, d = x.shape
-    if dx16 is not None and (dx16.shape != x.shape or dx16.stride(-1) != 1):
-        raise ValueError(f"layer_norm_backward: dx16 must be a {tuple(x.shape)} tensor with "
-                         f"unit stride along its rows, got {tuple(dx16.shape)}")  # fmt: skip
+    for name, t in (("dy", dy), ("dres", dres), ("dx16", dx16)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"layer_norm_backward: {name} must be {tuple(x.shape)} like x, "
+                             f"got {tuple(t.shape)}")  # fmt: skip
+    if weight.shape != (d,):
+        raise ValueError(f"layer_norm_backward: weight must be ({d},), got "
+                         f"{tuple(weight.shape)}")  # fmt: skip
     if dx16_tag is not None and (dx16 is None or dropout is None):
         raise ValueError("layer_norm_backward: dx16_tag drops dx16; give dx16 and dropout")
     if dy_tag is not None and dropout is None:

@@ -27,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION, mma, upcast_dots
+from .common import FP_FUSION, check_matrices, mma, upcast_dots
 from .configs import arch_of, dot_precision, linear_config, use_library_gemm, uses_tma
 from .dropout import chunk_keep
 
@@ -230,15 +230,21 @@ def linear(
     (e.g. one call of the backend), so that the TMA descriptors of reused buffers are built
     once, not at every launch.
     """
+    check_matrices("linear", a=a, w=w, out=out)
     n_rows, k = a.shape
     n_out = w.shape[0]
-    for name, t in (("a", a), ("w", w), ("out", out)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"linear: {name} needs unit stride along its last dimension")
+    if w.shape[1] != k or bias.shape != (n_out,):
+        raise ValueError(f"linear: a {tuple(a.shape)}, w {tuple(w.shape)} and bias "
+                         f"{tuple(bias.shape)} do not fit a·wᵀ + bias")  # fmt: skip
     if a.dtype != w.dtype:
         raise TypeError(f"linear: a is {a.dtype} but w is {w.dtype}")
+    want = (n_rows // logit_cols, logit_cols) if head is not None else (n_rows, n_out)
+    if head is not None and n_rows % logit_cols:
+        raise ValueError(f"linear: {n_rows} rows are not whole rows of {logit_cols} logits")
     if out is None:
-        out = a.new_empty((n_rows, n_out))
+        out = a.new_empty(want)
+    if out.shape != want:
+        raise ValueError(f"linear: out must be {want}, got {tuple(out.shape)}")
     if head is None and dropout is None and use_library_gemm(a):
         # a plain epilogue: PyTorch's GEMM (cuBLASLt fuses bias and ReLU) where it is faster
         if relu:

@@ -64,6 +64,14 @@ def random_mask(n: int, p: int, seed: int = 0) -> torch.Tensor:
     return torch.arange(p)[None, :] >= lengths[:, None]
 
 
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same `(N, P)` values with strides (1, N), as a transposed `(P, N)` mask gives:
+    kernels that index rows as `r·stride(0) + c` must not be handed it as is."""
+    out = t.t().contiguous().t()
+    assert out.stride() == (1, t.shape[0]) and torch.equal(out, t)
+    return out
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict[str, torch.Tensor]:
     return load_file(str(GOLDEN))

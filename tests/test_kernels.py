@@ -435,3 +435,63 @@ def test_attention_allocates_its_output():
     out = attention(q, kv[:, :64], kv[:, 64:], 4, 2, 3)
     assert out.shape == (6, 64) and out.dtype == torch.float32
     assert rel_err(out, attention_torch(q, kv[:, :64], kv[:, 64:], 4, 2, 3)) < 1e-5
+
+
+def _bad_launches():
+    """(what is wrong, the call): each public launcher given one malformed argument."""
+    from carzero_fast.kernels import attention_backward, layer_norm_backward
+
+    a, w, bias = _linear_inputs(torch.float32, 8, 64, 16)
+    q, kv = _randn(6, 32, seed=1), _randn(2 * 5, 64, seed=2)
+    k, v = kv[:, :32], kv[:, 32:]
+    strided_out = torch.empty(6, 64)[:, ::2]  # (6, 32) with column stride 2
+    mask = torch.zeros(2, 5, dtype=torch.int8)
+    lse, dout = torch.empty(6, 2), _randn(6, 32, seed=3)
+    x, wn = _randn(9, 32, seed=4), _randn(32, seed=5)
+    return {
+        "linear: w of another K": lambda: linear(a, _randn(16, 32, seed=6), bias),
+        "linear: bias of another width": lambda: linear(a, w, bias[:15]),
+        "linear: out of another shape": lambda: linear(a, w, bias, out=torch.empty(8, 15)),
+        "linear: transposed a": lambda: linear(_randn(64, 8, seed=7).t(), w, bias),
+        "attention: strided out": lambda: attention(q, k, v, 2, 2, 3, out=strided_out),
+        "attention: bf16 lse": lambda: attention(q, k, v, 2, 2, 3,
+                                                 lse=lse.bfloat16()),  # fmt: skip
+        "attention: bool mask": lambda: attention(q, k, v, 2, 2, 3, mask=mask.bool()),
+        "attention: mask rows strided": lambda: attention(
+            q, k, v, 2, 2, 3, mask=torch.zeros(5, 2, dtype=torch.int8).t()),  # fmt: skip
+        "attention: mask of other keys": lambda: attention(q, k, v, 2, 2, 3, mask=mask[:, :4]),
+        "attention: q rows": lambda: attention(q[:5], k, v, 2, 2, 3),
+        "attention: heads": lambda: attention(q, k, v, 3, 2, 3),
+        "attention_backward: strided dout": lambda: attention_backward(
+            q, k, v, q, torch.empty(6, 64)[:, ::2], lse, 2, 2, 3),  # fmt: skip
+        "attention_backward: lse shape": lambda: attention_backward(q, k, v, q, dout, lse[:5],
+                                                                    2, 2, 3),  # fmt: skip
+        "attention_backward: dk shape": lambda: attention_backward(
+            q, k, v, q, dout, lse, 2, 2, 3, dk=torch.zeros(9, 32),
+            dv=torch.zeros(9, 32)),  # fmt: skip
+        "layer_norm_backward: strided dy": lambda: layer_norm_backward(
+            x, wn, _randn(32, 9, seed=8).t(), EPS),  # fmt: skip
+        "layer_norm_backward: dy shape": lambda: layer_norm_backward(x, wn, x[:8], EPS),
+        "add_layer_norm: delta shape": lambda: add_layer_norm(x, wn, wn, EPS, torch.empty(9, 32),
+                                                              delta=x[:8]),  # fmt: skip
+        "add_layer_norm: x rows": lambda: add_layer_norm(x[:4], wn, wn, EPS,
+                                                         torch.empty(9, 32)),  # fmt: skip
+        "add_layer_norm: weight width": lambda: add_layer_norm(x, wn[:31], wn, EPS,
+                                                               torch.empty(9, 32)),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_launches()))
+def test_launchers_reject_malformed_arguments(case):
+    """The public launchers name a bad shape, stride or dtype: before these checks most of
+    these calls ran and returned wrong numbers."""
+    with pytest.raises(ValueError, match=case.split(":")[0]):
+        _bad_launches()[case]()
+
+
+def test_kernels_refuse_float64():
+    """tl.dot of float64 blocks would not accumulate in fp32 (garbage under the interpreter,
+    a compile error on a GPU): the kernels' configuration lookup names the dtype."""
+    a, w, bias = _linear_inputs(torch.float32, 8, 16, 16)
+    with pytest.raises(TypeError, match="float64"):
+        linear(a.double(), w.double(), bias.double())

@@ -327,3 +327,15 @@ def test_frozen_aligner_or_frozen_features_match_reference():
             assert (a is None) == (b is None)
             if b is not None:
                 assert rel_err(a, b, floor=1e-3) < 1e-4
+
+
+def test_double_backward_is_refused():
+    """The backward recomputes without a graph: create_graph=True raises and names the
+    reference backend, instead of gradients whose own gradients are silently zero."""
+    al = make_aligner(TINY).eval()
+    g = torch.Generator().manual_seed(3)
+    img, q = torch.randn(2, 5, 8, generator=g).requires_grad_(), torch.randn(3, 8, generator=g)
+    with pytest.raises(RuntimeError, match="no double backward.*'reference'"):
+        torch.autograd.grad(al(img, q, backend="chunked").sum(), img, create_graph=True)
+    (g_ref,) = torch.autograd.grad(al(img, q, backend="reference").sum(), img, create_graph=True)
+    assert g_ref.requires_grad

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import weakref
 from types import SimpleNamespace
 
 # Before Triton's first import (see tests/test_kernels.py): its own jitted helpers are built
@@ -15,7 +16,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_aligner, random_mask, rel_err  # noqa: E402
+from conftest import column_major, make_aligner, random_mask, rel_err  # noqa: E402
 
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends import resolve_backend  # noqa: E402
@@ -110,7 +111,7 @@ def test_matches_golden_with_residual_adds_in_the_gemms(golden, golden_weights, 
 def test_fp32_matches_reference(small, masked, triton_only):
     cfg = small.config
     mem, q = _inputs(cfg.d_model, seed=1)
-    mask = random_mask(N, P, seed=3) if masked else None
+    mask = column_major(random_mask(N, P, seed=3)) if masked else None  # any strides
     # (1, 3): several item blocks and ragged query chunks; (2, M): item blocks of two (the
     # last one ragged) over all queries. (The planner fills the queries first, so one plan
     # cannot have both several items per block and several query chunks.)
@@ -336,11 +337,16 @@ def test_library_attention_route(masked, monkeypatch):
     2× chunked's error in bf16; training keeps the kernel (its backward needs the
     log-sum-exp) and another value is an error naming the variable."""
     module = importlib.import_module("carzero_fast.kernels.attention")
-    real, calls = module.attention_torch, []
+    real, calls, outputs = module.attention_torch, [], []
 
     def counted(*args, **kwargs):
         calls.append(kwargs["shared_queries"])
-        return real(*args, **kwargs)
+        # a layer's SDPA output is dead once its out_proj ran (no TMA descriptor cached for
+        # the call may hold it): at most the previous layer's is still referenced
+        assert sum(o() is not None for o in outputs) <= 1
+        out = real(*args, **kwargs)
+        outputs.append(weakref.ref(out))
+        return out
 
     monkeypatch.setattr(module, "attention_torch", counted)
     monkeypatch.setenv("CARZERO_FAST_TRITON_ATTENTION", "library")
@@ -421,6 +427,16 @@ def test_auto_picks_triton_on_cuda_only(monkeypatch):
     assert resolve_backend("auto", CPU) == "chunked"
     assert resolve_backend("auto", GPU) == "triton"
     assert resolve_backend("triton", CPU) == "triton"
+    assert resolve_backend("auto", GPU, torch.bfloat16) == "triton"
+    # the kernels compute in fp32/bf16/fp16: float64 stays on chunked, and asking for the
+    # kernels names the dtype (tl.dot would not accumulate float64 blocks in fp32)
+    assert resolve_backend("auto", GPU, torch.float64) == "chunked"
+    al = make_aligner(CONFIGS["d64h4_head1"]).double()
+    mem, q = _inputs(64, n=2, m=2, p=3, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(TypeError, match="float64; use 'chunked'"):
+        al(mem, q, backend="triton")
+    with pytest.raises(TypeError, match="float64; use 'chunked'"):  # training's entry too
+        al(mem.requires_grad_(), q, backend="triton")
 
 
 @pytest.fixture
@@ -512,6 +528,25 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ memory
+
+
+@pytest.mark.parametrize(("n", "m", "p"), [(8192, 14, 197), (8192, 14, 98), (8192, 1024, 197)])
+def test_plans_stay_within_the_kernels_32_bit_indexing(n, m, p):
+    """The kernels index with int32: at any budget (64 GiB here) no buffer a chunk or an item
+    block hands them reaches 2^31 elements (a 6 GiB zero-shot budget did at CARZero dims:
+    2270 images × 197 tokens × 6144 K/V columns), and the items fit CUDA's grid z axis."""
+    from carzero_fast.backends.plan import INDEX_LIMIT, MAX_ITEMS, kv_width, widest_row
+
+    cfg = cf.AlignerConfig()  # CARZero's dims
+    for planner in (lambda b: plan_fused(cfg, n, m, p, 2, b, 4),
+                    lambda b: plan_train(cfg, n, m, p, 2, b)):  # fmt: skip
+        items, queries = planner(64 * 2**30)
+        assert items * kv_width(cfg, p) <= INDEX_LIMIT < 2**31
+        assert items * queries * widest_row(cfg) <= INDEX_LIMIT
+        small_items, small_queries = planner(2**20)  # the budget still binds below it
+        assert small_items * small_queries < items * queries
+    tiny = cf.AlignerConfig(d_model=8, n_heads=2, n_layers=1, d_ffn=8, head_dims=(4,))
+    assert plan_fused(tiny, 10**6, 1, 1, 2, 2**40)[0] == MAX_ITEMS
 
 
 def test_memory_does_not_grow_with_pairs(triton_only):

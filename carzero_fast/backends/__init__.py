@@ -10,7 +10,13 @@ from torch import Tensor
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
 from .chunked import chunked_both_directions, chunked_forward
-from .fused import draw_dropout, kernels_unavailable, triton_both_directions, triton_forward
+from .fused import (
+    KERNEL_DTYPES,
+    draw_dropout,
+    kernels_unavailable,
+    triton_both_directions,
+    triton_forward,
+)
 from .fused_train import Job, triton_train
 from .reference import reference_forward
 
@@ -23,11 +29,12 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend `name` stands for on `device`: "auto" is "triton" on CUDA
-    devices (when its kernels can run there: a warning says why not), "chunked" elsewhere."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend `name` stands for on `device` (for inputs of `dtype`): "auto" is
+    "triton" on CUDA devices (when its kernels can run there: a warning says why not) for
+    the dtypes they compute in (not float64), "chunked" elsewhere."""
     check_backend_name(name)
-    if name != "auto" or device.type != "cuda":
+    if name != "auto" or device.type != "cuda" or dtype not in (None, *KERNEL_DTYPES):
         return "chunked" if name == "auto" else name
     reason = kernels_unavailable(device)
     if reason is None:
@@ -53,7 +60,7 @@ def run_backend(
     chunk_budget_bytes: int | None = None,
 ) -> Tensor:
     """Dispatch to a backend; every backend returns `(N, M)` logits in the inputs' dtype."""
-    name = resolve_backend(name, memory.device)
+    name = resolve_backend(name, memory.device, memory.dtype)
     if name == "reference":
         return reference_forward(w, cfg, memory, queries, memory_mask, training)
     if name == "triton":
@@ -79,7 +86,7 @@ def run_backend_both(
     chunk_budget_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both directions, globals from row 0 → (i2t `(N, M)`, t2i `(M, N)`)."""
-    name = resolve_backend(name, img_tokens.device)
+    name = resolve_backend(name, img_tokens.device, img_tokens.dtype)
     if name == "reference":
         return (
             reference_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, training),

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import AlignerConfig
+from ..validation import check_first_order
 from ..weights import AlignerWeights
 from .chunked_stages import Prepared, item_stage, pair_chunk_forward, prepare
 from .dropout import Dropout
@@ -301,6 +302,7 @@ class _ChunkedAlign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *g_outs):  # noqa: ANN001
+        check_first_order("chunked", "reference")
         saved = ctx.saved_tensors
         cfg, n_jobs = ctx.cfg, len(ctx.jobs)
         needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)

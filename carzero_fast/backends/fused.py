@@ -31,7 +31,8 @@ allocated once per call and reused, so memory is `rows·(D + max(2·D, B) + A)` 
 (LayerNorm outputs; q and the attention's output, whose space the head's odd layers reuse,
 B their widest; the FFN and the head's even layers, A the widest) + `rows·D` in the
 stream's dtype + `items·P·(L·2D + D)` elements (LN0(memory), K/V) + the scores, never O(N·M·D).
-Nothing reads back to the host inside the loop.
+Nothing reads back to the host inside the loop. The plan (`fit_plan`) also keeps each buffer
+under `INDEX_LIMIT` elements, whatever the budget: the kernels index with int32.
 
 The layer loop (`pair_layers`) is shared with training (`fused_train.py`), which runs it with
 one set of buffers per layer and keeps them for the chunk's backward. In training mode every
@@ -65,7 +66,7 @@ from .philox import (
     DropoutSpec,
     tag,
 )
-from .plan import pieces
+from .plan import check_budget, fit_plan, kv_width, pieces, widest_row
 
 Drop = tuple[DropoutSpec, ChunkPos]  # a chunk's dropout: the direction's spec, its position
 
@@ -96,6 +97,8 @@ def inference_stream_dtype(dtype: torch.dtype) -> torch.dtype:
 # setup.py does not pin it: PyTorch's CUDA wheels pin their own Triton.
 MIN_TRITON = (3, 4)
 MIN_ARCH = 80  # bf16 tensor cores, and the 99 KB of shared memory Ampere's table fits
+# what the kernels compute in (float64 has no tensor-core path: "auto" runs it on chunked)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -137,12 +140,16 @@ def kernels_unavailable(device: torch.device | None = None) -> str | None:
 
 
 def check_device(t: Tensor) -> None:
-    """The `triton` backend can run on `t`'s device: its kernels import, and `t` is on CUDA
-    (or the kernels run under Triton's CPU interpreter)."""
+    """The `triton` backend can run on `t`: its kernels import, `t` is on CUDA (or the
+    kernels run under Triton's CPU interpreter) and has one of `KERNEL_DTYPES`."""
     reason = kernels_unavailable(t.device)
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is unavailable: {reason}; use 'chunked' "
                            "(or 'auto', which falls back to it)")  # fmt: skip
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend 'triton' runs float32, bfloat16 and float16 inputs, got "
+                        f"{t.dtype}; use 'chunked' (or 'auto', which picks it for "
+                        f"{t.dtype})")  # fmt: skip
     from ..kernels.common import interpreting
 
     if t.device.type != "cuda" and not interpreting():
@@ -151,6 +158,14 @@ def check_device(t: Tensor) -> None:
             "(or 'auto') there, or set TRITON_INTERPRET=1 to run the kernels through "
             "Triton's CPU interpreter"
         )
+
+
+def kernel_mask(mask: Tensor | None) -> Tensor | None:
+    """A bool mask `(N, P)` as the kernels read it: int8 (1 = ignore) with contiguous rows,
+    whatever the caller's strides (e.g. a transposed `(P, N)` mask)."""
+    if mask is None:
+        return None
+    return mask.to(torch.int8, memory_format=torch.contiguous_format)
 
 
 def launch_device(t: Tensor) -> contextlib.AbstractContextManager:
@@ -170,27 +185,13 @@ def plan_fused(
     per_pair = itemsize * (cfg.d_model + max(2 * cfg.d_model, widest_b) + widest_a)
     per_pair += stream_itemsize * cfg.d_model
     per_item = p * itemsize * (2 * cfg.n_layers + 1) * cfg.d_model
-    return fit_plan(n, m, per_pair, per_item, budget)
+    return fit_plan(n, m, per_pair, per_item, budget, widest_row(cfg), kv_width(cfg, p))
 
 
 def pool_widths(cfg: AlignerConfig) -> tuple[int, int]:
     """Widest rows of the two buffers the FFN and the MLP head alternate between: (the FFN
     and head layers 0, 2, …; head layers 1, 3, … or 0 when there are none)."""
     return max(cfg.d_ffn, *cfg.head_dims[0::2]), max(cfg.head_dims[1::2], default=0)
-
-
-def fit_plan(n: int, m: int, per_pair: int, per_item: int, budget: int) -> tuple[int, int]:
-    """(items, queries) per chunk: queries first (half the budget at most), then items."""
-    queries = max(1, min(m, budget // (2 * per_pair)))
-    items = max(1, min(n, budget // (queries * per_pair + per_item)))
-    return items, queries
-
-
-def check_budget(chunk_budget_bytes: int | None, default: int) -> int:
-    budget = default if chunk_budget_bytes is None else int(chunk_budget_bytes)
-    if budget <= 0:
-        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
-    return budget
 
 
 class CallPlan(NamedTuple):
@@ -305,9 +306,12 @@ def pair_layers(
         else:  # the previous layer's y_next is this layer's LN2(x)
             q = linear(bufs[li - 1].y_next, cp.q_w[li], cp.q_b[li], out=b.q)
             shared = False
+        o_linear = linear
         if sdpa and b.lse is None and drop is None:
             o = attention_torch(q, k_l, v_l, n_heads, n_items, mc, shared_queries=shared,
                                 mask=mask)  # fmt: skip
+            # a new tensor every chunk: a descriptor cached for the call would keep it alive
+            o_linear = functools.partial(linear, descriptors=None)
         else:
             o = attention(q, k_l, v_l, n_heads, n_items, mc, shared_queries=shared, mask=mask,
                           out=b.o, lse=b.lse, dropout=a_drop)  # fmt: skip
@@ -319,7 +323,7 @@ def pair_layers(
             stream.addmm_(b.h, lw.linear2_w.t())
             add_layer_norm(stream, *cp.next_norm[li], eps, b.y_next, shift=out)
             continue
-        linear(o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
+        o_linear(o, lw.out_proj_w, lw.out_proj_b, out=b.branch)
         add_layer_norm(stream, lw.norm3_w, lw.norm3_b, eps, b.y3, delta=b.branch, x_out=b.x_mid,
                        dropout=drop, delta_tag=tag(SITE_ATTN_BRANCH, li))  # fmt: skip
         linear(b.y3, lw.linear1_w, lw.linear1_b, relu=True, out=b.h, dropout=h_drop)
@@ -410,7 +414,7 @@ def triton_forward(
     items, block_q = plan_fused(cfg, n, m, p, memory.element_size(), budget,
                                 stream_dtype.itemsize)  # fmt: skip
     cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
-    mask8 = memory_mask.to(torch.int8) if memory_mask is not None else None
+    mask8 = kernel_mask(memory_mask)
 
     rows = items * block_q
     kw = dict(dtype=memory.dtype, device=memory.device)

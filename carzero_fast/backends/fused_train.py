@@ -39,16 +39,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import AlignerConfig
+from ..validation import check_first_order
 from ..weights import AlignerWeights
 from .fused import (
     CallPlan,
     Drop,
     LayerBuffers,
     call_plan,
-    check_budget,
     check_device,
-    fit_plan,
     item_stage,
+    kernel_mask,
     launch_device,
     pair_layers,
     query_stage,
@@ -64,7 +64,7 @@ from .philox import (
     DropoutSpec,
     tag,
 )
-from .plan import pieces
+from .plan import check_budget, fit_plan, kv_width, pieces, widest_row
 
 # Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
 # 8 GiB holds ~115k pairs, a whole direction at N = M = 256 (65k pairs), which the forward
@@ -91,7 +91,7 @@ def plan_train(
     saved = n_layers * (8 * d + s * (4 * d + f) + 4 * cfg.n_heads) + s * sum(cfg.head_dims)
     per_pair = saved + s * d + 16 * d + 2 * s * widest  # + scratch and the gradients in flight
     per_item = p * (s * d + (s + 4) * 2 * n_layers * d + 4 * d)  # LN0, K/V, dK/dV, dmemory
-    return fit_plan(n, m, per_pair, per_item, budget)
+    return fit_plan(n, m, per_pair, per_item, budget, widest_row(cfg), kv_width(cfg, p))
 
 
 def linear_backward(
@@ -349,7 +349,7 @@ def forward_keeping_last(
     y_mem, kv = _item_buffers(cfg, items, memory)
     kv_i = kv[: ni * p]
     item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv_i)
-    mask_i = mask[n0:].to(torch.int8) if mask is not None else None
+    mask_i = kernel_mask(mask[n0:] if mask is not None else None)
     bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
     drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
     r = ni * mc
@@ -395,7 +395,7 @@ def direction_backward(
     g_q1 = torch.zeros_like(g_x0)
     g_kv_w = torch.zeros(cp.kv_w.shape, dtype=torch.float32, device=memory.device)
     g_kv_b = torch.zeros(cp.kv_b.shape, dtype=torch.float32, device=memory.device)
-    mask8 = mask.to(torch.int8) if mask is not None else None
+    mask8 = kernel_mask(mask)
     g_out = g_out.float()
     # near-equal blocks and chunks (no small tail: the last one is the one the forward keeps)
     for n0, n1 in reversed(pieces(n, items)):
@@ -465,6 +465,7 @@ class _TritonAlign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *g_outs):  # noqa: ANN001
+        check_first_order("triton", "reference")
         with launch_device(ctx.saved_tensors[0]):
             return _TritonAlign._backward(ctx, *g_outs)
 
@@ -515,8 +516,11 @@ class _TritonAlign(torch.autograd.Function):
                                                 job.mask, g_out, g_tokens[job.memory],
                                                 ctx.budget, job.dropout, job_kept)  # fmt: skip
             job_kept = None  # its buffers were the backward's: freed with them
-            if x0.requires_grad:
-                torch.autograd.backward([x0, q1], [g_x0, g_q1.to(q1.dtype)])
+            # x0 needs no grad when decoder_norm and the queries are frozen, q1 still can
+            # (layer 1's norm2 and the q rows of its in_proj)
+            stage = [(t, g) for t, g in ((x0, g_x0), (q1, g_q1)) if t.requires_grad]
+            if stage:
+                torch.autograd.backward([t for t, _ in stage], [g.to(t.dtype) for t, g in stage])
             g_q = g_tokens[job.queries]
             if q_in.grad is not None:
                 (g_q if g_q.dim() == 2 else g_q[:, 0]).add_(q_in.grad)

@@ -105,3 +105,45 @@ def pieces(total: int, step: int, granule: int = 1) -> list[tuple[int, int]]:
         return []
     bounds = [min(total, i * units // count * granule) for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def widest_row(cfg: AlignerConfig) -> int:
+    """The widest per-pair row the fused kernels index (elements)."""
+    return max(2 * cfg.d_model, cfg.d_ffn, *cfg.head_dims)
+
+
+def kv_width(cfg: AlignerConfig, p: int) -> int:
+    """Elements per item of the widest per-item buffer: every layer's K/V of its P tokens."""
+    return p * 2 * cfg.n_layers * cfg.d_model
+
+
+# The kernels compute element offsets in int32: no buffer they index may hold 2^31 elements.
+# Half that leaves room for the products of masked tail lanes (a block past the last row).
+INDEX_LIMIT = 2**30
+# The attention kernels launch one program per item along CUDA's grid z axis (≤ 65535).
+MAX_ITEMS = 65535
+
+
+def fit_plan(n: int, m: int, per_pair: int, per_item: int, budget: int, pair_width: int,
+             item_width: int) -> tuple[int, int]:  # fmt: skip
+    """The fused backends' (items, queries) per chunk: queries first (half the budget at
+    most), then items; within the budget (bytes), and within the kernels' indexing: a chunk's
+    pair buffers (items·queries rows of at most `pair_width` elements), an item block's
+    buffers (`item_width` elements an item) and its rows of the `(N, M)` scores stay under
+    `INDEX_LIMIT` elements."""
+    if pair_width > INDEX_LIMIT or item_width > INDEX_LIMIT:
+        raise ValueError(f"one pair row ({pair_width} elements) or one item's K/V "
+                         f"({item_width}) exceeds the kernels' 32-bit indexing "
+                         f"({INDEX_LIMIT} elements a buffer)")  # fmt: skip
+    queries = max(1, min(m, budget // (2 * per_pair), INDEX_LIMIT // pair_width))
+    items = min(n, budget // (queries * per_pair + per_item), MAX_ITEMS,
+                INDEX_LIMIT // (queries * pair_width), INDEX_LIMIT // item_width,
+                INDEX_LIMIT // max(m, 1))  # fmt: skip
+    return max(1, items), queries
+
+
+def check_budget(chunk_budget_bytes: int | None, default: int) -> int:
+    budget = default if chunk_budget_bytes is None else int(chunk_budget_bytes)
+    if budget <= 0:
+        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
+    return budget
