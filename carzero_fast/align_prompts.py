@@ -4,8 +4,9 @@ CARZero's prompt alignment rewrites every report or label into one standard sent
 finding, `"There is {finding}."` (a finding that is absent: `"There is no {finding}."`). This
 command does that with a local text-generation model (`--model DIR`, a `transformers`
 directory: nothing is downloaded) or, without one, with deterministic rules. Its output is a
-CSV meant to be read by a person before the prompts are used (e.g. as a `score --classes`
-file); no input is ever left out of it.
+CSV meant to be read by a person before the prompts are used (e.g. copied, once reviewed,
+into a `score --classes` .json mapping each class to its prompts: `score` reads .txt and .json
+class files, not this CSV); no input is ever left out of it.
 
 Input: a `.txt` (one phrase or report per line; trailing empty lines are ignored) or a `.csv`
 with a header row (the text is the `--column` column, the first one by default).
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import re
 import sys
@@ -61,7 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompts import DEFAULT_TEMPLATE
+from .prompts import DEFAULT_TEMPLATE, fill_template, template_problem
 
 __all__ = ["Finding", "align", "llm_align", "load_generator", "main", "prompt_pattern",
            "read_inputs", "rule_align"]  # fmt: skip
@@ -156,15 +158,14 @@ class Finding:
 
 def check_template(template: str) -> None:
     """Raise UsageError unless `template` holds `{finding}` once and no other braces."""
-    rest = template.replace("{finding}", "")
-    if template.count("{finding}") != 1 or "{" in rest or "}" in rest:
-        raise UsageError(f"the template must contain '{{finding}}' exactly once and no other "
-                         f"braces, got {template!r}")  # fmt: skip
+    problem = template_problem(template)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def render(template: str, finding: str, negated: bool = False) -> str:
     """The prompt for `finding` ("no " before it when negated)."""
-    return template.replace("{finding}", f"no {finding}" if negated else finding)
+    return fill_template(template, f"no {finding}" if negated else finding)
 
 
 def prompt_pattern(template: str) -> re.Pattern[str]:
@@ -408,6 +409,17 @@ def _fallback(text: str, template: str, reason: str) -> list[Finding]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_utf8(p: Path) -> str:
+    """The file's text as stored (UTF-8, a leading BOM dropped, line ends untouched so that
+    the csv module sees a quoted cell's own line breaks); UsageError naming the file if it is
+    not UTF-8."""
+    try:
+        return p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"input {p} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                         "convert it, e.g. with iconv -t UTF-8") from e  # fmt: skip
+
+
 def read_inputs(path: str | os.PathLike, column: str | None = None) -> list[str]:
     """The input records: the lines of a `.txt` (trailing empty lines dropped) or the
     `column` cells (default: the first column) of a `.csv` with a header row."""
@@ -420,14 +432,13 @@ def read_inputs(path: str | os.PathLike, column: str | None = None) -> list[str]
     if suffix == ".txt":
         if column is not None:
             raise UsageError("--column applies to .csv input only")
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
+        lines = _read_utf8(p).splitlines()
         while lines and not lines[-1].strip():
             lines.pop()  # the file's last newline(s), not empty records
         if not lines:
             raise UsageError(f"input {p} has no lines")
         return lines
-    with p.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(_read_utf8(p), newline="")))
     if not rows:
         raise UsageError(f"input {p} is empty")
     header = rows[0]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .checkpoint import drop_unused, extract_fusion_state_dict, infer_config
 from .config import AlignerConfig
-from .validation import check_inputs
+from .validation import check_inputs, check_token_pair
 from .weights import AlignerWeights, LayerWeights
 
 
@@ -172,12 +172,7 @@ class CrossAttentionAligner(nn.Module):
         """
         from .backends import run_backend_both
 
-        for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
-            if not isinstance(t, Tensor) or t.dim() != 3:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
-                    f"{name} must be (items, tokens, D) with the global in row 0, got {shape}"
-                )
+        check_token_pair(self.config, img_tokens, txt_tokens)
         param = self.decoder_norm.weight
         check_inputs(self.config, img_tokens, txt_tokens[:, 0], img_mask, param)
         check_inputs(self.config, txt_tokens, img_tokens[:, 0], txt_mask, param)

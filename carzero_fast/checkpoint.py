@@ -52,18 +52,14 @@ def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> Alig
         d_ffn = state_dict["decoder.layers.0.linear1.weight"].shape[0]
     except KeyError as e:
         raise KeyError(f"cannot infer the aligner config: checkpoint key {e} is missing") from None
+    # n_layers from every used key of a layer (layer 0 has one: its linear1.weight), so that a
+    # layer missing one key, even the last layer's in_proj_weight, is still counted and its
+    # missing key named by the loader
     layer_ids = {
-        int(m.group(1))
-        for k in state_dict
-        if (m := re.match(r"^decoder\.layers\.(\d+)\.multihead_attn\.in_proj_weight$", k))
+        int(m.group(1)) for k in state_dict if (m := re.match(r"^decoder\.layers\.(\d+)\.", k))
     }
     n_layers = max(layer_ids) + 1
-    head_ids = sorted(
-        int(m.group(1)) for k in state_dict if (m := re.match(r"^mlp_head\.(\d+)\.weight$", k))
-    )
-    if not head_ids:
-        raise KeyError("cannot infer the aligner config: no 'mlp_head.{i}.weight' keys")
-    head_dims = tuple(state_dict[f"mlp_head.{i}.weight"].shape[0] for i in head_ids[:-1])
+    head_dims = _head_dims(state_dict)
     n_heads = 4 if d_model % 4 == 0 else 1
     return AlignerConfig(
         d_model=d_model,
@@ -73,3 +69,20 @@ def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> Alig
         head_dims=head_dims,
         dropout=dropout,
     )
+
+
+def _head_dims(state_dict: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """The MLP head's hidden widths: the output width of each `mlp_head.{i}` Linear (from its
+    weight, or its bias when the weight is missing), less the last one when that maps to one
+    logit. A head whose last Linear is missing entirely thus keeps all the widths it shows, and
+    the loader names the missing layer's keys (instead of misreading the last hidden layer as
+    the output layer and reporting its shape)."""
+    widths: dict[int, int] = {}
+    for k, v in state_dict.items():
+        m = re.match(r"^mlp_head\.(\d+)\.(weight|bias)$", k)
+        if m and v.dim() >= 1:
+            widths.setdefault(int(m.group(1)), v.shape[0])
+    if not widths:
+        raise KeyError("cannot infer the aligner config: no 'mlp_head.{i}.weight' keys")
+    outs = [widths[i] for i in sorted(widths)]
+    return tuple(outs[:-1] if outs[-1] == 1 else outs)

@@ -33,10 +33,13 @@ def complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:
 def rewrite_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     """Write `path` whole through a temporary file and a rename: complete or not at all."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when the write or the rename failed

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .aligner import CrossAttentionAligner
 from .csvfiles import complete_rows, part_path, rewrite_csv
 from .loss import zero_shot_scores
+from .validation import check_token_pair
 
 __all__ = ["DistributedCARZeroLoss", "gather_rows", "init_from_env", "score_shards_to_csv"]
 
@@ -156,6 +157,7 @@ class DistributedCARZeroLoss(nn.Module):
         txt_mask: Tensor | None = None,
     ) -> Tensor:
         rank, world = _world(self.group)
+        check_token_pair(self.aligner.config, img_tokens, txt_tokens)  # before row 0 is taken
         if img_tokens.shape[0] != txt_tokens.shape[0]:
             raise ValueError(f"rank {rank}: {img_tokens.shape[0]} images but "
                              f"{txt_tokens.shape[0]} texts; pairs must match")  # fmt: skip

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .aligner import CrossAttentionAligner
-from .model import CARZeroModel
+from .model import CARZeroModel, check_crop_size, error_text
 from .validation import check_inputs
 
 LAYER_CHOICES = ("all", "last")
@@ -257,7 +257,9 @@ def run(args: argparse.Namespace) -> int:
                          "one from a CARZero checkpoint)")  # fmt: skip
     pixels = preprocess(load_grayscale(args.image))  # (3, 224, 224); ValueError if unreadable
 
-    model = CARZeroModel.from_checkpoint(args.model).to(torch.device(args.device))
+    model = CARZeroModel.from_checkpoint(args.model)
+    check_crop_size(model)  # the map is drawn on the 224-px crop the model must take
+    model = model.to(torch.device(args.device))
     with torch.no_grad():
         img, query = _pair(model, pixels, args.prompt)
         logit, weights = attention_maps(model.aligner, img, query)
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, KeyError, OSError) as e:
-        print(f"carzero-fast ground: {e}", file=sys.stderr)
+        print(f"carzero-fast ground: {error_text(e)}", file=sys.stderr)
         return 2
 
 

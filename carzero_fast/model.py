@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,11 +40,17 @@ def _load_torch_file(path: Path, trust_checkpoint: bool) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as e:  # noqa: BLE001 — re-raised with what to do about it
-        if trust_checkpoint:
-            raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        # torch's weights-only unpickler refuses a readable pickle that names objects beyond
+        # tensors with this message; any other failure means torch cannot read the file at
+        # all, and unpickling it without weights_only would not help (nor be safe to suggest)
+        refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
+        if trust_checkpoint or not refused:
+            raise ValueError(f"{path} is not a checkpoint torch can read ({type(e).__name__}: "
+                             f"{first_line})") from e  # fmt: skip
         raise ValueError(
             f"checkpoint {path} cannot be loaded with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); it holds Python objects beyond tensors. If you "
+            f"{first_line}); it holds Python objects beyond tensors. If you "
             "trust the file, pass --trust-checkpoint (trust_checkpoint=True)"
         ) from e
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -108,7 +115,8 @@ class CARZeroModel(nn.Module):
         if tokenizer is None:
             raise ValueError(
                 f"{p} is a CARZero checkpoint: its BERT configuration and tokenizer are not in "
-                "it; give the local BERT directory it was trained from (--tokenizer DIR)"
+                "it; give the local BERT directory it was trained from (tokenizer=DIR; on the "
+                "command line: carzero-fast convert CKPT OUT_DIR --tokenizer DIR)"
             )
         parts = split_carzero_state_dict(_load_torch_file(p, trust_checkpoint))
         return cls._from_parts(parts, Path(tokenizer), vit_heads)
@@ -149,24 +157,44 @@ class CARZeroModel(nn.Module):
         if not cfg_path.is_file() or not weights.is_file():
             raise ValueError(f"{directory} is not a carzero_fast model directory "
                              "(config.json and model.safetensors expected)")  # fmt: skip
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != FORMAT:
+        try:
+            cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_path} is not a {FORMAT} configuration")
+        lacking = [k for k in ("vit", "bert", "aligner") if not isinstance(cfg.get(k), dict)]
+        if lacking:
+            raise ValueError(f"{cfg_path} lacks the {' and '.join(lacking)} configuration "
+                             "(an edited or truncated config.json?)")  # fmt: skip
+        try:
+            vit_cfg = ViTConfig.from_dict(cfg["vit"])
+            aligner_cfg = AlignerConfig(**cfg["aligner"])
+        except (TypeError, ValueError) as e:  # unknown keys, bad values
+            raise ValueError(f"{cfg_path}: {e}") from e
         parts = split_carzero_state_dict(load_file(str(weights)))
-        vit = VisionTransformer(ViTConfig.from_dict(cfg["vit"]))
+        vit = VisionTransformer(vit_cfg)
         vit.load_timm_state_dict(parts["img_encoder"])
         bert_cfg = dict(cfg["bert"])
+        if "model_type" not in bert_cfg:
+            raise ValueError(f"{cfg_path}: the bert configuration lacks 'model_type'")
         bert = AutoModel.from_config(AutoConfig.for_model(bert_cfg.pop("model_type"), **bert_cfg))
         _load_exact(bert, parts["text_encoder"], "text_encoder")
         tok = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
         text = TextEncoder(bert, tok, **cfg.get("text", {}))
-        aligner = CrossAttentionAligner(AlignerConfig(**cfg["aligner"]))
-        aligner.load_state_dict(parts["fusion_module"])
+        try:  # names missing, unknown and misshapen keys, as for a CARZero checkpoint
+            aligner = CrossAttentionAligner.from_carzero_state_dict(parts["fusion_module"],
+                                                                    aligner_cfg)  # fmt: skip
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{directory}: the fusion_module weights do not fit the aligner "
+                             f"configuration in config.json: {error_text(e)}") from e  # fmt: skip
         return cls(vit, text, aligner).eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write our format; the directory appears complete or not at all (temp + rename)."""
         out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} exists and is not a directory")
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} exists and is not empty")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +225,29 @@ class CARZeroModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
+
+
+def error_text(e: BaseException) -> str:
+    """An exception's message for a one-line report: a KeyError's own text without the quotes
+    `str(KeyError)` adds."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e)
+
+
+def check_crop_size(model: CARZeroModel) -> None:
+    """Raise ValueError unless the model's ViT takes the 224-px crops that CARZero's test
+    transform (`encoders.image.preprocess`, which `score` and `ground` use) produces. CARZero
+    resizes to 256 and crops 224 whatever the encoder; a ViT trained at another size is not the
+    model those transforms were made for, so it is refused rather than fed resized crops."""
+    from .encoders.image import CROP_SIZE
+
+    size = getattr(getattr(model.img_encoder, "config", None), "img_size", CROP_SIZE)
+    if size != CROP_SIZE:
+        raise ValueError(f"the model's ViT takes {size}×{size}-px images (its position "
+                         f"embedding's size), but CARZero's preprocessing feeds "
+                         f"{CROP_SIZE}×{CROP_SIZE}-px crops: this is not a model for "
+                         "CARZero's transforms")  # fmt: skip
 
 
 def _strip_model_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -250,13 +301,24 @@ def convert_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--vit-heads", type=int, default=None, help="ViT heads (default D/64)")
     args = p.parse_args(argv)
+    out_dir = Path(args.out_dir)
     try:
+        # cheap checks first: no checkpoint is read for an output that cannot be written
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{out_dir} exists and is not a directory")
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            raise ValueError(f"{out_dir} exists and is not empty")
         model = CARZeroModel.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer,
                                              trust_checkpoint=args.trust_checkpoint,
                                              vit_heads=args.vit_heads)  # fmt: skip
-        out = model.save_pretrained(args.out_dir)
+        out = model.save_pretrained(out_dir)
     except (ValueError, KeyError) as e:
-        print(f"carzero-fast convert: {e}", file=sys.stderr)
+        print(f"carzero-fast convert: {error_text(e)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    try:
+        check_crop_size(model)
+    except ValueError as e:  # the conversion is right; say now what score and ground will say
+        print(f"carzero-fast convert: warning: {e}; score and ground will refuse it",
+              file=sys.stderr)  # fmt: skip
     return 0

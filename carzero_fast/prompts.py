@@ -19,20 +19,44 @@ from torch import Tensor
 DEFAULT_TEMPLATE = "There is {finding}."
 
 
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a prompt template, or None: it must hold `{finding}` exactly once
+    and no other braces (it is filled by plain replacement, so `{x}` or `{}` would reach the
+    prompt as text; the one-finding shape is also what align-prompts parses back)."""
+    rest = template.replace("{finding}", "")
+    if template.count("{finding}") != 1 or "{" in rest or "}" in rest:
+        return (f"the template must contain '{{finding}}' exactly once and no other braces, "
+                f"got {template!r}")  # fmt: skip
+    return None
+
+
+def fill_template(template: str, finding: str) -> str:
+    """The prompt for `finding` (plain replacement: braces in `finding` stay as they are)."""
+    return template.replace("{finding}", finding)
+
+
 def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> dict[str, list[str]]:
     """Class file → {class name: [prompt, ...]} in file order.
 
-    Raises ValueError naming the problem: a missing file, an empty line, a duplicate class,
-    an empty prompt list, a template without `{finding}`, an unknown suffix.
+    Raises ValueError naming the problem: a missing file, a file that is not UTF-8, an empty
+    line, a duplicate class, an empty prompt list, a bad template (`template_problem`), an
+    unknown suffix.
     """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"class file {p} does not exist")
-    if "{finding}" not in template:
-        raise ValueError(f"the prompt template must contain '{{finding}}', got {template!r}")
+    problem = template_problem(template)
+    if problem is not None:
+        raise ValueError(problem)
+    if p.suffix.lower() not in (".json", ".txt"):
+        raise ValueError(f"class file {p} must be .txt (one class per line) or .json")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"class file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if p.suffix.lower() == ".json":
         try:
-            raw = json.loads(p.read_text())
+            raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"class file {p} is not valid JSON: {e}") from e
         if not isinstance(raw, dict) or not raw:
@@ -50,9 +74,7 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
                 raise ValueError(f"class file {p} has an empty class name")
             out[name] = [t.strip() for t in prompts]
         return out
-    if p.suffix.lower() != ".txt":
-        raise ValueError(f"class file {p} must be .txt (one class per line) or .json")
-    lines = p.read_text().splitlines()
+    lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing newline is not an empty class
     out = {}
@@ -62,7 +84,7 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
             raise ValueError(f"class file {p}: line {i} is empty")
         if name in out:
             raise ValueError(f"class file {p}: line {i} repeats class {name!r}")
-        out[name] = [template.format(finding=name)]
+        out[name] = [fill_template(template, name)]
     if not out:
         raise ValueError(f"class file {p} lists no classes")
     return out

@@ -5,12 +5,16 @@ list) through a loader thread pool that decodes and preprocesses the next batche
 current one is scored. Each batch's rows are appended to the CSV in one write, flushed and
 synced, so the file holds complete rows only (a row torn by a kill is dropped on `--resume`),
 and `--resume` skips the batches already complete: a resumed run computes every score in the
-same batch as an uninterrupted one, so the CSV comes out identical. Unreadable images go to an
-errors CSV (`path,error`) and the run goes on.
+same batch as an uninterrupted one, so the CSV comes out identical at the same thread count (on
+CPU the products and the chunked backend's item blocks follow `torch.get_num_threads()`, which
+can move a score's last bits). Unreadable images go to an errors CSV (`path,error`) and the
+run goes on. Bad input fails before anything is written; a run that fails with an error later
+removes the files it created (a kill or Ctrl-C leaves them for `--resume`).
 
 Under `torchrun` (WORLD_SIZE > 1) each rank scores every R-th batch into its own part files
 (resumable per shard with `--resume`), and rank 0 merges them into the one CSV, in the image
-list's order, through a temporary file and a rename: the same CSV as one process.
+list's order, through a temporary file and a rename: the same CSV as one process at the ranks'
+thread count (torchrun sets OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -127,20 +131,83 @@ def _part(path: Path, rank: int, world: int) -> Path:
     return path if world == 1 else part_path(path, rank, world)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .model import CARZeroModel
+def _check_prompts(classes: dict[str, list[str]]) -> None:
+    """Every prompt must keep some words after CARZero's text cleaning, which drops sentences
+    of fewer than two words: an empty prompt would be scored as the empty text, the same
+    column for every such class (`ground` refuses it too)."""
+    from .encoders.text import clean_text
 
+    for name, prompts in classes.items():
+        for prompt in prompts:
+            if not clean_text(prompt):
+                raise UsageError(
+                    f"class {name!r}: prompt {prompt!r} is empty after CARZero's text cleaning "
+                    f"(sentences of fewer than two words are dropped); write a sentence, e.g. "
+                    f"'There is {name}.'"
+                )
+
+
+def _check_outputs(out: Path, errors_path: Path, resume: bool) -> None:
+    """The output files can be written, and none that is not this job's is overwritten."""
+    for flag, path in (("--out", out), ("--errors", errors_path)):
+        if not path.parent.is_dir():
+            raise UsageError(f"the folder of {flag}, {path.parent}, does not exist")
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory")
+    if out.resolve() == errors_path.resolve():
+        raise UsageError(f"--out and --errors name the same file, {out}")
+    if resume:
+        return  # resuming checks that existing files have this job's columns
+    if out.exists():
+        raise UsageError(f"{out} exists: pass --resume to continue it, or remove it")
+    if errors_path.exists():
+        raise UsageError(f"{errors_path} (the errors CSV) exists: remove it, or pass --resume "
+                         "to continue the run that wrote it")  # fmt: skip
+
+
+def _check_model_path(model: str) -> None:
+    path = Path(model)
+    if path.is_file():
+        raise UsageError(f"--model {path} is a file; score takes a model directory: convert "
+                         f"the CARZero checkpoint first (carzero-fast convert {path} MODEL_DIR "
+                         "--tokenizer BERT_DIR)")  # fmt: skip
+    if not path.is_dir():
+        raise UsageError(f"--model {path} does not exist")
+
+
+def _check_backend(model, txt: Tensor, backend: str) -> None:  # noqa: ANN001
+    """One (prompt, prompt) pair through `backend` on the scoring device and dtype: a backend
+    that cannot run there (triton on a CPU, without a usable Triton, …) fails here, before any
+    output file is written, instead of at the first batch."""
+    from .loss import zero_shot_scores
+
+    try:
+        with torch.no_grad():
+            zero_shot_scores(model.aligner, txt[:1], txt[:1], backend=backend)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--backend {backend} cannot run here: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from .backends import check_backend_name
+    from .model import CARZeroModel, check_crop_size
+
+    # cheap checks first: bad input fails before the model loads and before anything is written
+    check_backend_name(args.backend)
     classes = read_classes(args.classes, args.template)
+    _check_prompts(classes)
     paths = list_images(args.images)
     out, errors_path = Path(args.out), Path(args.errors or f"{args.out}.errors.csv")
+    _check_outputs(out, errors_path, args.resume)
+    _check_model_path(args.model)
     rank, world = _shard()
-    if out.exists() and not args.resume:
-        raise UsageError(f"{out} exists: pass --resume to continue it, or remove it")
     device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = DTYPES[args.dtype]
-    model = CARZeroModel.from_checkpoint(args.model).to(device=device, dtype=dtype)
+    model = CARZeroModel.from_checkpoint(args.model)
+    check_crop_size(model)
+    model = model.to(device=device, dtype=dtype)
 
     # prompts: encoded once per model (disk cache), ensembled per class
     names = list(classes)
@@ -149,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         txt = _encode_prompts(model, prompts, args.cache_dir if rank == 0 else None)
     txt = txt.to(device=device, dtype=dtype)
+    _check_backend(model, txt, args.backend)
 
     # Batches are fixed blocks of the sorted list; rank r takes blocks r, r+R, … into its own
     # part files (the output itself when alone), rank 0 merges them at the end.
@@ -163,44 +231,34 @@ def run(args: argparse.Namespace) -> int:
     kept = {str(paths[i]) for b in complete for i in b}
     todo = [b for b in blocks if b not in complete]
 
-    # what is kept (complete batches only) replaces the files atomically, then each batch is
-    # appended as it is scored
-    rewrite_csv(part, header, [r for r in done_rows if r[0] in kept])
-    rewrite_csv(err_part, err_header, [r for r in done_err if r[0] in kept])
-    die_rank = int(os.environ.get(_STOP_RANK_ENV, "-1"))
-    die_after = int(os.environ.get(_STOP_ENV, "-1")) if die_rank in (-1, rank) else -1
-    with open(part, "a", newline="") as f_out, open(err_part, "a", newline="") as f_err:
-        n_total, n_done, t0 = sum(len(b) for b in blocks), len(kept), time.perf_counter()
-        for k, (block, ok, pixels, errors) in enumerate(_batches(paths, todo, args.workers)):
-            if k == die_after:
-                os._exit(137)  # as if killed: no cleanup, no flush beyond what is on disk
-            if pixels is not None:
-                with torch.no_grad():
-                    scores = _score(model, pixels.to(device=device, dtype=dtype), txt, owner,
-                                    len(names), args.backend)  # fmt: skip
-                if args.probabilities:
-                    scores = torch.sigmoid(scores)
-                _append(f_out, _format_rows(ok, scores))
-            if errors:
-                buf = io.StringIO()
-                csv.writer(buf).writerows([str(p), e] for p, e in errors)
-                _append(f_err, buf.getvalue())
-            n_done += len(block)
-            rate = (n_done - len(kept)) / max(time.perf_counter() - t0, 1e-9)
-            shard = f" (rank {rank}/{world})" if world > 1 else ""
-            print(f"\r{n_done}/{n_total} images{shard}, {rate:.1f} images/s", end="",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    print(file=sys.stderr)
-    if world > 1:
-        import torch.distributed as dist
+    # What this run creates goes again if it fails with an error (files that existed before,
+    # e.g. resumed ones, stay: they hold complete batches). A kill or Ctrl-C leaves everything
+    # for --resume.
+    ours = (part, err_part, out, errors_path) if rank == 0 else (part, err_part)  # 0 merges
+    created = [p for p in dict.fromkeys(ours) if not p.exists()]
+    try:
+        # what is kept (complete batches only) replaces the files atomically, then each batch
+        # is appended as it is scored
+        rewrite_csv(part, header, [r for r in done_rows if r[0] in kept])
+        rewrite_csv(err_part, err_header, [r for r in done_err if r[0] in kept])
+        with open(part, "a", newline="") as f_out, open(err_part, "a", newline="") as f_err:
+            _score_batches(args, model, paths, todo, txt, owner, len(names), f_out, f_err,
+                           n_total=sum(len(b) for b in blocks), n_kept=len(kept),
+                           rank=rank, world=world, device=device, dtype=dtype)  # fmt: skip
+        if world > 1:
+            import torch.distributed as dist
 
-        dist.barrier()
-        if rank == 0:
-            _merge(paths, [_part(out, r, world) for r in range(world)], out, header)
-            _merge(paths, [_part(errors_path, r, world) for r in range(world)], errors_path,
-                   err_header)  # fmt: skip
-        dist.barrier()  # no rank reports success before the merged file exists
-        dist.destroy_process_group()
+            dist.barrier()
+            if rank == 0:
+                _merge(paths, [_part(out, r, world) for r in range(world)], out, header)
+                _merge(paths, [_part(errors_path, r, world) for r in range(world)], errors_path,
+                       err_header)  # fmt: skip
+            dist.barrier()  # no rank reports success before the merged file exists
+            dist.destroy_process_group()
+    except Exception:
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
     if rank == 0:
         n_err = len(complete_rows(errors_path, None))
         if n_err == 0:
@@ -208,6 +266,37 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{n_err} image(s) could not be read: see {errors_path}", file=sys.stderr)
     return 0
+
+
+def _score_batches(args: argparse.Namespace, model, paths: list[Path], todo: list[range],  # noqa: ANN001
+                   txt: Tensor, owner: Tensor, n_classes: int, f_out: io.TextIOBase,
+                   f_err: io.TextIOBase, *, n_total: int, n_kept: int, rank: int, world: int,
+                   device: torch.device, dtype: torch.dtype) -> None:  # fmt: skip
+    """Score the `todo` blocks, appending each batch's rows (and unreadable images) as it is
+    scored, with a progress line on stderr."""
+    die_rank = int(os.environ.get(_STOP_RANK_ENV, "-1"))
+    die_after = int(os.environ.get(_STOP_ENV, "-1")) if die_rank in (-1, rank) else -1
+    n_done, t0 = n_kept, time.perf_counter()
+    for k, (block, ok, pixels, errors) in enumerate(_batches(paths, todo, args.workers)):
+        if k == die_after:
+            os._exit(137)  # as if killed: no cleanup, no flush beyond what is on disk
+        if pixels is not None:
+            with torch.no_grad():
+                scores = _score(model, pixels.to(device=device, dtype=dtype), txt, owner,
+                                n_classes, args.backend)  # fmt: skip
+            if args.probabilities:
+                scores = torch.sigmoid(scores)
+            _append(f_out, _format_rows(ok, scores))
+        if errors:
+            buf = io.StringIO()
+            csv.writer(buf).writerows([str(p), e] for p, e in errors)
+            _append(f_err, buf.getvalue())
+        n_done += len(block)
+        rate = (n_done - n_kept) / max(time.perf_counter() - t0, 1e-9)
+        shard = f" (rank {rank}/{world})" if world > 1 else ""
+        print(f"\r{n_done}/{n_total} images{shard}, {rate:.1f} images/s", end="",
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(file=sys.stderr)
 
 
 def _merge(paths: list[Path], parts: list[Path], out: Path, header: list[str]) -> None:
@@ -279,11 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 256 if torch.device(args.device).type == "cuda" else 32
-    if args.batch_size <= 0:
-        print("carzero-fast score: --batch-size must be positive", file=sys.stderr)
-        return 2
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value <= 0:
+            print(f"carzero-fast score: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
     try:
         return run(args)
-    except (UsageError, ValueError, KeyError) as e:
-        print(f"carzero-fast score: {e}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as e:  # UsageError is a ValueError
+        from .model import error_text
+
+        print(f"carzero-fast score: {error_text(e)}", file=sys.stderr)
         return 2

@@ -260,6 +260,10 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert "{finding}" in error(capsys, [str(src), "--out", str(out), "--template", "Edema."])
     assert "positive" in error(capsys, [str(src), "--out", str(out), "--max-new-tokens", "0"])
     assert "does not exist" in error(capsys, [str(src), "--out", str(tmp_path / "x" / "o.csv")])
+    for latin1 in (tmp_path / "latin1.txt", tmp_path / "latin1.csv"):  # "Épanchement"
+        latin1.write_bytes(b"text\n\xc9panchement pleural\n")
+        err = error(capsys, [str(latin1), "--out", str(out)])
+        assert f"input {latin1} is not UTF-8" in err and "Traceback" not in err
     assert not out.exists()
 
     out.write_text("keep me\n")

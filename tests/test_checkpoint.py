@@ -79,6 +79,25 @@ def test_missing_unknown_and_misshapen_keys(golden_weights):
         )
 
 
+def test_inference_names_the_missing_keys(golden_weights):
+    """The config is inferred from every key of a layer and of the head, so that a missing key
+    is named instead of shrinking the inferred shape (or crashing the inference)."""
+    load = cf.CrossAttentionAligner.from_carzero_state_dict
+    no_in_proj = {k: v for k, v in golden_weights.items() if "in_proj_weight" not in k}
+    with pytest.raises(KeyError, match=r"missing key.*layers.0.multihead_attn.in_proj_weight"
+                                       r".*layers.1.multihead_attn.in_proj_weight"):  # fmt: skip
+        load(no_in_proj)
+    last = "decoder.layers.1.multihead_attn.in_proj_weight"
+    with pytest.raises(KeyError, match=r"n_layers=2.*missing key\(s\) \['" + last + r"'\]"):
+        load({k: v for k, v in golden_weights.items() if k != last})
+    no_out = {k: v for k, v in golden_weights.items() if not k.startswith("mlp_head.9.")}
+    with pytest.raises(KeyError, match=r"missing key\(s\) \['mlp_head.9.bias', 'mlp_head.9.w"):
+        load(no_out)
+    no_layers = {k: v for k, v in golden_weights.items() if not k.startswith("decoder.layers.")}
+    with pytest.raises(KeyError, match="decoder.layers.0.linear1.weight' is missing"):
+        load(no_layers)
+
+
 def test_unused_keys_are_ignored_only_when_they_are_the_originals(golden_weights):
     sd = dict(golden_weights)
     sd["decoder.layers.0.norm4.weight"] = torch.zeros(64)

@@ -224,7 +224,14 @@ def test_ground_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
     broken.write_bytes(b"\x89PNG not really")
     out = tmp_path / "o" / "map.png"
     out.parent.mkdir()
+    from carzero_fast.encoders.image import VisionTransformer, ViTConfig
+
+    vit96 = VisionTransformer(ViTConfig(img_size=96, patch_size=32, embed_dim=D, depth=1,
+                                        num_heads=4))  # fmt: skip
+    small = CARZeroModel(vit96, s.model.text_encoder, s.model.aligner)
+    small_dir = small.save_pretrained(tmp_path / "small")
     cases = [
+        (["--model", str(small_dir)], "the model's ViT takes 96×96-px images"),
         (["--model", str(tmp_path / "missing")], "is not a directory"),
         (["--model", str(tmp_path / "o")], "not a carzero_fast model directory"),
         (["--image", str(broken)], "cannot read image"),

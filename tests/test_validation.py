@@ -93,3 +93,25 @@ def test_loss_and_scores_inputs(al):
         cf.carzero_loss(torch.randn(3, 3), torch.randn(4, 4))
     with pytest.raises(ValueError, match="img_tokens must be"):
         cf.zero_shot_scores(al, torch.randn(3, 16), torch.randn(2, 4, 16))
+
+
+@pytest.mark.parametrize(
+    ("img", "txt", "error", "words"),
+    [
+        ((2, 5, 16), (3, 0, 16), ValueError, "txt_tokens has 0 tokens"),
+        ((2, 0, 16), (3, 4, 16), ValueError, "img_tokens has 0 tokens"),
+        ((2, 5, 16), (3, 4, 12), ValueError, "txt_tokens has D = 12"),
+        ((2, 5, 12), (3, 4, 16), ValueError, "img_tokens has D = 12"),
+        ((2, 5, 16), (3, 16), ValueError, r"txt_tokens must be \(items, tokens, D\)"),
+    ],
+)
+def test_both_directions_name_the_token_tensors(al, img, txt, error, words):
+    """Checked before row 0 is taken as the other direction's queries: the error names the
+    caller's tensor, not the "queries" of one direction (and no IndexError on 0 tokens)."""
+    img_t, txt_t = torch.randn(img), torch.randn(txt)
+    with pytest.raises(error, match=words):
+        al.both_directions(img_t, txt_t)
+    with pytest.raises(error, match=words):
+        cf.zero_shot_scores(al, img_t, txt_t)
+    with pytest.raises(TypeError, match="img_tokens are torch.float32 but txt_tokens are"):
+        al.both_directions(torch.randn(2, 5, 16), torch.randn(3, 4, 16).double())

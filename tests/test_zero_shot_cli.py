@@ -153,6 +153,17 @@ def test_convert_rejects_bad_checkpoints_and_leaves_nothing(setup, tmp_path, cap
     assert cli(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    assert cli(["convert", str(text), str(tmp_path / "o3"), "--tokenizer", str(s.bert)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint torch can read" in err and "--trust-checkpoint" not in err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert cli(["convert", str(pickled), str(a_file), "--tokenizer", str(s.bert)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert a_file.read_text() == "mine" and not (tmp_path / "o3").exists()
+
 
 def test_score_end_to_end(setup, tmp_path):
     s = setup
@@ -192,22 +203,143 @@ def test_score_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
     dup.write_text("effusion\nedema\neffusion\n")
     empty = tmp_path / "empty.txt"
     empty.write_text("effusion\n\nedema\n")
+    one_word = tmp_path / "one_word.json"
+    one_word.write_text('{"effusion": ["There is effusion.", "Effusion."]}')
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"\xc9panchement\n")
+    ckpt = tmp_path / "carzero.ckpt"
+    ckpt.write_bytes(b"")  # a file: score takes a directory, whatever is in it
     cases = [
         (["--images", str(tmp_path / "nope.png")], "do not exist"),
         (["--classes", str(dup)], "repeats class 'effusion'"),
         (["--classes", str(empty)], "line 2 is empty"),
+        (["--classes", str(latin1)], f"class file {latin1} is not UTF-8"),
         (["--model", str(tmp_path)], "not a carzero_fast model directory"),
+        (["--model", str(ckpt)], f"convert the CARZero checkpoint first (carzero-fast convert "
+                                 f"{ckpt} MODEL_DIR --tokenizer BERT_DIR)"),  # fmt: skip
+        (["--classes", str(one_word)], "class 'effusion': prompt 'Effusion.' is empty after "
+                                       "CARZero's text cleaning"),  # fmt: skip
+        (["--template", "{finding}"], "prompt 'effusion' is empty"),  # .txt classes
+        (["--template", "There is {finding} {x}."], "'{finding}' exactly once and no other"),
+        (["--template", "There is {finding} {}."], "'{finding}' exactly once and no other"),
+        (["--backend", "fast"], "unknown backend 'fast'"),
+        (["--workers", "0"], "--workers must be positive"),
+        (["--errors", str(tmp_path)], f"--errors {tmp_path} is a directory"),
+        (["--errors", str(tmp_path / "no" / "e.csv")], "the folder of --errors"),
     ]
     for override, message in cases:
         args = _score_args(s, out)
         for k in range(0, len(override), 2):
-            args[args.index(override[k]) + 1] = override[k + 1]
+            if override[k] not in args:
+                args += override[k : k + 2]
+            else:
+                args[args.index(override[k]) + 1] = override[k + 1]
         assert cli(args) == 2, override
-        assert message in capsys.readouterr().err, override
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, (override, err)
         assert not out.exists() and not Path(f"{out}.errors.csv").exists()
+    assert cli(_score_args(s, tmp_path / "no" / "s.csv")) == 2
+    assert f"the folder of --out, {tmp_path / 'no'}, does not exist" in capsys.readouterr().err
     out.write_text("path,x\n")
     assert cli(_score_args(s, out)) == 2
     assert "--resume" in capsys.readouterr().err
+    out.unlink()
+
+    # an existing file given as --errors is neither overwritten nor deleted, resumed or not
+    labels = tmp_path / "labels.csv"
+    labels.write_text("important,data\n")
+    for resume in ([], ["--resume"]):
+        assert cli(_score_args(s, out, "--errors", str(labels), *resume)) == 2
+        assert str(labels) in capsys.readouterr().err
+        assert labels.read_text() == "important,data\n" and not out.exists()
+    assert cli(_score_args(s, out, "--errors", str(out))) == 2
+    assert "--out and --errors name the same file" in capsys.readouterr().err
+
+
+def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypatch):
+    """Models whose files do not fit, or that cannot take the 224-px crops, and a backend that
+    cannot run on the device: one line, exit 2, nothing written."""
+    import json
+    import shutil
+
+    from carzero_fast.encoders.image import VisionTransformer, ViTConfig
+
+    s = setup
+    out = tmp_path / "s.csv"
+    wide = shutil.copytree(s.model_dir, tmp_path / "wide")
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["aligner"]["d_ffn"] = 64  # the weights are 48 wide
+    (wide / "config.json").write_text(json.dumps(cfg))
+    lacking = shutil.copytree(s.model_dir, tmp_path / "lacking")
+    del cfg["aligner"]
+    (lacking / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    vit96 = VisionTransformer(ViTConfig(img_size=96, patch_size=32, embed_dim=32, depth=1,
+                                        num_heads=4))  # fmt: skip
+    small = CARZeroModel(vit96, s.model.text_encoder, s.model.aligner)
+    ckpt = _carzero_ckpt(small, tmp_path / "small.ckpt")
+    assert cli(["convert", str(ckpt), str(tmp_path / "small"), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 0  # fmt: skip
+    assert "warning: the model's ViT takes 96×96-px images" in capsys.readouterr().err
+    cases = [
+        (["--model", str(wide)], "the fusion_module weights do not fit the aligner configuration "
+                                 "in config.json: checkpoint key 'decoder.layers.0.linear1.bias' "
+                                 "has shape (48,), expected (64,)"),  # fmt: skip
+        (["--model", str(lacking)], "config.json lacks the aligner configuration"),
+        (["--model", str(tmp_path / "small")], "the model's ViT takes 96×96-px images"),
+    ]
+    # triton on a CPU without Triton's interpreter (other test files turn it on for the session)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cases.append((["--backend", "triton", "--device", "cpu"], "--backend triton cannot run "
+                  "here: backend 'triton'"))  # fmt: skip
+    for override, message in cases:
+        args = _score_args(s, out, *override)
+        if override[0] == "--model":
+            args[args.index("--model") + 1] = override[1]
+            args = args[: -len(override)]
+        assert cli(args) == 2, override
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, (override, err)
+        assert not out.exists() and not Path(f"{out}.errors.csv").exists()
+    with pytest.raises(ValueError, match="lacks the aligner"):
+        CARZeroModel.from_checkpoint(lacking)
+
+
+def test_score_failing_mid_run_removes_only_what_it_created(setup, tmp_path, monkeypatch):
+    """An error after the files were started: the files this run created go (a rerun is not
+    refused); a resumed file that existed before stays as it was."""
+    import carzero_fast.score as score
+
+    s = setup
+    calls = []
+    real_score = score._score
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(score, "_score", fail_second)
+    out = tmp_path / "s.csv"
+    with pytest.raises(RuntimeError, match="device lost"):
+        cli(_score_args(s, out))
+    assert not out.exists() and not Path(f"{out}.errors.csv").exists()
+    assert not list(tmp_path.iterdir())  # no temporary files either
+
+    partial = "path,effusion,pneumothorax,cardiomegaly\n"
+    out.write_text(partial)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="device lost"):
+        cli(_score_args(s, out, "--resume"))
+    # it existed before: it stays, with the batch this run completed (3 images and
+    # broken.png, whose errors CSV this run created and removed: --resume redoes that batch)
+    assert [Path(r[0]).name for r in _read(out)[1:]] == ["d0.dcm", "d1.dcm", "d2.dcm"]
+    assert not Path(f"{out}.errors.csv").exists()
+    calls.clear()
+    monkeypatch.setattr(score, "_score", real_score)
+    assert cli(_score_args(s, out, "--resume")) == 0
+    assert len(_read(out)) == 1 + 20 and len(_read(Path(f"{out}.errors.csv"))) == 1 + 1
 
 
 def test_prompt_ensembles_and_cache(setup, tmp_path):
