@@ -40,10 +40,13 @@ def recomputing_all(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, backend: str,
-             amp: bool, budget: int | None = None,
-             train: bool = False) -> Callable[[], object]:  # fmt: skip
+             amp: bool, budget: int | None = None, train: bool = False,
+             keep_grads: bool = False) -> Callable[[], object]:  # fmt: skip
     """One training step of the alignment: both directions, CARZero's loss, backward (into
-    the tokens, leaves that need gradients, and the weights); `train`: dropout on."""
+    the tokens, leaves that need gradients, and the weights); `train`: dropout on. The
+    gradients are let go of at the end unless `keep_grads`, as an optimizer step would: a
+    peak measured from after a step then includes the next step's gradients (with them
+    still held, the baseline would hold them and the peak come out that much low)."""
 
     def step() -> object:
         al.train(train)
@@ -54,7 +57,10 @@ def step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, 
             loss = cf.carzero_loss(i2t, t2i)
         loss.backward()
         al.eval()
-        return loss
+        if not keep_grads:
+            al.zero_grad(set_to_none=True)
+            img.grad = txt.grad = None
+        return loss.detach()
 
     return step
 
@@ -65,7 +71,7 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 def _grads(al: cf.CrossAttentionAligner, img, txt, backend: str) -> list[torch.Tensor]:  # noqa: ANN001
     img, txt = leaf(img), leaf(txt)
-    step_fn(al, img, txt, backend, amp=False)()
+    step_fn(al, img, txt, backend, amp=False, keep_grads=True)()
     return [img.grad, txt.grad, *(p.grad for p in al.parameters())]
 
 

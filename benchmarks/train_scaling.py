@@ -42,6 +42,10 @@ def make_step(al: cf.CrossAttentionAligner, backend: str, b: int, dev: torch.dev
         img.grad = txt.grad = None
         i2t, t2i = cf.alignment_logits(al, img, txt, backend=backend)
         cf.carzero_loss(i2t, t2i).backward()
+        # let go of the gradients, as an optimizer step would: the next call's peak, taken
+        # from after this one, then counts its own gradients
+        al.zero_grad(set_to_none=True)
+        img.grad = txt.grad = None
         return None
 
     return step

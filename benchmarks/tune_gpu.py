@@ -1,17 +1,19 @@
 """Block-size sweep of the triton backend's kernels on a GPU (bf16, CARZero shapes).
 
-    python -m benchmarks.tune_gpu --out DIR [--only attention_bwd,backend]
+    python -m benchmarks.tune_gpu --out DIR [--only passes,attention,...]  # SECTIONS
     TRITON_INTERPRET=1 python -m benchmarks.tune_gpu --smoke --out DIR   # CPU dry run
 
 The forward's add + LayerNorm passes (each kind, with its bandwidth). For each candidate
-configuration: every `linear` variant the backend launches, at a chunk's shape, against
-cuBLAS on the same product (`torch.mm`, no fusion), and the attention kernel against
+configuration: every `linear` variant the backend launches, at a chunk's shape, on the kernel
+itself against the library route's cuBLAS call on the same product (`addmm` with its bias,
+ReLU fused), and the attention kernel against
 PyTorch's SDPA on the same work (on contiguous K/V, and as the "library" attention route runs
 it on strided K/V), the attention backward (dQ and dK/dV kernels) against
 SDPA's backward on the same work; training's ReLU backward with its column sums against
 PyTorch's two passes; train mode's dropout epilogue and attention beside the
-same kernels without masks; then the whole backend at N = M = 1024 with the fastest
-configuration of each forward kernel. Writes `tune_gpu.json`; prints a table.
+same kernels without masks; then the whole forward at N = M = 1024: shipped, on its own
+GEMM kernels, and with the fastest configuration of each forward kernel. Each section is
+guarded and `tune_gpu.json` rewritten after it (a failure is recorded under "errors").
 """
 
 from __future__ import annotations
@@ -91,20 +93,23 @@ def bench(fn, dev: torch.device) -> float:  # noqa: ANN001
     return time.perf_counter() - t0
 
 
+# what `--only` can pick; every section is guarded (a failure is recorded and the others run)
+# and the JSON is rewritten after each, so a late failure loses nothing already measured
+SECTIONS = ("passes", "linear", "attention", "dropout", "attention_bwd", "dq_sums",
+            "layer_norm_bwd", "backend")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "tune_out"))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument(
-        "--only",
-        default="",
-        help="comma-separated sweeps: linear, attention, attention_bwd, layer_norm_bwd, backend",
-    )
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated sections: {', '.join(SECTIONS)}")  # fmt: skip
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
-
-    def wanted(name: str) -> bool:
-        return not only or name in only
+    if only - set(SECTIONS):
+        parser.error(f"unknown --only sections {sorted(only - set(SECTIONS))}; choose from "
+                     f"{', '.join(SECTIONS)}")  # fmt: skip
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,86 +123,113 @@ def main(argv: list[str] | None = None) -> int:
     def rnd(*shape: int, dtype: torch.dtype = dt, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, device=dev) * scale).to(dtype)
 
+    results: dict = {"device": str(dev), "arch": arch, "errors": {}, "linear": [],
+                     "attention": [], "attention_bwd": []}  # fmt: skip
+    if dev.type == "cuda":
+        results["device"] = torch.cuda.get_device_name(dev)
+
+    def run_section(name: str, fn) -> None:  # noqa: ANN001
+        if only and name not in only:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 — recorded; the other sections still run
+            results["errors"][name] = repr(e)[:500]
+            print(f"{name}: FAILED {e!r}", flush=True)
+        (out_dir / "tune_gpu.json").write_text(json.dumps(results, indent=1))
+
     x = rnd(rows, d, dtype=torch.float32)
     g, bt = rnd(d), rnd(d)
     w_dd, b_d = rnd(d, d, scale=d**-0.5), rnd(d)
     w_fd, b_f = rnd(f, d, scale=d**-0.5), rnd(f)
     w_df = rnd(d, f, scale=f**-0.5)
-    w_kv, b_kv = rnd(8 * d, d, scale=d**-0.5), rnd(8 * d)
     a_d, a_f = rnd(rows, d), rnd(rows, f)
-    hw1, hb1 = rnd(f // 2, f, scale=f**-0.5), rnd(f // 2)
-    kv_rows = rows // 4
     y_d, y_f = torch.empty_like(a_d), torch.empty_like(a_f)
-    y_h, y_kv = rnd(rows, f // 2), rnd(kv_rows, 8 * d)
-    variants = {  # name: (launch(tma), flops, cuBLAS on the same product)
-        "q/out proj": (lambda t: linear(a_d, w_dd, b_d, out=y_d, tma=t),
-                       2 * rows * d * d, lambda: torch.mm(a_d, w_dd.t())),
-        "kv proj (4 layers)": (lambda t: linear(a_d[:kv_rows], w_kv, b_kv, out=y_kv, tma=t),
-                               2 * kv_rows * d * 8 * d, lambda: torch.mm(a_d[:kv_rows], w_kv.t())),
-        "linear1 relu": (lambda t: linear(a_d, w_fd, b_f, relu=True, out=y_f, tma=t),
-                         2 * rows * d * f, lambda: torch.mm(a_d, w_fd.t())),
-        "linear2": (lambda t: linear(a_f, w_df, b_d, out=y_d, tma=t),
-                    2 * rows * d * f, lambda: torch.mm(a_f, w_df.t())),
-        "head relu": (lambda t: linear(a_f, hw1, hb1, relu=True, out=y_h, tma=t),
-                      rows * f * f, lambda: torch.mm(a_f, hw1.t())),
-    }  # fmt: skip
-    # the forward's add + LayerNorm passes (fp32 stream, 16-bit branches and outputs): bytes
-    # per element read and written
-    a_d2 = rnd(rows, d)
-    ln_passes = {
-        "add, stream in place": (dict(delta=a_d, x_out=x), 4 + 2 + 4 + 2),
-        "add, no stream out (LN3)": (dict(delta=a_d), 4 + 2 + 2),
-        "add both branches, stream in place": (dict(delta=a_d, delta2=a_d2, x_out=x),
-                                               4 + 2 + 2 + 4 + 2),
-        "add both branches, no stream out": (dict(delta=a_d, delta2=a_d2), 4 + 2 + 2 + 2),
-    }  # fmt: skip
-    # a 16-bit stream whose GEMMs add their products to it (bias left out): read + shift
-    x16, shift = rnd(rows, d), rnd(d, dtype=torch.float32)
-    ln_passes["16-bit stream read, shift"] = (dict(shift=shift), 2 + 2)
-    results: dict = {"linear": [], "device": str(dev), "arch": arch, "add_layer_norm": {},
-                     "residual_gemm": {}}  # fmt: skip
-    for name, (kw, per_elem) in ln_passes.items():
-        x_in = x16 if "shift" in kw else x
-        t_ln = bench(lambda kw=kw, x_in=x_in: add_layer_norm(x_in, g, bt, 1e-5, y_d, **kw), dev)
-        tb_s = rows * d * per_elem / t_ln / 1e12
-        results["add_layer_norm"][name] = {"us": t_ln * 1e6, "tb_s": tb_s}
-        print(f"add_layer_norm {rows}x{d} [{name}]: {t_ln * 1e6:.1f} us, {tb_s:.2f} TB/s")
-    # the same GEMMs with the bias epilogue (the branch written apart) and adding into the
-    # 16-bit stream in place (cuBLAS reading it as C), as the forward's two residual routes
-    for name, a_in, w_in in (("out proj", a_d, w_dd), ("linear2", a_f, w_df)):
-        flops = 2 * rows * d * a_in.shape[1]
-        t_bias = bench(lambda a_in=a_in, w_in=w_in: torch.addmm(b_d, a_in, w_in.t(), out=y_d),
-                       dev)  # fmt: skip
-        t_add = bench(lambda a_in=a_in, w_in=w_in: x16.addmm_(a_in, w_in.t()), dev)
-        results["residual_gemm"][name] = {"bias_us": t_bias * 1e6, "into_stream_us": t_add * 1e6,
-                                          "bias_tflops": flops / t_bias / 1e12,
-                                          "into_stream_tflops": flops / t_add / 1e12}  # fmt: skip
-        print(f"residual gemm [{name}]", json.dumps(results["residual_gemm"][name]), flush=True)
-    # training's ReLU backward with the next bias gradient, against PyTorch's two passes
-    act = torch.relu(rnd(rows, f))
-    t_kernel = bench(lambda: relu_backward(a_f, act), dev)
-    t_torch = bench(lambda: relu_backward_torch(a_f, act), dev)
-    results["relu_backward"] = {"kernel_us": t_kernel * 1e6, "torch_us": t_torch * 1e6,
-                                "kernel_tb_s": rows * f * 6 / t_kernel / 1e12}  # fmt: skip
-    print("relu_backward", json.dumps(results["relu_backward"]), flush=True)
-    if dev.type == "cuda":
-        results["device"] = torch.cuda.get_device_name(dev)
 
-    base_lin = kc.override("linear", arch, "half", LINEAR_CANDIDATES[0][0])
-    for cand, tma in LINEAR_CANDIDATES if wanted("linear") else []:
-        kc.override("linear", arch, "half", cand)
-        config = dict(cand._asdict(), tma=tma)
-        for name, (fn, flops, cublas) in variants.items():
-            try:
-                t = bench(lambda fn=fn, tma=tma: fn(tma), dev)
-                tc = bench(cublas, dev)
-                row = {"config": config, "variant": name, "us": t * 1e6,
-                       "tflops": flops / t / 1e12, "cublas_tflops": flops / tc / 1e12}  # fmt: skip
-            except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
-                row = {"config": config, "variant": name, "error": repr(e)[:300]}
-            results["linear"].append(row)
-            print("linear", json.dumps(row), flush=True)
-    kc.override("linear", arch, "half", base_lin)
+    def passes() -> None:
+        """The forward's add + LayerNorm passes (fp32 stream, 16-bit branches and outputs;
+        bytes per element read and written), the residual GEMMs, the ReLU backward."""
+        a_d2 = rnd(rows, d)
+        x16, shift = rnd(rows, d), rnd(d, dtype=torch.float32)
+        ln_passes = {
+            "add, stream in place": (dict(delta=a_d, x_out=x), 4 + 2 + 4 + 2),
+            "add, no stream out (LN3)": (dict(delta=a_d), 4 + 2 + 2),
+            "add both branches, stream in place": (dict(delta=a_d, delta2=a_d2, x_out=x),
+                                                   4 + 2 + 2 + 4 + 2),
+            "add both branches, no stream out": (dict(delta=a_d, delta2=a_d2), 4 + 2 + 2 + 2),
+            # a 16-bit stream whose GEMMs add their products to it (bias left out)
+            "16-bit stream read, shift": (dict(shift=shift), 2 + 2),
+        }  # fmt: skip
+        results["add_layer_norm"] = {}
+        for name, (kw, per_elem) in ln_passes.items():
+            x_in = x16 if "shift" in kw else x
+            t_ln = bench(lambda kw=kw, x_in=x_in: add_layer_norm(x_in, g, bt, 1e-5, y_d, **kw),
+                         dev)  # fmt: skip
+            tb_s = rows * d * per_elem / t_ln / 1e12
+            results["add_layer_norm"][name] = {"us": t_ln * 1e6, "tb_s": tb_s}
+            print(f"add_layer_norm {rows}x{d} [{name}]: {t_ln * 1e6:.1f} us, {tb_s:.2f} TB/s")
+        # the same GEMMs with the bias epilogue (the branch written apart) and adding into the
+        # 16-bit stream in place (cuBLAS reading it as C), as the forward's two residual routes
+        results["residual_gemm"] = {}
+        for name, a_in, w_in in (("out proj", a_d, w_dd), ("linear2", a_f, w_df)):
+            flops = 2 * rows * d * a_in.shape[1]
+            t_bias = bench(lambda a_in=a_in, w_in=w_in: torch.addmm(b_d, a_in, w_in.t(), out=y_d),
+                           dev)  # fmt: skip
+            t_add = bench(lambda a_in=a_in, w_in=w_in: x16.addmm_(a_in, w_in.t()), dev)
+            results["residual_gemm"][name] = {
+                "bias_us": t_bias * 1e6, "into_stream_us": t_add * 1e6,
+                "bias_tflops": flops / t_bias / 1e12,
+                "into_stream_tflops": flops / t_add / 1e12}  # fmt: skip
+            print(f"residual gemm [{name}]", json.dumps(results["residual_gemm"][name]), flush=True)
+        # training's ReLU backward with the next bias gradient, against PyTorch's two passes
+        act = torch.relu(rnd(rows, f))
+        t_kernel = bench(lambda: relu_backward(a_f, act), dev)
+        t_torch = bench(lambda: relu_backward_torch(a_f, act), dev)
+        results["relu_backward"] = {"kernel_us": t_kernel * 1e6, "torch_us": t_torch * 1e6,
+                                    "kernel_tb_s": rows * f * 6 / t_kernel / 1e12}  # fmt: skip
+        print("relu_backward", json.dumps(results["relu_backward"]), flush=True)
+
+    def linear_sweep() -> None:
+        """Each candidate on the kernel itself (the library route would run cuBLAS for these
+        plain epilogues on CUDA) against the library route's own call on the same product."""
+        w_kv, b_kv = rnd(8 * d, d, scale=d**-0.5), rnd(8 * d)
+        hw1, hb1 = rnd(f // 2, f, scale=f**-0.5), rnd(f // 2)
+        kv_rows = rows // 4
+        y_h, y_kv = rnd(rows, f // 2), rnd(kv_rows, 8 * d)
+        relu_mm = torch._addmm_activation
+        variants = {  # name: (launch(tma), flops, the library route on the same product)
+            "q/out proj": (lambda t: linear(a_d, w_dd, b_d, out=y_d, tma=t), 2 * rows * d * d,
+                           lambda: torch.addmm(b_d, a_d, w_dd.t(), out=y_d)),
+            "kv proj (4 layers)": (
+                lambda t: linear(a_d[:kv_rows], w_kv, b_kv, out=y_kv, tma=t),
+                2 * kv_rows * d * 8 * d, lambda: torch.addmm(b_kv, a_d[:kv_rows], w_kv.t(),
+                                                             out=y_kv)),
+            "linear1 relu": (lambda t: linear(a_d, w_fd, b_f, relu=True, out=y_f, tma=t),
+                             2 * rows * d * f, lambda: relu_mm(b_f, a_d, w_fd.t(), out=y_f)),
+            "linear2": (lambda t: linear(a_f, w_df, b_d, out=y_d, tma=t), 2 * rows * d * f,
+                        lambda: torch.addmm(b_d, a_f, w_df.t(), out=y_d)),
+            "head relu": (lambda t: linear(a_f, hw1, hb1, relu=True, out=y_h, tma=t),
+                          rows * f * f, lambda: relu_mm(hb1, a_f, hw1.t(), out=y_h)),
+        }  # fmt: skip
+        base_lin = kc.override("linear", arch, "half", LINEAR_CANDIDATES[0][0])
+        try:
+            for cand, tma in LINEAR_CANDIDATES:
+                kc.override("linear", arch, "half", cand)
+                config = dict(cand._asdict(), tma=tma)
+                for name, (fn, flops, library) in variants.items():
+                    try:
+                        own = with_env(lambda fn=fn, tma=tma: fn(tma),
+                                       CARZERO_FAST_TRITON_GEMM="triton")  # fmt: skip
+                        t, tc = bench(own, dev), bench(library, dev)
+                        row = {"config": config, "variant": name, "us": t * 1e6,
+                               "tflops": flops / t / 1e12,
+                               "cublas_tflops": flops / tc / 1e12}  # fmt: skip
+                    except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
+                        row = {"config": config, "variant": name, "error": repr(e)[:300]}
+                    results["linear"].append(row)
+                    print("linear", json.dumps(row), flush=True)
+        finally:
+            kc.override("linear", arch, "half", base_lin)
 
     items, m = (3, 10) if args.smoke else (16, 1024)
     kv = rnd(items * p, 2 * d)
@@ -211,100 +243,138 @@ def main(argv: list[str] | None = None) -> int:
 
     def sweep(kernel: str, candidates: list, launch, flops: int, baseline_s: float) -> None:  # noqa: ANN001
         """Time `launch` under each candidate config of `kernel` into results[kernel]."""
-        results[kernel] = []
-        if not wanted(kernel):
-            return
         shipped = kc.override(kernel, arch, "half", candidates[0])
-        for cand in candidates:
-            kc.override(kernel, arch, "half", cand)
-            try:
-                t = bench(launch, dev)
-                row = {"config": cand._asdict(), "us": t * 1e6, "tflops": flops / t / 1e12,
-                       "sdpa_tflops": flops / baseline_s / 1e12}  # fmt: skip
-            except Exception as e:  # noqa: BLE001
-                row = {"config": cand._asdict(), "error": repr(e)[:300]}
-            results[kernel].append(row)
-            print(kernel, json.dumps(row), flush=True)
-        kc.override(kernel, arch, "half", shipped)
+        try:
+            for cand in candidates:
+                kc.override(kernel, arch, "half", cand)
+                try:
+                    t = bench(launch, dev)
+                    row = {"config": cand._asdict(), "us": t * 1e6, "tflops": flops / t / 1e12,
+                           "sdpa_tflops": flops / baseline_s / 1e12}  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    row = {"config": cand._asdict(), "error": repr(e)[:300]}
+                results[kernel].append(row)
+                print(kernel, json.dumps(row), flush=True)
+        finally:
+            kc.override(kernel, arch, "half", shipped)
 
-    t_sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh), dev)
-    if wanted("attention"):  # SDPA as CARZERO_FAST_TRITON_ATTENTION=library runs it: K/V as
+    def attention_section() -> None:
+        # SDPA on contiguous K/V, and as CARZERO_FAST_TRITON_ATTENTION=library runs it: K/V as
         # column slices of one (items·P, 2D) buffer, the output a fresh tensor
+        t_sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh), dev)
         t_lib = bench(lambda: attention_torch(q, k_, v_, heads, items, m), dev)
         results["attention_baselines"] = {"sdpa_contiguous_tflops": flops / t_sdpa / 1e12,
                                           "sdpa_strided_tflops": flops / t_lib / 1e12}  # fmt: skip
         print("attention baselines", json.dumps(results["attention_baselines"]), flush=True)
-    sweep("attention", ATTENTION_CANDIDATES, lambda: attention(q, k_, v_, heads, items, m, out=o),
-          flops, t_sdpa)  # fmt: skip
-    results["dropout"] = time_dropout(a_d, w_fd, b_f, y_f, q, k_, v_, o, heads, items, m, dev)
+        sweep("attention", ATTENTION_CANDIDATES,
+              lambda: attention(q, k_, v_, heads, items, m, out=o), flops, t_sdpa)  # fmt: skip
 
-    # attention backward: both kernels, dK/dV added into fp32 accumulators as training does;
-    # 5 products of 2·m·P·D per item (S and dP recomputed, dQ, dK, dV)
-    lse = torch.empty((items * m, heads), dtype=torch.float32, device=dev)
-    attention(q, k_, v_, heads, items, m, out=o, lse=lse)
-    do = rnd(items * m, d)
-    acc = torch.zeros((items * p, 2 * d), dtype=torch.float32, device=dev)
-    flops_bwd = 10 * items * m * p * d
-    leaves = [t.detach().requires_grad_(True) for t in (qh, kh, vh)]
-    o_ref = F.scaled_dot_product_attention(*leaves)
-    do_h = do.view(items, m, heads, d // heads).transpose(1, 2)
-    t_sdpa_bwd = bench(lambda: torch.autograd.grad(o_ref, leaves, do_h, retain_graph=True), dev)
-    sweep("attention_bwd", ATTENTION_BWD_CANDIDATES,
-          lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m, dk=acc[:, :d],
-                                     dv=acc[:, d:]), flops_bwd, t_sdpa_bwd)  # fmt: skip
-    results["dq_sums"] = time_dq_sums(q, k_, v_, o, do, lse, heads, items, m, acc, dev)
+    def dropout_section() -> None:
+        results["dropout"] = time_dropout(a_d, w_fd, b_f, y_f, q, k_, v_, o, heads, items, m,
+                                          dev)  # fmt: skip
 
-    if wanted("layer_norm_bwd"):
+    def bwd_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lse, the output's gradient, fp32 dK/dV accumulators) of the attention above."""
+        lse = torch.empty((items * m, heads), dtype=torch.float32, device=dev)
+        attention(q, k_, v_, heads, items, m, out=o, lse=lse)
+        acc = torch.zeros((items * p, 2 * d), dtype=torch.float32, device=dev)
+        return lse, rnd(items * m, d), acc
+
+    def attention_bwd_section() -> None:
+        # both kernels, dK/dV added into fp32 accumulators as training does; 5 products of
+        # 2·m·P·D per item (S and dP recomputed, dQ, dK, dV)
+        lse, do, acc = bwd_inputs()
+        leaves = [t.detach().requires_grad_(True) for t in (qh, kh, vh)]
+        o_ref = F.scaled_dot_product_attention(*leaves)
+        do_h = do.view(items, m, heads, d // heads).transpose(1, 2)
+        t_sdpa_bwd = bench(lambda: torch.autograd.grad(o_ref, leaves, do_h, retain_graph=True),
+                           dev)  # fmt: skip
+        sweep("attention_bwd", ATTENTION_BWD_CANDIDATES,
+              lambda: attention_backward(q, k_, v_, o, do, lse, heads, items, m,
+                                         dk=acc[:, :d], dv=acc[:, d:]),
+              10 * items * m * p * d, t_sdpa_bwd)  # fmt: skip
+
+    def dq_sums_section() -> None:
+        lse, do, acc = bwd_inputs()
+        results["dq_sums"] = time_dq_sums(q, k_, v_, o, do, lse, heads, items, m, acc, dev)
+
+    def layer_norm_bwd_section() -> None:
         results["layer_norm_bwd"] = sweep_layer_norm_bwd(x, g, a_d, dev, args.smoke)
 
-    # the whole backend with each kernel's fastest configuration
-    def best(rows: list[dict], key: str | None = None) -> dict | None:
-        ok = [r for r in rows if "us" in r]
-        if key is not None:  # sum over variants per config
-            per: dict[str, float] = {}
-            for r in ok:
-                per[json.dumps(r["config"])] = per.get(json.dumps(r["config"]), 0.0) + r["us"]
-            return json.loads(min(per, key=per.get)) if per else None
-        return min(ok, key=lambda r: r["us"])["config"] if ok else None
-
-    best_lin, best_att = best(results["linear"], "sum"), best(results["attention"])
-    results["best"] = {"linear": best_lin, "attention": best_att,
+    run_section("passes", passes)
+    run_section("linear", linear_sweep)
+    run_section("attention", attention_section)
+    run_section("dropout", dropout_section)
+    run_section("attention_bwd", attention_bwd_section)
+    run_section("dq_sums", dq_sums_section)
+    run_section("layer_norm_bwd", layer_norm_bwd_section)
+    results["best"] = {"linear": best(results["linear"], "sum"),
+                       "attention": best(results["attention"]),
                        "attention_bwd": best(results["attention_bwd"])}  # fmt: skip
     print("best", json.dumps(results["best"]), flush=True)
-    if not args.smoke and wanted("backend") and best_lin and best_att:
-        import carzero_fast as cf
-        from carzero_fast.backends.fused import triton_forward
+    import carzero_fast as cf
 
-        cfg = cf.AlignerConfig()
-        al = cf.CrossAttentionAligner(cfg).to(dev).to(dt).eval()
-        w = al.weights()
-        nm = 1024
-        mem, qq = rnd(nm, 197, d), rnd(nm, d)
-        timing = {}
-        import importlib
-
-        kl = importlib.import_module("carzero_fast.kernels.linear")  # not the function
-
-        auto_tma = kl.use_tma
-        never = lambda a, w: False  # noqa: E731
-        runs = (("shipped", None, None, auto_tma), ("pointer GEMMs", None, None, never),
-                ("best", best_lin, best_att, None))  # fmt: skip
-        for label, lin_cfg, att_cfg, tma_rule in runs:
-            if lin_cfg is not None:
-                lin_cfg = dict(lin_cfg)
-                tma = lin_cfg.pop("tma")
-                kc.override("linear", arch, "half", kc.LinearConfig(**lin_cfg))
-                kc.override("attention", arch, "half", kc.AttentionConfig(**att_cfg))
-                tma_rule = auto_tma if tma else never
-            kl.use_tma = tma_rule
-            with torch.no_grad():
-                t = bench(lambda: triton_forward(w, cfg, mem, qq, None), dev)
-            timing[label] = t * 1e3
-            print(f"triton_forward N=M={nm} bf16 [{label}]: {t * 1e3:.1f} ms", flush=True)
-        kl.use_tma = auto_tma
-        results["triton_forward_ms"] = timing
+    small = cf.AlignerConfig(d_model=d, n_heads=heads, n_layers=2, d_ffn=f, head_dims=(32,))
+    run_section("backend", lambda: time_backend(results, arch, rnd, dev,
+                                                small if args.smoke else cf.AlignerConfig(),
+                                                6 if args.smoke else 1024))  # fmt: skip
     (out_dir / "tune_gpu.json").write_text(json.dumps(results, indent=1))
     return 0
+
+
+def best(rows: list[dict], key: str | None = None) -> dict | None:
+    """The fastest config of a sweep's rows (`key`: summed over the variants per config)."""
+    ok = [r for r in rows if "us" in r]
+    if key is not None:
+        per: dict[str, float] = {}
+        for r in ok:
+            per[json.dumps(r["config"])] = per.get(json.dumps(r["config"]), 0.0) + r["us"]
+        return json.loads(min(per, key=per.get)) if per else None
+    return min(ok, key=lambda r: r["us"])["config"] if ok else None
+
+
+def time_backend(results: dict, arch: int, rnd, dev: torch.device, cfg, nm: int) -> None:  # noqa: ANN001
+    """The whole forward at N = M = `nm`: shipped, on its own GEMM kernels (TMA and pointer:
+    the shipped route runs these plain epilogues on cuBLAS), and with the sweeps' fastest
+    linear and attention configurations (when both sweeps ran)."""
+    import importlib
+
+    import carzero_fast as cf
+    from carzero_fast.backends.fused import triton_forward
+
+    al = cf.CrossAttentionAligner(cfg).to(dev).to(torch.bfloat16).eval()
+    w = al.weights()
+    mem, qq = rnd(nm, 197, cfg.d_model), rnd(nm, cfg.d_model)
+    kl = importlib.import_module("carzero_fast.kernels.linear")  # not the function
+    auto_tma, never = kl.use_tma, (lambda a, w: False)
+    best_lin, best_att = results["best"]["linear"], results["best"]["attention"]
+    own = {"CARZERO_FAST_TRITON_GEMM": "triton"}
+    runs = [("shipped", None, {}), ("own GEMMs, TMA", auto_tma, own),
+            ("own GEMMs, pointer", never, own)]  # fmt: skip
+    if best_lin and best_att:
+        runs.append(("best, own GEMMs", None, own))
+    shipped = kc.shipped(arch, "half")
+    timing = results["triton_forward_ms"] = {}
+    try:
+        for label, tma_rule, env in runs:
+            if label.startswith("best"):
+                lin_cfg = dict(best_lin)
+                tma_rule = auto_tma if lin_cfg.pop("tma") else never
+                kc.override("linear", arch, "half", kc.LinearConfig(**lin_cfg))
+                kc.override("attention", arch, "half", kc.AttentionConfig(**best_att))
+            kl.use_tma = tma_rule or auto_tma
+
+            def fwd() -> object:
+                with torch.no_grad():
+                    return triton_forward(w, cfg, mem, qq, None)
+
+            t = bench(with_env(fwd, **env), dev)
+            timing[label] = t * 1e3
+            print(f"triton_forward N=M={nm} bf16 [{label}]: {t * 1e3:.1f} ms", flush=True)
+    finally:
+        kl.use_tma = auto_tma
+        kc.override("linear", arch, "half", shipped["linear"])
+        kc.override("attention", arch, "half", shipped["attention"])
 
 
 def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor,

@@ -39,9 +39,12 @@ def test_gpu_check_correctness_section(tmp_path):
 
 def test_tune_gpu_layer_norm_backward_sweep(tmp_path):
     """Every candidate of the LayerNorm-backward sweep runs (no error rows, each once), and
-    every kind of the forward's add + LayerNorm pass is timed."""
-    proc = _run("benchmarks.tune_gpu", tmp_path, "--only", "layer_norm_bwd")
+    every kind of the forward's add + LayerNorm pass is timed; only the sections asked for
+    run, and none failed."""
+    proc = _run("benchmarks.tune_gpu", tmp_path, "--only", "passes,dq_sums,layer_norm_bwd")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "tune_gpu.json").read_text())
+    assert result["errors"] == {} and "dropout" not in result and result["attention"] == []
     rows = json.loads((tmp_path / "tune_gpu.json").read_text())["layer_norm_bwd"]
     assert rows and all("us" in r and "error" not in r for r in rows), rows
     assert len(rows) == len({(r["rows"], r["warps"], r["programs_per_sm"]) for r in rows})
@@ -57,3 +60,10 @@ def test_tune_gpu_layer_norm_backward_sweep(tmp_path):
     dq_sums = json.loads((tmp_path / "tune_gpu.json").read_text())["dq_sums"]
     assert set(dq_sums) == {"backward with dq_sum", "backward without", "PyTorch sum over dq"}
     assert all("us" in row for row in dq_sums.values())
+
+
+def test_tune_gpu_names_an_unknown_section(tmp_path):
+    """A typo in --only fails at once (it used to run the unguarded parts and exit 0)."""
+    proc = _run("benchmarks.tune_gpu", tmp_path, "--only", "layer_norm_bwd,atention")
+    assert proc.returncode == 2 and "atention" in proc.stderr
+    assert not (tmp_path / "tune_gpu.json").exists()
