@@ -4,8 +4,9 @@
     TRITON_INTERPRET=1 python -m benchmarks.gpu_check --smoke --out DIR   # CPU dry run
 
 1. Correctness at CARZero dims: `triton` and `chunked` against `reference` fp32, in fp32
-   (IEEE unless TF32 is allowed) and bf16 (judged against chunked's own bf16 error, ×2);
-   one direction in bf16 on every route of `triton` (`VARIANTS`, same rule), and SDPA's
+   (IEEE unless TF32 is allowed) and bf16 (against `reference` fp32 on the bf16 model's
+   weights and the rounded inputs, judged against chunked's own bf16 error, ×2); one
+   direction in bf16 on every route of `triton` (`VARIANTS`, same rule), and SDPA's
    attention in fp32 with ragged text masks.
 2. One direction (images as memory, P = 197) at N = M ∈ {256, 1024}: `reference` (fp16
    autocast, as CARZero ran), `chunked` (bf16), `chunked` with its attention on flash-attn's
@@ -86,6 +87,10 @@ class Check:
         self.cfg = tiny if smoke else cf.AlignerConfig()
         self.al = make_model(self.cfg, dev)
         self.al16 = make_model(self.cfg, dev).to(torch.bfloat16)
+        # the oracle of every bf16 check: the bf16 model's own weights in fp32, through
+        # `reference` on the rounded inputs; the inputs' and weights' rounding, common to all
+        # paths, would otherwise drown what each path's arithmetic adds
+        self.al16_fp32 = make_model(self.cfg, dev).to(torch.bfloat16).float()
         self.results: dict = {"sections": {}, "rows": []}
         self.ceiling = 0.0
 
@@ -99,24 +104,26 @@ class Check:
         img, txt = self.randn(n, 197, d), self.randn(m, 98, d)
         lengths = torch.randint(5, 99, (m,), device=self.dev)
         txt_mask = torch.arange(98, device=self.dev)[None, :] >= lengths[:, None]
+        img16, txt16 = img.bfloat16(), txt.bfloat16()
         out = {}
         with torch.no_grad():
             ref = self.al.both_directions(img, txt, None, txt_mask, backend="reference")
+            oracle = self.al16_fp32.both_directions(img16.float(), txt16.float(), None,
+                                                    txt_mask, backend="reference")  # fmt: skip
             for backend in ("triton", "chunked"):
                 got = self.al.both_directions(img, txt, None, txt_mask, backend=backend)
                 out[f"{backend}_fp32"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
-                img16, txt16 = img.bfloat16(), txt.bfloat16()
                 got = self.al16.both_directions(img16, txt16, None, txt_mask, backend=backend)
-                out[f"{backend}_bf16"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+                out[f"{backend}_bf16"] = [rel(g, r) for g, r in zip(got, oracle, strict=True)]
             # one direction (images as memory): the 16-bit residual stream and SDPA's attention
             # against the defaults
-            q = self.randn(m, d)
-            ref1 = self.al(img, q, backend="reference")
+            q16 = self.randn(m, d).bfloat16()
+            oracle1 = self.al16_fp32(img16.float(), q16.float(), backend="reference")
             for name, env in VARIANTS.items():
-                run = with_env(lambda: self._call(self.al16, img16, q.bfloat16(), "triton"), **env)
-                out[f"triton_bf16_one_direction{name}"] = rel(run(), ref1)
-            out["chunked_bf16_one_direction"] = rel(self._call(self.al16, img16, q.bfloat16(),
-                                                               "chunked"), ref1)  # fmt: skip
+                run = with_env(lambda: self._call(self.al16, img16, q16, "triton"), **env)
+                out[f"triton_bf16_one_direction{name}"] = rel(run(), oracle1)
+            out["chunked_bf16_one_direction"] = rel(self._call(self.al16, img16, q16, "chunked"),
+                                                    oracle1)  # fmt: skip
             # SDPA's attention with ragged text masks, fp32 (memory-efficient kernels)
             with_sdpa = with_env(lambda: self.al.both_directions(img, txt, None, txt_mask,
                                                                  backend="triton"),

@@ -84,25 +84,37 @@ def training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] 
     ref = _grads(chk.al, img, txt, "reference")
     got = _grads(chk.al, img, txt, "triton")
 
-    def agg(gs: list[torch.Tensor]) -> list[float]:
-        """Errors of the two token gradients, then of all weights' together (one weight's
-        alone can be ~0: the logit bias's is exactly zero under a softmax loss)."""
-        w = torch.cat([g.float().flatten() for g in gs[2:]])
-        w_ref = torch.cat([g.flatten() for g in ref[2:]])
-        return [rel(gs[0], ref[0]), rel(gs[1], ref[1]), rel(w, w_ref)]
+    matrices = [p.dim() > 1 for p in chk.al.parameters()]
 
-    out = {"fp32_triton": agg(got)}
+    def agg(gs: list[torch.Tensor], oracle: list[torch.Tensor]) -> list[float]:
+        """Errors of the two token gradients, then of the weight matrices' together and the
+        vectors' (biases, LayerNorms) together: one vector's alone can be ~0 (the logit
+        bias's is exactly zero under a softmax loss), and a wrong bias gradient must not
+        hide among the matrices' many more elements."""
+        def cat(grads: list[torch.Tensor], want: bool) -> torch.Tensor:
+            pieces = zip(grads[2:], matrices, strict=True)
+            return torch.cat([g.float().flatten() for g, is_matrix in pieces
+                              if is_matrix == want])  # fmt: skip
+
+        tokens = [rel(gs[0], oracle[0]), rel(gs[1], oracle[1])]
+        return tokens + [rel(cat(gs, kind), cat(oracle, kind)) for kind in (True, False)]
+
+    out = {"fp32_triton": agg(got, ref)}
     img16, txt16 = img.bfloat16(), txt.bfloat16()
-    out["bf16_triton"] = agg(_grads(chk.al16, img16, txt16, "triton"))
-    out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"))
+    # bf16 against the reference on the same rounded weights and tokens in fp32: the
+    # rounding common to every path would otherwise drown what each path's arithmetic adds
+    oracle = _grads(chk.al16_fp32, img16.float(), txt16.float(), "reference")
+    first = _grads(chk.al16, img16, txt16, "triton")
+    out["bf16_triton"] = agg(first, oracle)
+    out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"), oracle)
     pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
     again = _grads(chk.al16, img16, txt16, "triton")
-    first = _grads(chk.al16, img16, txt16, "triton")
     out["bf16_triton_bitwise_repeatable"] = all(
         torch.equal(a, b) for a, b in zip(first, again, strict=True)
     )
     out["dropout_fp32_triton"] = _dropout_check(chk)
     out["pass"] = (max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
+                   and out["bf16_triton_bitwise_repeatable"]
                    and max(out["dropout_fp32_triton"]) < 1e-4)  # fmt: skip
     print(f"  training gradients: {out}", flush=True)
     for nm in sizes:
