@@ -3,6 +3,7 @@ backward (including its in-place accumulation into gradient buffers) is exact.""
 
 import pytest
 import torch
+from conftest import make_aligner, rel_err
 
 import carzero_fast as cf
 from carzero_fast.backends import cpu_gemm
@@ -165,11 +166,12 @@ def test_onednn_probe_draws_no_random_numbers():
 
 def test_chunked_training_step_same_on_the_other_devices_route(monkeypatch):
     """A chunked training step (dropout on) with PyTorch's autograd for every linear layer,
-    as on a GPU, gives the CPU route's loss and gradients."""
+    as on a GPU, gives the CPU route's loss and gradients. Weights of order one everywhere
+    (norms and biases too): under the default initialisation most gradients sit below any
+    absolute tolerance, and a 5% error in one of them passed."""
     cfg = cf.AlignerConfig(d_model=32, n_heads=4, d_ffn=48, n_layers=2, head_dims=(24, 16),
                            dropout=0.1)  # fmt: skip
-    torch.manual_seed(0)
-    al = cf.CrossAttentionAligner(cfg)
+    al = make_aligner(cfg, seed=0)
     img, txt = _rand(6, 9, 32, seed=50), _rand(6, 7, 32, seed=51)
 
     def step() -> list[torch.Tensor]:
@@ -177,16 +179,15 @@ def test_chunked_training_step_same_on_the_other_devices_route(monkeypatch):
         al.zero_grad(set_to_none=True)
         torch.manual_seed(7)
         i2t, t2i = al.both_directions(a, b, backend="chunked", chunk_budget_bytes=20_000)
-        cf.carzero_loss(i2t, t2i).backward()
-        return [a.grad, b.grad, *(p.grad for p in al.parameters())]
+        loss = cf.carzero_loss(i2t, t2i)
+        loss.backward()
+        return [loss.detach(), a.grad, b.grad, *(p.grad for p in al.parameters())]
 
     al.train()
     want = step()
     monkeypatch.setattr(cpu_gemm, "python_backward", lambda x: False)
     got = step()
-    assert all(g is not None for g in got[:2])
-    for a, e in zip(got, want, strict=True):
-        if e is None:
-            assert a is None
-        else:
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    names = ["loss", "img", "txt", *(n for n, _ in al.named_parameters())]
+    logit_bias = names[-1]  # its gradient is exactly zero under a softmax loss: rounding only
+    for name, a, e in zip(names, got, want, strict=True):
+        assert rel_err(a, e, floor=1e-3 if name == logit_bias else 0.0) < 1e-5, name

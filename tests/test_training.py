@@ -172,6 +172,7 @@ def test_dropout_forward_matches_the_same_mask_computation(form, monkeypatch):
         chunks.setdefault(id(d), []).append(k.float())
     assert len(chunks) == 3 * 4
     p_drop = drawn[0][0].p
+    assert p_drop == TINY.dropout  # the rate the config asks for (the oracle below takes it)
     bias = torch.zeros(3, 5).masked_fill(mask, float("-inf"))
     want = torch.stack([
         _same_mask_pair(al.weights(), TINY, mem[n], q[j], bias[n], masks, p_drop, form)

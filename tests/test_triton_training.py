@@ -20,6 +20,7 @@ import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends.fused import draw_dropout  # noqa: E402
 from carzero_fast.backends.fused_reference import dropout_reference_forward  # noqa: E402
 from carzero_fast.backends.fused_train import plan_train  # noqa: E402
+from carzero_fast.backends.philox import DropoutSpec  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
 
@@ -376,6 +377,7 @@ def test_dropout_matches_the_same_mask_reference(plan, route, monkeypatch, trito
 
     torch.manual_seed(5)
     spec = draw_dropout(DROP_CFG, True)
+    assert spec == DropoutSpec.make(0.3, spec.seed)  # DROP_CFG's rate, whatever draw_dropout did
     expected = run(lambda a, b: dropout_reference_forward(al.weights(), DROP_CFG, a, b, mask,
                                                           spec))  # fmt: skip
     got = run(lambda a, b: al(a, b, mask, backend="triton", chunk_budget_bytes=budget))

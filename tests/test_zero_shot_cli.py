@@ -174,9 +174,24 @@ def test_score_end_to_end(setup, tmp_path):
     readable = sorted(p for p in s.images.iterdir() if p.name != "broken.png")
     assert [Path(r[0]) for r in rows[1:]] == readable
     got = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
-    assert rel_err(got, _direct_scores(s.model, readable)) < 1e-6
+    direct = _direct_scores(s.model, readable)
+    assert rel_err(got, direct) < 1e-6
     errors = _read(Path(f"{out}.errors.csv"))
     assert [Path(r[0]).name for r in errors[1:]] == ["broken.png"]
+    # the same images from a CSV list (header, paths relative to it), as probabilities
+    listing = s.images / "list.csv"
+    listing.write_text("path\n" + "".join(f"{p.name}\n" for p in reversed(readable)))
+    probs = tmp_path / "probs.csv"
+    args = _score_args(s, probs, "--probabilities")
+    args[args.index("--images") + 1] = str(listing)
+    try:
+        assert cli(args) == 0
+    finally:
+        listing.unlink()
+    rows = _read(probs)
+    assert [Path(r[0]) for r in rows[1:]] == readable[::-1]  # the list's order
+    got = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
+    assert rel_err(got, torch.sigmoid(direct.flip(0))) < 1e-6
 
 
 def test_score_killed_then_resumed_gives_the_same_csv(setup, tmp_path):
