@@ -292,8 +292,10 @@ def test_png_16bit_and_rgb(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_grayscale(prgb), round(luma) / 255.0, atol=1e-7)
 
 
-def write_dicom(path: Path, arr: np.ndarray, photometric: str, window: tuple[float, float] | None):
-    """A minimal Part 10 file (preamble + DICM) with uint16 pixels, via pydicom 3."""
+def write_dicom(path: Path, arr: np.ndarray, photometric: str, window: tuple[float, float] | None,
+                rescale: tuple[float, float] | None = None):  # fmt: skip
+    """A minimal Part 10 file (preamble + DICM) with uint16 pixels, via pydicom 3; rescale:
+    (slope, intercept) of the modality LUT."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -313,6 +315,8 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str, window: tuple[flo
     ds.PhotometricInterpretation = photometric
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
     ds.PixelData = arr.astype("<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
 
@@ -335,6 +339,19 @@ def test_dicom_monochrome1_with_window(tmp_path: Path) -> None:
         assert got.dtype == np.float32 and got.shape == (5, 6)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert preprocess_file(tmp_path / "scan.dcm").shape == (3, 224, 224)
+
+
+def test_dicom_window_applies_to_rescaled_values(tmp_path: Path) -> None:
+    """The modality LUT (slope, intercept) comes before the window, which is defined on its
+    values: read on the stored values instead, this window would clip other pixels."""
+    arr = (np.arange(30, dtype=np.uint16).reshape(5, 6) * 100).astype(np.uint16)  # 0..2900
+    slope, intercept, center, width = 2.0, -1000.0, 1500.0, 2001.0
+    x = arr.astype(np.float64) * slope + intercept  # -1000..4800
+    windowed = np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+    expected = (windowed - windowed.min()) / (windowed.max() - windowed.min())
+    path = tmp_path / "rescaled.dcm"
+    write_dicom(path, arr, "MONOCHROME2", (center, width), rescale=(slope, intercept))
+    np.testing.assert_allclose(load_grayscale(path), expected, rtol=0, atol=1e-6)
 
 
 def test_dicom_monochrome2_without_window_and_constant(tmp_path: Path) -> None:
