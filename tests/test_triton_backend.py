@@ -3,6 +3,7 @@ oracle at small odd shapes with tiny chunk budgets, 16-bit error, fallbacks and 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -123,6 +124,41 @@ def test_fp32_matches_reference(small, masked, triton_only):
             out = small(mem, q, mask, backend="triton", chunk_budget_bytes=budget)
             assert out.shape == (N, M) and out.dtype == torch.float32
             assert rel_err(out, ref) < 1e-5, plan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_reads_nothing_uninitialised(request, dtype, triton_only):
+    """Every buffer the forward allocates through torch.empty / empty_like / new_empty starts
+    as NaN: a stage reading an element before writing it (a pool's reused space, a ragged
+    last block, the lean layout's skipped streams) fails the comparison. Several item blocks
+    and ragged query chunks, masks."""
+    al = make_aligner(CONFIGS["d64h4_head3"], seed=6).to(dtype)
+    mem, q = _inputs(64, seed=7, dtype=dtype)
+    mask = random_mask(N, P, seed=8)
+    budget = _budget(al.config, dtype.itemsize, (1, 3))
+    with torch.no_grad():
+        expected = al(mem, q, mask, backend="triton", chunk_budget_bytes=budget)
+        request.getfixturevalue("nan_buffers")
+        got = al(mem, q, mask, backend="triton", chunk_budget_bytes=budget)
+    assert torch.equal(got, expected)
+
+
+def test_layer_norm_eps_is_the_configs_on_every_backend():
+    """Tokens of small spread make every LayerNorm sensitive to its eps: at a non-default eps
+    the backends agree with the reference, which agrees with the module built from the same
+    config (torch's nn.LayerNorm). The golden vectors cannot pin eps: at CARZero's 1e-5 and
+    unit-variance tokens, doubling it moves the outputs by less than their tolerance."""
+    cfg = dataclasses.replace(CONFIGS["d64h4_head1"], layer_norm_eps=1e-2)
+    al = make_aligner(cfg, seed=2)
+    mem, q = (0.05 * t for t in _inputs(64, seed=3))
+    with torch.no_grad():
+        ref = al(mem, q, backend="reference")
+        wrong = make_aligner(dataclasses.replace(cfg, layer_norm_eps=2e-2), seed=2)(
+            mem, q, backend="reference")  # fmt: skip
+        assert rel_err(wrong, ref) > 1e-3  # the test can tell the two apart
+        for backend in ("chunked", "triton"):
+            assert rel_err(al(mem, q, backend=backend), ref) < 1e-5, backend
+    assert cf.AlignerConfig().layer_norm_eps == 1e-5  # nn.TransformerDecoderLayer's, CARZero's
 
 
 def test_fp32_with_library_gemms_matches_reference(monkeypatch, triton_only):
