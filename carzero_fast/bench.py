@@ -13,8 +13,11 @@ Figures:
   `chunked.executed_flops`, `chunked.last_chunk`) over time;
 - ceiling: the fastest dense GEMM of the dtype measured in this process (PyTorch's product or
   oneDNN's, whichever is faster), executed GFLOP/s over it;
-- peak extra memory: tensor bytes alive at once beyond the inputs (`track_memory`), from a
-  separate, untimed run;
+- peak extra memory: tensor bytes alive at once beyond the inputs and the model
+  (`track_memory`), from a separate, untimed run. Each dtype's rows run a copy of the model in
+  that dtype (as a bf16 user would hold it), so no row counts a per-call cast of the weights;
+  the training step's inputs are made once, outside the measured call, and its counted bytes
+  are what the step allocates: activations, the inputs' and parameters' gradients;
 - ratio: the reference's time (fp32, the baseline) over this row's time.
 
 `main` first asks glibc to keep freed memory (`memory.retain_freed_memory`, `--malloc keep`):
@@ -25,6 +28,7 @@ with its defaults the reference page-faults ~1 GB of fresh memory in per call, w
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -153,11 +157,12 @@ def run(
         mem = torch.randn(n, p_img, cfg.d_model, device=dev)
         q = torch.randn(m, cfg.d_model, device=dev)
         inputs = {d: (mem.to(DTYPES[d]), q.to(DTYPES[d])) for d in ceilings}
+        models = {d: al if d == "fp32" else copy.deepcopy(al).to(DTYPES[d]) for d in ceilings}
 
         def fwd(b: str, d: str) -> Callable[[], object]:
             def f() -> object:
                 with torch.no_grad():
-                    return al(*inputs[d], backend=b)
+                    return models[d](*inputs[d], backend=b)
 
             return f
 
@@ -174,15 +179,14 @@ def run(
     if train_batch > 0:
         al.train()
         bt = train_batch
-        img = torch.randn(bt, p_img, cfg.d_model, device=dev)
-        txt = torch.randn(bt, p_txt, cfg.d_model, device=dev)
+        img = torch.randn(bt, p_img, cfg.d_model, device=dev, requires_grad=True)
+        txt = torch.randn(bt, p_txt, cfg.d_model, device=dev, requires_grad=True)
 
         def step(b: str) -> Callable[[], object]:
             def f() -> object:
-                i = img.clone().requires_grad_(True)
-                t = txt.clone().requires_grad_(True)
+                img.grad = txt.grad = None
                 al.zero_grad(set_to_none=True)
-                loss = carzero_loss(*alignment_logits(al, i, t, backend=b))
+                loss = carzero_loss(*alignment_logits(al, img, txt, backend=b))
                 loss.backward()
                 return loss
 
@@ -203,6 +207,7 @@ def run(
                             done / t / 1e9 / ceilings["fp32"],
                             _peak_mib(step(b)) if measure_memory else float("nan")))  # fmt: skip
         al.zero_grad(set_to_none=True)
+        img.grad = txt.grad = None
 
     for task in ("forward", "train"):
         base = [
@@ -232,7 +237,7 @@ def machine_info() -> dict[str, str]:
         info["gpu"] = torch.cuda.get_device_name()
     try:
         info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
             cwd=Path(__file__).parent,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
