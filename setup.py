@@ -25,6 +25,7 @@ setup(
             "pillow",
             "pydicom",
             "scikit-learn",
+            "matplotlib",  # evaluate --plot
         ],
         "bench": ["pytest-benchmark"],
         # off-the-shelf attention kernels the GPU check compares against (CUDA builds)

@@ -10,6 +10,20 @@ from .config import AlignerConfig
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _check_tensor(name: str, t: object, dims: int, shape: str, d: int) -> None:
+    """`t` is a tensor of a supported dtype with `dims` dimensions (`shape` describes them for
+    the error, e.g. "(N, P, D)") and the aligner's D last."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        supported = "float32, float64, bfloat16, float16"
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {supported}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
+    if t.shape[-1] != d:
+        raise ValueError(f"{name} has D = {t.shape[-1]}, the aligner's d_model is {d}")
+
+
 def check_inputs(
     cfg: AlignerConfig,
     memory: Tensor,
@@ -22,22 +36,9 @@ def check_inputs(
     memory `(N, P, D)` and queries `(M, D)` share a floating dtype and a device (that of the
     parameters); memory_mask is bool `(N, P)` and leaves at least one token of every item.
     """
-    for name, t in (("memory", memory), ("queries", queries)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; supported: float32, float64, bfloat16, float16"
-            )
-    if memory.dim() != 3:
-        raise ValueError(f"memory must be (N, P, D), got shape {tuple(memory.shape)}")
-    if queries.dim() != 2:
-        raise ValueError(f"queries must be (M, D), got shape {tuple(queries.shape)}")
     d = cfg.d_model
-    if memory.shape[2] != d:
-        raise ValueError(f"memory has D = {memory.shape[2]}, the aligner's d_model is {d}")
-    if queries.shape[1] != d:
-        raise ValueError(f"queries have D = {queries.shape[1]}, the aligner's d_model is {d}")
+    _check_tensor("memory", memory, 3, "(N, P, D)", d)
+    _check_tensor("queries", queries, 2, "(M, D)", d)
     if memory.shape[1] == 0:
         raise ValueError("memory has P = 0 tokens per item; attention needs at least one")
     if memory.dtype != queries.dtype:
@@ -88,21 +89,8 @@ def check_token_pair(cfg: AlignerConfig, img_tokens: Tensor, txt_tokens: Tensor)
     Both directions take each tensor's row 0 as the other's queries: checked here first, the
     errors name the caller's tensors instead of the "memory"/"queries" of one direction.
     """
-    d = cfg.d_model
     for name, t in (("img_tokens", img_tokens), ("txt_tokens", txt_tokens)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(
-                f"{name} must be (items, tokens, D) with the global in row 0, got "
-                f"{tuple(t.shape)}"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; supported: float32, float64, bfloat16, float16"
-            )
-        if t.shape[2] != d:
-            raise ValueError(f"{name} has D = {t.shape[2]}, the aligner's d_model is {d}")
+        _check_tensor(name, t, 3, "(items, tokens, D) with the global in row 0", cfg.d_model)
         if t.shape[1] == 0:
             raise ValueError(f"{name} has 0 tokens per item; row 0 must hold the global")
     if img_tokens.dtype != txt_tokens.dtype:

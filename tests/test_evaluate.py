@@ -4,8 +4,8 @@ report, and clear errors (exit code 2) on bad input."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,11 +261,45 @@ def test_malformed_csv(tmp_path, capsys):
     assert "no class columns" in run_error(capsys, no_classes, labels)
 
 
-def test_plot_without_matplotlib(tmp_path, capsys):
-    if importlib.util.find_spec("matplotlib") is not None:
-        pytest.skip("matplotlib is installed")
+def test_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.backend_bases", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` raises ImportError
     scores = write_csv(tmp_path / "s.csv", *GOOD_S)
     labels = write_csv(tmp_path / "l.csv", *GOOD_L)
     err = run_error(capsys, scores, labels, "--plot", str(tmp_path / "roc.png"))
     assert "matplotlib" in err and "--plot" in err
     assert not (tmp_path / "roc.png").exists()
+
+
+def test_plot_draws_every_class_with_an_auroc(tmp_path, capsys):
+    """The ROC image holds one labelled curve per class with an AUROC (its value in the
+    legend), the diagonal, and the macro AUROC in the title; no temporary file is left."""
+    matplotlib = pytest.importorskip("matplotlib")
+    scores_path, labels_path, _ = hand_made_files(tmp_path)
+    report = evaluate(scores_path, labels_path)
+    svg = tmp_path / "roc.svg"
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays searchable text
+        assert main(["--scores", str(scores_path), "--labels", str(labels_path), "--json",
+                     "--plot", str(svg)]) == 0  # fmt: skip
+    assert "ROC curves written to" in capsys.readouterr().err
+    text = svg.read_text()
+    for name in ("a", "b", "c", "d", "e"):
+        assert f"{name} ({report['auroc'][name]:.3f})" in text
+    assert "none (" not in text  # no AUROC, no curve
+    assert f"macro AUROC {report['macro_auroc']:.4f}" in text
+    png = tmp_path / "roc.png"
+    assert main(["--scores", str(scores_path), "--labels", str(labels_path), "--plot",
+                 str(png)]) == 0  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "roc.png", "roc.svg", "s.csv"]
+
+
+def test_plot_bad_destination_fails_before_evaluating(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    scores = write_csv(tmp_path / "s.csv", *GOOD_S)
+    labels = write_csv(tmp_path / "l.csv", *GOOD_L)
+    err = run_error(capsys, scores, labels, "--plot", str(tmp_path / "no" / "roc.png"))
+    assert "does not exist" in err and "--plot" in err
+    err = run_error(capsys, scores, labels, "--plot", str(tmp_path / "roc.docx"))
+    assert "format 'docx' is not supported" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "s.csv"]

@@ -194,6 +194,29 @@ def test_score_end_to_end(setup, tmp_path):
     assert rel_err(got, torch.sigmoid(direct.flip(0))) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_score_in_half_precision(setup, tmp_path, dtype):
+    """`--dtype` runs the whole model (encoders, prompts, aligner) in that dtype: the scores
+    differ from fp32's (the dtype is applied) by no more than 2× the error of PyTorch's own
+    module in that dtype (the reference backend on a cast copy of the model)."""
+    s = setup
+    out = tmp_path / "scores.csv"
+    assert cli(_score_args(s, out, "--dtype", dtype)) == 0
+    rows = _read(out)
+    paths = [Path(r[0]) for r in rows[1:]]
+    got = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
+    exact = _direct_scores(s.model, paths)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cast = CARZeroModel.from_checkpoint(s.model_dir).to(half)
+    prompts = [f"There is {c}." for c in CLASSES]
+    with torch.no_grad():
+        pixels = torch.stack([preprocess_file(p) for p in paths]).to(half)
+        img, txt = cast.encode_images(pixels), cast.encode_texts(prompts)
+        torch_half = cf.zero_shot_scores(cast.aligner, img, txt, backend="reference")
+    baseline = rel_err(torch_half.float(), exact)
+    assert 0 < rel_err(got, exact) <= 2 * baseline, (rel_err(got, exact), baseline)
+
+
 def test_score_killed_then_resumed_gives_the_same_csv(setup, tmp_path):
     s = setup
     full = tmp_path / "full.csv"
