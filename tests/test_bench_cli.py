@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
+from carzero_fast import bench
+from carzero_fast.aligner import CrossAttentionAligner
 from carzero_fast.bench import main as bench_main
 from carzero_fast.cli import main as cli_main
+from carzero_fast.config import AlignerConfig
 
 
 def test_bench_writes_a_table_and_json(tmp_path, capsys):
@@ -80,3 +83,14 @@ def test_retained_memory_is_reused_without_page_faults():
     pages = 20 * 12 * 2**20 // 4096
     assert faults["keep"] < pages // 4, faults
     assert faults["default"] > pages // 2, faults  # the case the benchmark avoids
+
+
+def test_bench_memory_counts_the_backend_not_a_weight_cast(monkeypatch):
+    """bf16 rows run a bf16 model: a per-call cast of fp32 weights (7.8 MiB here, far more
+    than the activations of 2×2 pairs) must not be counted as the backend's memory."""
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda *args, **kwargs: 1.0)  # not timed here
+    cfg = AlignerConfig(d_model=256, n_heads=4)
+    rows = bench.run(2, 2, 5, 3, ("bf16",), ("reference", "chunked"), 0, 1, cfg)
+    weights_mib = sum(p.numel() for p in CrossAttentionAligner(cfg).parameters()) * 2 / 2**20
+    for r in rows:
+        assert 0 < r.peak_extra_mib < weights_mib / 8, (r.backend, r.dtype, r.peak_extra_mib)
