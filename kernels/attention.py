@@ -237,10 +237,10 @@ def _drop_args(dropout: tuple[DropoutSpec, ChunkPos, int] | None) -> tuple:
 
 
 def check_keys(fn: str, q: Tensor, k: Tensor, v: Tensor, n_heads: int, n_items: int,
-               mask: Tensor | None) -> None:  # fmt: skip
+               mask: Tensor | None) -> int:  # fmt: skip
     """What the attention kernels assume of their keys, values and mask beyond
     `check_matrices`: D split evenly into heads, k and v `(n_items·P, D)` sharing a row
-    stride, mask int8 `(n_items, P)`."""
+    stride, mask int8 `(n_items, P)`. Returns P, the keys per item."""
     d = q.shape[1]
     if d % n_heads:
         raise ValueError(f"{fn}: D = {d} does not split into {n_heads} heads")
@@ -253,6 +253,7 @@ def check_keys(fn: str, q: Tensor, k: Tensor, v: Tensor, n_heads: int, n_items: 
     if mask is not None and (mask.dtype != torch.int8 or mask.shape != (n_items, n_keys)):
         raise ValueError(f"{fn}: mask must be int8 ({n_items}, {n_keys}) (1 = ignore), got "
                          f"{mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+    return n_keys
 
 
 def attention(
@@ -279,9 +280,8 @@ def attention(
     tag(site, layer)) drops attention weights (after the softmax, before the values).
     """
     d = q.shape[1]
-    n_keys = k.shape[0] // max(n_items, 1)
     check_matrices("attention", q=q, k=k, v=v, mask=mask, out=out, lse=lse)
-    check_keys("attention", q, k, v, n_heads, n_items, mask)
+    n_keys = check_keys("attention", q, k, v, n_heads, n_items, mask)
     rows = n_items * n_queries
     if q.shape[0] != (n_queries if shared_queries else rows):
         raise ValueError(f"attention: q must have {n_queries if shared_queries else rows} rows "

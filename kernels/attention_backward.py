@@ -258,12 +258,11 @@ def attention_backward(
     projection's bias gradient), from partial sums the dQ kernel writes: no pass over dq.
     """
     d = q.shape[1]
-    n_keys = k.shape[0] // max(n_items, 1)
-    head_dim = d // n_heads
-    rows = n_items * n_queries
     check_matrices("attention_backward", q=q, k=k, v=v, mask=mask, out=out, dout=dout,
                    lse=lse, dk=dk, dv=dv)  # fmt: skip
-    check_keys("attention_backward", q, k, v, n_heads, n_items, mask)
+    n_keys = check_keys("attention_backward", q, k, v, n_heads, n_items, mask)
+    head_dim = d // n_heads
+    rows = n_items * n_queries
     if out.shape != (rows, d) or dout.shape != (rows, d):
         raise ValueError(f"attention_backward: out and dout must be ({rows}, {d}), got "
                          f"{tuple(out.shape)} and {tuple(dout.shape)}")  # fmt: skip
