@@ -4,6 +4,7 @@ row, rewritten atomically, and split into per-rank part files when sharded."""
 from __future__ import annotations
 
 import csv
+import glob
 import os
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from pathlib import Path
 def part_path(path: Path, rank: int, world: int) -> Path:
     """Rank `rank`'s part of `path` in a job of `world` ranks."""
     return path.with_name(f"{path.name}.part-{rank:05d}-of-{world:05d}")
+
+
+def parts_of(path: Path) -> list[Path]:
+    """Every rank's part file of `path` on disk, whatever the number of ranks that wrote it."""
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.part-*-of-*"))
 
 
 def complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:

@@ -17,10 +17,20 @@ text globals as queries) and T2I. Each rank
 The shares sum to the single-process loss, so the gradients (through the gathers' backward,
 an all-reduce of the gathered tensors' gradients) sum to the single-process gradients.
 
-Communication per step and rank (elements of the activations' dtype; fp32 for scores),
-forward: all-gather of 2 × (R·max B_r)·D globals and 2 × (R·max B_r)·G scores (padded to the
-largest B_r, plus one all-gather of R sizes); backward: all-reduce of 2 × G·D and 2 × G·G
-gradients. Nothing of size B·P·D (tokens) or per pair (activations) crosses ranks.
+Communication per step and rank (elements of the activations' dtype, scores included),
+forward: one all-gather of R × 4 integers (batch sizes, D, dtype, whether the tokens need
+gradients: ranks that disagree all raise the same error instead of running collectives on
+mismatched bytes), all-gathers of 2 × (R·max B_r)·D globals and 2 × (R·max B_r)·G scores
+(padded to the largest B_r), an all-reduce of the scalar loss; backward: all-reduce of
+2 × G·D and 2 × G·G gradients. Nothing of size B·P·D (tokens) or per pair (activations)
+crosses ranks.
+
+**Dropout** (train mode) is drawn by each rank for its own rows, from its own torch
+generator (as any DDP model's dropout is): the loss equals the per-rank calls', not one
+process's on the concatenated batch, which would draw other masks. Ranks seeded alike draw
+alike; seed each rank differently (e.g. `torch.manual_seed(seed + rank)`) for independent
+masks. Without dropout (eval mode, or `dropout=0`) the loss and every gradient equal one
+process's on the concatenated batch.
 
 **Gradient scale.** `DistributedCARZeroLoss(reduction="mean")` (the default, for
 `DistributedDataParallel`, which averages gradients over ranks) back-propagates world_size ×
@@ -31,8 +41,9 @@ gradients exact, parameter gradients summing to the exact ones over ranks.
 
 **Sharded scoring.** `score_shards_to_csv` gives each rank a disjoint shard of the images,
 appends its rows to its own part file batch by batch (flushed, so a killed rank loses at most
-the batch in flight, and `resume=True` continues after the last complete row), and rank 0
-merges the parts into the one CSV through a temporary file and an atomic rename.
+the batch in flight, and `resume=True` continues after the last complete batch, also with
+another number of ranks), and rank 0 merges the parts into the one CSV through a temporary
+file and an atomic rename; no rank returns before that file exists.
 """
 
 from __future__ import annotations
@@ -49,9 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aligner import CrossAttentionAligner
-from .csvfiles import complete_rows, part_path, rewrite_csv
+from .csvfiles import complete_rows, part_path, parts_of, rewrite_csv
 from .loss import zero_shot_scores
-from .validation import check_token_pair
+from .validation import SUPPORTED_DTYPES, check_token_pair
 
 __all__ = ["DistributedCARZeroLoss", "gather_rows", "init_from_env", "score_shards_to_csv"]
 
@@ -84,6 +95,37 @@ def _sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> lis
     all_sizes = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(all_sizes, mine, group=group)
     return [int(s) for s in torch.cat(all_sizes).tolist()]
+
+
+def _checked_sizes(img_tokens: Tensor, txt_tokens: Tensor,
+                   group: dist.ProcessGroup | None) -> list[int]:  # fmt: skip
+    """Every rank's pair count, from the step's one small all-gather, which also compares D,
+    the dtype and whether the tokens need gradients across ranks: where they differ every
+    rank raises the same error (mismatched collectives would otherwise run on wrong bytes,
+    abort without naming the problem, or wait for a gradient all-reduce that never comes)."""
+    _, world = _world(group)
+    needs_grad = torch.is_grad_enabled() and (img_tokens.requires_grad or txt_tokens.requires_grad)
+    mine = torch.tensor([img_tokens.shape[0], img_tokens.shape[2],
+                         SUPPORTED_DTYPES.index(img_tokens.dtype), int(needs_grad)],
+                        dtype=torch.int64, device=img_tokens.device)  # fmt: skip
+    rows = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).tolist()
+    _, d0, dtype0, grad0 = table[0]
+    for r, (_, d, dtype, grad) in enumerate(table):
+        if d != d0:
+            raise ValueError(f"rank {r} has tokens of D = {d}, rank 0 of D = {d0}; every rank "
+                             "must feed the same aligner")  # fmt: skip
+        if dtype != dtype0:
+            names = SUPPORTED_DTYPES[dtype], SUPPORTED_DTYPES[dtype0]
+            raise TypeError(f"rank {r} has {names[0]} tokens, rank 0 {names[1]}; every rank "
+                            "must use one dtype")  # fmt: skip
+        if grad != grad0:
+            mine, theirs = ("need", "do not") if grad else ("do not need", "do")
+            raise ValueError(f"rank {r}'s tokens {mine} gradients, rank 0's {theirs}; all "
+                             "ranks must agree (a backward would wait for a gradient "
+                             "all-reduce the other ranks never start)")  # fmt: skip
+    return [row[0] for row in table]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -161,7 +203,7 @@ class DistributedCARZeroLoss(nn.Module):
         if img_tokens.shape[0] != txt_tokens.shape[0]:
             raise ValueError(f"rank {rank}: {img_tokens.shape[0]} images but "
                              f"{txt_tokens.shape[0]} texts; pairs must match")  # fmt: skip
-        sizes = _sizes(img_tokens.shape[0], img_tokens.device, self.group)
+        sizes = _checked_sizes(img_tokens, txt_tokens, self.group)
         g, start, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
         if g == 0:
             raise ValueError("the global batch is empty on every rank")
@@ -226,15 +268,16 @@ def score_shards_to_csv(
               for lo in range(0, len(image_ids), batch_size)][rank::world]  # fmt: skip
     kept: list[list[str]] = []
     if resume:
-        have = {r[0]: r for r in complete_rows(part, header)}
+        # rows of earlier runs, whatever their number of ranks: the blocks do not depend on it
+        have = {r[0]: r for p in parts_of(out) for r in complete_rows(p, header)}
         done = [b for b in blocks if all(image_ids[i] in have for i in b)]
         kept = [have[image_ids[i]] for b in done for i in b]
         blocks = [b for b in blocks if b not in done]
-    with open(part, "w", newline="") as f:  # rewritten: the complete blocks, then the rest
+        if world > 1:
+            dist.barrier(group)  # every rank has read before any part is rewritten
+    rewrite_csv(part, header, kept)  # complete blocks only, atomically; then batch by batch
+    with open(part, "a", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(kept)
-        f.flush()
         for n_done, idx in enumerate(blocks):
             if _stop_after_batches is not None and n_done >= _stop_after_batches:
                 raise RuntimeError(f"rank {rank}: stopped after {n_done} batches (test hook)")
@@ -248,14 +291,30 @@ def score_shards_to_csv(
             os.fsync(f.fileno())
     if world > 1:
         dist.barrier(group)
-    if rank != 0:
-        return None
+    error = None
+    if rank == 0:
+        try:
+            _merge_parts(out, header, image_ids, world)
+        except Exception as e:  # noqa: BLE001 — every rank raises it, below
+            error = f"rank 0 could not merge {out}: {type(e).__name__}: {e}"
+    if world > 1:  # no rank returns before the merged file exists, or without its error
+        box = [error]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0,
+                                   group=group)  # fmt: skip
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(error)
+    return out if rank == 0 else None
+
+
+def _merge_parts(out: Path, header: list[str], image_ids: Sequence[str], world: int) -> None:
+    """This run's parts → `out` in `image_ids` order; then every part file of `out` goes
+    (earlier runs' of another number of ranks included: their rows were carried over)."""
     parts = [part_path(out, r, world) for r in range(world)]
     rows = {r[0]: r for p in parts for r in complete_rows(p, header)}
     missing = [i for i in image_ids if i not in rows]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no scores (first: {missing[0]})")
     rewrite_csv(out, header, [rows[i] for i in image_ids])
-    for p in parts:
+    for p in parts_of(out):
         p.unlink()
-    return out

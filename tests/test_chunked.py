@@ -63,6 +63,21 @@ def test_empty_batches_give_empty_results(aligner, n, m):
         assert out.shape == (n, m)
 
 
+@pytest.mark.parametrize("frozen_tokens", [False, True])
+def test_empty_batch_reaches_every_parameter(frozen_tokens):
+    """No pairs, still a graph through every weight (zero gradients): a DDP rank with an
+    empty batch must join the gradient all-reduce, and frozen features must not leave the
+    output without a graph."""
+    al = make_aligner(cf.AlignerConfig(d_model=32, n_heads=2, n_layers=2, d_ffn=48), seed=2)
+    img = torch.randn(0, 5, 32, requires_grad=not frozen_tokens)
+    txt = torch.randn(0, 4, 32, requires_grad=not frozen_tokens)
+    i2t, t2i = cf.alignment_logits(al, img, txt, backend="chunked")
+    assert i2t.shape == t2i.shape == (0, 0) and i2t.requires_grad
+    (i2t.sum() + t2i.sum()).backward()
+    for name, p in al.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
 @pytest.mark.parametrize("form", ["kv", "folded"])
 def test_fp32_gradients_match_reference(aligner, form):
     n, m, p = 3, 4, 17

@@ -101,9 +101,13 @@ def _spawn(fn, world: int, *args) -> None:  # noqa: ANN001
     mp.spawn(fn, args=(world, _port(), *args), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("sizes", [[3, 2], [2, 1, 3]], ids=["2ranks-uneven", "3ranks-uneven"])
-@pytest.mark.parametrize("mode", ["sum", "ddp"])
+@pytest.mark.parametrize(("sizes", "mode"), [([3, 2], "sum"), ([2, 1, 3], "sum"), ([3, 2], "ddp"),
+                                            ([2, 1, 3], "ddp"), ([3, 0], "ddp")],
+                         ids=["2ranks-sum", "3ranks-sum", "2ranks-ddp", "3ranks-ddp",
+                              "empty-rank-ddp"])  # fmt: skip
 def test_global_loss_and_gradients_equal_single_process(sizes, mode, tmp_path):
+    """Loss and every gradient equal one process's on the concatenated batch, with uneven
+    batches and a rank without pairs (which must still join DDP's gradient all-reduce)."""
     world = len(sizes)
     _spawn(_loss_worker, world, sizes, mode, str(tmp_path))
     ref = _single(sizes)
@@ -131,10 +135,10 @@ def test_only_globals_and_scores_cross_ranks(tmp_path):
     g, d, world, bmax = sum(sizes), CFG.d_model, 2, max(sizes)
     for r in range(world):
         fwd, bwd = torch.load(tmp_path / f"rank{r}.pt")["comm"]
-        # sizes; image and text globals (padded to the largest batch); the two score blocks;
-        # the loss value
+        # sizes, D, dtype, needs-grad; image and text globals (padded to the largest batch);
+        # the two score blocks; the loss value
         assert fwd == [
-            ("all_gather", 1),
+            ("all_gather", 4),
             ("all_gather", bmax * d),
             ("all_gather", bmax * d),
             ("all_gather", bmax * g),
@@ -146,6 +150,36 @@ def test_only_globals_and_scores_cross_ranks(tmp_path):
         largest = max(n for _, n in fwd + bwd)
         assert largest < min(sizes) * P_TXT * d  # smaller than any rank's tokens
         assert largest < g * g * d  # nothing per pair
+
+
+def _mismatch_worker(rank: int, world: int, port: int, case: str, out: str) -> None:
+    _init(rank, world, port)
+    img, txt = _batch([2, 2])
+    img, txt = img[2 * rank : 2 * rank + 2], txt[2 * rank : 2 * rank + 2]
+    if rank == 1 and case == "dtype":
+        img, txt = img.double(), txt.double()
+    if rank == 0 or case != "grad":
+        img.requires_grad_(True)
+    try:
+        DistributedCARZeroLoss(make_aligner(CFG))(img, txt)
+        message = "no error"
+    except (TypeError, ValueError) as e:
+        message = f"{type(e).__name__}: {e}"
+    Path(out, f"rank{rank}.txt").write_text(message)
+    _finish()
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("dtype", "TypeError: rank 1 has torch.float64 tokens, rank 0 torch.float32"),
+    ("grad", "ValueError: rank 1's tokens do not need gradients, rank 0's do"),
+])  # fmt: skip
+def test_ranks_that_disagree_all_raise_the_same_error(case, expected, tmp_path):
+    """A dtype or requires-grad that differs across ranks: every rank raises the same named
+    error (gloo would otherwise run mismatched collectives: wrong numbers, or an abort that
+    names nothing, or a backward waiting for an all-reduce that never comes)."""
+    _spawn(_mismatch_worker, 2, case, str(tmp_path))
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and messages[0].startswith(expected), messages
 
 
 def test_loss_needs_a_process_group():
@@ -179,6 +213,7 @@ def _score_worker(rank: int, world: int, port: int, out: str, resume: bool,
     _init(rank, world, port)
     torch.set_num_threads(1)
     _score(out, resume, stop=1 if rank == stop_rank else None)
+    assert Path(out).exists()  # no rank returns before rank 0 has merged
     _finish()
 
 
@@ -215,6 +250,42 @@ def test_sharded_scoring_equals_one_process_and_resumes(tmp_path):
         f.write("img999.png,0.1")  # a torn line, as from a kill mid-write
     _spawn(_score_worker, 2, str(resumed), True, None)
     assert resumed.read_text() == expected
+
+
+def test_sharded_resume_with_another_number_of_ranks(tmp_path):
+    """Killed with 2 ranks, resumed with 3, or with 1 (no process group): the earlier parts'
+    complete batches are kept whatever the number of ranks, and no part file is left."""
+    expected_path = tmp_path / "single.csv"
+    _one_thread_score(str(expected_path))
+    expected = expected_path.read_text()
+
+    three = tmp_path / "three.csv"
+    with pytest.raises(Exception, match="stopped after 1 batches"):
+        _spawn(_score_worker, 2, str(three), False, 0)
+    _spawn(_score_worker, 3, str(three), True, None)
+    assert three.read_text() == expected
+    assert not list(tmp_path.glob("three.csv.part-*"))
+
+    one = tmp_path / "one.csv"
+    with pytest.raises(Exception, match="stopped after 1 batches"):
+        _spawn(_score_worker, 2, str(one), False, 1)
+    ids, imgs, txt = _score_inputs()
+    loaded: list[int] = []
+
+    def load(idx: list[int]) -> torch.Tensor:
+        loaded.extend(idx)
+        return imgs[idx]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        score_shards_to_csv(make_aligner(CFG), ids, load, txt, CLASSES, one, batch_size=3,
+                            resume=True)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert loaded == [9, 10]  # blocks 0-2 were done by the 2 ranks: only block 3 was left
+    assert one.read_text() == expected
+    assert not list(tmp_path.glob("one.csv.part-*"))
 
 
 def _fail_worker(rank: int, world: int, port: int) -> None:

@@ -376,8 +376,10 @@ def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[T
     jobs = [_make_job(cfg, tokens, mi, qi, mask, training, budget, form, grad)
             for mi, qi, mask in pairs]  # fmt: skip
     if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
-        # Empty batches: plain autograd-connected zeros (no chunk to run).
-        anchor = sum(0.0 * t.sum() for t in tokens)
+        # Empty batches: zeros connected to every input and weight (no chunk to run), so a
+        # backward reaches the parameters: DDP on a rank with no pairs still joins the
+        # gradient all-reduce, and a frozen-feature caller still gets a graph.
+        anchor = sum(0.0 * t.sum() for t in (*tokens, *flat))
         return tuple(
             tokens[j.memory].new_zeros((tokens[j.memory].shape[0], tokens[j.queries].shape[0]))
             + anchor
