@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -19,31 +21,68 @@ def parts_of(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{glob.escape(path.name)}.part-*-of-*"))
 
 
-def complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:
-    """The complete data rows of a CSV written batch by batch (a last line torn by a kill is
-    dropped; [] when the file does not exist). With `header`, the file must have it: a file
-    of another job raises ValueError naming it."""
+def iter_complete_rows(path: Path, header: list[str] | None) -> Iterator[list[str]]:
+    """The complete data rows of a CSV written batch by batch, streamed (nothing is held but
+    one row): a last row torn by a kill is dropped, also one torn inside a quoted cell;
+    nothing when the file does not exist. Rows are parsed as CSV, not split at line breaks,
+    so a cell may hold any character. With `header`, the file must have it: a file of
+    another job raises ValueError naming it."""
     if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-    rows = list(csv.reader(lines))
-    if header is not None and rows and rows[0] != header:
-        raise ValueError(f"{path} has columns {rows[0][:4]}…, not this job's {header[:4]}…: "
-                         "resuming needs the same columns in the same order")  # fmt: skip
-    width = len(rows[0]) if rows else 0
-    return [r for r in rows[1:] if len(r) == width]
+        return
+    with open(path, "rb") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"  # every write ends its rows with a line end
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            first = next(reader, None)
+        except csv.Error:
+            return  # torn inside the header's own write
+        if first is None:
+            return
+        if header is not None and first != header:
+            raise ValueError(f"{path} has columns {first[:4]}…, not this job's {header[:4]}…: "
+                             "resuming needs the same columns in the same order")  # fmt: skip
+        pending = None  # the last row read: complete unless it ends the file torn
+        try:
+            for row in reader:
+                if pending is not None and len(pending) == len(first):
+                    yield pending
+                pending = row
+        except csv.Error:  # a kill inside a quoted cell: the row being read is torn
+            torn = False  # ... and `pending`, the row before it, complete
+        if pending is not None and len(pending) == len(first) and not torn:
+            yield pending
 
 
-def rewrite_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    """Write `path` whole through a temporary file and a rename: complete or not at all."""
+def complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:
+    """`iter_complete_rows` as a list."""
+    return list(iter_complete_rows(path, header))
+
+
+def row_text(row: list[str]) -> str:
+    """One row as the CSV writer writes it (line end included): rows held as text cost a
+    fraction of their parsed cells' memory."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow(row)
+    return buf.getvalue()
+
+
+def rewrite_csv(path: Path, header: list[str], rows: Iterable[list[str] | str]) -> None:
+    """Write `path` whole through a temporary file and a rename: complete or not at all.
+    Rows are cell lists or `row_text` lines."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
-            w.writerows(rows)
+            for row in rows:
+                if isinstance(row, str):
+                    f.write(row)
+                else:
+                    w.writerow(row)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

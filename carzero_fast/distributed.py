@@ -270,9 +270,9 @@ def score_shards_to_csv(
     if resume:
         # rows of earlier runs, whatever their number of ranks: the blocks do not depend on it
         have = {r[0]: r for p in parts_of(out) for r in complete_rows(p, header)}
-        done = [b for b in blocks if all(image_ids[i] in have for i in b)]
-        kept = [have[image_ids[i]] for b in done for i in b]
-        blocks = [b for b in blocks if b not in done]
+        is_done = [all(image_ids[i] in have for i in b) for b in blocks]
+        kept = [have[image_ids[i]] for b, d in zip(blocks, is_done, strict=True) if d for i in b]
+        blocks = [b for b, d in zip(blocks, is_done, strict=True) if not d]
         if world > 1:
             dist.barrier(group)  # every rank has read before any part is rewritten
     rewrite_csv(part, header, kept)  # complete blocks only, atomically; then batch by batch

@@ -8,20 +8,28 @@ and `--resume` skips the batches already complete: a resumed run computes every 
 same batch as an uninterrupted one, so the CSV comes out identical at the same thread count (on
 CPU the products and the chunked backend's item blocks follow `torch.get_num_threads()`, which
 can move a score's last bits). Unreadable images go to an errors CSV (`path,error`) and the
-run goes on. Bad input fails before anything is written; a run that fails with an error later
-removes the files it created (a kill or Ctrl-C leaves them for `--resume`).
+run goes on.
 
-Under `torchrun` (WORLD_SIZE > 1) each rank scores every R-th batch into its own part files
-(resumable per shard with `--resume`), and rank 0 merges them into the one CSV, in the image
-list's order, through a temporary file and a rename: the same CSV as one process at the ranks'
-thread count (torchrun sets OMP_NUM_THREADS=1).
+Rows go to part files (`OUT.part-RRRRR-of-WWWWW`, one per rank; one when alone) and only a
+finished run writes OUT, merged in the image list's order through a temporary file and a
+rename: OUT is complete or absent. A run that stops (a kill, Ctrl-C, an error) leaves its
+parts for `--resume`, which keeps their complete batches whatever the number of ranks that
+wrote them and refuses a run of other options: `OUT.run.json` records what the scores depend
+on (the model files' hash, the prompts, --probabilities, --dtype, --batch-size) and stays
+beside OUT as its provenance. Bad input fails before anything is written.
+
+Under `torchrun` (WORLD_SIZE > 1) each rank scores every R-th batch into its own part, and
+rank 0 merges them: the same CSV as one process at the ranks' thread count (torchrun sets
+OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import os
 import sys
 import time
@@ -32,11 +40,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .csvfiles import complete_rows, part_path, rewrite_csv
+from .csvfiles import iter_complete_rows, part_path, parts_of, rewrite_csv, row_text
 from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, state_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ranks wait for the slowest at the end: a rank that dies ends the job through torchrun, so
+# the collectives' own timeout only has to outlast an uneven finish
+SHARD_TIMEOUT_S = 24 * 3600.0
 # test hooks: die without cleanup (like a kill) after this many batches (on this rank only)
 _STOP_ENV = "CARZERO_FAST_SCORE_DIE_AFTER_BATCHES"
 _STOP_RANK_ENV = "CARZERO_FAST_SCORE_DIE_RANK"
@@ -47,32 +58,59 @@ class UsageError(ValueError):
 
 
 def list_images(sources: list[str]) -> list[Path]:
-    """A directory (searched recursively), a CSV (first column: paths, relative to the CSV's
-    folder; a header row whose first cell is not a file is skipped) or image files."""
+    """A directory (searched recursively, following links to folders), a CSV (first column:
+    paths, relative to the CSV's folder; a first row whose first cell has no image suffix is
+    a header) or image files. Every name must be valid UTF-8: the CSVs are UTF-8."""
     if len(sources) == 1 and Path(sources[0]).is_dir():
         root = Path(sources[0])
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(_walk_images(root))
         if not paths:
             raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-        return paths
-    if len(sources) == 1 and sources[0].lower().endswith(".csv"):
-        src = Path(sources[0])
-        if not src.is_file():
-            raise UsageError(f"image list {src} does not exist")
-        rows = [r for r in csv.reader(src.open(newline="")) if r]
-        paths = [(src.parent / r[0]) for r in rows]
-        if paths and not paths[0].exists() and rows[0][0].lower() in ("path", "image", "file"):
-            paths = paths[1:]
     else:
-        paths = [Path(s) for s in sources]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UsageError(f"{len(missing)} image file(s) do not exist, first: {missing[0]}")
-    if not paths:
-        raise UsageError("no images given")
-    if len(set(paths)) != len(paths):
-        raise UsageError("the image list names a file twice")
+        if len(sources) == 1 and sources[0].lower().endswith(".csv"):
+            src = Path(sources[0])
+            if not src.is_file():
+                raise UsageError(f"image list {src} does not exist")
+            with open(src, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+                rows = [r for r in csv.reader(f) if r]
+            if rows and Path(rows[0][0]).suffix.lower() not in IMAGE_SUFFIXES:
+                rows = rows[1:]  # a header ("path", "filename", …)
+            paths = [(src.parent / r[0]) for r in rows]
+        else:
+            paths = [Path(s) for s in sources]
+        folders = [str(p) for p in paths if p.is_dir()]
+        if folders:
+            raise UsageError(f"{folders[0]} is a folder: give one folder alone, a CSV list or "
+                             "image files")  # fmt: skip
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UsageError(f"{len(missing)} image file(s) do not exist, first: {missing[0]}")
+        if not paths:
+            raise UsageError("no images given")
+        if len(set(paths)) != len(paths):
+            raise UsageError("the image list names a file twice")
+    for p in paths:
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{str(p)!r} is not a valid UTF-8 name (the CSVs are UTF-8): "
+                             "rename it, or list the other images in a CSV") from None  # fmt: skip
     return paths
+
+
+def _walk_images(root: Path) -> Iterator[Path]:
+    """Image files under `root`, following links to folders (each real folder once: a link
+    back up the tree does not loop)."""
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(folder, name)
 
 
 def _load_batch(pool: ThreadPoolExecutor, paths: list[Path]) -> list[Future]:
@@ -88,7 +126,8 @@ def _batches(paths: list[Path], blocks: list[range], workers: int,
              prefetch: int = 2) -> Iterator[Batch]:  # fmt: skip
     """(block, readable paths, pixels `(n, 3, 224, 224)`, [(path, error)]) per block, with
     the next `prefetch` blocks decoding in the background."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         pending = [_load_batch(pool, [paths[i] for i in b]) for b in blocks[:prefetch]]
         for k, block in enumerate(blocks):
             if k + prefetch < len(blocks):
@@ -102,6 +141,8 @@ def _batches(paths: list[Path], blocks: list[range], workers: int,
                 except Exception as e:  # noqa: BLE001 — reported per image, the run goes on
                     errors.append((paths[i], f"{type(e).__name__}: {e}"))
             yield block, ok, torch.stack(pixels) if pixels else None, errors
+    finally:  # an error or Ctrl-C does not wait for the queued decodes, only running ones
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _format_rows(paths: list[Path], scores: Tensor) -> str:
@@ -124,11 +165,65 @@ def _shard() -> tuple[int, int]:
         return 0, 1
     from .distributed import init_from_env
 
-    return init_from_env()
+    return init_from_env(timeout_s=SHARD_TIMEOUT_S)
 
 
-def _part(path: Path, rank: int, world: int) -> Path:
-    return path if world == 1 else part_path(path, rank, world)
+def _run_file(out: Path) -> Path:
+    return out.with_name(f"{out.name}.run.json")
+
+
+def _identity(args: argparse.Namespace, classes: dict[str, list[str]]) -> dict:
+    """What the scores depend on, for `OUT.run.json`: a resume must match it."""
+    h = hashlib.sha256()
+    root = Path(args.model)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return {"model_sha256": h.hexdigest(), "prompts": classes,
+            "probabilities": args.probabilities, "dtype": args.dtype,
+            "batch_size": args.batch_size}  # fmt: skip
+
+
+def _check_identity(out: Path, identity: dict) -> None:
+    """A resume continues a run of the same model, prompts and options, or none."""
+    run_file = _run_file(out)
+    if not run_file.exists():
+        return
+    try:
+        before = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_file} cannot be read ({e}): remove it and the part files to "
+                         "start over") from None  # fmt: skip
+    changed = [k for k in identity if before.get(k) != identity[k]]
+    if changed:
+        names = {"model_sha256": "the model files", "prompts": "the prompts (classes, "
+                 "template)", "probabilities": "--probabilities", "dtype": "--dtype",
+                 "batch_size": "--batch-size"}  # fmt: skip
+        raise UsageError(f"--resume: {', '.join(names[k] for k in changed)} differ from the "
+                         f"run that wrote {out}'s scores ({run_file}); rerun with its options, "
+                         "or score into another --out")  # fmt: skip
+
+
+def _done_rows(sources: list[Path], header: list[str], paths: list[Path]) -> dict[str, str]:
+    """Complete rows of earlier runs that name an image of this listing, keyed by absolute
+    path, as text lines with the listing's own spelling of the path (memory: the text)."""
+    spelled = {os.path.abspath(p): str(p) for p in paths}
+    done: dict[str, str] = {}
+    n_rows = 0
+    for src in sources:
+        for row in iter_complete_rows(src, header):
+            n_rows += 1
+            key = os.path.abspath(row[0])
+            if key in spelled:
+                done[key] = row_text([spelled[key], *row[1:]])
+    if n_rows and not done:
+        raise UsageError(f"--resume: none of the {n_rows} rows in {', '.join(map(str, sources))} "
+                         "names an image of this listing (relative paths are read from the "
+                         "working folder): resume from the same folder with the same "
+                         "--images")  # fmt: skip
+    return done
 
 
 def _check_prompts(classes: dict[str, list[str]]) -> None:
@@ -157,9 +252,13 @@ def _check_outputs(out: Path, errors_path: Path, resume: bool) -> None:
     if out.resolve() == errors_path.resolve():
         raise UsageError(f"--out and --errors name the same file, {out}")
     if resume:
-        return  # resuming checks that existing files have this job's columns
+        return  # resuming checks that existing files are this job's
     if out.exists():
         raise UsageError(f"{out} exists: pass --resume to continue it, or remove it")
+    parts = parts_of(out) + parts_of(errors_path)
+    if parts:
+        raise UsageError(f"{parts[0]} holds scores of an interrupted run: pass --resume to "
+                         "continue it, or remove its part files")  # fmt: skip
     if errors_path.exists():
         raise UsageError(f"{errors_path} (the errors CSV) exists: remove it, or pass --resume "
                          "to continue the run that wrote it")  # fmt: skip
@@ -219,53 +318,104 @@ def run(args: argparse.Namespace) -> int:
     _check_backend(model, txt, args.backend)
 
     # Batches are fixed blocks of the sorted list; rank r takes blocks r, r+R, … into its own
-    # part files (the output itself when alone), rank 0 merges them at the end.
+    # part files, rank 0 merges them at the end.
     header, err_header = ["path", *names], ["path", "error"]
-    part, err_part = _part(out, rank, world), _part(errors_path, rank, world)
-    done_rows = complete_rows(part, header) if args.resume else []
-    done_err = complete_rows(err_part, err_header) if args.resume else []
-    finished = {r[0] for r in done_rows} | {r[0] for r in done_err}
+    part, err_part = part_path(out, rank, world), part_path(errors_path, rank, world)
+    identity = _identity(args, classes)
+    done, done_err = {}, {}
+    if args.resume:
+        _check_identity(out, identity)
+        # earlier runs' rows, whatever their number of ranks (the blocks do not depend on it),
+        # the finished OUT's included
+        done = _done_rows([out, *parts_of(out)], header, paths)
+        done_err = _done_rows([errors_path, *parts_of(errors_path)], err_header, paths)
     blocks = [range(lo, min(len(paths), lo + args.batch_size))
               for lo in range(0, len(paths), args.batch_size)][rank::world]  # fmt: skip
-    complete = [b for b in blocks if all(str(paths[i]) in finished for i in b)]
-    kept = {str(paths[i]) for b in complete for i in b}
-    todo = [b for b in blocks if b not in complete]
+    keys = [os.path.abspath(p) for p in paths]
+    finished = done.keys() | done_err.keys()
+    complete = [b for b in blocks if all(keys[i] in finished for i in b)]
+    todo = [b for b in blocks if not all(keys[i] in finished for i in b)]
+    if world > 1:
+        import torch.distributed as dist
 
-    # What this run creates goes again if it fails with an error (files that existed before,
-    # e.g. resumed ones, stay: they hold complete batches). A kill or Ctrl-C leaves everything
-    # for --resume.
-    ours = (part, err_part, out, errors_path) if rank == 0 else (part, err_part)  # 0 merges
-    created = [p for p in dict.fromkeys(ours) if not p.exists()]
+        dist.barrier()  # every rank has read the earlier parts before any is rewritten
+    wrote_run_file = rank == 0 and (not args.resume or not _run_file(out).exists())
+    if wrote_run_file:
+        _write_json(_run_file(out), identity)
+
+    # A part holding complete batches is never removed by a failure: it is what --resume
+    # continues (this run's new, still empty parts go). OUT appears only when complete.
+    empty_before = [p for p in (part, err_part) if not p.exists()]
     try:
-        # what is kept (complete batches only) replaces the files atomically, then each batch
-        # is appended as it is scored
-        rewrite_csv(part, header, [r for r in done_rows if r[0] in kept])
-        rewrite_csv(err_part, err_header, [r for r in done_err if r[0] in kept])
-        with open(part, "a", newline="") as f_out, open(err_part, "a", newline="") as f_err:
+        # what is kept (complete batches only, in list order) replaces the part atomically,
+        # then each batch is appended as it is scored
+        rewrite_csv(part, header, (done[keys[i]] for b in complete for i in b if keys[i] in done))
+        rewrite_csv(err_part, err_header, (done_err[keys[i]] for b in complete for i in b
+                                           if keys[i] in done_err))  # fmt: skip
+        del done, done_err
+        with (open(part, "a", newline="", encoding="utf-8") as f_out,
+              open(err_part, "a", newline="", encoding="utf-8") as f_err):  # fmt: skip
             _score_batches(args, model, paths, todo, txt, owner, len(names), f_out, f_err,
-                           n_total=sum(len(b) for b in blocks), n_kept=len(kept),
+                           n_total=sum(len(b) for b in blocks),
+                           n_kept=sum(len(b) for b in complete),
                            rank=rank, world=world, device=device, dtype=dtype)  # fmt: skip
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-            if rank == 0:
-                _merge(paths, [_part(out, r, world) for r in range(world)], out, header)
-                _merge(paths, [_part(errors_path, r, world) for r in range(world)], errors_path,
-                       err_header)  # fmt: skip
-            dist.barrier()  # no rank reports success before the merged file exists
-            dist.destroy_process_group()
-    except Exception:
-        for p in created:
-            p.unlink(missing_ok=True)
+        _finish(out, errors_path, paths, header, err_header, rank, world)
+    except BaseException as e:
+        for p in empty_before:
+            if p.exists() and not any(iter_complete_rows(p, None)):
+                p.unlink()
+        kept = [p for p in (part, err_part) if p.exists()]
+        if kept:
+            print(f"\ncarzero-fast score ({type(e).__name__}): the scored batches stay in "
+                  f"{kept[0]}{' and others' if len(kept) > 1 else ''}; rerun with --resume "
+                  "to continue", file=sys.stderr)  # fmt: skip
+        elif wrote_run_file and not parts_of(out) + parts_of(errors_path):
+            _run_file(out).unlink(missing_ok=True)  # nothing scored: nothing to resume
         raise
     if rank == 0:
-        n_err = len(complete_rows(errors_path, None))
+        n_err = sum(1 for _ in iter_complete_rows(errors_path, None))
         if n_err == 0:
             errors_path.unlink()
         else:
             print(f"{n_err} image(s) could not be read: see {errors_path}", file=sys.stderr)
     return 0
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finish(out: Path, errors_path: Path, paths: list[Path], header: list[str],
+            err_header: list[str], rank: int, world: int) -> None:  # fmt: skip
+    """Rank 0 merges every rank's parts into OUT and the errors CSV (list order, temporary
+    file + rename) and removes every part; no rank returns before, or without rank 0's
+    error."""
+    error = None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0:
+        try:
+            _merge(paths, [part_path(out, r, world) for r in range(world)], out, header)
+            _merge(paths, [part_path(errors_path, r, world) for r in range(world)], errors_path,
+                   err_header)  # fmt: skip
+            for p in parts_of(out) + parts_of(errors_path):  # earlier runs' parts too
+                p.unlink()
+        except Exception as e:  # noqa: BLE001 — every rank raises it, below
+            error = f"rank 0 could not merge the parts into {out}: {type(e).__name__}: {e}"
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+        dist.destroy_process_group()
+    if error is not None:
+        raise RuntimeError(error)
 
 
 def _score_batches(args: argparse.Namespace, model, paths: list[Path], todo: list[range],  # noqa: ANN001
@@ -300,11 +450,12 @@ def _score_batches(args: argparse.Namespace, model, paths: list[Path], todo: lis
 
 
 def _merge(paths: list[Path], parts: list[Path], out: Path, header: list[str]) -> None:
-    """The ranks' part files → one file in the image list's order (temp file + rename)."""
-    rows = {r[0]: r for p in parts for r in complete_rows(p, header)}
-    rewrite_csv(out, header, [rows[str(p)] for p in paths if str(p) in rows])
-    for p in parts:
-        p.unlink()
+    """The ranks' part files → one file in the image list's order (temp file + rename); the
+    rows are held as text lines meanwhile."""
+    rows = {os.path.abspath(r[0]): row_text(r)
+            for p in parts for r in iter_complete_rows(p, header)}  # fmt: skip
+    keys = (os.path.abspath(p) for p in paths)
+    rewrite_csv(out, header, (rows[k] for k in keys if k in rows))
 
 
 def _encode_prompts(model, prompts: list[str], cache_dir: str | None) -> Tensor:  # noqa: ANN001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -226,12 +227,21 @@ def test_score_killed_then_resumed_gives_the_same_csv(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "carzero_fast.cli", *_score_args(s, out)],
                           env=env, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 137
-    assert 1 < len(_read(out)) < len(_read(full))  # header + the batches before the kill
-    with out.open("a") as f:
+    assert not out.exists()  # OUT appears only once complete
+    part = tmp_path / "resumed.csv.part-00000-of-00001"
+    assert 1 < len(_read(part)) < len(_read(full))  # header + the batches before the kill
+    with part.open("a") as f:
         f.write(str(s.images / "x16.png") + ",0.5")  # a row torn by the kill
     assert cli(_score_args(s, out, "--resume")) == 0
     assert out.read_text() == full.read_text()
     assert Path(f"{out}.errors.csv").read_text() == Path(f"{full}.errors.csv").read_text()
+    assert not list(tmp_path.glob("*.part-*"))
+    run = json.loads(Path(f"{out}.run.json").read_text())  # the scores' provenance stays
+    assert run["dtype"] == "fp32" and run["batch_size"] == 4 and not run["probabilities"]
+    assert run["prompts"] == {c: [f"There is {c}."] for c in CLASSES}
+    # resuming a finished run has nothing left to do and gives the same file
+    assert cli(_score_args(s, out, "--resume")) == 0
+    assert out.read_text() == full.read_text()
 
 
 def test_score_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
@@ -294,6 +304,88 @@ def test_score_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
     assert "--out and --errors name the same file" in capsys.readouterr().err
 
 
+def _fail_after(monkeypatch, n_batches: int) -> list[int]:
+    """Make the batch after the first `n_batches` fail, once (as a device error would);
+    returns the log of scored batches."""
+    import carzero_fast.score as score
+
+    calls: list[int] = []
+    failed: list[int] = []
+    real = score._score
+
+    def scored(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n_batches + 1 and not failed:
+            failed.append(1)
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(score, "_score", scored)
+    return calls
+
+
+def test_resume_refuses_other_options_and_matches_any_spelling(setup, tmp_path, monkeypatch,
+                                                               capsys):  # fmt: skip
+    """--resume continues only a run of the same model, prompts and options (OUT.run.json),
+    and finds the earlier rows whether the images are named relative or absolute."""
+    s = setup
+    full = tmp_path / "full.csv"
+    assert cli(_score_args(s, full)) == 0
+    monkeypatch.chdir(s.images.parent)
+    out = tmp_path / "s.csv"
+    relative = _score_args(s, out)
+    relative[relative.index("--images") + 1] = s.images.name
+    calls = _fail_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="device lost"):
+        cli(relative)
+    capsys.readouterr()
+    for extra, named in ((["--probabilities"], "--probabilities"), (["--dtype", "bf16"], "--dtype"),
+                         (["--template", "No {finding}."], "the prompts"),
+                         (["--batch-size", "5"], "--batch-size")):  # fmt: skip
+        args = _score_args(s, out, "--resume", *extra)
+        if "--batch-size" in extra:
+            args[args.index("--batch-size") + 1] = "5"
+            args = args[: -2]
+        assert cli(args) == 2, extra
+        err = capsys.readouterr().err
+        assert named in err and "differ from the run" in err, (extra, err)
+    calls.clear()
+    assert cli(_score_args(s, out, "--resume")) == 0  # absolute paths this time
+    assert len(calls) == 6 - 2  # 21 images in 6 batches, 2 were kept
+    assert out.read_text() == full.read_text()  # spelled as this run lists them
+
+
+def test_image_listing(setup, tmp_path, capsys):
+    """CSV lists with Excel's BOM and any header; folders named; links to folders followed
+    (a loop once); a file name that is not UTF-8 refused before anything is written."""
+    from carzero_fast.score import UsageError, list_images
+
+    s = setup
+    listing = tmp_path / "list.csv"
+    listing.write_text("\ufefffilename\n" + "".join(f"{p}\n" for p in sorted(s.images.glob("x0*"))),
+                       encoding="utf-8")  # fmt: skip
+    assert list_images([str(listing)]) == sorted(s.images.glob("x0*"))
+    with pytest.raises(UsageError, match="is a folder"):
+        list_images([str(s.images / "x00.png"), str(s.images)])
+    tree = tmp_path / "tree"
+    (tree / "a").mkdir(parents=True)
+    (tree / "a" / "one.png").write_bytes(b"")
+    (tree / "linked").symlink_to(s.images, target_is_directory=True)
+    (tree / "a" / "up").symlink_to(tree, target_is_directory=True)  # a loop
+    found = list_images([str(tree)])
+    assert found[0] == tree / "a" / "one.png" and len(found) == 1 + 21
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    with open(os.path.join(os.fsencode(odd), b"caf\xe9.png"), "wb") as f:
+        f.write(b"")
+    out = tmp_path / "o.csv"
+    args = _score_args(s, out)
+    args[args.index("--images") + 1] = str(odd)
+    assert cli(args) == 2
+    assert "not a valid UTF-8 name" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o.csv*"))
+
+
 def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypatch):
     """Models whose files do not fit, or that cannot take the 224-px crops, and a backend that
     cannot run on the device: one line, exit 2, nothing written."""
@@ -343,9 +435,10 @@ def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypat
         CARZeroModel.from_checkpoint(lacking)
 
 
-def test_score_failing_mid_run_removes_only_what_it_created(setup, tmp_path, monkeypatch):
-    """An error after the files were started: the files this run created go (a rerun is not
-    refused); a resumed file that existed before stays as it was."""
+def test_score_failing_mid_run_keeps_the_scored_batches(setup, tmp_path, monkeypatch, capsys):
+    """An error after the first batch: OUT is not written, the part holding the scored batch
+    stays for --resume (the error says so), the still empty errors part goes; an error before
+    any batch leaves nothing at all."""
     import carzero_fast.score as score
 
     s = setup
@@ -362,22 +455,33 @@ def test_score_failing_mid_run_removes_only_what_it_created(setup, tmp_path, mon
     out = tmp_path / "s.csv"
     with pytest.raises(RuntimeError, match="device lost"):
         cli(_score_args(s, out))
+    assert "rerun with --resume" in capsys.readouterr().err
     assert not out.exists() and not Path(f"{out}.errors.csv").exists()
-    assert not list(tmp_path.iterdir())  # no temporary files either
-
-    partial = "path,effusion,pneumothorax,cardiomegaly\n"
-    out.write_text(partial)
-    calls.clear()
-    with pytest.raises(RuntimeError, match="device lost"):
-        cli(_score_args(s, out, "--resume"))
-    # it existed before: it stays, with the batch this run completed (3 images and
-    # broken.png, whose errors CSV this run created and removed: --resume redoes that batch)
-    assert [Path(r[0]).name for r in _read(out)[1:]] == ["d0.dcm", "d1.dcm", "d2.dcm"]
-    assert not Path(f"{out}.errors.csv").exists()
+    part = tmp_path / "s.csv.part-00000-of-00001"
+    # the first batch (the sorted list starts d0-d2.dcm, broken.png): 3 scores; its errors
+    # part holds broken.png
+    assert [Path(r[0]).name for r in _read(part)[1:]] == ["d0.dcm", "d1.dcm", "d2.dcm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "s.csv.errors.csv.part-00000-of-00001", "s.csv.part-00000-of-00001", "s.csv.run.json"]
+    # a fresh run is refused (it would overwrite the parts); --resume continues
+    assert cli(_score_args(s, out)) == 2
+    assert "--resume" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(score, "_score", real_score)
     assert cli(_score_args(s, out, "--resume")) == 0
     assert len(_read(out)) == 1 + 20 and len(_read(Path(f"{out}.errors.csv"))) == 1 + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "s.csv", "s.csv.errors.csv", "s.csv.run.json"]
+
+    def fail_first(*args, **kwargs):
+        raise RuntimeError("device lost at once")
+
+    monkeypatch.setattr(score, "_score", fail_first)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(RuntimeError, match="device lost at once"):
+        cli(_score_args(s, other / "o.csv"))
+    assert not list(other.iterdir())  # nothing scored: nothing kept
 
 
 def test_prompt_ensembles_and_cache(setup, tmp_path):
@@ -461,3 +565,15 @@ def test_score_sharded_under_torchrun_equals_one_process_and_resumes(setup, tmp_
     assert not resumed.exists()  # only part files so far: the CSV appears once complete
     _torchrun(_score_args(s, resumed, "--resume"))
     assert resumed.read_text() == single.read_text()
+
+    # killed with 2 ranks, resumed by one process: the 2 ranks' complete batches are kept
+    resharded = tmp_path / "resharded.csv"
+    with pytest.raises(Exception):  # noqa: B017
+        _torchrun(_score_args(s, resharded), die_rank=1)
+    torch.set_num_threads(1)
+    try:
+        assert cli(_score_args(s, resharded, "--resume")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert resharded.read_text() == single.read_text()
+    assert not list(tmp_path.glob("*.part-*"))
