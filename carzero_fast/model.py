@@ -172,7 +172,12 @@ class CARZeroModel(nn.Module):
             aligner_cfg = AlignerConfig(**cfg["aligner"])
         except (TypeError, ValueError) as e:  # unknown keys, bad values
             raise ValueError(f"{cfg_path}: {e}") from e
-        parts = split_carzero_state_dict(load_file(str(weights)))
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:  # noqa: BLE001 — safetensors raises its own error type
+            raise ValueError(f"{weights} cannot be read as safetensors ({e}): a truncated or "
+                             "corrupted copy? Convert or copy the model again") from e  # fmt: skip
+        parts = split_carzero_state_dict(tensors)
         vit = VisionTransformer(vit_cfg)
         vit.load_timm_state_dict(parts["img_encoder"])
         bert_cfg = dict(cfg["bert"])
@@ -180,7 +185,15 @@ class CARZeroModel(nn.Module):
             raise ValueError(f"{cfg_path}: the bert configuration lacks 'model_type'")
         bert = AutoModel.from_config(AutoConfig.for_model(bert_cfg.pop("model_type"), **bert_cfg))
         _load_exact(bert, parts["text_encoder"], "text_encoder")
-        tok = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+        tok_dir = directory / "tokenizer"
+        if not tok_dir.is_dir() or not any(tok_dir.iterdir()):
+            raise ValueError(f"{directory} lacks its tokenizer folder ({tok_dir}): copy the "
+                             "whole model directory")  # fmt: skip
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{tok_dir} is not a tokenizer transformers can load: "
+                             f"{error_text(e)}") from e  # fmt: skip
         text = TextEncoder(bert, tok, **cfg.get("text", {}))
         try:  # names missing, unknown and misshapen keys, as for a CARZero checkpoint
             aligner = CrossAttentionAligner.from_carzero_state_dict(parts["fusion_module"],

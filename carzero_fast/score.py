@@ -328,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
         # earlier runs' rows, whatever their number of ranks (the blocks do not depend on it),
         # the finished OUT's included
         done = _done_rows([out, *parts_of(out)], header, paths)
-        done_err = _done_rows([errors_path, *parts_of(errors_path)], err_header, paths)
+        if not args.retry_errors:  # else the unreadable images' batches are scored again
+            done_err = _done_rows([errors_path, *parts_of(errors_path)], err_header, paths)
     blocks = [range(lo, min(len(paths), lo + args.batch_size))
               for lo in range(0, len(paths), args.batch_size)][rank::world]  # fmt: skip
     keys = [os.path.abspath(p) for p in paths]
@@ -510,6 +511,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template for .txt classes")
     p.add_argument("--probabilities", action="store_true", help="sigmoid of the logits")
     p.add_argument("--resume", action="store_true", help="continue an interrupted OUT")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="with --resume: read the images of the errors CSV again (their "
+                        "batches are scored again)")  # fmt: skip
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache directory")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     return p
@@ -519,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 256 if torch.device(args.device).type == "cuda" else 32
+    if args.retry_errors and not args.resume:
+        print("carzero-fast score: --retry-errors goes with --resume", file=sys.stderr)
+        return 2
     for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
         if value <= 0:
             print(f"carzero-fast score: {flag} must be positive, got {value}", file=sys.stderr)

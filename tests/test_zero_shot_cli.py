@@ -386,6 +386,30 @@ def test_image_listing(setup, tmp_path, capsys):
     assert not list(tmp_path.glob("o.csv*"))
 
 
+def test_resume_retry_errors_reads_unreadable_images_again(setup, tmp_path):
+    """An image that failed (e.g. a network read) is kept as an error on --resume, and read
+    again with --retry-errors: its batch is scored again and the errors CSV goes."""
+    s = setup
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("x00.png", "x01.png", "x02.png"):
+        (imgs / name).write_bytes((s.images / name).read_bytes())
+    (imgs / "x03.png").write_bytes(b"not yet")
+    out = tmp_path / "s.csv"
+    args = _score_args(s, out)
+    args[args.index("--images") + 1] = str(imgs)
+    assert cli(args) == 0
+    assert [Path(r[0]).name for r in _read(Path(f"{out}.errors.csv"))[1:]] == ["x03.png"]
+    (imgs / "x03.png").write_bytes((s.images / "x03.png").read_bytes())
+    assert cli([*args, "--resume"]) == 0
+    assert len(_read(out)) == 1 + 3  # still an error: not read again
+    assert cli([*args, "--resume", "--retry-errors"]) == 0
+    assert [Path(r[0]).name for r in _read(out)[1:]] == ["x00.png", "x01.png", "x02.png",
+                                                       "x03.png"]  # fmt: skip
+    assert not Path(f"{out}.errors.csv").exists()
+    assert cli([*args, "--retry-errors"]) == 2  # only with --resume
+
+
 def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypatch):
     """Models whose files do not fit, or that cannot take the 224-px crops, and a backend that
     cannot run on the device: one line, exit 2, nothing written."""
@@ -403,6 +427,11 @@ def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypat
     lacking = shutil.copytree(s.model_dir, tmp_path / "lacking")
     del cfg["aligner"]
     (lacking / "config.json").write_text(json.dumps(cfg))
+    truncated = shutil.copytree(s.model_dir, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    no_tokenizer = shutil.copytree(s.model_dir, tmp_path / "no_tokenizer")
+    shutil.rmtree(no_tokenizer / "tokenizer")
     torch.manual_seed(0)
     vit96 = VisionTransformer(ViTConfig(img_size=96, patch_size=32, embed_dim=32, depth=1,
                                         num_heads=4))  # fmt: skip
@@ -416,6 +445,8 @@ def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypat
                                  "in config.json: checkpoint key 'decoder.layers.0.linear1.bias' "
                                  "has shape (48,), expected (64,)"),  # fmt: skip
         (["--model", str(lacking)], "config.json lacks the aligner configuration"),
+        (["--model", str(truncated)], f"{weights} cannot be read as safetensors"),
+        (["--model", str(no_tokenizer)], "lacks its tokenizer folder"),
         (["--model", str(tmp_path / "small")], "the model's ViT takes 96×96-px images"),
     ]
     # triton on a CPU without Triton's interpreter (other test files turn it on for the session)
