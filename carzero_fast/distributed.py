@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aligner import CrossAttentionAligner
-from .csvfiles import complete_rows, part_path, parts_of, rewrite_csv
+from .csvfiles import iter_complete_rows, part_path, parts_of, rewrite_csv, row_text
 from .loss import zero_shot_scores
 from .validation import SUPPORTED_DTYPES, check_token_pair
 
@@ -269,7 +269,7 @@ def score_shards_to_csv(
     kept: list[list[str]] = []
     if resume:
         # rows of earlier runs, whatever their number of ranks: the blocks do not depend on it
-        have = {r[0]: r for p in parts_of(out) for r in complete_rows(p, header)}
+        have = {r[0]: row_text(r) for p in parts_of(out) for r in iter_complete_rows(p, header)}
         is_done = [all(image_ids[i] in have for i in b) for b in blocks]
         kept = [have[image_ids[i]] for b, d in zip(blocks, is_done, strict=True) if d for i in b]
         blocks = [b for b, d in zip(blocks, is_done, strict=True) if not d]
@@ -311,7 +311,7 @@ def _merge_parts(out: Path, header: list[str], image_ids: Sequence[str], world: 
     """This run's parts → `out` in `image_ids` order; then every part file of `out` goes
     (earlier runs' of another number of ranks included: their rows were carried over)."""
     parts = [part_path(out, r, world) for r in range(world)]
-    rows = {r[0]: r for p in parts for r in complete_rows(p, header)}
+    rows = {r[0]: row_text(r) for p in parts for r in iter_complete_rows(p, header)}  # text
     missing = [i for i in image_ids if i not in rows]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no scores (first: {missing[0]})")
