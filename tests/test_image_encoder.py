@@ -1,18 +1,22 @@
 """The image side: ViT token encoder (timm names, loading, config inference) against a
 from-scratch functional re-implementation, and CARZero's preprocessing against hand computation
-on PNG (8- and 16-bit) and DICOM files written here."""
+on PNG (8- and 16-bit), JPEG and DICOM files written here. OpenCV's INTER_AREA resize, which
+CARZero uses, is checked against hand-computed coverage weights and against outputs of
+cv2.resize stored here as numbers (no OpenCV needed to run the tests)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from carzero_fast.encoders.image import (
     PIXEL_MEAN,
@@ -24,6 +28,7 @@ from carzero_fast.encoders.image import (
     preprocess,
     preprocess_file,
 )
+from carzero_fast.encoders.resize import resize_area
 
 TINY = ViTConfig(img_size=32, patch_size=8, in_chans=3, embed_dim=48, depth=2, num_heads=4)
 
@@ -240,8 +245,12 @@ def test_preprocess_wide_png_matches_hand_computation(tmp_path: Path) -> None:
     img = rng.integers(0, 256, size=(256, 512), dtype=np.uint8)  # H 256, W 512
     path = tmp_path / "wide.png"
     Image.fromarray(img).save(path)
-    # area resize to 128×256 is the exact mean of each 2×2 block
-    blocks = img.astype(np.float64).reshape(128, 2, 256, 2).mean(axis=(1, 3)) / 255.0
+    assert load_grayscale(path).dtype == np.uint8  # 8-bit files stay uint8, as in CARZero
+    # area resize to 128×256 is the mean of each 2×2 block, rounded to uint8 as OpenCV's 2×2
+    # path does, half up: (sum + 2) >> 2; then / 255
+    sums = img.astype(np.int64).reshape(128, 2, 256, 2).sum(axis=(1, 3))
+    assert (sums % 4 == 2).any()  # some blocks are ties, which round up
+    blocks = ((sums + 2) // 4) / 255.0
     expected = hand_pipeline(blocks, top=64, left=0)  # pad rows: 64 top, 64 bottom
     got = preprocess_file(path)
     assert got.shape == (3, 224, 224) and got.dtype == torch.float32
@@ -270,9 +279,29 @@ def test_preprocess_short_side_truncates_like_carzero() -> None:
 
 def test_preprocess_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        preprocess(np.full((10, 10), 255, dtype=np.uint8))
+        preprocess(np.full((10, 10), 255.0, dtype=np.float32))  # 0..255 floats would saturate
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        preprocess(np.full((10, 10), np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match="dtype int16"):
+        preprocess(np.zeros((10, 10), dtype=np.int16))  # no agreed white point
     with pytest.raises(ValueError, match="2-D"):
         preprocess(np.zeros((3, 10, 10), dtype=np.float32))
+
+
+def test_preprocess_uint8_and_tensor_inputs() -> None:
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, size=(300, 250), dtype=np.uint8)
+    got = preprocess(img)
+    assert torch.equal(preprocess(torch.from_numpy(img)), got)  # tensors take the same path
+    # uint8 is resized as uint8 (rounded), then / 255: not the float resize of img / 255
+    small = resize_area(img, 256, 213).astype(np.float64) / 255.0
+    expected = hand_pipeline(small, top=0, left=21)  # 43 columns of padding: 21 left, 22 right
+    assert (got - expected).abs().max().item() < 1e-6
+    floats = preprocess(img.astype(np.float32) / 255)
+    assert 0 < (got - floats).abs().max().item() <= 0.5 / 255 / PIXEL_STD + 1e-6
+    # a constant 255 image, enlarged, stays white
+    white = preprocess(np.full((10, 10), 255, dtype=np.uint8))
+    assert torch.allclose(white, torch.full_like(white, (1.0 - PIXEL_MEAN) / PIXEL_STD))
 
 
 def test_png_16bit_and_rgb(tmp_path: Path) -> None:
@@ -280,8 +309,8 @@ def test_png_16bit_and_rgb(tmp_path: Path) -> None:
     p16 = tmp_path / "deep.png"
     Image.fromarray(img16).save(p16)
     gray = load_grayscale(p16)
-    assert gray.dtype == np.float32 and gray.shape == (6, 8)
-    np.testing.assert_allclose(gray, img16 / 65535.0, rtol=0, atol=1e-7)
+    assert gray.dtype == np.uint8 and gray.shape == (6, 8)
+    np.testing.assert_array_equal(gray, img16 >> 8)  # cv2.imread(path, 0): the high byte
     assert preprocess_file(p16).shape == (3, 224, 224)  # small images are upscaled
 
     rgb = np.zeros((4, 5, 3), dtype=np.uint8)
@@ -289,13 +318,207 @@ def test_png_16bit_and_rgb(tmp_path: Path) -> None:
     prgb = tmp_path / "colour.png"
     Image.fromarray(rgb).save(prgb)
     luma = (200 * 299 + 100 * 587 + 50 * 114) / 1000  # ITU-R 601, as PIL's "L"
-    np.testing.assert_allclose(load_grayscale(prgb), round(luma) / 255.0, atol=1e-7)
+    gray = load_grayscale(prgb)
+    assert gray.dtype == np.uint8 and np.all(gray == round(luma))
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenCV's INTER_AREA resize (CARZero's `_resize_img`)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resize_area_fractional_is_coverage_weighted() -> None:
+    """3 → 2 on both axes: output pixel i covers source [1.5 i, 1.5 (i + 1)), so each source
+    pixel weighs its covered length / 1.5; out = Wy · img · Wxᵀ."""
+    img = np.array([[10, 40, 100], [200, 0, 70], [30, 250, 130]], dtype=np.uint8)
+    weights = np.array([[2 / 3, 1 / 3, 0.0], [0.0, 1 / 3, 2 / 3]])  # Wx = Wy
+    exact = weights @ img.astype(np.float64) @ weights.T
+    # by hand: rows → [20, 80], [400/3, 140/3], [310/3, 170]; then columns → ninths
+    np.testing.assert_allclose(exact, np.array([[520, 620], [1020, 1160]]) / 9, rtol=1e-12)
+    got = resize_area(img.astype(np.float32), 2, 2)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, exact, rtol=2e-7)
+    # uint8 in, uint8 out, rounded: 57.8, 68.9, 113.3, 128.9 (equal-weight bins would give
+    # 62.5, 52.5, 120, 112.5)
+    assert np.array_equal(resize_area(img, 2, 2), np.array([[58, 69], [113, 129]]))
+
+
+def test_resize_area_integer_factor_is_block_mean_rounded_as_opencv() -> None:
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, size=(96, 72), dtype=np.uint8)
+    for f in (2, 3, 4, 6):
+        sums = img.astype(np.int64).reshape(96 // f, f, 72 // f, f).sum(axis=(1, 3))
+        got = resize_area(img, 96 // f, 72 // f)
+        # OpenCV: 2×2 in integers, half up; other factors float32 sum · (1/area), half to even
+        expected = (sums + 2) // 4 if f == 2 else np.rint(sums.astype(np.float32) / f**2)
+        assert np.array_equal(got, expected), f
+        f32 = resize_area(img.astype(np.float32), 96 // f, 72 // f)
+        np.testing.assert_allclose(f32, sums / f**2, rtol=1e-6)
+    # the two rules on ties: 2×2 sums 2 and 6 → 0.5 → 1, 1.5 → 2; 4×4 sums 8, 24, 40 →
+    # 0.5 → 0, 1.5 → 2, 2.5 → 2
+    pairs = np.array([[1, 1, 3, 3], [0, 0, 0, 0]], dtype=np.uint8)
+    assert resize_area(pairs, 1, 2).tolist() == [[1, 2]]
+    quads = np.zeros((4, 12), dtype=np.uint8)
+    quads[0, :8], quads[1, 4:8], quads[0, 8:], quads[1, 8:] = 2, 4, 4, 6
+    assert quads.reshape(4, 3, 4).sum(axis=(0, 2)).tolist() == [8, 24, 40]
+    assert resize_area(quads, 1, 3).tolist() == [[0, 2, 2]]
+
+
+def test_resize_area_keeps_constants() -> None:
+    sizes = [((390, 320), (256, 210)), ((3, 2), (256, 170)), ((768, 512), (256, 170)),
+             ((1, 1), (7, 5)), ((1024, 1024), (256, 256)), ((200, 300), (170, 256))]  # fmt: skip
+    for (h, w), (oh, ow) in sizes:
+        assert np.all(resize_area(np.full((h, w), 201, dtype=np.uint8), oh, ow) == 201)
+        got = resize_area(np.full((h, w), 0.7, dtype=np.float32), oh, ow)
+        assert got.shape == (oh, ow) and np.abs(got - 0.7).max() < 1e-6
+
+
+# From cv2.resize(src, (width, height), interpolation=cv2.INTER_AREA) with
+# opencv-python-headless 4.8.0.74 (the version CARZero pins) and 5.0.0.93, identical.
+CV2_SRC = [[61, 173, 23, 54, 81, 79, 232], [204, 234, 254, 20, 36, 222, 20],
+           [42, 46, 233, 92, 67, 43, 117], [150, 204, 157, 252, 26, 124, 144],
+           [176, 1, 51, 119, 16, 249, 164], [204, 131, 152, 88, 83, 33, 52],
+           [196, 113, 211, 71, 184, 223, 212], [54, 94, 70, 204, 206, 113, 68],
+           [16, 68, 38, 18, 200, 119, 248]]  # fmt: skip
+CV2_SRC_TO_4X3 = [[153, 78, 121], [120, 129, 119], [146, 110, 132], [69, 123, 154]]
+CV2_SRC_F32_TO_4X3 = [[0.60186744, 0.30600685, 0.47625276],
+                      [0.46878308, 0.5040772, 0.46504828],
+                      [0.57304704, 0.43118584, 0.51845634],
+                      [0.271024, 0.48422045, 0.6031124]]  # fmt: skip
+CV2_SMALL = [[67, 98, 227, 157], [73, 95, 198, 93], [124, 125, 119, 124]]
+CV2_SMALL_TO_7X9 = [[67, 67, 90, 98, 163, 227, 210, 157, 157],
+                    [67, 67, 90, 98, 163, 227, 210, 157, 157],
+                    [71, 71, 90, 96, 152, 207, 184, 114, 114],
+                    [73, 73, 90, 95, 147, 198, 172, 93, 93],
+                    [90, 90, 101, 105, 138, 171, 154, 103, 103],
+                    [124, 124, 125, 125, 122, 119, 120, 124, 124],
+                    [124, 124, 125, 125, 122, 119, 120, 124, 124]]  # fmt: skip
+
+
+def test_resize_area_matches_stored_opencv_output() -> None:
+    src = np.array(CV2_SRC, dtype=np.uint8)  # 9×7 → 4×3: fractional factors 2.25, 2.33
+    assert resize_area(src, 4, 3).tolist() == CV2_SRC_TO_4X3
+    f32 = resize_area((src / np.float32(255)).astype(np.float32), 4, 3)
+    assert np.array_equal(f32, np.array(CV2_SRC_F32_TO_4X3, dtype=np.float32))  # bit for bit
+    # enlarging: OpenCV interpolates linearly with area-derived weights (11-bit fixed point)
+    assert resize_area(np.array(CV2_SMALL, dtype=np.uint8), 7, 9).tolist() == CV2_SMALL_TO_7X9
+
+
+def opencv_check_pattern(h: int, w: int) -> np.ndarray:
+    """Integer-only test image (no platform-dependent maths): 64-px squares alternating a
+    smooth quadratic ramp and hashed noise."""
+    i = np.arange(h, dtype=np.int64)[:, None]
+    j = np.arange(w, dtype=np.int64)[None, :]
+    smooth = (3 * i * i + 5 * j * j + 7 * i * j) // 9973 % 256
+    noise = ((i * 2654435761 + j * 40503 + i * j * 97) >> 7) & 255
+    return np.where((i // 64 + j // 64) % 2 == 0, smooth, noise).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("src_shape", "out_shape", "sha256_16", "total"),
+    [  # cv2.resize INTER_AREA of opencv_check_pattern, versions as above: sha256 and sum
+        ((390, 320), (256, 210), "26148852392c15b5", 4821720),
+        ((3000, 2500), (256, 213), "b5c4de653b068877", 6928521),
+        ((2544, 3056), (213, 256), "795dd43f52407686", 6926684),
+        ((768, 512), (256, 170), "7c53ddf20699ac05", 5154120),  # 3 and 3.01: not "fast"
+        ((1024, 1024), (256, 256), "e75755c061f08273", 8119763),  # 4×4 blocks
+        ((200, 150), (256, 192), "6d6c9b4fd2e5a0a1", 3291484),  # enlarged
+        # scales 1.0001, 1.0005, 1.9999: overlaps ≤ 1e-3 (right, left), which OpenCV drops
+        ((3, 10001), (2, 10000), "a746fd4893266945", 2516353),
+        ((2001, 5), (2000, 3), "4e63a69c4b48c06c", 696107),
+        ((3, 19999), (2, 10000), "1efd600a9e2e51f6", 2533529),
+    ],
+)
+def test_resize_area_matches_opencv_checksums(
+    src_shape: tuple[int, int], out_shape: tuple[int, int], sha256_16: str, total: int
+) -> None:
+    out = resize_area(opencv_check_pattern(*src_shape), *out_shape)
+    assert out.shape == out_shape and out.dtype == np.uint8
+    assert int(out.astype(np.int64).sum()) == total
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == sha256_16
+
+
+@pytest.mark.parametrize(
+    ("src_shape", "out_shape", "sha256_16", "total"),
+    [  # cv2.resize INTER_AREA of opencv_check_pattern / 255 in float32, versions as above
+        ((390, 320), (256, 210), "b82f6e0380b204e8", 18908.776881285976),
+        ((3, 10001), (2, 10000), "85aa8f56c2605736", 9867.907446185229),
+        ((3, 19999), (2, 10000), "10e54c3e226d1fde", 9935.680942925625),
+    ],
+)
+def test_resize_area_float32_matches_opencv_bit_for_bit(
+    src_shape: tuple[int, int], out_shape: tuple[int, int], sha256_16: str, total: float
+) -> None:
+    """Float32 shows every weight and every rounding of the fractional path, the ≤ 1e-3
+    overlaps OpenCV drops included."""
+    src = (opencv_check_pattern(*src_shape) / np.float32(255)).astype(np.float32)
+    out = resize_area(src, *out_shape)
+    assert out.shape == out_shape and out.dtype == np.float32
+    assert float(out.astype(np.float64).sum()) == pytest.approx(total, rel=1e-12)
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == sha256_16
+
+
+# ------------------------------------------------------------------------------------------------
+# EXIF orientation (cv2.imread applies it to JPEG and PNG)
+# ------------------------------------------------------------------------------------------------
+
+# EXIF orientation → how to turn the stored pixels upright (PIL's Image.Transpose methods)
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.T,
+    6: lambda a: np.rot90(a, -1),  # rotate 90° clockwise
+    7: lambda a: np.rot90(a, 2).T,
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def save_with_orientation(path: Path, arr: np.ndarray, orientation: int, **kw) -> None:
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, **kw)
+
+
+def test_png_exif_orientation_is_applied(tmp_path: Path) -> None:
+    arr = np.random.default_rng(4).integers(0, 256, size=(100, 300), dtype=np.uint8)
+    for orientation, upright in UPRIGHT.items():
+        path = tmp_path / f"o{orientation}.png"
+        save_with_orientation(path, arr, orientation)
+        got = load_grayscale(path)
+        assert np.array_equal(got, upright(arr)), orientation
+    assert torch.equal(preprocess_file(tmp_path / "o6.png"), preprocess(np.rot90(arr, -1)))
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
+    arr = np.zeros((100, 300), dtype=np.uint8)
+    arr[:40, :80] = 255  # a bright block in the stored top-left corner
+    path = tmp_path / "o6.jpg"
+    save_with_orientation(path, arr, 6, quality=95)
+    with Image.open(path) as img:
+        stored = np.asarray(img)  # PIL alone does not turn it
+    got = load_grayscale(path)
+    assert stored.shape == (100, 300) and got.shape == (300, 100)  # as cv2.imread's
+    assert np.array_equal(got, np.rot90(stored, -1))
+    assert got[:80, -40:].mean() > 200 and got[80:, :].mean() < 30  # the block: top right
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
+def test_webp_exif_orientation_is_not_applied(tmp_path: Path) -> None:
+    """OpenCV 4.8 (CARZero's) reads WebP as stored, orientation tag or not."""
+    arr = np.random.default_rng(5).integers(0, 256, size=(20, 30), dtype=np.uint8)
+    path = tmp_path / "o6.webp"
+    save_with_orientation(path, arr, 6, lossless=True)
+    assert np.array_equal(load_grayscale(path), arr)
 
 
 def write_dicom(path: Path, arr: np.ndarray, photometric: str, window: tuple[float, float] | None,
-                rescale: tuple[float, float] | None = None):  # fmt: skip
-    """A minimal Part 10 file (preamble + DICM) with uint16 pixels, via pydicom 3; rescale:
-    (slope, intercept) of the modality LUT."""
+                rescale: tuple[float, float] | None = None,
+                voi_function: str | None = None):  # fmt: skip
+    """A minimal Part 10 file (preamble + DICM) with 16-bit pixels, signed for an int16 arr,
+    via pydicom 3; rescale: (slope, intercept) of the modality LUT."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -310,14 +533,17 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str, window: tuple[flo
     ds.Modality = "DX"
     ds.Rows, ds.Columns = arr.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 0
+    signed = arr.dtype == np.int16
+    ds.PixelRepresentation = int(signed)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
+    if voi_function is not None:
+        ds.VOILUTFunction = voi_function
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
-    ds.PixelData = arr.astype("<u2").tobytes()
+    ds.PixelData = arr.astype("<i2" if signed else "<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -361,6 +587,107 @@ def test_dicom_monochrome2_without_window_and_constant(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_grayscale(path), (arr - 100) / 800.0, atol=1e-7)
     write_dicom(path, np.full((3, 3), 7, dtype=np.uint16), "MONOCHROME1", None)
     assert np.array_equal(load_grayscale(path), np.zeros((3, 3), dtype=np.float32))
+
+
+def pydicom_chain(path: Path) -> np.ndarray:
+    """The DICOM reading as pydicom computes it on the whole image, in float64: modality
+    LUT, VOI LUT or window, MONOCHROME1 negated, min–max, then float32."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    x = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    x = -x if ds.PhotometricInterpretation == "MONOCHROME1" else x
+    return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("kind", "photometric", "window", "rescale", "voi_function"),
+    [
+        ("12-bit", "MONOCHROME2", None, None, None),
+        ("12-bit", "MONOCHROME1", (2048.0, 3001.0), None, None),
+        ("12-bit", "MONOCHROME2", (1500.0, 2001.0), (1.5, -1024.0), None),
+        ("16-bit", "MONOCHROME2", (31000.5, 20000.3), None, "LINEAR_EXACT"),
+        ("16-bit", "MONOCHROME1", (32000.0, 20000.0), None, "SIGMOID"),
+        ("signed", "MONOCHROME2", (-500.0, 1500.0), (0.37, -1024.0), None),
+    ],
+)
+def test_dicom_values_are_pydicoms_bit_for_bit(
+    tmp_path: Path,
+    kind: str,
+    photometric: str,
+    window: tuple[float, float] | None,
+    rescale: tuple[float, float] | None,
+    voi_function: str | None,
+) -> None:
+    """load_grayscale maps each distinct stored value once and looks the pixels up: the
+    numbers must be those of the float64 chain run on the whole image."""
+    rng = np.random.default_rng(6)
+    i, j = np.mgrid[0:60, 0:80]
+    base = 2000 + 900 * np.sin(j / 9) + 700 * np.cos(i / 7) + rng.normal(0, 60, (60, 80))
+    arr12 = base.clip(0, 4095).astype(np.uint16)
+    arr = {
+        "12-bit": arr12,
+        "16-bit": arr12 * 16 + rng.integers(0, 16, arr12.shape, dtype=np.uint16),
+        "signed": (arr12.astype(np.int32) - 2048).astype(np.int16),
+    }[kind]
+    path = tmp_path / "scan.dcm"
+    write_dicom(path, arr, photometric, window, rescale=rescale, voi_function=voi_function)
+    got = load_grayscale(path)
+    assert got.dtype == np.float32 and np.array_equal(got, pydicom_chain(path))
+
+
+def test_dicom_reading_memory_is_a_few_bytes_per_pixel(tmp_path: Path) -> None:
+    """~8 bytes a pixel: the file's bytes, the decoded uint16 pixels and the float32 result
+    (the float64 chain took 32)."""
+    rng = np.random.default_rng(8)
+    arr = rng.integers(0, 4096, size=(1000, 1000), dtype=np.uint16)
+    path = tmp_path / "big.dcm"
+    write_dicom(path, arr, "MONOCHROME1", (2048.0, 3001.0), rescale=(1.5, -1024.0))
+    load_grayscale(path)  # imports and caches outside the measurement
+    tracemalloc.start()
+    try:
+        got = load_grayscale(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (1000, 1000)
+    assert peak < 10 * arr.size, f"{peak / arr.size:.1f} bytes a pixel"
+
+
+def test_dicom_over_pillows_pixel_limit_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pydicom
+
+    arr = np.arange(30, dtype=np.uint16).reshape(5, 6)
+    path = tmp_path / "scan.dcm"
+    write_dicom(path, arr, "MONOCHROME2", None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)
+    assert load_grayscale(path).shape == (5, 6)  # at the limit: read
+    # a header that claims 20000 × 20000 pixels (a decompression bomb) is refused from the
+    # header alone, under Pillow's default limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89478485)
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 20000
+    ds.NumberOfFrames = 2
+    ds.save_as(tmp_path / "bomb.dcm")
+
+    def no_decoding(self: object) -> None:
+        raise AssertionError("pixel data decoded")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoding))
+    message = (
+        "DICOM of 20000×20000 pixels × 2 frame(s) = 800000000 pixels exceeds the limit of "
+        "89478485 (PIL.Image.MAX_IMAGE_PIXELS); not decoded"
+    )
+    with pytest.raises(ValueError, match=re.escape(f"cannot read image {tmp_path / 'bomb.dcm'}")):
+        load_grayscale(tmp_path / "bomb.dcm")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preprocess_file(tmp_path / "bomb.dcm")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 29)
+    with pytest.raises(ValueError, match=re.escape("5×6 pixels × 1 frame(s) = 30 pixels")):
+        load_grayscale(path)
 
 
 @pytest.mark.parametrize("name", ["broken.png", "broken.jpg", "broken.dcm"])

@@ -4,12 +4,13 @@ The encoder is timm's `VisionTransformer` as CARZero uses it (an MAE/M3AE-pretra
 LayerNorm eps 1e-6, no classifier head): `forward` returns the CLS token and the patch tokens
 after the final norm, the memory the aligner attends over, with the global token in row 0.
 
-The preprocessing follows CARZero's `process_img` + test transform: grayscale → resize the
-longer side to 256 with area interpolation → zero-pad to 256×256 centred → 3 channels →
-centre-crop 224 → normalise with CARZero's CXR mean/std. It runs in float on [0, 1] values
-instead of on OpenCV uint8 images, so results differ from the original by the original's
-uint8 rounding after the resize (at most 0.5/255 before normalisation) and, for non-integer
-downscale factors, by the resize approximation described in `preprocess`.
+The preprocessing follows CARZero's `process_img` + test transform: grayscale
+(`cv2.imread(path, 0)`, EXIF orientation applied) → resize the longer side to 256 with
+OpenCV's INTER_AREA → zero-pad to 256×256 centred → 3 channels → centre-crop 224 → normalise
+with CARZero's CXR mean/std. PNG/JPEG take the original's path exactly: uint8 in (16-bit PNGs
+as their high byte, as `cv2.imread(path, 0)` reads them), OpenCV's uint8 resize reproduced bit
+for bit (`resize.resize_area`), / 255. DICOM, which the original does not read, stays float32
+in [0, 1]: resized as OpenCV resizes float32, not rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor, nn
+
+from .resize import resize_area
 
 RESIZE_SIZE = 256
 """Side of the square canvas the image is resized and zero-padded to (CARZero's `imsize`)."""
@@ -40,6 +43,12 @@ PIXEL_STD = 0.2449
 _HEAD_PREFIXES = ("head.", "fc_norm.")
 _ANCHOR_KEY = "patch_embed.proj.weight"
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+# Formats whose EXIF orientation cv2.imread applies, in OpenCV 4.8 (CARZero's) and 5.0 alike,
+# exactly as Pillow's `exif_transpose` (all 8 orientations checked). OpenCV 4.8 ignores it in
+# WebP (5.0 applies it); TIFF orientations 5–8 differ between versions (4.8 turns them, 5.0
+# fails to read them). Those are read as Pillow decodes them.
+_EXIF_ORIENTED_FORMATS = ("JPEG", "MPO", "PNG")
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -372,14 +381,26 @@ def _min_max(arr: np.ndarray) -> np.ndarray:
     return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
+def _check_dicom_size(ds: Any) -> None:
+    """Refuse a DICOM over Pillow's decompression-bomb limit, `Image.MAX_IMAGE_PIXELS`, from
+    its header: Rows × Columns × frames, before the (maybe compressed) pixels are decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:  # the limit switched off, as Pillow allows
+        return
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * cols * frames > limit:
+        raise ValueError(
+            f"DICOM of {rows}×{cols} pixels × {frames} frame(s) = {rows * cols * frames} "
+            f"pixels exceeds the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS); not decoded"
+        )
+
+
+def _dicom_to_unit(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values → float32 [0, 1]: modality LUT, VOI LUT or window, MONOCHROME1 inverted,
+    min–max; float64 arithmetic, as pydicom's."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    if arr.ndim != 2:
-        raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
     # The VOI LUT / window is defined on modality values, so the rescale goes first
     # (pydicom's documented order); for the usual X-ray without rescale it is the identity.
     arr = apply_modality_lut(arr, ds)
@@ -389,39 +410,76 @@ def _read_dicom(path: Path) -> np.ndarray:
     return _min_max(arr)
 
 
+def _dicom_to_unit_by_table(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """`_dicom_to_unit` of ≤16-bit integer pixels, evaluated once per distinct stored value.
+
+    The chain maps each pixel by its stored value alone, and the min–max depends only on which
+    values occur: running it on the distinct values (at most 65536) and looking the pixels up
+    gives the same float32 numbers bit for bit, without float64 copies and masks of the whole
+    image: 8 bytes a pixel at the peak with the file's bytes and the decoded pixels, not 32.
+    """
+    key = arr.view(f"u{arr.dtype.itemsize}")  # signed values by their bits: no copy
+    present = np.zeros(2 ** (8 * arr.dtype.itemsize), dtype=bool)
+    present[key] = True
+    codes = np.flatnonzero(present)
+    table = np.zeros(present.shape, dtype=np.float32)
+    table[codes] = _dicom_to_unit(codes.astype(key.dtype).view(arr.dtype), ds)
+    return table[key]
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    _check_dicom_size(ds)
+    arr = ds.pixel_array
+    if arr.ndim != 2:
+        raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
+        return _dicom_to_unit_by_table(arr, ds)
+    return _dicom_to_unit(arr, ds)  # 32-bit or float pixel data: rare, computed directly
+
+
 def _read_pil(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         img.load()
+        if img.format in _EXIF_ORIENTED_FORMATS and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)  # upright, as cv2.imread(path, 0) reads it
         mode = img.mode
-        if mode.startswith("I;16"):
-            return np.asarray(img, dtype=np.float32) / 65535.0
-        if mode == "I":
-            # 32-bit int images are 16-bit grayscale in practice (older Pillow opens 16-bit
-            # PNGs as "I"); larger values have no defined white point.
+        if mode.startswith("I;16") or mode == "I":
+            # 16-bit grayscale (older Pillow opens 16-bit PNGs as 32-bit "I"): cv2.imread(path,
+            # 0) keeps the high byte (libpng's strip_16), and so do we, so that the model sees
+            # CARZero's input; larger values have no defined white point.
             arr = np.asarray(img, dtype=np.int64)
             if arr.min() < 0 or arr.max() > 65535:
-                raise ValueError(f"mode 'I' values outside [0, 65535]: {arr.min()}..{arr.max()}")
-            return arr.astype(np.float32) / 65535.0
+                raise ValueError(f"16-bit values outside [0, 65535]: {arr.min()}..{arr.max()}")
+            return (arr >> 8).astype(np.uint8)
         if mode == "F":
             raise ValueError("float ('F' mode) images have no defined intensity range")
-        # 8-bit (L, P, RGB, RGBA, ...): PIL's ITU-R 601 luma, as OpenCV's grayscale read.
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        # 8-bit (L, P, RGB, RGBA, ...): PIL's ITU-R 601 luma, kept uint8 as CARZero's. Equal to
+        # OpenCV's grayscale read for gray content in RGB(A) PNG/JPEG; true colour differs by
+        # ±1 (PNG) or more (JPEG: OpenCV takes libjpeg's Y channel).
+        return np.array(img if mode == "L" else img.convert("L"), dtype=np.uint8)
 
 
 def load_grayscale(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an X-ray as a 2-D float32 array in [0, 1].
+    """Read an X-ray as a 2-D array, upright, for `preprocess`.
 
-    PNG/JPEG/... through PIL: 8-bit images (colour ones converted to grayscale luma) / 255,
-    16-bit grayscale ("I;16") / 65535. DICOM (suffix .dcm/.dicom, or the "DICM" magic at byte
-    128) through pydicom: modality LUT, then VOI LUT or window (`apply_voi_lut`), MONOCHROME1
-    inverted, then min–max scaled to [0, 1] (a constant image gives zeros).
+    PNG/JPEG/... through PIL, turned upright by their EXIF orientation for JPEG and PNG (as
+    cv2.imread does): 8-bit images (colour ones converted to grayscale luma) as uint8 0..255,
+    CARZero's input type; 16-bit grayscale ("I;16") as its high byte, uint8, as
+    `cv2.imread(path, 0)` reads it. DICOM (suffix
+    .dcm/.dicom, or the "DICM" magic at byte 128) through pydicom as float32: modality LUT,
+    then VOI LUT or window (`apply_voi_lut`), MONOCHROME1 inverted, then min–max scaled to
+    [0, 1] (a constant image gives zeros); refused before decoding when Rows × Columns × frames
+    exceeds PIL's `Image.MAX_IMAGE_PIXELS` (PNG/JPEG have Pillow's own check).
 
     Returns:
-        (H, W) float32 array in [0, 1].
+        (H, W) uint8 array (PNG/JPEG) or float32 array in [0, 1] (DICOM).
 
     Raises:
-        ValueError: "cannot read image {path}: ..." for missing, unreadable, corrupt or
-            unsupported files (the cause is chained).
+        ValueError: "cannot read image {path}: ..." for missing, unreadable, corrupt, too large
+            or unsupported files (the cause is chained).
     """
     p = Path(path)
     try:
@@ -448,44 +506,51 @@ def preprocess(gray: np.ndarray | Tensor) -> Tensor:
     """CARZero's test-time image transform.
 
     Steps: resize so that the longer side is 256 keeping the aspect ratio (`_resized_shape`)
-    with area interpolation; zero-pad to 256×256 centred (the extra pixel of an odd padding
-    goes to the bottom/right); repeat to 3 channels; centre-crop 224 (offset 16); normalise
-    with mean 0.4978, std 0.2449.
-
-    The resize is `F.interpolate(mode="area")`, i.e. adaptive average pooling: each output
-    pixel is the mean of the input pixels in its bin [floor(i·in/out), ceil((i+1)·in/out)).
-    For integer downscale factors this equals OpenCV's INTER_AREA (the original's resize);
-    for other factors it approximates it (OpenCV weights partially covered pixels by their
-    covered fraction, pooling counts them whole). Small images are upscaled by the same call,
-    which is close to nearest-neighbour there (OpenCV's INTER_AREA interpolates bilinearly
-    when upscaling); chest X-rays are far larger than 256 px, so this path is rare.
+    with OpenCV's INTER_AREA (`resize.resize_area`: its arithmetic, rounding included); uint8
+    to [0, 1] by / 255 (torchvision's ToTensor); zero-pad to 256×256 centred (the extra pixel
+    of an odd padding goes to the bottom/right); repeat to 3 channels; centre-crop 224 (offset
+    16); normalise with mean 0.4978, std 0.2449.
 
     Args:
-        gray: (H, W) grayscale image in [0, 1], numpy array or tensor (any float dtype).
+        gray: (H, W) grayscale image, numpy array or tensor, either uint8 0..255 (what
+            cv2.imread(path, 0) gives CARZero: the result is the original's exactly) or float
+            in [0, 1], any float dtype (resized in float32 as cv2.resize resizes float32,
+            without the original's rounding to 8 bits).
 
     Returns:
-        (3, 224, 224) float32 tensor, on the input tensor's device (CPU for numpy input).
+        (3, 224, 224) float32 tensor, on the input tensor's device (CPU for numpy input); the
+        resize itself runs on the CPU.
     """
-    x = torch.as_tensor(np.asarray(gray) if not isinstance(gray, Tensor) else gray)
-    if x.dim() != 2:
+    device = gray.device if isinstance(gray, Tensor) else torch.device("cpu")
+    if isinstance(gray, Tensor):
+        gray = gray.detach()
+        gray = (gray.to(torch.float32) if gray.is_floating_point() else gray).cpu().numpy()
+    x = np.asarray(gray)
+    if x.ndim != 2:
         raise ValueError(f"preprocess expects a 2-D (H, W) image, got shape {tuple(x.shape)}")
-    x = x.to(torch.float32)
-    if x.numel() == 0:
+    if x.size == 0:
         raise ValueError("preprocess got an empty image")
-    lo, hi = float(x.min()), float(x.max())
-    if not (0.0 <= lo and hi <= 1.0):
-        # Catches uint8 arrays and unscaled DICOM values, which would silently saturate.
-        raise ValueError(f"preprocess expects values in [0, 1], got range [{lo}, {hi}]")
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32, copy=False)
+        lo, hi = float(x.min()), float(x.max())
+        if not (0.0 <= lo and hi <= 1.0):
+            # Catches unscaled DICOM values and 0..255 floats, which would silently saturate.
+            raise ValueError(f"preprocess expects float values in [0, 1], got range [{lo}, {hi}]")
+    elif x.dtype != np.uint8:
+        # A 16-bit or int array has no agreed white point: scale it to [0, 1] first.
+        raise ValueError(f"preprocess expects a uint8 or float image, got dtype {x.dtype}")
 
     h, w = _resized_shape(x.shape[0], x.shape[1])
-    x = F.interpolate(x[None, None], size=(h, w), mode="area")[0, 0]  # (h, w)
+    small = torch.from_numpy(resize_area(x, h, w))  # (h, w), x's dtype
+    if small.dtype == torch.uint8:
+        small = small.to(torch.float32).div(255)  # ToTensor's scaling, after the uint8 resize
     pad_h, pad_w = RESIZE_SIZE - h, RESIZE_SIZE - w
     top, left = pad_h // 2, pad_w // 2
-    x = F.pad(x, (left, pad_w - left, top, pad_h - top))  # (256, 256), zeros = black
+    x = F.pad(small, (left, pad_w - left, top, pad_h - top))  # (256, 256), zeros = black
     off = (RESIZE_SIZE - CROP_SIZE) // 2
     x = x[off : off + CROP_SIZE, off : off + CROP_SIZE]
     x = (x - PIXEL_MEAN) / PIXEL_STD
-    return x.unsqueeze(0).expand(3, -1, -1).contiguous()  # gray → identical R, G, B
+    return x.unsqueeze(0).expand(3, -1, -1).contiguous().to(device)  # gray → identical R, G, B
 
 
 def preprocess_file(path: str | os.PathLike[str]) -> Tensor:
