@@ -416,7 +416,7 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
     monkeypatch.setattr(fused_train, "_recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=14).train()
     img, txt = _tokens(64, seed=15)
-    budget = _budget(DROP_CFG, (1, 3))  # ragged query chunks
+    budget = _budget(DROP_CFG, (1, 5))  # ragged query chunks (5 + 2)
     chunks = 0
     for n, m, p in ((N, M, PI), (M, N, PT)):
         items, block_q = plan_train(DROP_CFG, n, m, p, 4, budget)
@@ -441,7 +441,7 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
 
 
 def test_training_memory_does_not_grow_with_pairs(triton_only):
-    """At a fixed plan, from N = M = 8 to N = M = 24 a training step's peak grows by
+    """At a fixed plan, from N = M = 8 to N = M = 16 a training step's peak grows by
     token-sized tensors (the inputs' gradients and their fp32 accumulators: O((N + M)·P·D))
     and the (N, M) logits only, never by O(N·M·D)."""
     cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=1, d_ffn=64, head_dims=(40,))
@@ -449,7 +449,7 @@ def test_training_memory_does_not_grow_with_pairs(triton_only):
     d, p, plan = cfg.d_model, 1, (2, 8)  # one token: the token-sized terms stay small
     budget = _budget(cfg, plan, n=8, m=8, p=p)
     peaks = {}
-    for nm in (8, 24):
+    for nm in (8, 16):
         assert plan_train(cfg, nm, nm, p, 4, budget) == plan
         img, txt = _tokens(d, nm, nm, p, p, seed=nm)
         img.requires_grad_(True)
@@ -458,9 +458,9 @@ def test_training_memory_does_not_grow_with_pairs(triton_only):
             i2t, t2i = al.both_directions(img, txt, backend="triton", chunk_budget_bytes=budget)
             cf.carzero_loss(i2t, t2i).backward()
         peaks[nm] = tracker.peak_bytes
-    token_tensor = 2 * 16 * p * d * 4  # growth of one fp32 tensor of both modalities' tokens
-    pair_row = 24 * 24 * d * 4  # one fp32 row of D per pair at N = M = 24
-    assert peaks[24] - peaks[8] < 6 * token_tensor + pair_row / 8, peaks
+    token_tensor = 2 * 8 * p * d * 4  # growth of one fp32 tensor of both modalities' tokens
+    pair_row = 16 * 16 * d * 4  # one fp32 row of D per pair at N = M = 16
+    assert peaks[16] - peaks[8] < 6 * token_tensor + pair_row / 8, peaks
 
 
 def test_every_launch_runs_under_the_inputs_device(monkeypatch, triton_only):
