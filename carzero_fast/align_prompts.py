@@ -432,16 +432,23 @@ def read_inputs(path: str | os.PathLike, column: str | None = None) -> list[str]
     if suffix == ".txt":
         if column is not None:
             raise UsageError("--column applies to .csv input only")
-        lines = _read_utf8(p).splitlines()
+        # lines as editors and `wc -l` count them (str.splitlines also breaks at \x0c, \x85,
+        # U+2028 …, which would shift every later row number)
+        lines = [line.removesuffix("\r") for line in _read_utf8(p).split("\n")]
         while lines and not lines[-1].strip():
             lines.pop()  # the file's last newline(s), not empty records
         if not lines:
             raise UsageError(f"input {p} has no lines")
         return lines
-    rows = list(csv.reader(io.StringIO(_read_utf8(p), newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(_read_utf8(p), newline="")))
+    except csv.Error as e:  # e.g. a cell over the csv module's field size limit
+        raise UsageError(f"input {p} is not a CSV this command can read: {e}") from None
     if not rows:
         raise UsageError(f"input {p} is empty")
     header = rows[0]
+    if not header:
+        raise UsageError(f"input {p}: the first line, the header row, is empty")
     name = header[0] if column is None else column
     if name not in header:
         raise UsageError(f"input {p} has no column {name!r}; its columns: {', '.join(header)}")
@@ -527,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{out} exists: pass --force to overwrite it")
         if not out.parent.is_dir():
             raise UsageError(f"output directory {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK):  # found now, not after a slow generation
+            raise UsageError(f"output directory {out.parent} is not writable")
         texts = read_inputs(args.input, args.column)
         generator = load_generator(args.model) if args.model else None
         rows = align(texts, args.template, generator, args.max_new_tokens,
@@ -534,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    write_csv(out, rows)
+    try:
+        write_csv(out, rows)
+    except OSError as e:
+        print(f"{PROG}: cannot write {out}: {e}", file=sys.stderr)
+        return 2
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "negated", "needs_review")}
     print(f"{len(texts)} inputs → {len(rows)} rows in {out}: {counts['ok']} ok, "
           f"{counts['negated']} negated, {counts['needs_review']} needs_review",

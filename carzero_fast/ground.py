@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .aligner import CrossAttentionAligner
-from .model import CARZeroModel, check_crop_size, error_text
+from .model import CARZeroModel, check_crop_size, check_device, error_text
 from .validation import check_inputs
 
 LAYER_CHOICES = ("all", "last")
@@ -224,6 +224,9 @@ def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -252,6 +255,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is a directory")
     if args.save_map and out.suffix.lower() == ".npy":
         raise UsageError("--out ends in .npy, the name --save-map writes the map to; use .png")
+    if Path(args.image).exists() and out.resolve() == Path(args.image).resolve():
+        raise UsageError(f"--out {out} is the input image")
+    for path in (out, out.with_suffix(".npy")) if args.save_map else (out,):
+        if path.exists() and not args.force:
+            raise UsageError(f"{path} exists: pass --force to overwrite it, or choose another "
+                             "--out")  # fmt: skip
+    device = check_device(args.device)
     if not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model} is not a directory (carzero-fast convert makes "
                          "one from a CARZero checkpoint)")  # fmt: skip
@@ -259,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = CARZeroModel.from_checkpoint(args.model)
     check_crop_size(model)  # the map is drawn on the 224-px crop the model must take
-    model = model.to(torch.device(args.device))
+    model = model.to(device)
     with torch.no_grad():
         img, query = _pair(model, pixels, args.prompt)
         logit, weights = attention_maps(model.aligner, img, query)
@@ -299,6 +309,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also write OUT with suffix .npy: the (g, g) float32 attention mass per "
                    "patch, before normalisation and upsampling")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     return p
 
 

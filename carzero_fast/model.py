@@ -248,6 +248,25 @@ def error_text(e: BaseException) -> str:
     return str(e)
 
 
+def check_device(name: str) -> torch.device:
+    """`--device NAME` as a torch device that exists here, or ValueError naming the problem
+    (checked before a model loads)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device name: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this PyTorch has no usable CUDA device (use "
+                             "--device cpu)")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA "
+                             "devices")  # fmt: skip
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
 def check_crop_size(model: CARZeroModel) -> None:
     """Raise ValueError unless the model's ViT takes the 224-px crops that CARZero's test
     transform (`encoders.image.preprocess`, which `score` and `ground` use) produces. CARZero

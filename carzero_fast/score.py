@@ -289,7 +289,7 @@ def _check_backend(model, txt: Tensor, backend: str) -> None:  # noqa: ANN001
 
 def run(args: argparse.Namespace) -> int:
     from .backends import check_backend_name
-    from .model import CARZeroModel, check_crop_size
+    from .model import CARZeroModel, check_crop_size, check_device
 
     # cheap checks first: bad input fails before the model loads and before anything is written
     check_backend_name(args.backend)
@@ -299,8 +299,8 @@ def run(args: argparse.Namespace) -> int:
     out, errors_path = Path(args.out), Path(args.errors or f"{args.out}.errors.csv")
     _check_outputs(out, errors_path, args.resume)
     _check_model_path(args.model)
+    device = check_device(args.device)
     rank, world = _shard()
-    device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = DTYPES[args.dtype]
@@ -522,7 +522,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.batch_size is None:
-        args.batch_size = 256 if torch.device(args.device).type == "cuda" else 32
+        try:
+            cuda = torch.device(args.device).type == "cuda"
+        except RuntimeError:  # a bad name: `run` reports it
+            cuda = False
+        args.batch_size = 256 if cuda else 32
     if args.retry_errors and not args.resume:
         print("carzero-fast score: --retry-errors goes with --resume", file=sys.stderr)
         return 2

@@ -182,6 +182,16 @@ def test_read_inputs_txt_and_csv(tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="no lines"):
         read_inputs(tmp_path / "blank.txt")
+    # lines as editors count them: a form feed or U+2028 inside a line does not split it
+    (tmp_path / "odd.txt").write_text("Edema\x0cnote\r\nEffusion\u2028here\nlast line\n")
+    assert read_inputs(tmp_path / "odd.txt") == ["Edema\x0cnote", "Effusion\u2028here",
+                                                 "last line"]  # fmt: skip
+    (tmp_path / "headless.csv").write_text("\nreport\nEdema\n")
+    with pytest.raises(ValueError, match="the header row, is empty"):
+        read_inputs(tmp_path / "headless.csv")
+    (tmp_path / "huge.csv").write_text("report\n" + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError, match="not a CSV this command can read"):
+        read_inputs(tmp_path / "huge.csv")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -240,6 +241,8 @@ def test_ground_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
         (["--prompt", " ... "], "--prompt is empty"),
         (["--alpha", "1.5"], "--alpha"),
         (["--out", str(tmp_path / "no" / "such" / "map.png")], "does not exist"),
+        (["--device", "foo"], "--device 'foo' is not a device name"),
+        (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "--device cuda"),
     ]
     for override, message in cases:
         args = _args(s, out, "--save-map")
@@ -255,3 +258,28 @@ def test_ground_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
         main(["--help"])
     assert e.value.code == 0
     assert "carzero-fast ground" in capsys.readouterr().out
+
+
+def test_ground_refuses_to_overwrite_without_force(setup, tmp_path, capsys):
+    """An existing overlay or map (or the input image itself) is not overwritten unless
+    --force; what is written has the umask's permissions, not mkstemp's 0600."""
+    s = setup
+    out = tmp_path / "map.png"
+    out.write_bytes(b"mine")
+    (tmp_path / "map.npy").write_bytes(b"mine too")
+    assert main(_args(s, out)) == 2
+    assert "exists: pass --force" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    out.unlink()
+    assert main(_args(s, out, "--save-map")) == 2  # the map's name exists
+    assert "map.npy exists" in capsys.readouterr().err and not out.exists()
+    assert main(_args(s, out, "--save-map", "--force")) == 0
+    assert np.load(tmp_path / "map.npy").ndim == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
+    args = _args(s, out)
+    args[args.index("--out") + 1] = args[args.index("--image") + 1]
+    image_bytes = Path(args[args.index("--image") + 1]).read_bytes()
+    assert main([*args, "--force"]) == 2  # never the input image, even with --force
+    assert "is the input image" in capsys.readouterr().err
+    assert Path(args[args.index("--image") + 1]).read_bytes() == image_bytes
