@@ -86,7 +86,10 @@ SECTION_RE = re.compile(
 )
 # "1." or "2)" before a space: a list number, read as a sentence break ("1.5" is not one)
 NUMBERING_RE = re.compile(r"(?:^|(?<=[\s:;.]))\d{1,2}[.)](?=\s|$)")
-SENTENCE_RE = re.compile(r"[;?!]|\.(?!\d)|\b(?:but|however|although|though)\b")
+# (the period of "vs." does not end a sentence: "atelectasis vs. pneumonia" is one finding)
+SENTENCE_RE = re.compile(r"[;?!]|(?<!\bvs)\.(?!\d)|\b(?:but|however|although|though)\b")
+# connectors left dangling before a negation cue ("cardiomegaly with no effusion")
+TRAILING_CONNECTOR_RE = re.compile(r"(?:[\s,]+|\s+(?:with|and|or|nor|plus)\b)+$")
 PRE_NEGATION_RE = re.compile(
     r"\b(?:no evidence of|no signs? of|no|without|negative for|free of|absence of"
     r"|resolution of|resolved)\b"
@@ -106,7 +109,8 @@ NEGATED_LIST_RE = r"\s*,\s*(?:and\s+|or\s+|nor\s+)?|\s+(?:and|or|nor)\s+"
 UNCERTAIN_RE = re.compile(
     r"\b(?:possible|possibly|probable|probably|likely|questionable|suspected|suspicious for"
     r"|suggestive of|suggesting|concerning for|may represent|may be|could represent|could be"
-    r"|cannot be excluded|can not be excluded|cannot exclude|not excluded|definite)\b"
+    r"|cannot be excluded|can not be excluded|cannot exclude|not excluded|definite"
+    r"|rule out|ruled out|r/o|evaluate for|evaluation for|assess for|to exclude)(?![\w/])"
 )
 # uncertain too, but removing the word would merge two findings into one ("a versus b")
 UNCERTAIN_KEEP_RE = re.compile(r"\b(?:versus|vs)\b")
@@ -244,6 +248,9 @@ def _rule_finding(item: str, negated: bool, template: str) -> Finding | None:
         return Finding(prompt, "needs_review", "rules", f"uncertain wording: {', '.join(cues)}")
     if VERB_RE.search(finding):
         return Finding(prompt, "needs_review", "rules", "not reduced to a noun phrase")
+    if re.search(r"\bnot\b", finding):  # "effusion, not pneumothorax": which does it deny?
+        return Finding(prompt, "needs_review", "rules", "'not' in the finding: the rules do "
+                       "not read what it negates")  # fmt: skip
     return Finding(prompt, "negated" if negated else "ok", "rules")
 
 
@@ -257,7 +264,8 @@ def _clauses(sentence: str) -> list[tuple[str, bool]]:
     m = PRE_NEGATION_RE.search(sentence)
     if m is not None:
         # the cue negates the rest of the sentence; what comes before it is read on its own
-        return _clauses(sentence[: m.start()]) + [(sentence[m.end() :], True)]
+        head = TRAILING_CONNECTOR_RE.sub("", sentence[: m.start()])
+        return _clauses(head) + [(sentence[m.end() :], True)]
     return [(sentence, False)] if sentence.strip(" ,") else []
 
 

@@ -110,6 +110,19 @@ def test_report_with_sections_numbering_and_negated_list():
         ("Recommend follow-up CT.", [("", "needs_review")]),
         ("Lungs are clear without consolidation.", [("", "needs_review"),
                                                     ("There is no consolidation.", "negated")]),
+        # a connector before a negation cue is not part of the finding before it
+        ("Mild cardiomegaly with no pleural effusion.", [("There is mild cardiomegaly.", "ok"),
+                                                         ("There is no pleural effusion.",
+                                                          "negated")]),
+        ("Cardiomegaly and no effusion.", [("There is cardiomegaly.", "ok"),
+                                           ("There is no effusion.", "negated")]),
+        # "not" and work-up wording: for a person
+        ("Effusion, not pneumothorax.", [("There is effusion.", "ok"),
+                                         ("There is not pneumothorax.", "needs_review")]),
+        ("Rule out pneumonia.", [("There is pneumonia.", "needs_review")]),
+        ("Evaluate for pneumothorax.", [("There is pneumothorax.", "needs_review")]),
+        # "vs." does not end the sentence: both alternatives stay one row, for review
+        ("Likely atelectasis vs. pneumonia.", [("", "needs_review")]),
         ("Nodule: 5 mm", [("", "needs_review")]),  # ":" is not part of a finding
         ("INDICATION: cough.", [("", "needs_review")]),  # nothing found
         ("", [("", "needs_review")]),
