@@ -41,7 +41,10 @@ conclusion; split into sentences on `. ; ? !`, line breaks, list numbers ("1.") 
 NegEx termination words "but", "however", "although"; in a sentence, a negation cue ("no",
 "without", "negative for", "free of", "no evidence of", "resolved", …) negates everything after
 it up to the sentence's end, so "no effusion, pneumothorax or edema" gives three negated
-findings, and a trailing cue ("is not seen", "has resolved") negates the clause before it;
+findings (but an item of the list that opens with a size, side or severity word, "no
+pneumothorax, small left effusion", is more often present than denied: `needs_review`; so are
+"not" in a finding and work-up wording such as "rule out"), and a trailing cue ("is not seen",
+"has resolved") negates the clause before it;
 split findings on commas and "and" (and "or" when negated), but only where every part has a
 head word, so "left and right effusions" stays whole; strip "there is/are", "evidence of", "is
 seen/noted/present", articles and "interval"; keep laterality, size and severity words (left,
@@ -130,6 +133,9 @@ MODIFIERS = {"left", "right", "bilateral", "bibasilar", "basilar", "apical", "up
              "middle", "small", "large", "tiny", "trace", "minimal", "mild", "moderate",
              "severe", "new", "increased", "decreased", "stable", "of", "in", "at", "with",
              "on", "to"} | FILLER_WORDS  # fmt: skip
+
+# words that open a finding of their own rather than continue a negated list
+QUALIFIERS = MODIFIERS - FILLER_WORDS - {"of", "in", "at", "with", "on", "to"}
 
 # few-shot examples for the model: (input, findings as "finding" / "no finding")
 EXAMPLES = [
@@ -281,14 +287,22 @@ def rule_align(text: str, template: str = DEFAULT_TEMPLATE) -> list[Finding]:
                 segments = _split_items(clause, NEGATED_LIST_RE)
             else:  # "small effusion, lungs otherwise clear": the comma ends a finding
                 segments = [s for s in clause.split(",") if s.strip()]
-            for segment in segments:
+            for k, segment in enumerate(segments):
                 if NON_FINDING_RE.search(segment):
                     rows.append(Finding("", "needs_review", "rules",
                                         f"no finding in {segment.strip()!r}: a normal statement "
                                         "or a remark"))  # fmt: skip
                     continue
                 items = [segment] if negated else _split_items(segment, r"\s+and\s+")
-                rows += [f for f in (_rule_finding(i, negated, template) for i in items) if f]
+                found = [f for f in (_rule_finding(i, negated, template) for i in items) if f]
+                first = segment.split()[0].lower() if segment.split() else ""
+                if negated and k > 0 and first in QUALIFIERS:
+                    # "no pneumothorax, small left effusion": a qualified finding after the
+                    # negated one is more often present than denied; a person decides
+                    found = [Finding(f.prompt, "needs_review", "rules", "a qualified finding "
+                                     "after a negated one: negated, or present?")
+                             for f in found]  # fmt: skip
+                rows += found
     return _dedupe(rows) or [Finding("", "needs_review", "rules", "no finding found")]
 
 

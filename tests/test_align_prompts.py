@@ -116,6 +116,10 @@ def test_report_with_sections_numbering_and_negated_list():
                                                           "negated")]),
         ("Cardiomegaly and no effusion.", [("There is cardiomegaly.", "ok"),
                                            ("There is no effusion.", "negated")]),
+        # a qualified finding after a negated one: present or denied? a person decides
+        ("No pneumothorax, small left pleural effusion.", [
+            ("There is no pneumothorax.", "negated"),
+            ("There is no small left pleural effusion.", "needs_review")]),
         # "not" and work-up wording: for a person
         ("Effusion, not pneumothorax.", [("There is effusion.", "ok"),
                                          ("There is not pneumothorax.", "needs_review")]),
