@@ -57,11 +57,6 @@ def iter_complete_rows(path: Path, header: list[str] | None) -> Iterator[list[st
             yield pending
 
 
-def complete_rows(path: Path, header: list[str] | None) -> list[list[str]]:
-    """`iter_complete_rows` as a list."""
-    return list(iter_complete_rows(path, header))
-
-
 def row_text(row: list[str]) -> str:
     """One row as the CSV writer writes it (line end included): rows held as text cost a
     fraction of their parsed cells' memory."""

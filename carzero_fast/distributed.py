@@ -121,8 +121,8 @@ def _checked_sizes(img_tokens: Tensor, txt_tokens: Tensor,
             raise TypeError(f"rank {r} has {names[0]} tokens, rank 0 {names[1]}; every rank "
                             "must use one dtype")  # fmt: skip
         if grad != grad0:
-            mine, theirs = ("need", "do not") if grad else ("do not need", "do")
-            raise ValueError(f"rank {r}'s tokens {mine} gradients, rank 0's {theirs}; all "
+            its, theirs = ("need", "do not") if grad else ("do not need", "do")
+            raise ValueError(f"rank {r}'s tokens {its} gradients, rank 0's {theirs}; all "
                              "ranks must agree (a backward would wait for a gradient "
                              "all-reduce the other ranks never start)")  # fmt: skip
     return [row[0] for row in table]
@@ -291,20 +291,28 @@ def score_shards_to_csv(
             os.fsync(f.fileno())
     if world > 1:
         dist.barrier(group)
+    on_rank0(lambda: _merge_parts(out, header, image_ids, world), f"merge {out}", group)
+    return out if rank == 0 else None
+
+
+def on_rank0(fn: Callable[[], object], what: str, group: dist.ProcessGroup | None = None) -> None:
+    """Run `fn` on rank 0 (alone when there is no process group); every rank then raises
+    rank 0's error if it failed: none returns before `fn` is done, none reports success when
+    it failed (e.g. a merge of the ranks' part files)."""
+    rank, world = _world(group) if dist.is_initialized() else (0, 1)
     error = None
     if rank == 0:
         try:
-            _merge_parts(out, header, image_ids, world)
+            fn()
         except Exception as e:  # noqa: BLE001 — every rank raises it, below
-            error = f"rank 0 could not merge {out}: {type(e).__name__}: {e}"
-    if world > 1:  # no rank returns before the merged file exists, or without its error
+            error = f"rank 0 could not {what}: {type(e).__name__}: {e}"
+    if world > 1:
         box = [error]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0,
                                    group=group)  # fmt: skip
         error = box[0]
     if error is not None:
         raise RuntimeError(error)
-    return out if rank == 0 else None
 
 
 def _merge_parts(out: Path, header: list[str], image_ids: Sequence[str], world: int) -> None:

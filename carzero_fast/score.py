@@ -334,8 +334,9 @@ def run(args: argparse.Namespace) -> int:
               for lo in range(0, len(paths), args.batch_size)][rank::world]  # fmt: skip
     keys = [os.path.abspath(p) for p in paths]
     finished = done.keys() | done_err.keys()
-    complete = [b for b in blocks if all(keys[i] in finished for i in b)]
-    todo = [b for b in blocks if not all(keys[i] in finished for i in b)]
+    is_complete = [all(keys[i] in finished for i in b) for b in blocks]
+    complete = [b for b, c in zip(blocks, is_complete, strict=True) if c]
+    todo = [b for b, c in zip(blocks, is_complete, strict=True) if not c]
     if world > 1:
         import torch.distributed as dist
 
@@ -396,27 +397,26 @@ def _finish(out: Path, errors_path: Path, paths: list[Path], header: list[str],
     """Rank 0 merges every rank's parts into OUT and the errors CSV (list order, temporary
     file + rename) and removes every part; no rank returns before, or without rank 0's
     error."""
-    error = None
-    if world > 1:
-        import torch.distributed as dist
 
-        dist.barrier()
-    if rank == 0:
-        try:
-            _merge(paths, [part_path(out, r, world) for r in range(world)], out, header)
-            _merge(paths, [part_path(errors_path, r, world) for r in range(world)], errors_path,
-                   err_header)  # fmt: skip
-            for p in parts_of(out) + parts_of(errors_path):  # earlier runs' parts too
-                p.unlink()
-        except Exception as e:  # noqa: BLE001 — every rank raises it, below
-            error = f"rank 0 could not merge the parts into {out}: {type(e).__name__}: {e}"
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    def merge() -> None:
+        _merge(paths, [part_path(out, r, world) for r in range(world)], out, header)
+        _merge(paths, [part_path(errors_path, r, world) for r in range(world)], errors_path,
+               err_header)  # fmt: skip
+        for p in parts_of(out) + parts_of(errors_path):  # earlier runs' parts too
+            p.unlink()
+
+    from .distributed import on_rank0
+
+    if world == 1:
+        on_rank0(merge, f"merge the parts into {out}")
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    try:
+        on_rank0(merge, f"merge the parts into {out}")
+    finally:
         dist.destroy_process_group()
-    if error is not None:
-        raise RuntimeError(error)
 
 
 def _score_batches(args: argparse.Namespace, model, paths: list[Path], todo: list[range],  # noqa: ANN001
