@@ -28,7 +28,7 @@ from carzero_fast.encoders.image import (
     preprocess,
     preprocess_file,
 )
-from carzero_fast.encoders.resize import resize_area
+from carzero_fast.encoders.resize import _area_taps, resize_area
 
 TINY = ViTConfig(img_size=32, patch_size=8, in_chans=3, embed_dim=48, depth=2, num_heads=4)
 
@@ -371,6 +371,44 @@ def test_resize_area_keeps_constants() -> None:
         assert np.all(resize_area(np.full((h, w), 201, dtype=np.uint8), oh, ow) == 201)
         got = resize_area(np.full((h, w), 0.7, dtype=np.float32), oh, ow)
         assert got.shape == (oh, ow) and np.abs(got - 0.7).max() < 1e-6
+
+
+def opencv_area_tab(n_in: int, n_out: int, scale: float) -> list[list[tuple[int, float]]]:
+    """OpenCV's `computeResizeAreaTab` loop, line by line in Python doubles: for each output,
+    its (source index, float32 weight) taps in order."""
+    taps = []
+    for d in range(n_out):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, n_in - f1)
+        s2 = min(math.floor(f2), n_in - 1)
+        s1 = min(math.ceil(f1), s2)
+        row = []
+        if s1 - f1 > 1e-3:
+            row.append((s1 - 1, float(np.float32((s1 - f1) / cell))))
+        row += [(s, float(np.float32(1.0 / cell))) for s in range(s1, s2)]
+        if f2 - s2 > 1e-3:
+            row.append((s2, float(np.float32(min(f2 - s2, 1.0, cell) / cell))))
+        taps.append(row)
+    return taps
+
+
+@pytest.mark.parametrize("n_in", [1, 2, 7, 9, 17, 97, 255, 257, 1000, 2500, 3000, 4280])
+def test_area_tap_table_is_opencvs_loop(n_in: int) -> None:
+    """The array-built tap table (resize._area_taps) equals OpenCV's scalar loop, weights bit for
+    bit, for every shrink of an axis to the sizes CARZero's resize and the tests produce."""
+    for n_out in sorted({1, 2, 3, 5, 13, 100, 213, 224, 256, n_in // 3, n_in // 2, n_in - 1}):
+        if not 1 <= n_out <= n_in:
+            continue
+        scale = 1.0 / (n_out / n_in)  # as resize_area computes it
+        index, weight = _area_taps(n_in, n_out, scale)
+        expected = opencv_area_tab(n_in, n_out, scale)
+        assert index.dtype == np.intp and weight.dtype == np.float32
+        assert index.shape == weight.shape == (n_out, max(len(row) for row in expected))
+        for d, row in enumerate(expected):
+            pad = index.shape[1] - len(row)  # padding: index 0, weight 0
+            assert index[d].tolist() == [s for s, _ in row] + [0] * pad, (n_out, d)
+            assert weight[d].tolist() == [a for _, a in row] + [0.0] * pad, (n_out, d)
 
 
 # From cv2.resize(src, (width, height), interpolation=cv2.INTER_AREA) with

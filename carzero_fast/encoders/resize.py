@@ -70,7 +70,9 @@ def _shrink_integer(img: np.ndarray, fy: int, fx: int) -> np.ndarray:
     h, w = img.shape
     blocks = img.reshape(h // fy, fy, w // fx, fx)
     if img.dtype == np.uint8:
-        sums = blocks.sum(axis=(1, 3), dtype=np.int32)  # exact, as OpenCV's int sums
+        # Exact in any order, as OpenCV's int sums; rows first (one pass over contiguous memory)
+        # is 4× faster than numpy's two-axis reduction.
+        sums = blocks.sum(axis=1, dtype=np.int32).sum(axis=2)
         if fy == fx == 2:
             return ((sums + 2) >> 2).astype(np.uint8)  # OpenCV's 2×2 path: integer, half up
         return _saturate_u8(sums.astype(_F32) * _F32(1.0 / (fx * fy)))
@@ -81,31 +83,41 @@ def _shrink_integer(img: np.ndarray, fy: int, fx: int) -> np.ndarray:
 def _area_taps(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's `computeResizeAreaTab` for one axis, as a tap table.
 
+    Output d covers source [f1, f2) = [d·scale, d·scale + scale): a partly covered pixel on the
+    left (s1 − 1), whole pixels s1 … s2 − 1, a partly covered one on the right (s2); OpenCV drops
+    parts of at most 1e-3. The taps are consecutive source pixels, so row d is `start + k`.
+    Computed in float64 array arithmetic, which rounds as OpenCV's (and Python's) doubles.
+
     Returns:
-        (index, weight): (n_out, T) source indices (intp) and float32 weights, output i's
+        (index, weight): (n_out, T) source indices (intp) and float32 weights, output d's
         taps in increasing source order, padded with weight 0 (which adds exactly nothing).
     """
-    taps: list[list[tuple[int, np.float32]]] = []
-    for d in range(n_out):
-        f1 = d * scale
-        f2 = f1 + scale
-        cell = min(scale, n_in - f1)  # the last cell may be cut short by the image edge
-        s2 = min(math.floor(f2), n_in - 1)
-        s1 = min(math.ceil(f1), s2)
-        row = []
-        if s1 - f1 > 1e-3:  # partly covered pixel on the left
-            row.append((s1 - 1, _F32((s1 - f1) / cell)))
-        row += [(s, _F32(1.0 / cell)) for s in range(s1, s2)]
-        if f2 - s2 > 1e-3:  # partly covered pixel on the right
-            row.append((s2, _F32(min(f2 - s2, 1.0, cell) / cell)))
-        taps.append(row)
-    width = max(len(row) for row in taps)
-    index = np.zeros((n_out, width), dtype=np.intp)
-    weight = np.zeros((n_out, width), dtype=_F32)
-    for d, row in enumerate(taps):
-        for t, (s, a) in enumerate(row):
-            index[d, t], weight[d, t] = s, a
-    return index, weight
+    f1 = np.arange(n_out, dtype=np.float64) * scale
+    f2 = f1 + scale
+    cell = np.minimum(scale, n_in - f1)  # the last cell may be cut short by the image edge
+    s2 = np.minimum(np.floor(f2), n_in - 1)
+    s1 = np.minimum(np.ceil(f1), s2)
+    has_left = s1 - f1 > 1e-3
+    has_right = f2 - s2 > 1e-3
+    start = (s1 - has_left).astype(np.intp)
+    count = has_left + (s2 - s1).astype(np.intp) + has_right  # taps per output
+    k = np.arange(int(count.max()))[None, :]  # [1, T]
+    index = np.where(k < count[:, None], start[:, None] + k, 0)
+    weight = np.where(k < count[:, None], (1.0 / cell).astype(_F32)[:, None], _F32(0.0))
+    weight[has_left, 0] = ((s1 - f1) / cell).astype(_F32)[has_left]
+    right = np.minimum(np.minimum(f2 - s2, 1.0), cell) / cell
+    rows = np.flatnonzero(has_right)
+    weight[rows, count[rows] - 1] = right.astype(_F32)[rows]
+    return index, weight.astype(_F32)
+
+
+def _transpose(img: np.ndarray, rows: int = 64) -> np.ndarray:
+    """`np.ascontiguousarray(img.T)`, a band of rows at a time (twice as fast for large images:
+    a band's columns stay in cache)."""
+    out = np.empty(img.shape[::-1], dtype=img.dtype)
+    for r in range(0, img.shape[0], rows):
+        out[:, r : r + rows] = img[r : r + rows].T
+    return out
 
 
 def _shrink_fractional(
@@ -117,10 +129,14 @@ def _shrink_fractional(
     y_index, y_weight = _area_taps(h, height, scale_y)
     # Work on the transpose, so that each horizontal tap gathers whole contiguous rows (twice as
     # fast as gathering columns); element by element the arithmetic is OpenCV's.
-    cols = np.ascontiguousarray(img.T)  # (W, H), img's dtype: uint8 stays 1 byte a pixel
+    cols = _transpose(img)  # (W, H), img's dtype: uint8 stays 1 byte a pixel
     acc = np.zeros((width, h), dtype=_F32)
+    taken = np.empty((width, h), dtype=img.dtype)
+    term = np.empty((width, h), dtype=_F32)
     for t in range(x_index.shape[1]):
-        acc += cols[x_index[:, t]] * x_weight[:, t, None]  # uint8 × float32 → float32
+        np.take(cols, x_index[:, t], axis=0, out=taken)
+        np.multiply(taken, x_weight[:, t, None], out=term)  # uint8 × float32 → float32
+        acc += term
     rows = np.ascontiguousarray(acc.T)  # (H, width): every source row resized horizontally
     out = np.zeros((height, width), dtype=_F32)
     for t in range(y_index.shape[1]):
