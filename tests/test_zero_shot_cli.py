@@ -608,3 +608,22 @@ def test_score_sharded_under_torchrun_equals_one_process_and_resumes(setup, tmp_
         torch.set_num_threads(threads)
     assert resharded.read_text() == single.read_text()
     assert not list(tmp_path.glob("*.part-*"))
+
+
+def test_default_workers_share_the_usable_cpus(monkeypatch):
+    """--workers defaults to the CPUs this process may use (its affinity mask, not the
+    machine's count), split among torchrun's local ranks, at least one each."""
+    from carzero_fast import score
+
+    monkeypatch.setattr(score.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert score.default_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert score.default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert score.default_workers() == 1
+    monkeypatch.setattr(score.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert score.default_workers() == 1
+    args = ["--model", "m", "--images", "a", "--classes", "c", "--out", "o"]
+    assert score.parser().parse_args(args).workers is None  # main() fills in default_workers()
