@@ -161,9 +161,9 @@ def _append(f: io.TextIOBase, text: str) -> None:
 
 def default_workers() -> int:
     """Decoding threads: this process's share of the CPUs it may use (torchrun's local ranks
-    split them). Decoding and resizing release the GIL and scale with cores (a 3000×2500 PNG
-    takes ~55 ms of one core to decode and preprocess), so a GPU that scores thousands of
-    images a second needs every core to keep up."""
+    split them). Decoding and resizing release the GIL and scale with cores (a 2000–3000 px
+    X-ray takes 40–60 ms of one core to decode and preprocess), so a GPU that scores thousands
+    of images a second needs every core to keep up."""
     try:
         cpus = len(os.sched_getaffinity(0))  # honours taskset / cpusets, unlike cpu_count
     except AttributeError:  # not on Linux
