@@ -4,7 +4,7 @@ from .aligner import CrossAttentionAligner
 from .backends import BACKENDS
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss, zero_shot_scores
-from .model import CARZeroModel
+from .model import CARZeroModel, read_state_dict
 
 __all__ = [
     "BACKENDS",
@@ -13,6 +13,7 @@ __all__ = [
     "CrossAttentionAligner",
     "alignment_logits",
     "carzero_loss",
+    "read_state_dict",
     "zero_shot_scores",
 ]
 __version__ = "0.1.0"

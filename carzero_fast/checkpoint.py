@@ -9,8 +9,6 @@ from torch import Tensor
 
 from .config import AlignerConfig
 
-FUSION_PREFIX = "fusion_module."
-
 # Parameters the original module stores but never uses in its forward pass.
 _UNUSED = re.compile(
     r"^(decoder\.layers\.\d+\.self_attn\..+|decoder\.layers\.\d+\.norm1\.(weight|bias)"
@@ -22,17 +20,19 @@ def extract_fusion_state_dict(state_dict: Mapping[str, object]) -> dict[str, Ten
     """The fusion module's own keys, from its state dict or from a whole model/Lightning one.
 
     A whole CARZero model stores the module under `...fusion_module.` (behind any Lightning
-    prefix such as `CARZero.`); when such keys exist only they are used.
+    prefix such as `CARZero.`); when such keys exist only they are used, and they must share
+    one prefix (a second copy, e.g. an EMA's, is refused rather than mixed in).
     A Lightning checkpoint dict (with a `state_dict` entry) is unwrapped first.
     """
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
-    fused = {
-        k[k.index(FUSION_PREFIX) + len(FUSION_PREFIX) :]: v
-        for k, v in state_dict.items()
-        if FUSION_PREFIX in k
-    }
-    out = fused if fused else dict(state_dict)
+    # `fusion_module.` as a whole name: at the start or after a ".", not in "aux_fusion_module."
+    where = {k: m.end() for k in state_dict if (m := re.search(r"(^|\.)fusion_module\.", k))}
+    prefixes = sorted({k[:end] for k, end in where.items()})
+    if len(prefixes) > 1:
+        raise ValueError(f"the state dict holds more than one fusion module ({prefixes}): "
+                         "pass the one to load on its own")  # fmt: skip
+    out = {k[end:]: state_dict[k] for k, end in where.items()} if where else dict(state_dict)
     for k, v in out.items():
         if not isinstance(v, Tensor):
             raise TypeError(f"checkpoint key '{k}' holds a {type(v).__name__}, not a tensor")
@@ -46,7 +46,7 @@ def drop_unused(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> AlignerConfig:
     """An `AlignerConfig` from tensor shapes. The head count is not in any shape: CARZero's
-    is 4, which is assumed here (pass a config to override)."""
+    is 4, which is assumed here (a d_model it does not divide raises; pass a config)."""
     try:
         d_model = state_dict["decoder_norm.weight"].shape[0]
         d_ffn = state_dict["decoder.layers.0.linear1.weight"].shape[0]
@@ -60,7 +60,10 @@ def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> Alig
     }
     n_layers = max(layer_ids) + 1
     head_dims = _head_dims(state_dict)
-    n_heads = 4 if d_model % 4 == 0 else 1
+    if d_model % 4:
+        raise ValueError(f"cannot infer the aligner config: CARZero's 4 heads do not divide "
+                         f"d_model = {d_model}; pass an AlignerConfig")  # fmt: skip
+    n_heads = 4
     return AlignerConfig(
         d_model=d_model,
         n_heads=n_heads,

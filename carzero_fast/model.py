@@ -11,8 +11,10 @@ Two formats load:
   in transformers' names, `fusion_module.*` in the original's), `config.json` (the three
   configurations) and `tokenizer/` (the tokenizer files).
 
-Pickle checkpoints load with `weights_only=True`; one that needs more says so, and loads only
-with `trust_checkpoint=True` (`--trust-checkpoint`).
+Pickle checkpoints load with `weights_only=True`; the Python objects that refuses (Lightning's
+hyper-parameters: an OmegaConf config) are read as inert placeholders, and only a file that
+names a global torch blocks outright (os.system, ...) needs `trust_checkpoint=True`
+(`--trust-checkpoint`), which unpickles everything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,37 +39,88 @@ FORMAT = "carzero_fast"
 PARTS = ("img_encoder", "text_encoder", "fusion_module")
 
 
-def _load_torch_file(path: Path, trust_checkpoint: bool) -> dict:
+def _inert(name: str) -> type:
+    """A class standing in for the global `name` of a checkpoint: it accepts any arguments and
+    state and keeps none, so the object it stands for is read without importing or running
+    anything."""
+
+    def __new__(cls: type, *args: object, **kwargs: object) -> object:  # noqa: ARG001
+        return object.__new__(cls)
+
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (), {
+        "__new__": __new__,
+        "__init__": lambda self, *args, **kwargs: None,
+        "__setstate__": lambda self, state: None,
+        "__repr__": lambda self: f"<{name}, not loaded>",
+        "__module__": module,
+    })  # fmt: skip
+
+
+def read_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
+    """The state dict of a torch file (a Lightning checkpoint's `state_dict` entry, or the
+    file's dict itself).
+
+    Without `trust_checkpoint`, torch's weights-only unpickler reads it; the Python objects it
+    refuses (a Lightning checkpoint's hyper-parameters, an OmegaConf config, callbacks' state)
+    are read as inert placeholders, so nothing in the file runs and their packages need not be
+    installed. A file naming a global torch blocks outright (os.system, ...) raises ValueError
+    unless `trust_checkpoint`, which unpickles everything (only for files you trust).
+    """
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except Exception as e:  # noqa: BLE001 — re-raised with what to do about it
+        if trust_checkpoint:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                if "Weights only load failed" not in str(e):
+                    raise
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                try:
+                    with torch.serialization.safe_globals([(_inert(n), n) for n in names]):
+                        obj = torch.load(path, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError as e2:  # e.g. os.system: blocked even as a name
+                    why = next((line for line in str(e2).splitlines() if "GLOBAL" in line), "")
+                    raise ValueError(f"checkpoint {path} cannot be read safely ({why.strip()}); "
+                                     "if you trust the file, pass --trust-checkpoint "
+                                     "(trust_checkpoint=True)") from e2  # fmt: skip
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 — re-raised with the file's name
         first_line = (str(e).splitlines() or [""])[0][:200]
-        # torch's weights-only unpickler refuses a readable pickle that names objects beyond
-        # tensors with this message; any other failure means torch cannot read the file at
-        # all, and unpickling it without weights_only would not help (nor be safe to suggest)
-        refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
-        if trust_checkpoint or not refused:
-            raise ValueError(f"{path} is not a checkpoint torch can read ({type(e).__name__}: "
-                             f"{first_line})") from e  # fmt: skip
-        raise ValueError(
-            f"checkpoint {path} cannot be loaded with weights_only=True ({type(e).__name__}: "
-            f"{first_line}); it holds Python objects beyond tensors. If you "
-            "trust the file, pass --trust-checkpoint (trust_checkpoint=True)"
-        ) from e
+        raise ValueError(f"{path} is not a checkpoint torch can read ({type(e).__name__}: "
+                         f"{first_line})") from e  # fmt: skip
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"checkpoint {path} holds no state dict")
     return sd
 
 
-def split_carzero_state_dict(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """A CARZero state dict → {part: its keys without the prefix} for the three parts."""
+def split_carzero_state_dict(
+    sd: dict[str, object],
+) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """A CARZero state dict → ({part: its tensors without the prefix} for the three parts,
+    the keys outside them). A key under both `CARZero.<part>.` and `<part>.`, or a value that
+    is not a tensor, is refused."""
     parts: dict[str, dict[str, Tensor]] = {p: {} for p in PARTS}
+    other = []
     for key, value in sd.items():
         for part in PARTS:
-            for prefix in (f"CARZero.{part}.", f"{part}."):
-                if key.startswith(prefix):
-                    parts[part][key[len(prefix) :]] = value
+            prefix = next((f for f in (f"CARZero.{part}.", f"{part}.") if key.startswith(f)), "")
+            if prefix:
+                name = key[len(prefix) :]
+                if name in parts[part]:
+                    raise ValueError(f"checkpoint key '{key}': {part} '{name}' appears twice, "
+                                     f"with and without the 'CARZero.' prefix")  # fmt: skip
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"checkpoint key '{key}' holds a {type(value).__name__}, "
+                                     "not a tensor")  # fmt: skip
+                parts[part][name] = value
+                break
+        else:
+            other.append(key)
     missing = [p for p in PARTS if not parts[p]]
     if missing:
         found = sorted({k.split(".")[0] for k in sd})[:8]
@@ -74,7 +128,11 @@ def split_carzero_state_dict(sd: dict[str, Tensor]) -> dict[str, dict[str, Tenso
             f"not a CARZero checkpoint: no {', '.join(missing)} weights (expected keys under "
             f"'CARZero.<part>.' or '<part>.'; top-level names found: {found})"
         )
-    return parts
+    return parts, other
+
+
+class CheckpointWarning(UserWarning):
+    """Something in a checkpoint that loading leaves out (keys outside the model's parts)."""
 
 
 class CARZeroModel(nn.Module):
@@ -118,13 +176,17 @@ class CARZeroModel(nn.Module):
                 "it; give the local BERT directory it was trained from (tokenizer=DIR; on the "
                 "command line: carzero-fast convert CKPT OUT_DIR --tokenizer DIR)"
             )
-        parts = split_carzero_state_dict(_load_torch_file(p, trust_checkpoint))
+        parts, other = split_carzero_state_dict(read_state_dict(p, trust_checkpoint))
+        if other:
+            warnings.warn(f"{p}: {len(other)} key(s) outside img_encoder, text_encoder and "
+                          f"fusion_module are not part of the model, ignored: {other[:8]}",
+                          CheckpointWarning, stacklevel=2)  # fmt: skip
         return cls._from_parts(parts, Path(tokenizer), vit_heads)
 
     @classmethod
     def _from_parts(cls, parts: dict[str, dict[str, Tensor]], bert_dir: Path,
                     vit_heads: int | None) -> CARZeroModel:  # fmt: skip
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig
 
         from .encoders.image import VisionTransformer, infer_config
         from .encoders.text import TextEncoder
@@ -137,18 +199,18 @@ class CARZeroModel(nn.Module):
             raise ValueError(f"BERT directory {bert_dir} does not exist")
         try:
             bert_cfg = AutoConfig.from_pretrained(bert_dir, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(bert_dir, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"{bert_dir} is not a BERT directory (config + tokenizer): {e}") from e
-        bert = AutoModel.from_config(bert_cfg)
+        bert = _bert_from_config(bert_cfg)
         text_sd = _strip_model_prefix(parts["text_encoder"])
         _load_exact(bert, text_sd, "text_encoder")
+        tok = _load_tokenizer(bert_dir, bert)
         aligner = CrossAttentionAligner.from_carzero_state_dict(parts["fusion_module"])
         return cls(vit, TextEncoder(bert, tok), aligner).eval()
 
     @classmethod
     def _from_directory(cls, directory: Path) -> CARZeroModel:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig
 
         from .encoders.image import VisionTransformer, ViTConfig
         from .encoders.text import TextEncoder
@@ -177,23 +239,22 @@ class CARZeroModel(nn.Module):
         except Exception as e:  # noqa: BLE001 — safetensors raises its own error type
             raise ValueError(f"{weights} cannot be read as safetensors ({e}): a truncated or "
                              "corrupted copy? Convert or copy the model again") from e  # fmt: skip
-        parts = split_carzero_state_dict(tensors)
+        parts, other = split_carzero_state_dict(tensors)
+        if other:
+            raise ValueError(f"{weights} holds keys outside img_encoder, text_encoder and "
+                             f"fusion_module: {other[:8]}")  # fmt: skip
         vit = VisionTransformer(vit_cfg)
         vit.load_timm_state_dict(parts["img_encoder"])
         bert_cfg = dict(cfg["bert"])
         if "model_type" not in bert_cfg:
             raise ValueError(f"{cfg_path}: the bert configuration lacks 'model_type'")
-        bert = AutoModel.from_config(AutoConfig.for_model(bert_cfg.pop("model_type"), **bert_cfg))
+        bert = _bert_from_config(AutoConfig.for_model(bert_cfg.pop("model_type"), **bert_cfg))
         _load_exact(bert, parts["text_encoder"], "text_encoder")
         tok_dir = directory / "tokenizer"
         if not tok_dir.is_dir() or not any(tok_dir.iterdir()):
             raise ValueError(f"{directory} lacks its tokenizer folder ({tok_dir}): copy the "
                              "whole model directory")  # fmt: skip
-        try:
-            tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{tok_dir} is not a tokenizer transformers can load: "
-                             f"{error_text(e)}") from e  # fmt: skip
+        tok = _load_tokenizer(tok_dir, bert)
         text = TextEncoder(bert, tok, **cfg.get("text", {}))
         try:  # names missing, unknown and misshapen keys, as for a CARZero checkpoint
             aligner = CrossAttentionAligner.from_carzero_state_dict(parts["fusion_module"],
@@ -210,6 +271,7 @@ class CARZeroModel(nn.Module):
             raise ValueError(f"{out} exists and is not a directory")
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} exists and is not empty")
+        created = [d for d in reversed(out.absolute().parents) if not d.exists()]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -231,13 +293,28 @@ class CARZeroModel(nn.Module):
             }  # fmt: skip
             (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
             self.text_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
+            _umask_modes(tmp)
             if out.exists():
                 out.rmdir()
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for d in reversed(created):  # the folders made for it, if still empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
             raise
         return out
+
+
+def _umask_modes(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain mkdir / open would under the umask
+    (mkdtemp and safetensors create them private, 0700 / 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (root, *root.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def error_text(e: BaseException) -> str:
@@ -282,6 +359,37 @@ def check_crop_size(model: CARZeroModel) -> None:
                          "CARZero's transforms")  # fmt: skip
 
 
+def _bert_from_config(config: object) -> nn.Module:
+    """BERT of `config` in float32, as CARZero built it, whatever dtype the config names (a
+    config saved from a half-precision model would otherwise round the weights loaded into
+    it)."""
+    from transformers import AutoModel
+
+    return AutoModel.from_config(config).float()
+
+
+def _load_tokenizer(directory: Path, bert: nn.Module) -> object:
+    """The tokenizer in `directory`, refused when it has no vocabulary file (transformers then
+    builds one that maps every word to [UNK]) or more tokens than `bert` has embeddings."""
+    from transformers import AutoTokenizer
+
+    from .encoders.text import TOKENIZER_FILES
+
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {directory}: expected one of {TOKENIZER_FILES} (the "
+                         "vocabulary of the BERT the model was trained from)")  # fmt: skip
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory} holds no tokenizer transformers can load: "
+                         f"{error_text(e)}") from e  # fmt: skip
+    rows = bert.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise ValueError(f"the tokenizer in {directory} has {len(tok)} tokens but the text "
+                         f"encoder embeds {rows}: not its training vocabulary")  # fmt: skip
+    return tok
+
+
 def _strip_model_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """CARZero's text encoder holds BERT as `.model`: drop that level when present."""
     if sd and all(k.startswith("model.") for k in sd):
@@ -305,8 +413,12 @@ def _load_exact(module: nn.Module, sd: dict[str, Tensor], what: str) -> None:
     (buffers such as BERT's position_ids may be absent: they are rebuilt by the model)."""
     own = module.state_dict()
     persistent_params = {k for k, _ in module.named_parameters()}
+    buffers = dict(module.named_buffers())  # non-persistent ones included, unlike own
     missing = sorted(k for k in persistent_params if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own)
+    unexpected = sorted(k for k in sd if k not in own and k not in buffers)
+    # A non-persistent buffer saved by an older version (BERT's position_ids before
+    # transformers 4.31) is rebuilt by the model: dropped, not loaded.
+    sd = {k: v for k, v in sd.items() if k in own}
     misshapen = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}"
                        for k in sd if k in own and sd[k].shape != own[k].shape)  # fmt: skip
     if missing or unexpected or misshapen:
@@ -340,11 +452,24 @@ def convert_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{out_dir} exists and is not a directory")
         if out_dir.is_dir() and any(out_dir.iterdir()):
             raise ValueError(f"{out_dir} exists and is not empty")
-        model = CARZeroModel.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer,
-                                             trust_checkpoint=args.trust_checkpoint,
-                                             vit_heads=args.vit_heads)  # fmt: skip
+        parent = out_dir.absolute().parent
+        if not parent.is_dir():
+            raise ValueError(f"the folder of {out_dir} ({parent}) does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write in {parent}, the folder of {out_dir}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = CARZeroModel.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer,
+                                                 trust_checkpoint=args.trust_checkpoint,
+                                                 vit_heads=args.vit_heads)  # fmt: skip
+        for w in caught:  # ours as one line each, any library's as it was
+            if issubclass(w.category, CheckpointWarning):
+                print(f"carzero-fast convert: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         out = model.save_pretrained(out_dir)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        # TypeError: a checkpoint value of the wrong kind (e.g. integer LayerNorm weights)
         print(f"carzero-fast convert: {error_text(e)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -59,6 +59,26 @@ def test_whole_model_and_lightning_checkpoints(golden, golden_weights, prefix):
         assert rel_err(i2t, golden["outputs.i2t"]) < 1e-5
 
 
+def test_a_second_fusion_module_is_refused_not_mixed_in(golden_weights):
+    """An EMA copy or a module whose name ends in "fusion_module" (aux_fusion_module) must not
+    overwrite the model's own weights."""
+    sd = {"CARZero.fusion_module." + k: v for k, v in golden_weights.items()}
+    ema = {"ema.CARZero.fusion_module." + k: torch.zeros_like(v) for k, v in sd.items()}
+    with pytest.raises(ValueError, match="more than one fusion module"):
+        cf.CrossAttentionAligner.from_carzero_state_dict({**sd, **ema})
+    aux = {"CARZero.aux_fusion_module.decoder_norm.weight": torch.zeros(64)}
+    al = cf.CrossAttentionAligner.from_carzero_state_dict({**sd, **aux})
+    assert torch.equal(al.decoder_norm.weight, golden_weights["decoder_norm.weight"])
+
+
+def test_head_count_is_not_guessed_when_four_does_not_divide_d(golden_weights):
+    al = cf.CrossAttentionAligner(cf.AlignerConfig(d_model=30, n_heads=3, n_layers=1))
+    with pytest.raises(ValueError, match="4 heads do not divide d_model = 30"):
+        cf.CrossAttentionAligner.from_carzero_state_dict(al.state_dict())
+    again = cf.CrossAttentionAligner.from_carzero_state_dict(al.state_dict(), al.config)
+    assert again.config.n_heads == 3
+
+
 def test_missing_unknown_and_misshapen_keys(golden_weights):
     sd = dict(golden_weights)
     del sd["decoder.layers.1.linear2.bias"]

@@ -145,9 +145,6 @@ def test_convert_rejects_bad_checkpoints_and_leaves_nothing(setup, tmp_path, cap
     assert not out.exists()
 
     pickled = _carzero_ckpt(s.model, tmp_path / "pickled.ckpt", extra=Namespace(lr=1e-4))
-    assert cli(["convert", str(pickled), str(out), "--tokenizer", str(s.bert)]) == 2
-    assert "--trust-checkpoint" in capsys.readouterr().err
-    assert not out.exists()
     assert cli(["convert", str(pickled), str(out), "--tokenizer", str(s.bert), "--vit-heads",
                 "4", "--trust-checkpoint"]) == 0  # fmt: skip
 
@@ -164,6 +161,52 @@ def test_convert_rejects_bad_checkpoints_and_leaves_nothing(setup, tmp_path, cap
     assert cli(["convert", str(pickled), str(a_file), "--tokenizer", str(s.bert)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert a_file.read_text() == "mine" and not (tmp_path / "o3").exists()
+
+
+class _RunsCode:
+    """Unpickling this runs `touch PATH` (what a malicious checkpoint could do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_convert_reads_python_objects_as_placeholders(setup, tmp_path, capsys):
+    """A Lightning checkpoint's hyper-parameters (CARZero saves an OmegaConf config) converts
+    without --trust-checkpoint and without the objects' package: they are read as inert
+    placeholders, and nothing in the file runs."""
+    s = setup
+    mod = tmp_path / "pkg_gone"
+    mod.mkdir()
+    (mod / "hparams_lib.py").write_text("class Config:\n    def __init__(self, **kw):\n"
+                                        "        self.__dict__.update(kw)\n")  # fmt: skip
+    sys.path.insert(0, str(mod))
+    try:
+        import hparams_lib
+
+        extra = {"cfg": hparams_lib.Config(lr=1e-4, nested=Namespace(a=1)), "epochs": [1, 2]}
+        ckpt = _carzero_ckpt(s.model, tmp_path / "lightning.ckpt", extra=extra)
+    finally:
+        sys.path.remove(str(mod))
+        sys.modules.pop("hparams_lib", None)
+    (mod / "hparams_lib.py").unlink()  # the package is not installed where convert runs
+
+    marker = tmp_path / "ran"
+    bad = _carzero_ckpt(s.model, tmp_path / "bad.ckpt", extra={"x": _RunsCode(marker)})
+    out = tmp_path / "converted"
+    assert cli(["convert", str(bad), str(out), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cannot be read safely" in err and "system" in err and "--trust-checkpoint" in err
+    assert not marker.exists() and not out.exists()
+
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 0, capsys.readouterr().err  # fmt: skip
+    paths = sorted(s.images.glob("x0*.png"))[:2]
+    assert torch.equal(_direct_scores(CARZeroModel.from_checkpoint(out), paths),
+                       _direct_scores(s.model, paths))  # fmt: skip
 
 
 def test_score_end_to_end(setup, tmp_path):
@@ -627,3 +670,129 @@ def test_default_workers_share_the_usable_cpus(monkeypatch):
     assert score.default_workers() == 1
     args = ["--model", "m", "--images", "a", "--classes", "c", "--out", "o"]
     assert score.parser().parse_args(args).workers is None  # main() fills in default_workers()
+
+
+def _copy_bert(s: Namespace, dest: Path, drop: tuple[str, ...] = ()) -> Path:
+    dest.mkdir()
+    for f in s.bert.iterdir():
+        if f.name not in drop:
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_convert_refuses_a_tokenizer_without_its_vocabulary(setup, tmp_path, capsys):
+    """transformers builds a tokenizer that maps every word to [UNK] from a folder without
+    vocab.txt / tokenizer.json; a vocabulary larger than the embedding fails only at encoding.
+    Both are refused when the model loads, for a checkpoint and for our directory."""
+    s = setup
+    ckpt = _carzero_ckpt(s.model, tmp_path / "c.ckpt")
+    no_vocab = _copy_bert(s, tmp_path / "no_vocab", drop=("vocab.txt", "tokenizer.json"))
+    out = tmp_path / "out"
+    heads = ["--vit-heads", "4"]
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(no_vocab), *heads]) == 2
+    assert "no tokenizer in" in capsys.readouterr().err and not out.exists()
+
+    big = _copy_bert(s, tmp_path / "big", drop=("tokenizer.json",))
+    words = (big / "vocab.txt").read_text().splitlines()
+    (big / "vocab.txt").write_text("\n".join(words + [f"extra{i}" for i in range(9)]) + "\n")
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(big), *heads]) == 2
+    err = capsys.readouterr().err
+    assert f"has {len(words) + 9} tokens but the text encoder embeds {len(words)}" in err
+
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in s.model_dir.rglob("*"):
+        if f.is_file() and f.name not in ("vocab.txt", "tokenizer.json"):
+            (copy / f.relative_to(s.model_dir)).parent.mkdir(exist_ok=True)
+            (copy / f.relative_to(s.model_dir)).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        CARZeroModel.from_checkpoint(copy)
+
+
+def test_convert_keeps_bert_in_float32_whatever_its_config_says(setup, tmp_path):
+    s = setup
+    half = _copy_bert(s, tmp_path / "half")
+    cfg = json.loads((half / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**cfg, "dtype": "float16",
+                                                  "torch_dtype": "float16"}))  # fmt: skip
+    ckpt = _carzero_ckpt(s.model, tmp_path / "c.ckpt")
+    out = tmp_path / "out"
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(half), "--vit-heads", "4"]) == 0
+    for loaded in (CARZeroModel.from_checkpoint(ckpt, tokenizer=half, vit_heads=4),
+                   CARZeroModel.from_checkpoint(out)):  # fmt: skip
+        want = s.model.text_encoder.model.state_dict()
+        for name, a in loaded.text_encoder.model.state_dict().items():
+            b = want[name]
+            assert a.dtype == torch.float32 and torch.equal(a, b), name
+
+
+def test_convert_names_keys_it_leaves_out_and_refuses_ambiguous_ones(setup, tmp_path, capsys):
+    s = setup
+    base = torch.load(_carzero_ckpt(s.model, tmp_path / "c.ckpt"), weights_only=True)
+    sd = dict(base["state_dict"])
+    extra = {**sd, "CARZero.multi_modal_vision_proj.weight": torch.zeros(2, 2)}
+    # saved by transformers < 4.31: a buffer the model rebuilds
+    extra["CARZero.text_encoder.model.embeddings.position_ids"] = torch.arange(128)[None]
+    torch.save({"state_dict": extra}, tmp_path / "extra.ckpt")
+    out = tmp_path / "out"
+    assert cli(["convert", str(tmp_path / "extra.ckpt"), str(out), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning:" in err and "1 key(s) outside" in err and "multi_modal_vision_proj" in err
+
+    key = next(k for k in sd if k.startswith("CARZero.fusion_module."))
+    twice = {**sd, key.removeprefix("CARZero."): sd[key].clone()}
+    torch.save({"state_dict": twice}, tmp_path / "twice.ckpt")
+    out2 = tmp_path / "out2"
+    assert cli(["convert", str(tmp_path / "twice.ckpt"), str(out2), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 2  # fmt: skip
+    assert "appears twice" in capsys.readouterr().err and not out2.exists()
+
+    not_tensor = {**sd, "CARZero.fusion_module.some_count": 3}
+    torch.save({"state_dict": not_tensor}, tmp_path / "int.ckpt")
+    assert cli(["convert", str(tmp_path / "int.ckpt"), str(out2), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "'CARZero.fusion_module.some_count' holds a int, not a tensor" in err
+    assert "Traceback" not in err and not out2.exists()
+
+
+def test_convert_checks_where_it_writes_first_and_leaves_nothing(setup, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    s = setup
+    ckpt = _carzero_ckpt(s.model, tmp_path / "c.ckpt")
+    out = tmp_path / "missing" / "out"
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(s.bert)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.parent.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert cli(["convert", str(ckpt), str(a_file / "out"), "--tokenizer", str(s.bert)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    # the API makes missing parents, and removes them again when the write fails
+    import carzero_fast.model as model_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        s.model.save_pretrained(tmp_path / "new" / "deeper" / "model")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(model_module, "save_file", disk_full)
+    assert cli(["convert", str(ckpt), str(tmp_path / "o"), "--tokenizer", str(s.bert),
+                "--vit-heads", "4"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "c.ckpt"]
+
+
+def test_saved_model_has_the_umasks_modes(setup, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = setup.model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    for f in out.rglob("*"):
+        assert (f.stat().st_mode & 0o777) == (0o755 if f.is_dir() else 0o644), f

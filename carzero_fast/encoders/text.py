@@ -29,7 +29,7 @@ _NUMBERING_RE = re.compile(r"[0-9]+\.")
 _CONTINUATION = "##"  # WordPiece marks a piece that continues the previous one with this prefix
 # AutoTokenizer silently builds an empty-vocabulary tokenizer from a bare model directory, so the
 # presence of a vocabulary is checked by hand before loading.
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -146,8 +146,8 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"no model in {str(path)!r}: expected config.json and one of {_WEIGHT_FILES}"
             )
-        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-            raise ValueError(f"no tokenizer in {str(path)!r}: expected one of {_TOKENIZER_FILES}")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"no tokenizer in {str(path)!r}: expected one of {TOKENIZER_FILES}")
         try:
             model = AutoModel.from_pretrained(path, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
