@@ -13,8 +13,11 @@ def _symmetric_ce(s: Tensor) -> Tensor:
     """(CE(S, diag) + CE(Sᵀ, diag)) / 2 for a square logit matrix S `(B, B)`."""
     if s.dim() != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"CARZero's loss needs square (B, B) logits, got {tuple(s.shape)}")
+    if s.shape[0] == 0:
+        raise ValueError("CARZero's loss needs at least one pair, got (0, 0) logits")
     target = torch.arange(s.shape[0], device=s.device)
-    s = s.float()
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()  # the softmax of 16-bit logits in fp32; fp32 and fp64 kept
     return (F.cross_entropy(s, target) + F.cross_entropy(s.t(), target)) / 2
 
 
@@ -26,8 +29,13 @@ def carzero_loss(i2t: Tensor, t2i: Tensor) -> Tensor:
         t2i: `(B, B)` logits, texts as memory, image globals as queries.
 
     Returns:
-        scalar fp32 loss `sym(i2t) + sym(t2i)`.
+        scalar loss `sym(i2t) + sym(t2i)`: fp32 for 16-bit logits, else the logits' dtype.
     """
+    for name, s in (("i2t", i2t), ("t2i", t2i)):
+        if s.dim() != 2 or s.shape[0] != s.shape[1]:
+            raise ValueError(f"CARZero's loss needs square (B, B) logits (as many texts as "
+                             f"images, text b describing image b), got {name} "
+                             f"{tuple(s.shape)}")  # fmt: skip
     if i2t.shape != t2i.shape:
         raise ValueError(f"i2t {tuple(i2t.shape)} and t2i {tuple(t2i.shape)} differ in shape")
     return _symmetric_ce(i2t) + _symmetric_ce(t2i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_aligner, rel_err
@@ -33,3 +34,16 @@ def test_zero_shot_scores_average_both_directions():
         t2i = al(txt, img[:, 0])
     assert zs.shape == (4, 3)
     assert rel_err(zs, (i2t + t2i.t()) / 2) < 1e-6
+
+
+def test_loss_keeps_float64_and_refuses_empty_or_non_square_logits():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert cf.carzero_loss(a, b).dtype == torch.float64
+    assert torch.autograd.gradcheck(cf.carzero_loss, (a, b))
+    assert cf.carzero_loss(a.bfloat16(), b.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match="at least one pair"):
+        cf.carzero_loss(torch.empty(0, 0), torch.empty(0, 0))
+    with pytest.raises(ValueError, match=r"square \(B, B\) logits .* got i2t \(3, 4\)"):
+        cf.carzero_loss(torch.zeros(3, 4), torch.zeros(4, 3))

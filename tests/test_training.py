@@ -342,3 +342,89 @@ def test_double_backward_is_refused():
         torch.autograd.grad(al(img, q, backend="chunked").sum(), img, create_graph=True)
     (g_ref,) = torch.autograd.grad(al(img, q, backend="reference").sum(), img, create_graph=True)
     assert g_ref.requires_grad
+
+
+def test_chunked_training_under_autocast_computes_in_the_inputs_dtype():
+    """Under torch.autocast a chunked step runs with autocast off (its recomputing backward
+    needs the forward's dtypes): the numbers of the same step without autocast, bit for bit,
+    whether backward() is called inside the autocast region or after it."""
+    cfg = cf.AlignerConfig(d_model=32, n_heads=4, n_layers=2, d_ffn=24, head_dims=(12, 8),
+                           dropout=0.0)  # fmt: skip
+    al = make_aligner(cfg, seed=3).train()
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(6, 7, 32, generator=g), torch.randn(6, 6, 32, generator=g)
+
+    def step(autocast, backward_inside):
+        x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        al.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            i2t, t2i = al.both_directions(x, y, backend="chunked", chunk_budget_bytes=20_000)
+            loss = cf.carzero_loss(i2t, t2i)
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return [i2t, t2i, x.grad, y.grad, *(p.grad for p in al.parameters())]
+
+    plain = step(autocast=False, backward_inside=False)
+    for backward_inside in (False, True):
+        got = step(autocast=True, backward_inside=backward_inside)
+        for a, b in zip(got, plain, strict=True):
+            assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_backward_recomputes_the_forwards_chunks_when_the_thread_count_changes():
+    """CPU item blocks follow torch.get_num_threads(); the plan is fixed in the forward, so a
+    backward at another thread count recomputes the same chunks and dropout masks."""
+    cfg = cf.AlignerConfig(d_model=8, n_heads=2, n_layers=2, d_ffn=12, head_dims=(6, 4),
+                           dropout=0.2)  # fmt: skip
+    al = make_aligner(cfg, seed=8).double().train()
+    g = torch.Generator().manual_seed(9)
+    img = torch.randn(9, 5, 8, generator=g, dtype=torch.float64)
+    txt = torch.randn(9, 4, 8, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    from carzero_fast.backends.plan import pieces, plan_chunks
+
+    budget = next(b for b in range(1000, 10**6, 250)
+                  if plan_chunks(cfg, 9, 9, 5, 8, b, True, False).items == 4
+                  and plan_chunks(cfg, 9, 9, 4, 8, b, True, False).items == 4)  # fmt: skip
+    assert pieces(9, 4, 2) != pieces(9, 4, 1)  # the item blocks of 2 and of 1 thread differ
+
+    def step(backward_threads):
+        x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        al.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        torch.set_num_threads(2)
+        try:
+            loss = cf.carzero_loss(*chunked_both_directions(al.weights(), cfg, x, y, None, None,
+                                                            True, budget, form="kv"))  # fmt: skip
+            torch.set_num_threads(backward_threads)
+            loss.backward()
+        finally:
+            torch.set_num_threads(threads)
+        return [x.grad, y.grad, *(p.grad for p in al.parameters())]
+
+    for a, b in zip(step(2), step(1), strict=True):
+        # equal up to the GEMMs' summation order at another thread count (a chunk with other
+        # dropout masks differs by ~1e-1)
+        assert rel_err(a, b) < 1e-12
+
+
+def test_an_unused_direction_is_not_recomputed(monkeypatch):
+    """A loss on i2t alone: the backward recomputes i2t's chunks only (autograd hands the
+    unused t2i None, not a zero gradient to push through every chunk)."""
+    import carzero_fast.backends.chunked as chunked
+
+    jobs = []
+    original = chunked._backward_chunks
+    monkeypatch.setattr(chunked, "_backward_chunks",
+                        lambda prep, cfg, job, *a: jobs.append(job.memory)
+                        or original(prep, cfg, job, *a))  # fmt: skip
+    al = make_aligner(TINY, seed=10).train()
+    g = torch.Generator().manual_seed(11)
+    img = torch.randn(4, 5, 8, generator=g, requires_grad=True)
+    txt = torch.randn(4, 3, 8, generator=g, requires_grad=True)
+    i2t, t2i = al.both_directions(img, txt, backend="chunked")
+    torch.nn.functional.cross_entropy(i2t, torch.arange(4)).backward()
+    assert jobs == [0]
+    assert img.grad is not None and txt.grad is not None

@@ -186,6 +186,39 @@ def test_half_precision_no_worse_than_pytorch(dtype, route, monkeypatch):
         assert err <= 2 * base, (what, err, base)
 
 
+def test_autocast_runs_the_16_bit_path(triton_only):
+    """Under torch.autocast (bf16) an fp32 model and fp32 tokens run the kernels' bf16 path
+    (GEMM operands rounded, stream in fp32, as autocast does), with backward() inside or after
+    the region: its error against fp32 within 2× that of reference under the same autocast."""
+    al = make_aligner(CONFIGS["d64h4"], seed=5)
+    img, txt = _tokens(64, n=6, m=6, seed=8)
+
+    def under_autocast(backend, backward_inside=False):
+        al.zero_grad(set_to_none=True)
+        a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            i2t, t2i = al.both_directions(a, b, backend=backend)
+            loss = cf.carzero_loss(i2t, t2i)
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads = [a.grad, b.grad, *(p.grad for p in al.parameters())]
+        assert all(g.dtype == torch.float32 for g in grads)
+        return i2t, torch.cat([g.flatten() for g in grads])
+
+    al.zero_grad(set_to_none=True)
+    a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    cf.carzero_loss(*al.both_directions(a, b, backend="reference")).backward()
+    exact = torch.cat([g.flatten() for g in (a.grad, b.grad, *(p.grad for p in al.parameters()))])
+    i2t, got = under_autocast("triton")
+    assert i2t.dtype == torch.bfloat16
+    _, inside = under_autocast("triton", backward_inside=True)
+    assert torch.equal(got, inside)
+    _, torch_err = under_autocast("reference")
+    assert 0 < rel_err(got, exact) <= 2 * rel_err(torch_err, exact)
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "dropout"])
 def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch, triton_only):
     """16-bit training takes each residual branch's dy (16-bit; in train mode through the

@@ -44,6 +44,28 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     return "chunked"
 
 
+def autocast_dtype(name: str, x: Tensor) -> torch.dtype | None:
+    """Under an active `torch.autocast`, the dtype backend `name` casts inputs like `x` and
+    the parameters to, or None to run them as they are.
+
+    `reference` is plain PyTorch: autocast applies to its ops as usual (None here). `chunked`
+    and `triton` run with autocast turned off, since their recomputing backward must see the
+    forward's dtypes: `chunked` computes in the inputs' dtype (None), `triton` in autocast's
+    16-bit dtype, whose path rounds the GEMM operands and keeps the residual stream,
+    LayerNorm and softmax in fp32, as autocast does. float64 is never cast (nor by autocast).
+    """
+    if name != "triton" or not torch.is_autocast_enabled(x.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if x.dtype in (torch.float64, dtype) or dtype not in KERNEL_DTYPES:
+        return None
+    return dtype
+
+
+def _autocast_active(name: str, x: Tensor) -> bool:
+    return name != "reference" and torch.is_autocast_enabled(x.device.type)
+
+
 def _needs_autograd(w: AlignerWeights, *t: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in (*t, *w.flatten()))
 
@@ -59,8 +81,15 @@ def run_backend(
     training: bool,
     chunk_budget_bytes: int | None = None,
 ) -> Tensor:
-    """Dispatch to a backend; every backend returns `(N, M)` logits in the inputs' dtype."""
+    """Dispatch to a backend; every backend returns `(N, M)` logits in the dtype it computes
+    in: the inputs', or autocast's (`autocast_dtype`)."""
     name = resolve_backend(name, memory.device, memory.dtype)
+    if _autocast_active(name, memory):
+        dtype = autocast_dtype(name, memory) or memory.dtype
+        with torch.autocast(memory.device.type, enabled=False):
+            return run_backend(name, w.to(dtype), cfg, memory.to(dtype), queries.to(dtype),
+                               memory_mask, training=training,
+                               chunk_budget_bytes=chunk_budget_bytes)  # fmt: skip
     if name == "reference":
         return reference_forward(w, cfg, memory, queries, memory_mask, training)
     if name == "triton":
@@ -87,6 +116,12 @@ def run_backend_both(
 ) -> tuple[Tensor, Tensor]:
     """Both directions, globals from row 0 → (i2t `(N, M)`, t2i `(M, N)`)."""
     name = resolve_backend(name, img_tokens.device, img_tokens.dtype)
+    if _autocast_active(name, img_tokens):
+        dtype = autocast_dtype(name, img_tokens) or img_tokens.dtype
+        with torch.autocast(img_tokens.device.type, enabled=False):
+            return run_backend_both(name, w.to(dtype), cfg, img_tokens.to(dtype),
+                                    txt_tokens.to(dtype), img_mask, txt_mask, training=training,
+                                    chunk_budget_bytes=chunk_budget_bytes)  # fmt: skip
     if name == "reference":
         return (
             reference_forward(w, cfg, img_tokens, txt_tokens[:, 0], img_mask, training),

@@ -93,13 +93,17 @@ def _backward_tree(tree: object, leaves: object) -> None:
 
 class Job(NamedTuple):
     """One direction: the memory is `tokens[memory]`; the queries are `tokens[queries]` when
-    that is `(M, D)`, else its row 0 (the globals, as CARZero feeds them)."""
+    that is `(M, D)`, else its row 0 (the globals, as CARZero feeds them). Its item blocks and
+    query chunks are fixed when it is made: the backward recomputes exactly the forward's
+    chunks (and their dropout masks, keyed by chunk) even if the thread count changed."""
 
     memory: int
     queries: int
     mask: Tensor | None
     plan: ChunkPlan
     seed: int | None  # dropout seed, None = no dropout
+    blocks: list[tuple[int, int]]  # item bounds (n0, n1)
+    chunks: list[tuple[int, int]]  # query bounds (m0, m1)
 
 
 def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
@@ -139,16 +143,21 @@ def _chunk_logits(
                               block.bias, drop)  # fmt: skip
 
 
+def chunk_bounds(
+    plan: ChunkPlan, n: int, m: int, device: torch.device
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The item blocks and query chunks of a job planned as `plan` over n items × m queries
+    (CPU item blocks are multiples of the thread count, so that each thread gets whole items)."""
+    return pieces(n, plan.items, _item_granule(device)), pieces(m, plan.queries)
+
+
 def last_chunk(
     plan: ChunkPlan, n: int, m: int, device: torch.device
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Item and query bounds of the last chunk of a job planned as `plan` over n items × m
     queries: the chunk a training forward keeps for the backward."""
-    return pieces(n, plan.items, _item_granule(device))[-1], pieces(m, plan.queries)[-1]
-
-
-def _item_blocks(job: Job, memory: Tensor) -> list[tuple[int, int]]:
-    return pieces(memory.shape[0], job.plan.items, _item_granule(memory.device))
+    blocks, chunks = chunk_bounds(plan, n, m, device)
+    return blocks[-1], chunks[-1]
 
 
 def _forward_chunks(
@@ -162,7 +171,7 @@ def _forward_chunks(
 ) -> None:
     """Every chunk's logits into `out` `(N, M)`, no autograd (the last one skipped if asked:
     `_keep_last_chunk` runs it)."""
-    blocks, chunks = _item_blocks(job, memory), pieces(prep.x0.shape[0], job.plan.queries)
+    blocks, chunks = job.blocks, job.chunks
     for n0, n1 in blocks:
         block = _open_block(prep, cfg, job, memory, n0, n1, grad=False)
         for m0, m1 in chunks:
@@ -232,7 +241,7 @@ def _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out) -> _Kept:  # no
         w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
         direction = _open_direction(w, cfg, tokens_leaf, job, needs_tokens[job.queries])
         memory = tokens_leaf[job.memory]
-        (n0, n1), (m0, m1) = last_chunk(job.plan, *out.shape, memory.device)
+        (n0, n1), (m0, m1) = job.blocks[-1], job.chunks[-1]
         block = _open_block(direction.prep_in, cfg, job, memory, n0, n1, grad=True)
         s = _chunk_logits(direction.prep_in, cfg, job, training, block, m0, m1)
     out[n0:n1, m0:m1] = s.detach()
@@ -252,7 +261,7 @@ def _backward_chunks(
     """Recompute and back-propagate every chunk, last first: where the forward ended, so that
     the chunk it kept (popped from `kept`, when there) is the first and is not recomputed.
     Memory's gradient is added into `g_mem`."""
-    blocks, chunks = _item_blocks(job, memory), pieces(prep.x0.shape[0], job.plan.queries)
+    blocks, chunks = job.blocks, job.chunks
     first = kept.pop() if kept else None
     for n0, n1 in reversed(blocks):
         if first is not None:
@@ -298,6 +307,8 @@ class _ChunkedAlign(torch.autograd.Function):
             outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.training, ctx.n_tokens = cfg, jobs, training, n_tokens
+        # An output the loss does not use gets None, not zeros: its job is skipped in backward.
+        ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
@@ -317,7 +328,10 @@ class _ChunkedAlign(torch.autograd.Function):
             kept = []
         g_tokens = [torch.zeros_like(t) if need else None
                     for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
-        with torch.enable_grad():
+        # The recomputation runs in the forward's dtypes, also when backward() is called
+        # inside an autocast region.
+        no_autocast = torch.autocast(tokens[0].device.type, enabled=False)
+        with torch.enable_grad(), no_autocast:
             w = AlignerWeights.unflatten(flat_leaf, cfg.n_layers)
             for i in reversed(range(n_jobs)):  # the kept chunk is the last job's
                 job, g_out = ctx.jobs[i], g_outs[i]
@@ -364,7 +378,7 @@ def _make_job(cfg, tokens, mem_i, q_i, mask, training, budget, form, grad) -> Jo
     if training and cfg.dropout > 0.0:
         # From torch's default CPU generator: reproducible under torch.manual_seed, no sync.
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    return Job(mem_i, q_i, mask, plan, seed)
+    return Job(mem_i, q_i, mask, plan, seed, *chunk_bounds(plan, n, m, memory.device))
 
 
 def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[Tensor, ...]:  # noqa: ANN001

@@ -460,13 +460,17 @@ class _TritonAlign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
+        # An output the loss does not use gets None, not zeros: its job is skipped in backward.
+        ctx.set_materialize_grads(False)
         with launch_device(tensors[0]):
             return _TritonAlign._forward(ctx, cfg, jobs, budget, n_tokens, *tensors)
 
     @staticmethod
     def backward(ctx, *g_outs):  # noqa: ANN001
         check_first_order("triton", "reference")
-        with launch_device(ctx.saved_tensors[0]):
+        # In the forward's dtypes, also when backward() is called inside an autocast region.
+        no_autocast = torch.autocast(ctx.saved_tensors[0].device.type, enabled=False)
+        with launch_device(ctx.saved_tensors[0]), no_autocast:
             return _TritonAlign._backward(ctx, *g_outs)
 
     @staticmethod
