@@ -3,9 +3,15 @@ report, and clear errors (exit code 2) on bad input."""
 
 from __future__ import annotations
 
+import builtins
 import csv
+import io
 import json
+import os
+import subprocess
 import sys
+import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +20,6 @@ import pytest
 from carzero_fast.evaluate import auroc, average_precision, bucket_of, evaluate, main
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     with open(path, "w", newline="") as f:
@@ -261,45 +266,240 @@ def test_malformed_csv(tmp_path, capsys):
     assert "no class columns" in run_error(capsys, no_classes, labels)
 
 
-def test_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
-    for name in ("matplotlib", "matplotlib.backend_bases", "matplotlib.pyplot"):
-        monkeypatch.setitem(sys.modules, name, None)  # `import` raises ImportError
+def test_reader_keeps_no_per_cell_python_objects(tmp_path):
+    """20k × 50: the reader's peak (tracemalloc: Python objects and numpy buffers) stays within
+    twice the result arrays plus a few hundred bytes per row (ids, line numbers); keeping
+    every cell as a Python string or float needs several times that (about 10×)."""
+    from carzero_fast.evaluate import _load
+
+    n, c = 20_000, 50
+    rng = np.random.default_rng(0)
+    names = [f"c{j}" for j in range(c)]
+    with open(tmp_path / "s.csv", "w") as f:
+        f.write("path," + ",".join(names) + "\n")
+        for i, row in enumerate(rng.normal(size=(n, c))):
+            f.write(f"img/{i:06d}.png," + ",".join(f"{v:.9g}" for v in row) + "\n")
+    with open(tmp_path / "l.csv", "w") as f:
+        f.write("path," + ",".join(names) + "\n")
+        for i, row in enumerate(rng.integers(-1, 2, size=(n, c))):
+            f.write(f"img/{i:06d}.png," + ",".join(map(str, row)) + "\n")
+    tracemalloc.start()
+    try:
+        data = _load(tmp_path / "s.csv", tmp_path / "l.csv", warn=pytest.fail)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data.scores.shape == (n, c) and data.scores.dtype == np.float64
+    assert data.labels.shape == (n, c) and data.labels.dtype == np.int8
+    arrays = data.scores.nbytes + data.labels.nbytes
+    assert peak < 2 * arrays + 400 * n, (peak, arrays)
+
+
+def test_bom_crlf_quotes_and_padding_still_read(tmp_path):
+    scores = tmp_path / "s.csv"
+    scores.write_bytes(b'\xef\xbb\xbfpath,a\r\n"x,1",0.1\r\n y ,0.9\r\n\r\n"z",0.5\r\n')
+    labels = write_csv(tmp_path / "l.csv", ["id", "a"], [["x,1", " 0 "], ["y", "1.0"], ["z", 1]])
+    report = evaluate(scores, labels, warn=pytest.fail)
+    assert report["n_images"] == 3 and report["auroc"]["a"] == 1.0  # ids matched
+
+
+def test_unreadable_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """A file in a folder the user cannot search (stat and open raise PermissionError), a
+    name too long for the file system, and a folder: exit 2, no traceback."""
+    good_s = write_csv(tmp_path / "s.csv", *GOOD_S)
+    good_l = write_csv(tmp_path / "l.csv", *GOOD_L)
+    long = tmp_path / ("x" * 300 + ".csv")
+    err = run_error(capsys, long, good_l)
+    assert "scores file" in err and "name too long" in err.lower()
+    err = run_error(capsys, good_s, tmp_path)
+    assert "labels file" in err and "is a folder" in err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    hidden = write_csv(locked / "l.csv", *GOOD_L)
+    real_stat, real_open = os.stat, builtins.open
+
+    def denied(real):  # noqa: ANN001, ANN202
+        def call(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if str(path).startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", denied(real_stat))
+    monkeypatch.setattr(builtins, "open", denied(real_open))
+    err = run_error(capsys, good_s, hidden)
+    assert "labels file" in err and "Permission denied" in err
+
+
+def test_unreadable_file_as_a_user(tmp_path, capsys):
+    """A file without read permission (as a user other than root)."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    labels = write_csv(tmp_path / "l.csv", *GOOD_L)
+    labels.chmod(0)
+    err = run_error(capsys, write_csv(tmp_path / "s.csv", *GOOD_S), labels)
+    assert "labels file" in err and "Permission denied" in err
+
+
+def test_pipes_and_stdin(tmp_path, capsys, monkeypatch):
+    """`/dev/fd/N` (what `<(...)` passes) and `-` for standard input are read."""
     scores = write_csv(tmp_path / "s.csv", *GOOD_S)
     labels = write_csv(tmp_path / "l.csv", *GOOD_L)
-    err = run_error(capsys, scores, labels, "--plot", str(tmp_path / "roc.png"))
-    assert "matplotlib" in err and "--plot" in err
-    assert not (tmp_path / "roc.png").exists()
+    expected = evaluate(scores, labels)
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(
+        target=lambda: os.write(write_end, labels.read_bytes()) and os.close(write_end)
+    )
+    writer.start()
+    try:
+        assert main(["--scores", str(scores), "--labels", f"/dev/fd/{read_end}", "--json"]) == 0
+    finally:
+        writer.join()
+        os.close(read_end)
+    assert json.loads(capsys.readouterr().out)["auroc"] == expected["auroc"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(scores.read_bytes())))
+    assert main(["--scores", "-", "--labels", str(labels), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auroc"] == expected["auroc"]
+    err = run_error(capsys, Path("-"), Path("-"))
+    assert "only one" in err and "standard input" in err
 
 
-def test_plot_draws_every_class_with_an_auroc(tmp_path, capsys):
-    """The ROC image holds one labelled curve per class with an AUROC (its value in the
-    legend), the diagonal, and the macro AUROC in the title; no temporary file is left."""
-    matplotlib = pytest.importorskip("matplotlib")
+def test_repeated_label_columns_only_matter_when_evaluated(tmp_path, capsys):
+    scores = write_csv(tmp_path / "s.csv", ["path", "b"], [["x", 1], ["y", 2], ["z", 3]])
+    rows = [["x", 1, 1, 1], ["y", 0, 0, 0], ["z", 0, 0, 0]]
+    labels = write_csv(tmp_path / "l.csv", ["path", "b", "a", "a"], rows)
+    assert evaluate(scores, labels, warn=pytest.fail)["auroc"] == {"b": 0.0}
+    labels = write_csv(tmp_path / "l.csv", ["path", "b", "a", "b"], [["x", 1, 1, 1]])
+    err = run_error(capsys, scores, labels)
+    assert "repeats evaluated class column(s): b" in err
+
+
+def test_no_overlap_error_shows_example_ids(tmp_path, capsys):
+    scores = write_csv(tmp_path / "s.csv", *GOOD_S)
+    labels = write_csv(
+        tmp_path / "l.csv", GOOD_L[0], [[f"other{i}.png", 1, 0] for i in range(5)]
+    )
+    err = run_error(capsys, scores, labels)
+    assert "no image id of the scores file (3 rows, e.g. 'x', 'y', 'z')" in err
+    assert "labels file (5 rows, e.g. 'other0.png', 'other1.png', 'other2.png')" in err
+    assert "other3.png" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_strict_number_syntax(tmp_path, capsys):
+    """`float` reads `1_0` as 10 and full-width digits as numbers: both are refused, with
+    the file, line and column; labels likewise; other spellings still work."""
+    labels = write_csv(tmp_path / "l.csv", *GOOD_L)
+    for bad in ("1_0", "\uff11", "0x10", "1e", "."):
+        scores = write_csv(tmp_path / "s.csv", GOOD_S[0], [["x", 0.1, 0.2], ["y", 0.3, bad]])
+        err = run_error(capsys, scores, labels)
+        assert "line 3, column 'b'" in err and f"{bad!r} is not a number" in err
+    scores = write_csv(
+        tmp_path / "s.csv", GOOD_S[0], [["x", " +1.5e0 ", "-inf"], ["y", ".5", "Infinity"],
+                                        ["z", "1.", "1e999"]]  # fmt: skip
+    )
+    report = evaluate(scores, labels, warn=pytest.fail)
+    assert report["auroc"] == {"a": 1.0, "b": 1.0}
+    scores = write_csv(tmp_path / "s.csv", *GOOD_S)
+    for bad in ("1_0", "0_0", "\uff11"):
+        labels = write_csv(tmp_path / "l.csv", GOOD_L[0], [["x", 1, 0], ["y", bad, 1]])
+        err = run_error(capsys, scores, labels)
+        assert "line 3, column 'a'" in err and f"{bad!r} is not a label" in err
+
+
+def test_label_rows_without_scores_are_not_checked(tmp_path, capsys):
+    scores = write_csv(tmp_path / "s.csv", *GOOD_S)
+    labels = write_csv(tmp_path / "l.csv", GOOD_L[0], [*GOOD_L[1], ["w", "yes", "no"]])
+    warnings: list[str] = []
+    assert evaluate(scores, labels, warn=warnings.append)["n_images"] == 3
+    assert "1 label row(s) have no scores" in warnings[0]
+
+
+def pr_curve_auc_by_hand(y: np.ndarray, s: np.ndarray) -> float:
+    """CARZero's AUPRC written out: points (recall, precision) of `s >= t` for each distinct
+    `t` from the highest, plus (0, 1), joined by straight lines."""
+    points = [(0.0, 1.0)]
+    for t in sorted(set(s.tolist()), reverse=True):
+        pred = s >= t
+        tp = float((pred & (y == 1)).sum())
+        points.append((tp / (y == 1).sum(), tp / pred.sum()))
+    pairs = zip(points[:-1], points[1:], strict=True)
+    return sum((r1 - r0) * (p0 + p1) / 2 for (r0, p0), (r1, p1) in pairs)
+
+
+def test_trapezoid_auprc_is_carzeros_formula():
+    from carzero_fast.evaluate import trapezoid_auprc
+
+    # one positive among four tied scores: AP 0.25, trapezoid (1 + 0.25) / 2
+    y, s = np.array([1, 0, 0, 0]), np.full(4, 0.5)
+    assert average_precision(y, s) == 0.25 and trapezoid_auprc(y, s) == 0.625
+    # ties across classes: thresholds 0.9 (1/1), 0.7 (2/3), 0.2 (3/4 of ... ) by hand
+    y = np.array([1, 1, 0, 1, 0, 0])
+    s = np.array([0.9, 0.7, 0.7, 0.2, 0.2, 0.2])
+    # points (0,1) (1/3,1) (2/3,2/3) (1,1/2)
+    expected = (1 / 3) * 1.0 + (1 / 3) * (1 + 2 / 3) / 2 + (1 / 3) * (2 / 3 + 1 / 2) / 2
+    assert trapezoid_auprc(y, s) == pytest.approx(expected, rel=1e-15)
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n = int(rng.integers(2, 40))
+        y = rng.integers(0, 2, size=n)
+        if y.min() == y.max():
+            continue
+        s = rng.integers(0, 4, size=n).astype(np.float64)  # many ties
+        precision, recall, _ = sklearn_metrics.precision_recall_curve(y, s)
+        value = trapezoid_auprc(y, s)
+        assert value == pytest.approx(sklearn_metrics.auc(recall, precision), rel=1e-12)
+        assert value == pytest.approx(pr_curve_auc_by_hand(y, s), rel=1e-12)
+
+
+def test_auprc_option_in_cli_and_json(tmp_path, capsys):
+    scores_path, labels_path, s, labels = random_files(tmp_path)
+    args = ["--scores", str(scores_path), "--labels", str(labels_path), "--json"]
+    assert main(args) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["auprc_method"] == "ap"
+    assert "average_precision_score" in default["auprc_definition"]
+    assert main([*args, "--auprc", "trapezoid"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["auprc_method"] == "trapezoid"
+    assert "auc(recall, precision)" in out["auprc_definition"]
+    assert out["auroc"] == default["auroc"]
+    for j in range(6):
+        known = ~np.isnan(labels[:, j])
+        precision, recall, _ = sklearn_metrics.precision_recall_curve(labels[known, j],
+                                                                      s[known, j])  # fmt: skip
+        expected = sklearn_metrics.auc(recall, precision)
+        assert out["auprc"][f"c{j}"] == pytest.approx(expected, rel=1e-12)
+        assert out["auprc"][f"c{j}"] != pytest.approx(default["auprc"][f"c{j}"], rel=1e-6)
+    assert out["macro_auprc"] == pytest.approx(np.mean(list(out["auprc"].values())))
+    assert main(args[:4]) == 0
+    assert "AUPRC: average precision" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "trapezoid" in capsys.readouterr().out
+
+
+def test_broken_pipe_exits_quietly(tmp_path):
+    """A reader that closes the pipe before the report (`| head`): no traceback, exit 0."""
     scores_path, labels_path, _ = hand_made_files(tmp_path)
-    report = evaluate(scores_path, labels_path)
-    svg = tmp_path / "roc.svg"
-    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays searchable text
-        assert main(["--scores", str(scores_path), "--labels", str(labels_path), "--json",
-                     "--plot", str(svg)]) == 0  # fmt: skip
-    assert "ROC curves written to" in capsys.readouterr().err
-    text = svg.read_text()
-    for name in ("a", "b", "c", "d", "e"):
-        assert f"{name} ({report['auroc'][name]:.3f})" in text
-    assert "none (" not in text  # no AUROC, no curve
-    assert f"macro AUROC {report['macro_auroc']:.4f}" in text
-    png = tmp_path / "roc.png"
-    assert main(["--scores", str(scores_path), "--labels", str(labels_path), "--plot",
-                 str(png)]) == 0  # fmt: skip
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "roc.png", "roc.svg", "s.csv"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "carzero_fast.evaluate", "--scores", str(scores_path),
+         "--labels", str(labels_path), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()  # before the report: its write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert err == ""
 
 
-def test_plot_bad_destination_fails_before_evaluating(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def test_undecodable_and_oversized_input(tmp_path, capsys):
     scores = write_csv(tmp_path / "s.csv", *GOOD_S)
-    labels = write_csv(tmp_path / "l.csv", *GOOD_L)
-    err = run_error(capsys, scores, labels, "--plot", str(tmp_path / "no" / "roc.png"))
-    assert "does not exist" in err and "--plot" in err
-    err = run_error(capsys, scores, labels, "--plot", str(tmp_path / "roc.docx"))
-    assert "format 'docx' is not supported" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "s.csv"]
+    utf16 = tmp_path / "l16.csv"
+    utf16.write_text("path,a,b\nx,1,0\n", encoding="utf-16")
+    err = run_error(capsys, scores, utf16)
+    assert "labels file" in err and "is not UTF-8 text" in err
+    huge = tmp_path / "big.csv"
+    huge.write_text('path,a,b\nx,1,0\ny,"' + "0" * 200_000 + '",1\n')
+    err = run_error(capsys, scores, huge)
+    assert "big.csv, line 3: field larger than field limit" in err
