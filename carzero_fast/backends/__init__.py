@@ -51,8 +51,10 @@ def autocast_dtype(name: str, x: Tensor) -> torch.dtype | None:
     `reference` is plain PyTorch: autocast applies to its ops as usual (None here). `chunked`
     and `triton` run with autocast turned off, since their recomputing backward must see the
     forward's dtypes: `chunked` computes in the inputs' dtype (None), `triton` in autocast's
-    16-bit dtype, whose path rounds the GEMM operands and keeps the residual stream,
-    LayerNorm and softmax in fp32, as autocast does. float64 is never cast (nor by autocast).
+    16-bit dtype, whose training path rounds the GEMM operands and keeps the residual stream,
+    LayerNorm and softmax in fp32, as autocast does (calls without gradients: the 16-bit
+    stream by default, `fused.inference_stream_dtype`). float64 is never cast (nor by
+    autocast).
     """
     if name != "triton" or not torch.is_autocast_enabled(x.device.type):
         return None
