@@ -63,6 +63,8 @@ from .gpu_common import (
     gemm_ceiling_tflops,
     make_model,
     median_time,
+    passed,
+    record,
     rel,
     with_env,
 )
@@ -93,6 +95,7 @@ class Check:
         self.al16_fp32 = make_model(self.cfg, dev).to(torch.bfloat16).float()
         self.results: dict = {"sections": {}, "rows": []}
         self.ceiling = 0.0
+        self.save: Callable[[], None] = lambda: None  # main's: writes the results so far
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(*shape, device=self.dev).to(dtype)
@@ -105,41 +108,47 @@ class Check:
         lengths = torch.randint(5, 99, (m,), device=self.dev)
         txt_mask = torch.arange(98, device=self.dev)[None, :] >= lengths[:, None]
         img16, txt16 = img.bfloat16(), txt.bfloat16()
-        out = {}
+        out: dict = {}  # each check recorded on its own: one that raises costs only its entry
         with torch.no_grad():
             ref = self.al.both_directions(img, txt, None, txt_mask, backend="reference")
             oracle = self.al16_fp32.both_directions(img16.float(), txt16.float(), None,
                                                     txt_mask, backend="reference")  # fmt: skip
+
+            def errors(al, a, b, backend, want, **env):  # noqa: ANN001, ANN202
+                got = with_env(lambda: al.both_directions(a, b, None, txt_mask,
+                                                          backend=backend), **env)()  # fmt: skip
+                return [rel(g, r) for g, r in zip(got, want, strict=True)]
+
             for backend in ("triton", "chunked"):
-                got = self.al.both_directions(img, txt, None, txt_mask, backend=backend)
-                out[f"{backend}_fp32"] = [rel(g, r) for g, r in zip(got, ref, strict=True)]
-                got = self.al16.both_directions(img16, txt16, None, txt_mask, backend=backend)
-                out[f"{backend}_bf16"] = [rel(g, r) for g, r in zip(got, oracle, strict=True)]
+                record(out, f"{backend}_fp32", lambda b=backend: errors(self.al, img, txt, b, ref))
+                record(out, f"{backend}_bf16",
+                       lambda b=backend: errors(self.al16, img16, txt16, b, oracle))  # fmt: skip
             # one direction (images as memory): the 16-bit residual stream and SDPA's attention
             # against the defaults
             q16 = self.randn(m, d).bfloat16()
             oracle1 = self.al16_fp32(img16.float(), q16.float(), backend="reference")
             for name, env in VARIANTS.items():
                 run = with_env(lambda: self._call(self.al16, img16, q16, "triton"), **env)
-                out[f"triton_bf16_one_direction{name}"] = rel(run(), oracle1)
-            out["chunked_bf16_one_direction"] = rel(self._call(self.al16, img16, q16, "chunked"),
-                                                    oracle1)  # fmt: skip
+                record(out, f"triton_bf16_one_direction{name}",
+                       lambda run=run: rel(run(), oracle1))  # fmt: skip
+            record(out, "chunked_bf16_one_direction",
+                   lambda: rel(self._call(self.al16, img16, q16, "chunked"), oracle1))  # fmt: skip
             # SDPA's attention with ragged text masks, fp32 (memory-efficient kernels)
-            with_sdpa = with_env(lambda: self.al.both_directions(img, txt, None, txt_mask,
-                                                                 backend="triton"),
-                                 **VARIANTS[", SDPA attention"])  # fmt: skip
-            out["triton_fp32_sdpa"] = [rel(g, r) for g, r in zip(with_sdpa(), ref, strict=True)]
+            record(out, "triton_fp32_sdpa", lambda: errors(self.al, img, txt, "triton", ref,
+                                                           **VARIANTS[", SDPA attention"]))
             zs_ref = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="reference")
-            zs = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="triton")
-            out["zero_shot_fp32"] = rel(zs, zs_ref)
+            record(out, "zero_shot_fp32", lambda: rel(cf.zero_shot_scores(
+                self.al, img, txt, None, txt_mask, backend="triton"), zs_ref))  # fmt: skip
         out["tf32_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
-        out["pass_fp32"] = max(*out["triton_fp32"], *out["chunked_fp32"],
-                               out["zero_shot_fp32"]) < 1e-4  # fmt: skip
-        pairs = zip(out["triton_bf16"], out["chunked_bf16"], strict=True)
-        out["pass_bf16"] = all(t <= 2 * c for t, c in pairs)
-        one = [v for k, v in out.items() if k.startswith("triton_bf16_one_direction")]
-        out["pass_variants"] = (max(out["triton_fp32_sdpa"]) < 1e-4
-                                and max(one) <= 2 * out["chunked_bf16_one_direction"])  # fmt: skip
+        out["pass_fp32"] = (passed(out["triton_fp32"], lambda v: max(v) < 1e-4)
+                            and passed(out["chunked_fp32"], lambda v: max(v) < 1e-4)
+                            and passed(out["zero_shot_fp32"], lambda v: v < 1e-4))  # fmt: skip
+        out["pass_bf16"] = passed(out["chunked_bf16"], lambda c: passed(
+            out["triton_bf16"], lambda t: all(x <= 2 * y for x, y in zip(t, c, strict=True))))
+        chunked1 = out["chunked_bf16_one_direction"]
+        out["pass_variants"] = passed(out["triton_fp32_sdpa"], lambda v: max(v) < 1e-4) and all(
+            passed(chunked1, lambda c, v=v: passed(v, lambda t: t <= 2 * c))
+            for k, v in out.items() if k.startswith("triton_bf16_one_direction"))  # fmt: skip
         return out
 
     # -- 2./3. timings -------------------------------------------------------------------------
@@ -229,9 +238,11 @@ class Check:
             except Exception as e:  # noqa: BLE001 — recorded; the other rows still run
                 print(f"  {case} {backend}: FAILED {type(e).__name__}: {e}", flush=True)
                 self.results["rows"].append({"case": case, "backend": backend, "error": repr(e)})
+                self.save()
                 continue
             r = self.row(case, backend, dtype, t, flops, peak)
             base[backend] = r
+            self.save()
         for backend, r in base.items():
             # train-mode rows against the baselines' train-mode rows
             mode = ", dropout" if backend.endswith(", dropout") else ""
@@ -427,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         res["sections"][name]["seconds"] = time.perf_counter() - t0
         print(f"[{name}] {time.perf_counter() - t0:.1f} s: "
               f"{json.dumps(res['sections'][name])[:400]}", flush=True)  # fmt: skip
+        save()
+
+    def save() -> None:  # after every section and timed row: a killed run keeps its results
         (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+        (out / "gpu_check.md").write_text(markdown(res) + "\n")
+
+    chk.save = save
 
     section("ceiling", lambda: gemm_ceiling_tflops(dev, args.smoke))
     chk.ceiling = max(res["sections"]["ceiling"].get("result", {"x": float("nan")}).values())
@@ -455,14 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"total {res['total_seconds']:.0f} s", flush=True)
 
-    def passed(name: str, *keys: str) -> bool:  # sections not run do not fail the check
+    def section_passed(name: str, *keys: str) -> bool:  # sections not run do not fail it
         sec = res["sections"].get(name)
         if sec is None:
             return True
         return all(sec.get("result", {}).get(k) for k in keys)
 
-    ok = (passed("correctness", "pass_fp32", "pass_bf16", "pass_variants")
-          and passed("training", "pass"))  # fmt: skip
+    ok = (section_passed("correctness", "pass_fp32", "pass_bf16", "pass_variants")
+          and section_passed("training", "pass"))  # fmt: skip
     return 0 if ok else 1
 
 

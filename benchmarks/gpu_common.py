@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -63,6 +64,26 @@ def make_model(cfg: cf.AlignerConfig, dev: torch.device) -> cf.CrossAttentionAli
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     return al.to(dev).eval()
+
+
+def record(out: dict, key: str, fn: Callable[[], object]) -> object | None:
+    """out[key] = fn(), or the text of the error it raised (printed with its traceback): a
+    failed check costs its own entry only, the section's other checks and timings still run
+    and are recorded. Returns fn()'s value, or None when it raised."""
+    try:
+        out[key] = fn()
+    except Exception as e:  # noqa: BLE001 — recorded in the results, the run goes on
+        traceback.print_exc()
+        out[key] = f"error: {type(e).__name__}: {e}"[:1000]
+        return None
+    return out[key]
+
+
+def passed(values: object, test: Callable[[object], bool]) -> bool:
+    """test(values), False when a check recorded an error instead of its values."""
+    if isinstance(values, str) and values.startswith("error:"):
+        return False
+    return bool(test(values))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import torch
 
 import carzero_fast as cf
 
-from .gpu_common import autocast, rel, with_env
+from .gpu_common import autocast, passed, record, rel, with_env
 
 if TYPE_CHECKING:
     from .gpu_check import Check
@@ -52,11 +52,14 @@ def step_fn(al: cf.CrossAttentionAligner, img: torch.Tensor, txt: torch.Tensor, 
         al.train(train)
         al.zero_grad(set_to_none=True)
         img.grad = txt.grad = None
-        with autocast(img.device) if amp else contextlib.nullcontext():
-            i2t, t2i = al.both_directions(img, txt, backend=backend, chunk_budget_bytes=budget)
-            loss = cf.carzero_loss(i2t, t2i)
-        loss.backward()
-        al.eval()
+        try:
+            with autocast(img.device) if amp else contextlib.nullcontext():
+                i2t, t2i = al.both_directions(img, txt, backend=backend,
+                                              chunk_budget_bytes=budget)  # fmt: skip
+                loss = cf.carzero_loss(i2t, t2i)
+            loss.backward()
+        finally:  # a failed train-mode step must not leave dropout on for the next row
+            al.eval()
         if not keep_grads:
             al.zero_grad(set_to_none=True)
             img.grad = txt.grad = None
@@ -81,9 +84,6 @@ def training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] 
     d = chk.cfg.d_model
     n = 6 if chk.smoke else 16
     img, txt = chk.randn(n, 197, d), chk.randn(n, 98, d)
-    ref = _grads(chk.al, img, txt, "reference")
-    got = _grads(chk.al, img, txt, "triton")
-
     matrices = [p.dim() > 1 for p in chk.al.parameters()]
 
     def agg(gs: list[torch.Tensor], oracle: list[torch.Tensor]) -> list[float]:
@@ -99,23 +99,32 @@ def training(chk: Check, sizes: tuple[int, ...], budgets_gib: tuple[float, ...] 
         tokens = [rel(gs[0], oracle[0]), rel(gs[1], oracle[1])]
         return tokens + [rel(cat(gs, kind), cat(oracle, kind)) for kind in (True, False)]
 
-    out = {"fp32_triton": agg(got, ref)}
+    out: dict = {}
+    record(out, "fp32_triton", lambda: agg(_grads(chk.al, img, txt, "triton"),
+                                           _grads(chk.al, img, txt, "reference")))  # fmt: skip
     img16, txt16 = img.bfloat16(), txt.bfloat16()
-    # bf16 against the reference on the same rounded weights and tokens in fp32: the
-    # rounding common to every path would otherwise drown what each path's arithmetic adds
-    oracle = _grads(chk.al16_fp32, img16.float(), txt16.float(), "reference")
-    first = _grads(chk.al16, img16, txt16, "triton")
-    out["bf16_triton"] = agg(first, oracle)
-    out["bf16_reference"] = agg(_grads(chk.al16, img16, txt16, "reference"), oracle)
-    pairs = zip(out["bf16_triton"], out["bf16_reference"], strict=True)
-    again = _grads(chk.al16, img16, txt16, "triton")
-    out["bf16_triton_bitwise_repeatable"] = all(
-        torch.equal(a, b) for a, b in zip(first, again, strict=True)
-    )
-    out["dropout_fp32_triton"] = _dropout_check(chk)
-    out["pass"] = (max(out["fp32_triton"]) < 1e-4 and all(t <= 2 * r for t, r in pairs)
-                   and out["bf16_triton_bitwise_repeatable"]
-                   and max(out["dropout_fp32_triton"]) < 1e-4)  # fmt: skip
+
+    def bf16() -> dict:
+        # against the reference on the same rounded weights and tokens in fp32: the rounding
+        # common to every path would otherwise drown what each path's arithmetic adds
+        oracle = _grads(chk.al16_fp32, img16.float(), txt16.float(), "reference")
+        first = _grads(chk.al16, img16, txt16, "triton")
+        again = _grads(chk.al16, img16, txt16, "triton")
+        return {
+            "triton": agg(first, oracle),
+            "reference": agg(_grads(chk.al16, img16, txt16, "reference"), oracle),
+            "triton_bitwise_repeatable": all(torch.equal(a, b)
+                                             for a, b in zip(first, again, strict=True)),
+        }  # fmt: skip
+
+    record(out, "bf16", bf16)
+    record(out, "dropout_fp32_triton", lambda: _dropout_check(chk))
+    out["pass"] = (
+        passed(out["fp32_triton"], lambda v: max(v) < 1e-4)
+        and passed(out["bf16"], lambda v: v["triton_bitwise_repeatable"] and all(
+            t <= 2 * r for t, r in zip(v["triton"], v["reference"], strict=True)))
+        and passed(out["dropout_fp32_triton"], lambda v: max(v) < 1e-4)
+    )  # fmt: skip
     print(f"  training gradients: {out}", flush=True)
     for nm in sizes:
         img, txt = leaf(chk.randn(nm, 197, d)), leaf(chk.randn(nm, 98, d))

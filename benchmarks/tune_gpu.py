@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
               lambda: attention(q, k_, v_, heads, items, m, out=o), flops, t_sdpa)  # fmt: skip
 
     def dropout_section() -> None:
-        results["dropout"] = time_dropout(a_d, w_fd, b_f, y_f, q, k_, v_, o, heads, items, m,
-                                          dev)  # fmt: skip
+        results["dropout"] = {}  # filled row by row: a failed row costs only itself
+        time_dropout(a_d, w_fd, b_f, y_f, q, k_, v_, o, heads, items, m, dev,
+                     results["dropout"])  # fmt: skip
 
     def bwd_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(lse, the output's gradient, fp32 dK/dV accumulators) of the attention above."""
@@ -296,10 +297,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def dq_sums_section() -> None:
         lse, do, acc = bwd_inputs()
-        results["dq_sums"] = time_dq_sums(q, k_, v_, o, do, lse, heads, items, m, acc, dev)
+        results["dq_sums"] = {}
+        time_dq_sums(q, k_, v_, o, do, lse, heads, items, m, acc, dev, results["dq_sums"])
 
     def layer_norm_bwd_section() -> None:
-        results["layer_norm_bwd"] = sweep_layer_norm_bwd(x, g, a_d, dev, args.smoke)
+        results["layer_norm_bwd"] = []
+        sweep_layer_norm_bwd(x, g, a_d, dev, args.smoke, results["layer_norm_bwd"])
 
     run_section("passes", passes)
     run_section("linear", linear_sweep)
@@ -379,10 +382,11 @@ def time_backend(results: dict, arch: int, rnd, dev: torch.device, cfg, nm: int)
 
 def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, heads: int,
-                 items: int, m: int, dev: torch.device) -> dict:  # fmt: skip
+                 items: int, m: int, dev: torch.device, out: dict) -> None:  # fmt: skip
     """Train mode's kernels with their dropout masks, beside the same kernels without: linear1's
     ReLU + dropout epilogue at the shipped half-width tiles and at the full ones (which compile
-    spill-free since the masks draw four columns per Philox call), and the attention forward."""
+    spill-free since the masks draw four columns per Philox call), and the attention forward;
+    each row into `out` as it is timed (or its error)."""
     import importlib
 
     from carzero_fast.backends.philox import SITE_ATTENTION, SITE_FFN_HIDDEN, ChunkPos, DropoutSpec
@@ -392,7 +396,6 @@ def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Ten
     spec = DropoutSpec.make(0.1, 1234)
     rows, f = y.shape
     flops = 2 * rows * a.shape[1] * f
-    out: dict = {}
     drop = (spec, ChunkPos(0, 0, m), site_tag(SITE_FFN_HIDDEN, 0))
     shipped = kl.DROPOUT_BLOCK_N
     runs = (("no dropout, cuBLAS", "library", None), ("no dropout, this kernel", "triton", None),
@@ -414,17 +417,19 @@ def time_dropout(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Ten
     flops = 4 * items * m * (k.shape[0] // items) * q.shape[1]
     a_drop = (spec, ChunkPos(0, 0, m), site_tag(SITE_ATTENTION, 0))
     for label, dropout in (("lse, no dropout", None), ("lse, dropout", a_drop)):
-        t = bench(lambda dropout=dropout: attention(q, k, v, heads, items, m, out=o, lse=lse,
-                                                    dropout=dropout), dev)  # fmt: skip
-        out[f"attention [{label}]"] = {"us": t * 1e6, "tflops": flops / t / 1e12}
+        try:
+            t = bench(lambda dropout=dropout: attention(q, k, v, heads, items, m, out=o,
+                                                        lse=lse, dropout=dropout), dev)  # fmt: skip
+            out[f"attention [{label}]"] = {"us": t * 1e6, "tflops": flops / t / 1e12}
+        except Exception as e:  # noqa: BLE001 — recorded, the run goes on
+            out[f"attention [{label}]"] = {"error": repr(e)[:300]}
     for name, row in out.items():
         print(f"dropout {name}: {json.dumps(row)}", flush=True)
-    return out
 
 
 def time_dq_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  do: torch.Tensor, lse: torch.Tensor, heads: int, items: int, m: int,
-                 acc: torch.Tensor, dev: torch.device) -> dict:  # fmt: skip
+                 acc: torch.Tensor, dev: torch.device, out: dict) -> None:  # fmt: skip
     """The query projection's bias gradient as training takes it for layers 2…: the attention
     backward with the dQ kernel's column sums (`dq_sum`), beside the backward without them
     and PyTorch's reduction over the 16-bit dq apart (what it replaced)."""
@@ -439,18 +444,21 @@ def time_dq_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
                                                        **kw),
         "PyTorch sum over dq": lambda: dq.sum(0, dtype=torch.float32),
     }  # fmt: skip
-    out = {label: {"us": bench(run, dev) * 1e6} for label, run in runs.items()}
+    for label, run in runs.items():  # each row into `out` as it is timed (or its error)
+        try:
+            out[label] = {"us": bench(run, dev) * 1e6}
+        except Exception as e:  # noqa: BLE001 — recorded, the run goes on
+            out[label] = {"error": repr(e)[:300]}
     print("dq sums", json.dumps(out), flush=True)
-    return out
 
 
 def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev: torch.device,
-                         smoke: bool) -> list[dict]:  # fmt: skip
+                         smoke: bool, out: list[dict]) -> None:  # fmt: skip
     """The LayerNorm backward under each (rows, warps, programs per SM) candidate: the kernel
     alone on `x`'s rows as 16-bit training without dropout runs it (fp32 stream, 16-bit dy,
     fp32 dres in; fp32 dx and the 16-bit dx of the residual branch out: 16 bytes per
     element), and on a GPU a whole triton training step at N = M = 256 beside the
-    reference's (fp16 autocast)."""
+    reference's (fp16 autocast). Each candidate's row is appended to `out` as it is timed."""
     rows, d = x.shape
     dres = torch.randn(rows, d, device=dev)
     dx16 = torch.empty((rows, d), dtype=dy.dtype, device=dev)
@@ -465,23 +473,23 @@ def sweep_layer_norm_bwd(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, dev
         img16, txt16 = leaf(img.bfloat16()), leaf(txt.bfloat16())
         step = step_fn(al16, img16, txt16, "triton", amp=False)
         ref_step = step_fn(al, leaf(img), leaf(txt), "reference", amp=True)
-    out = []
-    for n_rows, warps, per_sm in LN_BWD_CANDIDATES:
-        kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = n_rows, warps, per_sm
-        row: dict = {"rows": n_rows, "warps": warps, "programs_per_sm": per_sm}
-        try:
-            t = bench(lambda: layer_norm_backward(x, g, dy, 1e-5, dres=dres, dx16=dx16), dev)
-            row.update(us=t * 1e6, tb_s=rows * d * 16 / t / 1e12)
-            if step is not None:
-                row["step_ms"] = median_time(step, dev, reps=5) * 1e3
-                row["reference_step_ms"] = median_time(ref_step, dev, reps=3) * 1e3
-                row["x_reference"] = row["reference_step_ms"] / row["step_ms"]
-        except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
-            row["error"] = repr(e)[:300]
-        out.append(row)
-        print("layer_norm_bwd", json.dumps(row), flush=True)
-    kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = shipped
-    return out
+    try:
+        for n_rows, warps, per_sm in LN_BWD_CANDIDATES:
+            kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = n_rows, warps, per_sm
+            row: dict = {"rows": n_rows, "warps": warps, "programs_per_sm": per_sm}
+            out.append(row)
+            try:
+                t = bench(lambda: layer_norm_backward(x, g, dy, 1e-5, dres=dres, dx16=dx16), dev)
+                row.update(us=t * 1e6, tb_s=rows * d * 16 / t / 1e12)
+                if step is not None:
+                    row["step_ms"] = median_time(step, dev, reps=5) * 1e3
+                    row["reference_step_ms"] = median_time(ref_step, dev, reps=3) * 1e3
+                    row["x_reference"] = row["reference_step_ms"] / row["step_ms"]
+            except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
+                row["error"] = repr(e)[:300]
+            print("layer_norm_bwd", json.dumps(row), flush=True)
+    finally:  # the shipped configuration back, also when the sweep is interrupted
+        kln.LN_BWD_ROWS, kln.LN_BWD_WARPS, kln.LN_BWD_PROGRAMS_PER_SM = shipped
 
 
 if __name__ == "__main__":

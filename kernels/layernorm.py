@@ -38,13 +38,13 @@ from .dropout import chunk_keep
 
 BLOCK_ROWS = 8
 # the backward's rows per program and warps (`benchmarks.tune_gpu --only layer_norm_bwd`):
-# on an H200, 65536 × 768 rows took 143 µs with 4 rows on 4 warps (2.46 TB/s, 130
+# on an H200, 32768 × 768 rows took 143 µs with 4 rows on 4 warps (2.46 TB/s, 130
 # registers), 168 with 2 on 4, 190 with 8 on 8 and 271–452 with 16 warps or 4 rows on 8
 # (cee02cd, before the kernel also wrote the 16-bit dx of the residual branch)
 LN_BWD_ROWS = 4
 LN_BWD_WARPS = 4
 # programs per SM when each program loops over row blocks and writes one row of dγ/dβ
-# partials (0: one program per row block, whose partials at 65536 rows are 100 MB written
+# partials (0: one program per row block, whose partials at 32768 rows are 50 MB written
 # and summed again). Untimed on a GPU: `tune_gpu --only layer_norm_bwd` has the candidates.
 LN_BWD_PROGRAMS_PER_SM = 0
 

@@ -67,3 +67,31 @@ def test_tune_gpu_names_an_unknown_section(tmp_path):
     proc = _run("benchmarks.tune_gpu", tmp_path, "--only", "layer_norm_bwd,atention")
     assert proc.returncode == 2 and "atention" in proc.stderr
     assert not (tmp_path / "tune_gpu.json").exists()
+
+
+def test_a_failing_check_costs_only_its_own_entry(tmp_path):
+    """A check that raises (here triton's zero-shot scores) is recorded as its error; the
+    section's other checks still run and are recorded, and the run fails."""
+    patch = (
+        "import sys, carzero_fast as cf\n"
+        "from benchmarks import gpu_check\n"
+        "plain = cf.zero_shot_scores\n"
+        "def failing(*a, backend=None, **k):\n"
+        "    if backend == 'triton':\n"
+        "        raise RuntimeError('an injected kernel failure')\n"
+        "    return plain(*a, backend=backend, **k)\n"
+        "cf.zero_shot_scores = failing\n"
+        "sys.exit(gpu_check.main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-c", patch, "--smoke", "--out", str(tmp_path), "--only",
+           "correctness", "--no-training", "--no-compile"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["correctness"]
+    got = got["result"]
+    assert got["zero_shot_fp32"] == "error: RuntimeError: an injected kernel failure"
+    assert not got["pass_fp32"]
+    assert all(isinstance(v, float) for v in got["triton_fp32"] + got["chunked_fp32"])
+    assert got["pass_bf16"] and got["pass_variants"]
+    assert "an injected kernel failure" in proc.stderr  # its traceback, for the log
