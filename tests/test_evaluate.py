@@ -503,3 +503,14 @@ def test_undecodable_and_oversized_input(tmp_path, capsys):
     huge.write_text('path,a,b\nx,1,0\ny,"' + "0" * 200_000 + '",1\n')
     err = run_error(capsys, scores, huge)
     assert "big.csv, line 3: field larger than field limit" in err
+
+
+def test_evaluate_starts_without_importing_torch():
+    """The package's public names load on first use: `carzero-fast evaluate` (numpy only)
+    starts in a fraction of a second instead of paying for torch's import."""
+    code = ("import sys, carzero_fast, carzero_fast.cli, carzero_fast.evaluate\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert carzero_fast.CrossAttentionAligner.__name__ == 'CrossAttentionAligner'\n"
+            "assert 'torch' in sys.modules\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
