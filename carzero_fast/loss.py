@@ -41,6 +41,22 @@ def carzero_loss(i2t: Tensor, t2i: Tensor) -> Tensor:
     return _symmetric_ce(i2t) + _symmetric_ce(t2i)
 
 
+def _check_aligner(aligner: object, what: str) -> None:
+    """A clear error for a module wrapper (DistributedDataParallel, ...) in place of the
+    aligner: these functions call its `both_directions`, which a wrapper does not have."""
+    if hasattr(aligner, "both_directions"):
+        return
+    inner = getattr(aligner, "module", None)
+    hint = ""
+    if hasattr(inner, "both_directions"):
+        hint = (": a wrapper such as DistributedDataParallel; passing its .module would skip "
+                "the wrapper's forward (DDP's gradient all-reduce): for training wrap "
+                "carzero_fast.distributed.DistributedCARZeroLoss(aligner) in DDP instead")
+        if what == "zero_shot_scores":
+            hint = ": a wrapper such as DistributedDataParallel; pass its .module (no gradients)"
+    raise TypeError(f"{what} takes a CrossAttentionAligner, got {type(aligner).__name__}{hint}")
+
+
 def alignment_logits(
     aligner: CrossAttentionAligner,
     img_tokens: Tensor,
@@ -54,6 +70,7 @@ def alignment_logits(
 
     img_tokens `(N, Pi, D)`, txt_tokens `(M, Pt, D)` → (i2t `(N, M)`, t2i `(M, N)`).
     """
+    _check_aligner(aligner, "alignment_logits")
     return aligner.both_directions(img_tokens, txt_tokens, img_mask, txt_mask, backend=backend)
 
 
@@ -72,7 +89,7 @@ def zero_shot_scores(
     bool masks `(N_img, Pi)`, `(M_txt, Pt)` → logits `(N_img, M_txt)`; `sigmoid` gives
     probabilities.
     """
-    i2t, t2i = alignment_logits(
-        aligner, img_tokens, txt_tokens, img_mask, txt_mask, backend=backend
-    )
+    _check_aligner(aligner, "zero_shot_scores")
+    i2t, t2i = aligner.both_directions(img_tokens, txt_tokens, img_mask, txt_mask,
+                                       backend=backend)  # fmt: skip
     return (i2t + t2i.t()) / 2

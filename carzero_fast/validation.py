@@ -81,6 +81,15 @@ def check_first_order(backend: str, instead: str) -> None:
         )
 
 
+def raise_for_functorch(e: RuntimeError, backend: str) -> None:
+    """Re-raise PyTorch's error for an autograd.Function under a torch.func transform with
+    the backend's name and what to use instead (returns for any other error)."""
+    if "setup_context" in str(e):
+        raise RuntimeError(f"backend {backend!r} does not run under torch.func transforms "
+                           "(grad, vmap, jacrev, ...): its autograd.Function recomputes in "
+                           "backward; use backend='reference'") from e  # fmt: skip
+
+
 def check_token_pair(cfg: AlignerConfig, img_tokens: Tensor, txt_tokens: Tensor) -> None:
     """Raise `TypeError`/`ValueError` naming `img_tokens` or `txt_tokens` if either is not an
     `(items, tokens, D)` tensor of a supported dtype with the global in row 0 (so at least one

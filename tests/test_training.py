@@ -428,3 +428,98 @@ def test_an_unused_direction_is_not_recomputed(monkeypatch):
     torch.nn.functional.cross_entropy(i2t, torch.arange(4)).backward()
     assert jobs == [0]
     assert img.grad is not None and txt.grad is not None
+
+
+def _small_aligner(dropout: float) -> cf.CrossAttentionAligner:
+    cfg = cf.AlignerConfig(d_model=32, n_heads=4, n_layers=2, d_ffn=48, head_dims=(40, 16),
+                           dropout=dropout)  # fmt: skip
+    return make_aligner(cfg, seed=21)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_torch_compile_of_a_chunked_training_step(compiler):
+    """torch.compile of the module and of a whole training step (both directions, the loss,
+    backward, an SGD update) runs with graph breaks around the recomputing Function and gives
+    eager's numbers bit for bit, with dropout under the same seed (it crashed: dynamo traced
+    the Function's gradient-buffer views)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(22)
+    img, txt = torch.randn(4, 6, 32, generator=g), torch.randn(4, 5, 32, generator=g)
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        al = _small_aligner(dropout=0.1).train()
+        opt = torch.optim.SGD(al.parameters(), lr=0.1)
+
+        def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            loss = cf.carzero_loss(*cf.alignment_logits(al, a, b, backend="chunked"))
+            loss.backward()
+            return loss.detach()
+
+        fn = torch.compile(step, backend=compiler) if compiled else step
+        losses = []
+        for i in range(2):
+            torch.manual_seed(i)
+            opt.zero_grad(set_to_none=True)
+            losses.append(fn(img, txt))
+            opt.step()
+        module = torch.compile(al, backend=compiler) if compiled else al
+        torch.manual_seed(5)
+        out = module(img, txt[:, 0], backend="chunked")
+        out.sum().backward()
+        return [*losses, out, *(p.detach().clone() for p in al.parameters()),
+                *(p.grad for p in al.parameters())]
+
+    for a, b in zip(run(compiled=True), run(compiled=False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_torch_func_transforms_name_the_backend():
+    al = _small_aligner(dropout=0.0).eval()
+    img, q = torch.randn(3, 5, 32), torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match="backend 'chunked' does not run under torch.func"):
+        torch.func.grad(lambda x: al(x, q, backend="chunked").sum())(img)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="use backend='reference'"):
+        torch.func.vmap(lambda x: al(x[None], q, backend="chunked")[0])(img)
+    grads = torch.func.grad(lambda x: al(x, q, backend="reference").sum())(img)
+    assert grads.shape == img.shape
+
+
+def test_a_reentrant_checkpoint_returns_the_loss_it_differentiates():
+    """Train-mode calls plan their chunks (and so draw their dropout masks) as a training step
+    does with or without autograd: a reentrant checkpoint, whose forward runs under no_grad,
+    returns the loss of the masks its recomputation differentiates."""
+    from torch.utils.checkpoint import checkpoint
+
+    al = _small_aligner(dropout=0.2).train()
+    g = torch.Generator().manual_seed(23)
+    img, txt = torch.randn(6, 7, 32, generator=g), torch.randn(6, 5, 32, generator=g)
+
+    def loss_of(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cf.carzero_loss(*al.both_directions(a, b, backend="chunked",
+                                                   chunk_budget_bytes=20_000))  # fmt: skip
+
+    results = []
+    for wrap in (False, True):
+        a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        al.zero_grad(set_to_none=True)
+        torch.manual_seed(9)
+        loss = checkpoint(loss_of, a, b, use_reentrant=True) if wrap else loss_of(a, b)
+        loss.backward()
+        results.append([loss.detach(), a.grad, b.grad, *(p.grad for p in al.parameters())])
+    for x, y in zip(*results, strict=True):
+        assert rel_err(x, y) < 1e-6
+
+
+def test_module_wrappers_are_named():
+    al = _small_aligner(dropout=0.0)
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    img, txt = torch.randn(2, 3, 32), torch.randn(2, 4, 32)
+    with pytest.raises(TypeError, match="DistributedCARZeroLoss"):
+        cf.alignment_logits(Wrapper(al), img, txt)
+    with pytest.raises(TypeError, match=r"pass its \.module"):
+        cf.zero_shot_scores(Wrapper(al), img, txt)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import AlignerConfig
-from ..validation import check_first_order
+from ..validation import check_first_order, raise_for_functorch
 from ..weights import AlignerWeights
 from .chunked_stages import Prepared, item_stage, pair_chunk_forward, prepare
 from .dropout import Dropout
@@ -312,6 +312,7 @@ class _ChunkedAlign(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @torch.compiler.disable  # runs eagerly inside a compiled training step's backward
     def backward(ctx, *g_outs):  # noqa: ANN001
         check_first_order("chunked", "reference")
         saved = ctx.saved_tensors
@@ -374,11 +375,14 @@ def _make_job(cfg, tokens, mem_i, q_i, mask, training, budget, form, grad) -> Jo
     m = tokens[q_i].shape[0]
     folded = use_folded_form(cfg, m, p) if form == "auto" else form == "folded"
     plan = plan_chunks(cfg, n, m, p, memory.element_size(), budget, grad, folded)
-    seed = None
-    if training and cfg.dropout > 0.0:
-        # From torch's default CPU generator: reproducible under torch.manual_seed, no sync.
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    seed = _draw_seed() if training and cfg.dropout > 0.0 else None
     return Job(mem_i, q_i, mask, plan, seed, *chunk_bounds(plan, n, m, memory.device))
+
+
+@torch.compiler.disable  # a host integer: a graph break under torch.compile either way
+def _draw_seed() -> int:
+    """From torch's default CPU generator: reproducible under torch.manual_seed, no sync."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
 def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[Tensor, ...]:  # noqa: ANN001
@@ -386,8 +390,12 @@ def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[T
     _check_form(form)
     flat = w.flatten()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tokens, *flat))
-    budget = _budget(chunk_budget_bytes, grad, tokens[0].device.type)
-    jobs = [_make_job(cfg, tokens, mi, qi, mask, training, budget, form, grad)
+    # Dropout masks are drawn per chunk: a train-mode call plans as a training step does, with
+    # or without autograd, so that the same seed gives the same masks (a reentrant checkpoint
+    # runs its forward under no_grad and its recomputation with gradients).
+    plan_grad = grad or (training and cfg.dropout > 0.0)
+    budget = _budget(chunk_budget_bytes, plan_grad, tokens[0].device.type)
+    jobs = [_make_job(cfg, tokens, mi, qi, mask, training, budget, form, plan_grad)
             for mi, qi, mask in pairs]  # fmt: skip
     if any(tokens[j.memory].shape[0] == 0 or tokens[j.queries].shape[0] == 0 for j in jobs):
         # Empty batches: zeros connected to every input and weight (no chunk to run), so a
@@ -399,7 +407,26 @@ def _apply(w, cfg, tokens, pairs, training, chunk_budget_bytes, form) -> tuple[T
             + anchor
             for j in jobs
         )
-    return _ChunkedAlign.apply(cfg, jobs, training, grad, len(tokens), *tokens, *flat)
+    args = (cfg, jobs, training, grad, len(tokens), *tokens, *flat)
+    if grad:
+        return _apply_with_autograd(*args)
+    try:
+        return _ChunkedAlign.apply(*args)
+    except RuntimeError as e:
+        raise_for_functorch(e, "chunked")
+        raise
+
+
+@torch.compiler.disable
+def _apply_with_autograd(*args: object) -> tuple[Tensor, ...]:
+    """`_ChunkedAlign.apply` outside torch.compile's tracing (a graph break): its forward
+    attaches gradient buffers to views of weights and its backward recomputes under autograd,
+    which dynamo cannot trace. Calls without gradients stay traceable."""
+    try:
+        return _ChunkedAlign.apply(*args)
+    except RuntimeError as e:
+        raise_for_functorch(e, "chunked")
+        raise
 
 
 def chunked_forward(

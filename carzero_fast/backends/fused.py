@@ -368,6 +368,7 @@ def item_stage(
     linear(y_mem, cp.kv_w, cp.kv_b, out=kv)
 
 
+@torch.compiler.disable  # host-side launchers: run eagerly under torch.compile
 def triton_forward(
     w: AlignerWeights,
     cfg: AlignerConfig,
@@ -503,6 +504,7 @@ def draw_dropout(cfg: AlignerConfig, training: bool) -> DropoutSpec | None:
     return DropoutSpec.make(cfg.dropout, seed)
 
 
+@torch.compiler.disable  # host-side launchers: run eagerly under torch.compile
 def triton_both_directions(
     w: AlignerWeights,
     cfg: AlignerConfig,

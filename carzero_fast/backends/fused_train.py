@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import AlignerConfig
-from ..validation import check_first_order
+from ..validation import check_first_order, raise_for_functorch
 from ..weights import AlignerWeights
 from .fused import (
     CallPlan,
@@ -466,6 +466,7 @@ class _TritonAlign(torch.autograd.Function):
             return _TritonAlign._forward(ctx, cfg, jobs, budget, n_tokens, *tensors)
 
     @staticmethod
+    @torch.compiler.disable  # runs eagerly inside a compiled training step's backward
     def backward(ctx, *g_outs):  # noqa: ANN001
         check_first_order("triton", "reference")
         # In the forward's dtypes, also when backward() is called inside an autocast region.
@@ -538,6 +539,7 @@ class _TritonAlign(torch.autograd.Function):
         return (None, None, None, None, *out_tokens, *out_flat)
 
 
+@torch.compiler.disable  # see `_apply_with_autograd` in chunked.py
 def triton_train(
     w: AlignerWeights,
     cfg: AlignerConfig,
@@ -553,4 +555,8 @@ def triton_train(
         return tuple(tokens[j.memory].new_zeros((tokens[j.memory].shape[0],
                                                  tokens[j.queries].shape[0])) + anchor
                      for j in jobs)  # fmt: skip
-    return _TritonAlign.apply(cfg, jobs, budget, len(tokens), *tokens, *w.flatten())
+    try:
+        return _TritonAlign.apply(cfg, jobs, budget, len(tokens), *tokens, *w.flatten())
+    except RuntimeError as e:
+        raise_for_functorch(e, "triton")
+        raise
