@@ -70,9 +70,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_retained_memory_is_reused_without_page_faults():
-    """After `retain_freed_memory`, allocating what was just freed faults (almost) no fresh
-    pages in: 1–3 of the 20 blocks in practice. With glibc's defaults all 240 MiB is faulted
-    in again (~61k faults)."""
+    """After `retain_freed_memory`, allocating what was just freed faults few fresh pages
+    in: 1–7 of the 20 blocks (3072–21504 faults over 24 runs on 2026-11-29; which blocks
+    glibc hands back varies from run to run). With glibc's defaults all 240 MiB is faulted
+    in again (61429–61430 faults)."""
     faults = {}
     for mode in ("keep", "default"):
         run = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True,
@@ -81,8 +82,8 @@ def test_retained_memory_is_reused_without_page_faults():
         if mode == "keep":
             assert run.stderr.strip().splitlines()[-1].startswith("retain freed memory")
     pages = 20 * 12 * 2**20 // 4096
-    assert faults["keep"] < pages // 4, faults
-    assert faults["default"] > pages // 2, faults  # the case the benchmark avoids
+    assert faults["keep"] < pages // 2, faults
+    assert faults["default"] > pages * 9 // 10, faults  # the case the benchmark avoids
 
 
 def test_bench_memory_counts_the_backend_not_a_weight_cast(monkeypatch):
