@@ -139,7 +139,9 @@ class Check:
             zs_ref = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="reference")
             record(out, "zero_shot_fp32", lambda: rel(cf.zero_shot_scores(
                 self.al, img, txt, None, txt_mask, backend="triton"), zs_ref))  # fmt: skip
-        out["tf32_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        from carzero_fast.kernels.configs import tf32_allowed
+
+        out["tf32_allowed"] = tf32_allowed()
         out["pass_fp32"] = (passed(out["triton_fp32"], lambda v: max(v) < 1e-4)
                             and passed(out["chunked_fp32"], lambda v: max(v) < 1e-4)
                             and passed(out["zero_shot_fp32"], lambda v: v < 1e-4))  # fmt: skip

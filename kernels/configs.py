@@ -106,12 +106,23 @@ def dot_kind(dtype: torch.dtype) -> str:
         return "half"
     if dtype != torch.float32:  # e.g. float64: tl.dot would not accumulate in fp32
         raise TypeError(f"the kernels take float32, bfloat16 or float16 operands, got {dtype}")
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if tf32_allowed() else "ieee"
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch's fp32 matmuls may use TF32, set by any of its switches:
+    `torch.backends.cuda.matmul.fp32_precision = "tf32"` (or the global
+    `torch.backends.fp32_precision`, which it inherits), the legacy `allow_tf32 = True` or
+    `torch.set_float32_matmul_precision("high")`. `fp32_precision` reflects all of them, while
+    reading `allow_tf32` raises once the new switches were used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # PyTorch >= 2.9
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton's `input_precision` for operands of this dtype: IEEE fp32 unless the user
-    allowed TF32 in PyTorch (`torch.backends.cuda.matmul.allow_tf32`); 16-bit ignore it."""
+    allowed TF32 in PyTorch (`tf32_allowed`); 16-bit ignore it."""
     return "tf32" if dot_kind(dtype) == "tf32" else "ieee"
 
 

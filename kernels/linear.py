@@ -13,7 +13,7 @@ registers) and an fp32 residual epilogue each halved this kernel's rate (BENCHMA
 they live in `add_layer_norm`, one memory-bound pass per residual add.
 
 Accumulation is fp32; A and W are the activations' dtype (bf16/fp16/fp32). fp32 dots run in
-IEEE fp32 unless the caller allows TF32 (`torch.backends.cuda.matmul.allow_tf32`).
+IEEE fp32 unless the caller allows TF32 in PyTorch (`configs.tf32_allowed`).
 """
 
 from __future__ import annotations

@@ -346,6 +346,35 @@ def test_each_compute_capability_runs_the_table_that_fits_it(monkeypatch, arch, 
     assert keys == (16 if table == 8 else kc._ATTENTION[(9, "tf32")].block_p)
 
 
+@pytest.mark.parametrize("switch", ["cuda_matmul", "global", "legacy", "matmul_precision"])
+def test_tf32_follows_every_pytorch_switch(switch):  # noqa: ANN001
+    """PyTorch >= 2.9 raises on reading the legacy `allow_tf32` once the new `fp32_precision`
+    switches were used: fp32 launches crashed for users of the new API."""
+    from carzero_fast.kernels import configs as kc
+
+    matmul = torch.backends.cuda.matmul
+    assert kc.dot_kind(torch.float32) == "ieee"  # PyTorch's default
+    try:
+        if switch == "cuda_matmul":
+            matmul.fp32_precision = "tf32"
+        elif switch == "global":
+            torch.backends.fp32_precision = "tf32"
+        elif switch == "legacy":
+            matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        assert kc.dot_kind(torch.float32) == "tf32"
+        assert kc.dot_precision(torch.float32) == "tf32"
+        assert kc.dot_kind(torch.bfloat16) == "half"
+    finally:  # PyTorch's defaults, through the API that set them (mixing APIs raises)
+        if switch in ("cuda_matmul", "global"):
+            torch.backends.fp32_precision = matmul.fp32_precision = "none"
+        else:
+            torch.set_float32_matmul_precision("highest")
+    assert kc.dot_kind(torch.float32) == "ieee"
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 def test_capabilities_are_not_majors():
     from carzero_fast.kernels import configs as kc
 
