@@ -24,9 +24,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+INDEX_LIMIT = 2**31  # the kernels' element offsets are int32
+
+
 def check_matrices(fn: str, **tensors: Tensor | None) -> None:
     """Each given tensor (None: skipped) is 2-D with unit stride along its rows: the kernels
-    index element (r, c) at `r·stride(0) + c` (a single column may have any stride)."""
+    index element (r, c) at `r·stride(0) + c` (a single column may have any stride), in int32,
+    so its last element must lie within `INDEX_LIMIT` of its first (the backends' chunk plans
+    keep every buffer under half that)."""
     for name, t in tensors.items():
         if t is None:
             continue
@@ -35,6 +40,11 @@ def check_matrices(fn: str, **tensors: Tensor | None) -> None:
         if t.stride(1) != 1 and t.shape[1] > 1:
             raise ValueError(f"{fn}: {name} needs unit stride along its rows, got strides "
                              f"{t.stride()}")  # fmt: skip
+        span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+        if t.numel() and span > INDEX_LIMIT:
+            raise ValueError(f"{fn}: {name} of shape {tuple(t.shape)} and strides {t.stride()} "
+                             f"spans {span} elements; the kernels index in int32 (at most "
+                             f"{INDEX_LIMIT}): split it")  # fmt: skip
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -375,6 +375,26 @@ def test_tf32_follows_every_pytorch_switch(switch):  # noqa: ANN001
     assert torch.get_float32_matmul_precision() == "highest"
 
 
+def test_kernels_refuse_matrices_their_int32_offsets_cannot_reach():
+    """Offsets are int32: a matrix whose last element lies 2**31 or more past its first would
+    be read and written at wrapped addresses. Meta tensors: shapes without memory."""
+    from carzero_fast.kernels.common import INDEX_LIMIT, check_matrices
+
+    fits = torch.empty((2**16, 2**15), device="meta")  # exactly INDEX_LIMIT elements
+    check_matrices("linear", a=fits, out=None)
+    over = torch.empty((2**16 + 1, 2**15), device="meta")
+    with pytest.raises(ValueError, match=r"linear: a of shape \(65537, 32768\).*int32"):
+        check_matrices("linear", a=over)
+    strided = torch.empty((2, 2**31), device="meta")[:, :8]  # 16 elements, 2**31 + 8 apart
+    assert strided.numel() < INDEX_LIMIT
+    with pytest.raises(ValueError, match="spans 2147483656 elements"):
+        check_matrices("attention", q=strided)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        check_matrices("attention", k=torch.empty((2, 3, 4), device="meta"))
+    with pytest.raises(ValueError, match="unit stride"):
+        check_matrices("attention", v=torch.empty((4, 3), device="meta").t())
+
+
 def test_capabilities_are_not_majors():
     from carzero_fast.kernels import configs as kc
 
