@@ -11,10 +11,15 @@ rather than each launch paying for a device switch.
 """
 
 from .attention import attention, attention_torch
-from .attention_backward import attention_backward
+from .attention_backward import attention_backward, attention_backward_torch
 from .common import fix_interpreter_rounding, interpreting
 from .configs import dot_precision, library_attention, residual_in_gemm
-from .layernorm import add_layer_norm, add_layer_norm_torch, layer_norm_backward
+from .layernorm import (
+    add_layer_norm,
+    add_layer_norm_torch,
+    layer_norm_backward,
+    layer_norm_backward_torch,
+)
 from .linear import linear, linear_torch
 from .relu_backward import relu_backward, relu_backward_torch
 
@@ -22,6 +27,7 @@ if interpreting():
     fix_interpreter_rounding()
 
 __all__ = ["add_layer_norm", "add_layer_norm_torch", "attention", "attention_backward",
-           "attention_torch", "dot_precision", "layer_norm_backward", "library_attention",
+           "attention_backward_torch", "attention_torch", "dot_precision",
+           "layer_norm_backward", "layer_norm_backward_torch", "library_attention",
            "linear", "linear_torch", "relu_backward", "relu_backward_torch",
            "residual_in_gemm"]  # fmt: skip

@@ -67,6 +67,8 @@ def _head(p_rows, m_rows, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
 @triton.jit
 def _store_slice(p_rows, col0, b_x, m_rows, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_C: tl.constexpr):  # fmt: skip
+    """Write (or add, ACCUMULATE) columns col0 … col0 + BLOCK_C − 1 of a head, `b_x`
+    `[R, BLOCK_C]`, at rows `p_rows` `[R, 1]` in their dtype."""
     o_c = col0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     m_x = m_rows[:, None] & (o_c[None, :] < HEAD_DIM)
     if ACCUMULATE:  # this program owns the tile: a plain read-add-write, no atomics

@@ -61,14 +61,42 @@ def _store_dq_slice(p_rows, p_cols, col0, b_x, m_rows, SUM: tl.constexpr,
 
 @triton.jit
 def attention_dq_kernel(
-    p_q, p_k, p_v, p_mask, p_out, p_do, p_lse, p_delta, p_dq,  # noqa: ANN001
+    p_q,  # [*, D] queries, as the forward took them
+    p_k,  # [items·P, *] keys
+    p_v,  # [items·P, *] values
+    p_mask,  # [items, P] int8, 1 = ignore the key; HAS_MASK
+    p_out,  # [items·m, D] the forward's output
+    p_do,  # [items·m, D] its gradient
+    p_lse,  # [items·m, H] fp32, the forward's log-sum-exp
+    p_delta,  # [items·m, H] fp32, written here: rowsum(dO ∘ O) for the dK/dV kernel
+    p_dq,  # [items·m, D] per-pair query gradients
     p_dq_parts,  # [items·query blocks, D] fp32 column sums of each program's dq, SUM_DQ
-    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_out, stride_do,
-    stride_dq, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, SUM_DQ: tl.constexpr,
-):  # fmt: skip
+    n_queries,  # queries per item (m)
+    n_keys,  # P
+    stride_q,
+    q_item_stride,  # query row of (item i, query j) = i·q_item_stride + j
+    stride_kv,
+    stride_mask,
+    stride_out,
+    stride_do,
+    stride_dq,
+    scale,
+    seed,  # DROPOUT, as the forward's
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    drop_tag,
+    HEAD_DIM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    SUM_DQ: tl.constexpr,
+):
     pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
@@ -104,9 +132,9 @@ def attention_dq_kernel(
         m_p = o_p < n_keys
         if HAS_MASK:
             m_p = m_p & (tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1) == 0)
-        p_kvrows = (item * n_keys + o_p)[:, None] * stride_kv + c0  # [BLOCK_P, 1] offsets
-        b_k0, b_k1, b_k2, b_k3 = _head(p_k + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
-        b_v0, b_v1, b_v2, b_v3 = _head(p_v + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+        o_kvrows = (item * n_keys + o_p)[:, None] * stride_kv + c0  # [BLOCK_P, 1] offsets
+        b_k0, b_k1, b_k2, b_k3 = _head(p_k + o_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+        b_v0, b_v1, b_v2, b_v3 = _head(p_v + o_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
         b_s = _dot_t(b_q0, b_q1, b_q2, b_q3, b_k0, b_k1, b_k2, b_k3,
                      tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), N_SLICES, PRECISION,
                      UPCAST)  # [BLOCK_M, BLOCK_P] scores  # fmt: skip
@@ -143,13 +171,40 @@ def attention_dq_kernel(
 
 @triton.jit
 def attention_dkdv_kernel(
-    p_q, p_k, p_v, p_mask, p_do, p_lse, p_delta, p_dk, p_dv,  # noqa: ANN001
-    n_queries, n_keys, stride_q, q_item_stride, stride_kv, stride_mask, stride_do,
-    stride_dkv, scale, seed, threshold, drop_scale, n0, m0, drop_tag,  # noqa: ANN001
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr, ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr,
-):  # fmt: skip
+    p_q,  # [*, D] queries
+    p_k,  # [items·P, *] keys
+    p_v,  # [items·P, *] values
+    p_mask,  # [items, P] int8, 1 = ignore the key; HAS_MASK
+    p_do,  # [items·m, D] the output's gradient
+    p_lse,  # [items·m, H] fp32
+    p_delta,  # [items·m, H] fp32, from the dQ kernel
+    p_dk,  # [items·P, D] fp32 key gradients (added into with ACCUMULATE)
+    p_dv,  # [items·P, D] fp32 value gradients, same strides as p_dk
+    n_queries,  # m
+    n_keys,  # P
+    stride_q,
+    q_item_stride,
+    stride_kv,
+    stride_mask,
+    stride_do,
+    stride_dkv,
+    scale,
+    seed,
+    threshold,
+    drop_scale,
+    n0,
+    m0,
+    drop_tag,
+    HEAD_DIM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
     pid_p, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_heads = tl.num_programs(1)
     N_SLICES: tl.constexpr = (HEAD_DIM + BLOCK_C - 1) // BLOCK_C
@@ -160,9 +215,9 @@ def attention_dkdv_kernel(
     if HAS_MASK:
         m_p = m_p & (tl.load(p_mask + item * stride_mask + o_p, mask=m_p, other=1) == 0)
     o_kv = item * n_keys + o_p
-    p_kvrows = o_kv[:, None] * stride_kv + c0  # [BLOCK_P, 1] offsets
-    b_k0, b_k1, b_k2, b_k3 = _head(p_k + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
-    b_v0, b_v1, b_v2, b_v3 = _head(p_v + p_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+    o_kvrows = o_kv[:, None] * stride_kv + c0  # [BLOCK_P, 1] offsets
+    b_k0, b_k1, b_k2, b_k3 = _head(p_k + o_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
+    b_v0, b_v1, b_v2, b_v3 = _head(p_v + o_kvrows, m_p, HEAD_DIM, BLOCK_C, N_SLICES)
     # transposed accumulators [BLOCK_C, BLOCK_P]: the slice is the products' M dimension
     b_dkt0 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     b_dkt1 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
@@ -210,12 +265,12 @@ def attention_dkdv_kernel(
         if N_SLICES > 3:
             b_dvt3 = mma(tl.trans(b_do3), b_pv, b_dvt3, PRECISION, UPCAST)
             b_dkt3 = mma(tl.trans(b_q3), b_ds, b_dkt3, PRECISION, UPCAST)
-    p_out = o_kv[:, None] * stride_dkv + c0  # [BLOCK_P, 1] offsets
+    o_dkv = o_kv[:, None] * stride_dkv + c0  # [BLOCK_P, 1] offsets
     m_out = o_p < n_keys
-    _store_head(p_dk + p_out, tl.trans(b_dkt0) * scale, tl.trans(b_dkt1) * scale,
+    _store_head(p_dk + o_dkv, tl.trans(b_dkt0) * scale, tl.trans(b_dkt1) * scale,
                 tl.trans(b_dkt2) * scale, tl.trans(b_dkt3) * scale, m_out, ACCUMULATE,
                 HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
-    _store_head(p_dv + p_out, tl.trans(b_dvt0), tl.trans(b_dvt1), tl.trans(b_dvt2),
+    _store_head(p_dv + o_dkv, tl.trans(b_dvt0), tl.trans(b_dvt1), tl.trans(b_dvt2),
                 tl.trans(b_dvt3), m_out, ACCUMULATE, HEAD_DIM, BLOCK_C, N_SLICES)  # fmt: skip
 
 
@@ -316,3 +371,43 @@ def attention_backward(
         num_stages=cfg.dkdv_stages,
     )  # fmt: skip
     return dq, dk, dv
+
+
+def attention_backward_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    n_heads: int,
+    n_items: int,
+    n_queries: int,
+    *,
+    shared_queries: bool = False,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What the two kernels compute, written out in PyTorch (fp32, no dropout): the weights
+    P recomputed, dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = dS·K·scale,
+    dK = dSᵀ·Q·scale, per item and head. Arguments as `attention_backward`'s → (dq per pair
+    `(n_items·n_queries, D)`, dk, dv `(n_items·P, D)`)."""
+    d = q.shape[1]
+    dh = d // n_heads
+    scale = 1.0 / math.sqrt(dh)
+    if shared_queries:
+        q = q.expand(n_items, n_queries, d).reshape(-1, d)
+
+    def heads(t: Tensor) -> Tensor:  # (items·rows, D) → [items, H, rows, dh]
+        return t.float().reshape(n_items, -1, n_heads, dh).transpose(1, 2)
+
+    qh, kh, vh, doh = heads(q), heads(k), heads(v), heads(dout)
+    s = qh @ kh.transpose(-1, -2) * scale  # [items, H, m, P]
+    if mask is not None:
+        s = s.masked_fill(mask.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    delta = (doh * (p @ vh)).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    ds = p * (doh @ vh.transpose(-1, -2) - delta)  # [items, H, m, P]
+
+    def rows(t: Tensor) -> Tensor:  # [items, H, rows, dh] → (items·rows, D)
+        return t.transpose(1, 2).reshape(-1, d)
+
+    return (rows(ds @ kh * scale), rows(ds.transpose(-1, -2) @ qh * scale),
+            rows(p.transpose(-1, -2) @ doh))  # fmt: skip

@@ -108,11 +108,11 @@ def add_layer_norm_kernel(
     # two passes over the registers (mean, then centred variance), as torch's layer_norm:
     # E[x²] − E[x]² would cancel on rows with a large mean
     b_mean = tl.sum(b_x, axis=1) / D  # [BLOCK_R]
-    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)
+    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)  # [BLOCK_R, BLOCK_D] centred, 0 past D
     b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
     b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
     b_b = tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_y = b_c * b_rstd[:, None] * b_w[None, :] + b_b[None, :]
+    b_y = b_c * b_rstd[:, None] * b_w[None, :] + b_b[None, :]  # [BLOCK_R, BLOCK_D]
     if DROP_Y:
         b_keep = chunk_keep(seed, threshold, o_r, 0, n0, m0, cols, tag_y, BLOCK_D)
         b_y = tl.where(b_keep, b_y * drop_scale, 0.0)
@@ -198,7 +198,7 @@ def _ln_bwd_rows(p_x, b_w, p_dy, p_dres, p_dx, p_dx16, o_r, o_d, m_d, n_rows, st
     b_x = tl.load(p_x + o_r[:, None] * stride_x + o_d[None, :], mask=m_x, other=0.0)
     b_x = b_x.to(tl.float32)  # [BLOCK_R, BLOCK_D]
     b_mean = tl.sum(b_x, axis=1) / D
-    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)
+    b_c = tl.where(m_x, b_x - b_mean[:, None], 0.0)  # [BLOCK_R, BLOCK_D] centred, 0 past D
     b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)  # [BLOCK_R]
     b_xhat = b_c * b_rstd[:, None]
     b_dy = tl.load(p_dy + o_r[:, None] * stride_dy + o_d[None, :], mask=m_x, other=0.0)
@@ -268,9 +268,9 @@ def layer_norm_backward_kernel(
     m_d = o_d < D
     b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BLOCK_D]
     if LOOP:
-        b_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        b_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        b_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)  # [BLOCK_D] Σ dy·x̂ of its rows
+        b_db = tl.zeros((BLOCK_D,), dtype=tl.float32)  # Σ dy
+        b_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)  # Σ dx16 as stored (Σ dy without it)
         for r0 in range(pid * BLOCK_R, n_rows, tl.num_programs(0) * BLOCK_R):
             o_r = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
             b_dw_r, b_db_r, b_ds_r = _ln_bwd_rows(
@@ -385,3 +385,19 @@ def add_layer_norm_torch(
             s = s + branch.float()
     y = F.layer_norm(s, (x.shape[-1],), weight.float(), bias.float(), eps)
     return s, y.to(dtype)
+
+
+def layer_norm_backward_torch(
+    x: Tensor, weight: Tensor, dy: Tensor, eps: float, dres: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What `layer_norm_backward` computes, written out in PyTorch (fp32, no dropout, no
+    16-bit copy): x `(R, D)`, dy `(R, D)`, dres `(R, D)` → (dx `(R, D)`, dγ, dβ `(D,)`)."""
+    x, dy = x.float(), dy.float()
+    x_c = x - x.mean(-1, keepdim=True)  # two passes, as the kernel and torch's layer_norm
+    rstd = torch.rsqrt((x_c * x_c).mean(-1, keepdim=True) + eps)
+    x_hat = x_c * rstd
+    g = dy * weight.float()  # gradient of x̂
+    dx = rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    if dres is not None:
+        dx = dx + dres.float()
+    return dx, (dy * x_hat).sum(0), dy.sum(0)

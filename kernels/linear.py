@@ -119,7 +119,7 @@ def linear_kernel(
     m_m = o_m < n_rows
     m_n = o_n < n_out
 
-    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         m_k = o_k < K
@@ -171,7 +171,7 @@ def linear_tma_kernel(
     # Hopper: the copy engine (TMA) moves A and W tiles into shared memory, where wgmma reads
     # them: no per-element addresses in registers, out-of-bounds rows filled with zeros.
     pid_m, pid_n = _tile(tl.program_id(0), n_rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
-    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
     for k0 in range(0, K, BLOCK_K):
         b_a = d_a.load([pid_m * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K]
         b_w = d_w.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K]
@@ -189,6 +189,8 @@ def _tma_ok(*tensors: Tensor) -> bool:
 
 
 def _descriptor(t: Tensor, block: list[int], cache: dict | None) -> TensorDescriptor:
+    """A TMA descriptor of `t` in `block` tiles; with `cache` (a dict the caller keeps while
+    its buffers live), built once per buffer instead of once per launch."""
     if cache is None:
         return TensorDescriptor.from_tensor(t, block)
     key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, tuple(block))

@@ -11,7 +11,13 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from carzero_fast.kernels import attention, attention_backward, attention_torch, configs  # noqa: E402, I001
+from carzero_fast.kernels import (  # noqa: E402, I001
+    attention,
+    attention_backward,
+    attention_backward_torch,
+    attention_torch,
+    configs,
+)
 
 
 @pytest.fixture(params=[64, 32, 16], ids=["slice64", "slice32", "slice16"])
@@ -82,6 +88,23 @@ def test_backward_matches_autograd(n, m, p, heads, d, shared, masked, dtype, sli
         own = _grads(q, k, v, dout, heads, n, m, shared, mask, dtype)
         for got, mine, want in zip((dq, dk, dv), own, ref, strict=True):
             assert _rel(got, want, floor) <= 2 * _rel(mine, want, floor) + 1e-6
+
+
+@pytest.mark.parametrize("n,m,p,heads,d", CASES[:3])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-pair", "shared"])
+def test_the_written_out_backward_is_autograds(n, m, p, heads, d, shared):
+    """`attention_backward_torch`, the kernels' math in PyTorch, against autograd (fp64)."""
+    q, kv, mask, dout = _case(n, m, p, heads, d, shared, True, torch.float32)
+    k, v = kv[:, d : 2 * d], kv[:, 2 * d :]
+    dq, dk, dv = attention_backward_torch(q, k, v, dout, heads, n, m, shared_queries=shared,
+                                          mask=mask)  # fmt: skip
+    if shared:
+        dq = dq.view(n, m, d).sum(0)
+    ref = _grads(q, k, v, dout, heads, n, m, shared, mask, torch.float64)
+    floor = 0.1 * float(ref[2].norm())  # one key (P = 1): dq and dk are exactly zero
+    for got, want in zip((dq, dk, dv), ref, strict=True):
+        assert got.dtype == torch.float32
+        assert _rel(got, want, floor) < 1e-5
 
 
 def test_forward_stores_the_log_sum_exp():

@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from carzero_fast.kernels import layer_norm_backward  # noqa: E402
+from carzero_fast.kernels import layer_norm_backward, layer_norm_backward_torch  # noqa: E402
 from carzero_fast.kernels import layernorm as kln  # noqa: E402
 
 from carzero_fast.backends.philox import (  # noqa: E402
@@ -54,6 +54,10 @@ def test_matches_autograd(rows, d, with_residual_grad, dy_dtype, programs_per_sm
     assert _rel(dx, x64.grad) < 1e-5
     assert _rel(dw, w64.grad) < 1e-5
     assert _rel(db, b64.grad) < 1e-5
+    # the kernel's math written out in PyTorch (layer_norm_backward_torch), against the same
+    for got, want in zip(layer_norm_backward_torch(x, w, dy, 1e-5, dres),
+                         (x64.grad, w64.grad, b64.grad), strict=True):  # fmt: skip
+        assert _rel(got, want) < 1e-5
 
 
 def test_deterministic_and_empty(programs_per_sm):
