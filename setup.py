@@ -4,9 +4,7 @@ setup(
     name="carzero_fast",
     version="0.1.0",
     description="Exact, streaming and fused implementations of CARZero's cross-attention alignment",
-    # the Triton kernels live at the top level, `kernels/`, and install as carzero_fast.kernels
-    packages=[*find_packages(include=["carzero_fast", "carzero_fast.*"]), "carzero_fast.kernels"],
-    package_dir={"carzero_fast.kernels": "kernels"},
+    packages=find_packages(include=["carzero_fast", "carzero_fast.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

@@ -11,6 +11,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from carzero_fast.kernels import (  # noqa: E402, I001
     attention,
     attention_backward,

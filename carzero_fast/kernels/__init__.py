@@ -1,4 +1,4 @@
-"""Triton kernels of the `triton` backend (installed as `carzero_fast.kernels`).
+"""Triton kernels of the `triton` backend.
 
 One op family per module, each with its kernel, launcher and the PyTorch stage it replaces:
 `layernorm` (residual add + LayerNorm), `linear` (GEMM with bias/ReLU/MLP-head epilogues),
