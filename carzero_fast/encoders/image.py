@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
+from .image_io import read_pil as _read_pil
 from .resize import resize_area
 
 RESIZE_SIZE = 256
@@ -43,12 +44,6 @@ PIXEL_STD = 0.2449
 _HEAD_PREFIXES = ("head.", "fc_norm.")
 _ANCHOR_KEY = "patch_embed.proj.weight"
 _DICOM_SUFFIXES = (".dcm", ".dicom")
-# Formats whose EXIF orientation cv2.imread applies, in OpenCV 4.8 (CARZero's) and 5.0 alike,
-# exactly as Pillow's `exif_transpose` (all 8 orientations checked). OpenCV 4.8 ignores it in
-# WebP (5.0 applies it); TIFF orientations 5–8 differ between versions (4.8 turns them, 5.0
-# fails to read them). Those are read as Pillow decodes them.
-_EXIF_ORIENTED_FORMATS = ("JPEG", "MPO", "PNG")
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -440,35 +435,14 @@ def _read_dicom(path: Path) -> np.ndarray:
     return _dicom_to_unit(arr, ds)  # 32-bit or float pixel data: rare, computed directly
 
 
-def _read_pil(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        img.load()
-        if img.format in _EXIF_ORIENTED_FORMATS and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            img = ImageOps.exif_transpose(img)  # upright, as cv2.imread(path, 0) reads it
-        mode = img.mode
-        if mode.startswith("I;16") or mode == "I":
-            # 16-bit grayscale (older Pillow opens 16-bit PNGs as 32-bit "I"): cv2.imread(path,
-            # 0) keeps the high byte (libpng's strip_16), and so do we, so that the model sees
-            # CARZero's input; larger values have no defined white point.
-            arr = np.asarray(img, dtype=np.int64)
-            if arr.min() < 0 or arr.max() > 65535:
-                raise ValueError(f"16-bit values outside [0, 65535]: {arr.min()}..{arr.max()}")
-            return (arr >> 8).astype(np.uint8)
-        if mode == "F":
-            raise ValueError("float ('F' mode) images have no defined intensity range")
-        # 8-bit (L, P, RGB, RGBA, ...): PIL's ITU-R 601 luma, kept uint8 as CARZero's. Equal to
-        # OpenCV's grayscale read for gray content in RGB(A) PNG/JPEG; true colour differs by
-        # ±1 (PNG) or more (JPEG: OpenCV takes libjpeg's Y channel).
-        return np.array(img if mode == "L" else img.convert("L"), dtype=np.uint8)
-
-
 def load_grayscale(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an X-ray as a 2-D array, upright, for `preprocess`.
 
-    PNG/JPEG/... through PIL, turned upright by their EXIF orientation for JPEG and PNG (as
-    cv2.imread does): 8-bit images (colour ones converted to grayscale luma) as uint8 0..255,
-    CARZero's input type; 16-bit grayscale ("I;16") as its high byte, uint8, as
-    `cv2.imread(path, 0)` reads it. DICOM (suffix
+    PNG and JPEG as uint8, CARZero's input: exactly what its `cv2.imread(path, 0)` returns,
+    gray or colour (`image_io.read_pil`: OpenCV's codecs' own colour → gray arithmetic,
+    libpng's gamma handling included; 16-bit PNGs cut to their high byte after it; alpha
+    dropped; upright by EXIF orientation). Other formats through Pillow as uint8 (colour ones by
+    Pillow's luma, which can be 1 off OpenCV's). DICOM (suffix
     .dcm/.dicom, or the "DICM" magic at byte 128) through pydicom as float32: modality LUT,
     then VOI LUT or window (`apply_voi_lut`), MONOCHROME1 inverted, then min–max scaled to
     [0, 1] (a constant image gives zeros); refused before decoding when Rows × Columns × frames
