@@ -29,10 +29,11 @@
    mode and in train mode (dropout 0.1 at every site, as CARZero trains; triton's dropout
    is checked against a same-mask PyTorch computation first). At 256 also "triton, recompute
    all": every chunk recomputed in backward, where the default forward keeps its last one
-   (`fused_train.forward_keeping_last`). Model FLOPs of a step: 3× the forward's.
+   (`fused_train.forward_keeping_last`). Useful FLOPs of a step: 3× the forward's.
 
-Every figure comes with model TFLOP/s (the original's FLOP count, DESIGN.md §2), the fraction
-of the bf16 GEMM ceiling measured in this run, and the peak extra memory of the call.
+Every figure comes with useful TFLOP/s (`Check.flops`: the work the math needs, the same for
+every row, so TFLOP/s ranks rows as time does), the fraction of the bf16 GEMM ceiling measured
+in this run, and the peak extra memory of the call.
 Writes `gpu_check.json` and `gpu_check.md` into --out; sections fail independently.
 """
 
@@ -54,6 +55,7 @@ import torch
 
 import carzero_fast as cf
 from carzero_fast.backends import chunked as chunked_mod
+from carzero_fast.backends.plan import executed_flops
 from carzero_fast.memory import device_sync as sync
 from carzero_fast.memory import peak_extra_mib
 
@@ -166,7 +168,13 @@ class Check:
         return r
 
     def flops(self, n: int, m: int, p: int) -> float:
-        return n * m * self.cfg.flops_per_pair(p) + n * self.cfg.kv_flops_per_item(p)
+        """Useful FLOPs of one direction, n items × m queries: the work its math needs, K/V
+        once per item and layer 1's query projection once per query (`plan.executed_flops`,
+        kv form). Every row is credited with these, whatever it executes: the original's count
+        (`AlignerConfig.flops_per_pair`) has that projection once per pair, 4% more at P = 197,
+        which would credit the reference's redundant work and lift every fraction of the
+        ceiling by as much (rows before 2026-12-07 used it)."""
+        return float(executed_flops(self.cfg, n, m, p, folded=False))
 
     def compiled_chunked(self) -> Callable[..., object]:
         """chunked with its pair stage under torch.compile (the executor's loop stays eager)."""
@@ -367,7 +375,7 @@ def environment(dev: torch.device) -> dict:
     info["commit"] = os.environ.get("CARZERO_COMMIT")
     if not info["commit"]:
         try:
-            git = ["git", "rev-parse", "--short", "HEAD"]
+            git = ["git", "describe", "--always", "--dirty", "--abbrev=7"]  # "-dirty": edited
             info["commit"] = subprocess.run(git, text=True, capture_output=True,
                                             check=True).stdout.strip()  # fmt: skip
         except (OSError, subprocess.CalledProcessError):
@@ -376,8 +384,8 @@ def environment(dev: torch.device) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| case | backend | dtype | ms | TFLOP/s | % of bf16 GEMM ceiling | × reference "
-             "| × chunked | × CARZero loop | peak extra MiB | note |",
+    lines = ["| case | backend | dtype | ms | useful TFLOP/s | % of bf16 GEMM ceiling "
+             "| × reference | × chunked | × CARZero loop | peak extra MiB | note |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in results["rows"]:
         if "ms" not in r:
