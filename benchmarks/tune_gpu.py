@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from carzero_fast.kernels import (
     add_layer_norm,
     attention,

@@ -15,7 +15,6 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from carzero_fast.kernels import add_layer_norm, attention, attention_backward, linear  # noqa: E402
 
 from carzero_fast.backends.philox import (  # noqa: E402
     SITE_ATTENTION,
@@ -28,6 +27,7 @@ from carzero_fast.backends.philox import (  # noqa: E402
     keep_torch,
     tag,
 )
+from carzero_fast.kernels import add_layer_norm, attention, attention_backward, linear  # noqa: E402
 
 SPEC = DropoutSpec.make(0.25, 0x5DEECE66D1234567)
 

@@ -23,6 +23,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+from carzero_fast.backends.philox import ChunkPos, DropoutSpec  # noqa: E402
 from carzero_fast.kernels import (  # noqa: E402
     add_layer_norm,
     add_layer_norm_torch,
@@ -33,9 +36,6 @@ from carzero_fast.kernels import (  # noqa: E402
 )
 from carzero_fast.kernels.configs import attention_config, linear_config  # noqa: E402
 from carzero_fast.kernels.layernorm import BLOCK_ROWS  # noqa: E402
-from conftest import rel_err  # noqa: E402
-
-from carzero_fast.backends.philox import ChunkPos, DropoutSpec  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5

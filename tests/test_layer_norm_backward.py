@@ -9,8 +9,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from carzero_fast.kernels import layer_norm_backward, layer_norm_backward_torch  # noqa: E402
-from carzero_fast.kernels import layernorm as kln  # noqa: E402
 
 from carzero_fast.backends.philox import (  # noqa: E402
     SITE_ATTN_BRANCH,
@@ -21,6 +19,8 @@ from carzero_fast.backends.philox import (  # noqa: E402
     chunk_dropout_torch,
     tag,
 )
+from carzero_fast.kernels import layer_norm_backward, layer_norm_backward_torch  # noqa: E402
+from carzero_fast.kernels import layernorm as kln  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from carzero_fast.kernels import relu_backward, relu_backward_torch  # noqa: E402
 
 krb = importlib.import_module("carzero_fast.kernels.relu_backward")  # not the function

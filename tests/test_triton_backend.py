@@ -345,9 +345,8 @@ def test_forward_without_backward_stores_less_for_the_same_rows(dtype, triton_on
     """The forward's buffers skip the stream after each attention add (the FFN's pass adds
     both branches again) and the last layer's stream: the decoder_norm'ed rows are the
     training layout's (every stream stored) bit for bit, in every dtype (fp32 stream)."""
-    from carzero_fast.kernels import linear
-
     from carzero_fast.backends.fused import call_plan, item_stage, pair_layers, query_stage
+    from carzero_fast.kernels import linear
 
     cfg = CONFIGS["d64h4_head1"]
     al = make_aligner(cfg, seed=3).to(dtype)

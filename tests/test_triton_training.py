@@ -227,7 +227,6 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
     same step as casting (or `chunk_dropout_torch` on) dx and dy and summing apart (every gradient
     bit for bit but the summed biases, which add the same numbers in another order)."""
     import carzero_fast.kernels as kernels
-
     from carzero_fast.backends.philox import chunk_dropout_torch
 
     al = make_aligner(CONFIGS["d64h4"], seed=5, dtype=torch.bfloat16).train(train)
