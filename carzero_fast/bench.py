@@ -70,12 +70,19 @@ class Row:
     speedup_vs_reference_fp32: float | None = None
 
 
-def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5,
+                 rows: int | None = None) -> float:  # fmt: skip
     """Fastest dense GEMM rate (GFLOP/s) over CARZero-like shapes, measured now: the best of
     PyTorch's own product and the chunked backend's route (`cpu_gemm.mm_t`: oneDNN for fp32 on
-    CPU), so that no row is judged against a slower library than the one it uses."""
+    CPU), so that no row is judged against a slower library than the one it uses.
+
+    rows: the products' row count (default 8192 on CPU, 65536 on CUDA: large enough to reach
+    the rate; a smoke run passes a small one). On CUDA each timing spans 10 products back to
+    back between synchronisations, so that the host's launch time is not counted in.
+    """
     best = 0.0
-    rows = 8192 if device.type == "cpu" else 65536
+    rows = rows or (8192 if device.type == "cpu" else 65536)
+    calls = 1 if device.type == "cpu" else 10
     for k, n in ((768, 1024), (1024, 768), (768, 768)):
         a = torch.randn(rows, k, device=device).to(dtype)
         b = torch.randn(k, n, device=device).to(dtype)
@@ -84,9 +91,11 @@ def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> 
             for _ in range(repeats):
                 _sync(device)
                 t0 = time.perf_counter()
-                product(a, b)
+                for _ in range(calls):
+                    product(a, b)
                 _sync(device)
-                best = max(best, 2 * rows * k * n / (time.perf_counter() - t0) / 1e9)
+                rate = calls * 2 * rows * k * n / (time.perf_counter() - t0) / 1e9
+                best = max(best, rate)
     return best
 
 
@@ -138,6 +147,7 @@ def run(
     config: AlignerConfig | None = None,
     device: str = "cpu",
     measure_memory: bool = True,
+    ceiling_rows: int | None = None,
 ) -> list[Row]:
     """Forward rows (one direction, images as memory, N×M pairs) and training rows (a CARZero
     step on a square batch, both directions); reference fp32 is the baseline of every ratio."""
@@ -148,7 +158,8 @@ def run(
     work = [(b, d) for d in dtypes for b in backends]
     if ("reference", "fp32") not in work:
         work.insert(0, ("reference", "fp32"))
-    ceilings = {d: gemm_ceiling(DTYPES[d], dev) for d in {d for _, d in work}}
+    ceilings = {d: gemm_ceiling(DTYPES[d], dev, rows=ceiling_rows)
+                for d in {d for _, d in work}}  # fmt: skip
     rows: list[Row] = []
 
     # forward: one direction, no grad
@@ -233,6 +244,13 @@ def machine_info() -> dict[str, str]:
             info["cpu"] = f"{names[0]} ({len(names)} logical cores)"
     except OSError:
         pass
+    # what the CPU's products run on: without native bf16 (AVX2 only) PyTorch's bf16 GEMMs take
+    # a scalar fallback, ~70× slower than fp32 on such a machine, and every bf16 row shows it
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        info["onednn_bf16"] = str(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        info["onednn_bf16"] = "unknown"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -276,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--d-model", type=int, default=768, help="smaller values for a smoke run")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--ceiling-rows", type=int, default=None,
+                    help="rows of the GEMM-ceiling products (default 8192 on CPU, 65536 on "
+                         "CUDA; small values for a smoke run)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write rows and machine info as JSON here")
     ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
                     help="keep: glibc keeps freed memory (no page faults after warm-up, the "
@@ -290,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AlignerConfig(d_model=d_model, n_heads=4 if d_model % 4 == 0 else 1)
     rows = run(args.n, args.m, args.p, 98, dtypes,
                tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-               args.train_batch, args.repeats, cfg, args.device, not args.no_memory)  # fmt: skip
+               args.train_batch, args.repeats, cfg, args.device, not args.no_memory,
+               args.ceiling_rows)  # fmt: skip
     info = machine_info()
     info["malloc"] = malloc
     print(" ".join(f"{k}={v}" for k, v in info.items()))
