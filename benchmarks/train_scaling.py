@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 import carzero_fast as cf
+from carzero_fast.bench import interleaved_median
 from carzero_fast.memory import peak_extra_mib as _peak_mib
 from carzero_fast.memory import retain_freed_memory
-
-from .gpu_common import median_time
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -84,18 +83,21 @@ def run(batches: list[int], backends: list[str], budget_mib: float, dev: torch.d
     torch.manual_seed(0)
     al = cf.CrossAttentionAligner(cfg).to(dev, dtype).train()
     rows, models = [], {}
-    for backend in backends:
-        peaks = []
-        for b in batches:
-            step = make_step(al, backend, b, dev, dtype)
-            step_s = median_time(step, dev, repeats)  # after a warm-up call
+    peaks: dict[str, list[float]] = {backend: [] for backend in backends}
+    for b in batches:
+        # the backends alternate step by step at each batch (ratios within one run only)
+        steps = {backend: make_step(al, backend, b, dev, dtype) for backend in backends}
+        times = interleaved_median(steps, repeats, dev)
+        for backend, step in steps.items():
             peak = _peak_mib(step, dev)
-            peaks.append(peak)
-            rows.append({"backend": backend, "batch": b, "step_s": step_s,
+            peaks[backend].append(peak)
+            rows.append({"backend": backend, "batch": b, "step_s": times[backend],
                          "peak_extra_mib": peak})  # fmt: skip
-            print(f"  {backend:<10} B={b:<5} step {rows[-1]['step_s']:8.3f} s  "
+            print(f"  {backend:<10} B={b:<5} step {times[backend]:8.3f} s  "
                   f"peak {peak:9.1f} MiB", flush=True)  # fmt: skip
-        coef = fit(batches, peaks)
+        steps = None  # their inputs freed before the next batch's
+    for backend in backends:
+        coef = fit(batches, peaks[backend])
         # a fit is trusted up to 4× the largest measured batch: beyond, the answer is "≥ that"
         cap = 4 * max(batches)
         b_max = largest_batch(coef, budget_mib, limit=cap)

@@ -99,7 +99,10 @@ def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5,
     return best
 
 
-def _interleaved_median(fns: dict[str, Callable[[], object]], repeats: int, device) -> dict:
+def interleaved_median(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Median wall time of each of `fns` (name → call) over `repeats` rounds, after one
+    warm-up call each; the calls alternate round by round, so a slow phase of the machine
+    hits every one alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
@@ -177,7 +180,7 @@ def run(
 
             return f
 
-        times = _interleaved_median({w: fwd(*w) for w in work}, repeats, dev)
+        times = interleaved_median({w: fwd(*w) for w in work}, repeats, dev)
         flops = n * m * cfg.flops_per_pair(p_img) + n * cfg.kv_flops_per_item(p_img)
         for b, d in work:
             t = times[(b, d)]
@@ -206,7 +209,7 @@ def run(
         train_backends = [b for b in backends if b in ("reference", "chunked")]
         if "reference" not in train_backends:
             train_backends.insert(0, "reference")
-        times = _interleaved_median({b: step(b) for b in train_backends}, max(1, repeats - 1), dev)
+        times = interleaved_median({b: step(b) for b in train_backends}, max(1, repeats - 1), dev)
         flops = 3 * bt * bt * (cfg.flops_per_pair(p_img) + cfg.flops_per_pair(p_txt))
         flops += 3 * bt * (cfg.kv_flops_per_item(p_img) + cfg.kv_flops_per_item(p_txt))
         for b in train_backends:
