@@ -273,6 +273,43 @@ def test_the_kept_chunk_does_not_raise_the_peak(monkeypatch):
     assert peak(True) == peak(False)
 
 
+def test_calls_summed_into_one_loss_hold_one_kept_chunk():
+    """Several calls before one backward: each forward kept its last chunk and a full set of
+    weight-gradient buffers until the backward, so the memory held before the backward grew
+    by both per call. A call now lets go of an earlier call's (whose backward recomputes it);
+    the gradients are the same either way."""
+    import carzero_fast.backends.chunked as chunked
+
+    cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=96, head_dims=(48, 24))
+    al = make_aligner(cfg, seed=3).train()
+    al.chunk_budget_bytes = 2**16
+    g = torch.Generator().manual_seed(4)
+    views = [(torch.randn(12, 9, 64, generator=g), torch.randn(12, 5, 64, generator=g))
+             for _ in range(3)]  # fmt: skip
+
+    def held_before_backward(k: int) -> tuple[int, list[torch.Tensor]]:
+        al.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with track_memory() as tracker:
+            loss = sum(cf.carzero_loss(*cf.alignment_logits(al, i, t)) for i, t in views[:k])
+            held = tracker.live_bytes
+            loss.backward()
+        return held, [p.grad.clone() for p in al.parameters()]
+
+    one, _ = held_before_backward(1)
+    three, grads = held_before_backward(3)
+    logits = 2 * 2 * 12 * 12 * 4  # two more calls' (12, 12) i2t and t2i, fp32
+    assert three - one <= 2 * logits + 4096  # (+ the loss terms' scalars)
+    assert not chunked._PENDING_KEPT  # taken by the backward
+    # the same gradients as one backward per call, each keeping its own chunk
+    al.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    for i, t in views:
+        cf.carzero_loss(*cf.alignment_logits(al, i, t)).backward()
+    for a, b in zip(grads, (p.grad for p in al.parameters()), strict=True):
+        assert rel_err(a, b, floor=1e-6) < 1e-5
+
+
 def test_dropout_masks_keep_the_right_fraction():
     drop = Dropout(0.1, seed=3, chunk=(0, 0), device=torch.device("cpu"))
     out = drop(torch.ones(200_000))

@@ -9,11 +9,15 @@ Training goes through `_ChunkedAlign`, an `autograd.Function` that saves the inp
 recomputes each chunk in backward; dropout masks come from a generator seeded per chunk, so
 recomputation sees the same masks as the forward. The forward's last chunk keeps its graph
 (it would be rebuilt first thing in backward anyway): the backward runs the chunks in reverse
-and starts from it, one chunk fewer to recompute at no extra peak memory.
+and starts from it, one chunk fewer to recompute at no extra peak memory. One kept chunk at a
+time: a call that keeps one lets go of an earlier call's that no backward has taken yet, with
+the gradient buffers it made (several calls summed into one loss would otherwise hold a chunk
+and a set of weight gradients each until the backward).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -232,6 +236,19 @@ def _grad_leaves(
     return tokens_leaf, flat_leaf
 
 
+# The contexts whose forward kept a chunk (and its weights' gradient buffers) that no backward
+# has taken yet (weak: a graph that is let go of takes its context with it).
+_PENDING_KEPT: weakref.WeakSet = weakref.WeakSet()
+
+
+def _release_pending_kept() -> None:
+    """Let go of every earlier call's kept chunk and gradient buffers: their backwards
+    recompute the chunk and make new buffers."""
+    for ctx in list(_PENDING_KEPT):
+        ctx.kept = None
+    _PENDING_KEPT.clear()
+
+
 def _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out) -> _Kept:  # noqa: ANN001
     """Run the last chunk of `job` under autograd, its logits into `out`; keep its graph."""
     needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
@@ -274,10 +291,11 @@ def _backward_chunks(
             else:
                 s = _chunk_logits(prep, cfg, job, training, block, m0, m1)
             torch.autograd.backward(s, g_out[n0:n1, m0:m1])
+            s = None  # its graph (and what its nodes hold outside saved tensors) let go of now
         _backward_tree(block.item, block.item_in)
         if block.mem.grad is not None:
             g_mem[n0:n1] += block.mem.grad
-        block = s = None  # freed before the next block is built
+        block = None  # freed before the next block is built
 
 
 class _ChunkedAlign(torch.autograd.Function):
@@ -303,7 +321,9 @@ class _ChunkedAlign(torch.autograd.Function):
             _forward_chunks(prepare(w, cfg, queries, job.plan.folded), cfg, job, training,
                             memory, out, skip_last=last)  # fmt: skip
             if last:  # (the no-grad query stage is freed by now)
+                _release_pending_kept()
                 ctx.kept = _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out)
+                _PENDING_KEPT.add(ctx)
             outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.training, ctx.n_tokens = cfg, jobs, training, n_tokens
@@ -320,6 +340,7 @@ class _ChunkedAlign(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
         needs_tokens = needs[: ctx.n_tokens]
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
+        _PENDING_KEPT.discard(ctx)
         if kept is not None:  # taken apart: each piece is let go of as soon as it is used
             tokens, flat_leaf = kept.tokens, kept.flat
             kept = [(kept.direction, kept.chunk)]  # the last job's
