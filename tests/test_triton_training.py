@@ -469,6 +469,43 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
         assert torch.equal(x, y), name
 
 
+def test_calls_summed_into_one_loss_keep_one_chunk(monkeypatch, triton_only):
+    """Two calls before one backward: the second lets go of the first's kept chunk (each
+    would hold up to a chunk budget until the backward), so the first's backward recomputes
+    all of its chunks; the gradients equal one backward per call (dropout on)."""
+    import carzero_fast.backends.fused_train as fused_train
+
+    calls = []
+    original = fused_train._recompute
+    monkeypatch.setattr(fused_train, "_recompute", lambda *a: calls.append(1) or original(*a))
+    al = make_aligner(DROP_CFG, seed=16).train()
+    views = [tuple(t.requires_grad_(True) for t in _tokens(64, seed=s)) for s in (17, 18)]
+    budget = _budget(DROP_CFG, (1, 5))
+
+    g = torch.Generator().manual_seed(19)
+    weights = [torch.randn(N, M, generator=g), torch.randn(M, N, generator=g)]
+
+    def loss(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        i2t, t2i = al.both_directions(img, txt, backend="triton", chunk_budget_bytes=budget)
+        return (i2t * weights[0]).sum() + (t2i * weights[1]).sum()
+
+    def each_loss() -> list[torch.Tensor]:
+        torch.manual_seed(5)
+        return [loss(i, t) for i, t in views]
+
+    together = each_loss()
+    assert len(calls) == 2 and len(fused_train._PENDING_KEPT) == 1  # one forward each
+    sum(together).backward()
+    assert not fused_train._PENDING_KEPT
+    summed = [p.grad.clone() for p in al.parameters()]
+    al.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    for i, t in views:  # one backward per call, each starting from its own kept chunk
+        loss(i, t).backward()
+    for (name, p), x in zip(al.named_parameters(), summed, strict=True):
+        assert rel_err(x, p.grad, floor=1e-6) < 1e-5, name
+
+
 # ------------------------------------------------------------------------------ memory
 
 

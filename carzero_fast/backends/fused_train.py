@@ -32,6 +32,7 @@ SimR's in `layer_norm_backward`, the attention weights' in its kernels).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -451,12 +452,17 @@ def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
     return src if src.dim() == 2 else src[:, 0]
 
 
+# Contexts whose kept chunk no backward has taken yet (weak: freed with their graph).
+_PENDING_KEPT: weakref.WeakSet = weakref.WeakSet()
+
+
 class _TritonAlign(torch.autograd.Function):
     """Forward on the fused kernels saving only inputs; backward recomputes chunk by chunk.
     Both directions of a training step share one node (one set of weight accumulators).
     The last job's last backward chunk is the exception: the forward keeps its activations
     (`forward_keeping_last`) and the backward, running jobs and chunks in reverse, starts
-    from it."""
+    from it. One kept chunk at a time: a call lets go of an earlier call's that no backward
+    has taken yet (calls summed into one loss would each hold up to a chunk budget)."""
 
     @staticmethod
     def forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
@@ -484,8 +490,12 @@ class _TritonAlign(torch.autograd.Function):
             for j in jobs[:-1]
         ]
         j = jobs[-1]
+        for pending in list(_PENDING_KEPT):  # their backwards recompute all their chunks
+            pending.kept = None
+        _PENDING_KEPT.clear()
         out, ctx.kept = forward_keeping_last(w, cfg, tokens[j.memory], _queries(tokens, j),
                                              j.mask, budget, j.dropout)  # fmt: skip
+        _PENDING_KEPT.add(ctx)
         outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.budget, ctx.n_tokens = cfg, jobs, budget, n_tokens
@@ -507,6 +517,7 @@ class _TritonAlign(torch.autograd.Function):
         w_leaf = AlignerWeights.unflatten(leaves, cfg.n_layers)
         w = AlignerWeights.unflatten(list(flat), cfg.n_layers)
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
+        _PENDING_KEPT.discard(ctx)
         for i in reversed(range(len(ctx.jobs))):  # the kept chunk is the last job's
             job, g_out = ctx.jobs[i], g_outs[i]
             job_kept, kept = (kept if i == len(ctx.jobs) - 1 else None), None
