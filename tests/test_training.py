@@ -278,7 +278,7 @@ def test_calls_summed_into_one_loss_hold_one_kept_chunk():
     weight-gradient buffers until the backward, so the memory held before the backward grew
     by both per call. A call now lets go of an earlier call's (whose backward recomputes it);
     the gradients are the same either way."""
-    import carzero_fast.backends.chunked as chunked
+    from carzero_fast.backends import kept
 
     cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=96, head_dims=(48, 24))
     al = make_aligner(cfg, seed=3).train()
@@ -300,7 +300,7 @@ def test_calls_summed_into_one_loss_hold_one_kept_chunk():
     three, grads = held_before_backward(3)
     logits = 2 * 2 * 12 * 12 * 4  # two more calls' (12, 12) i2t and t2i, fp32
     assert three - one <= 2 * logits + 4096  # (+ the loss terms' scalars)
-    assert not chunked._PENDING_KEPT  # taken by the backward
+    assert not kept._PENDING  # taken by the backward
     # the same gradients as one backward per call, each keeping its own chunk
     al.zero_grad(set_to_none=True)
     torch.manual_seed(0)

@@ -474,6 +474,7 @@ def test_calls_summed_into_one_loss_keep_one_chunk(monkeypatch, triton_only):
     would hold up to a chunk budget until the backward), so the first's backward recomputes
     all of its chunks; the gradients equal one backward per call (dropout on)."""
     import carzero_fast.backends.fused_train as fused_train
+    from carzero_fast.backends import kept
 
     calls = []
     original = fused_train._recompute
@@ -494,9 +495,9 @@ def test_calls_summed_into_one_loss_keep_one_chunk(monkeypatch, triton_only):
         return [loss(i, t) for i, t in views]
 
     together = each_loss()
-    assert len(calls) == 2 and len(fused_train._PENDING_KEPT) == 1  # one forward each
+    assert len(calls) == 2 and len(kept._PENDING) == 1  # one forward each
     sum(together).backward()
-    assert not fused_train._PENDING_KEPT
+    assert not kept._PENDING
     summed = [p.grad.clone() for p in al.parameters()]
     al.zero_grad(set_to_none=True)
     torch.manual_seed(5)

@@ -17,7 +17,6 @@ and a set of weight gradients each until the backward).
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -29,6 +28,7 @@ from ..validation import check_first_order, raise_for_functorch
 from ..weights import AlignerWeights
 from .chunked_stages import Prepared, item_stage, pair_chunk_forward, prepare
 from .dropout import Dropout
+from .kept import mark_pending, release_pending, take_kept
 from .plan import (
     ChunkPlan,
     default_budget,
@@ -236,19 +236,6 @@ def _grad_leaves(
     return tokens_leaf, flat_leaf
 
 
-# The contexts whose forward kept a chunk (and its weights' gradient buffers) that no backward
-# has taken yet (weak: a graph that is let go of takes its context with it).
-_PENDING_KEPT: weakref.WeakSet = weakref.WeakSet()
-
-
-def _release_pending_kept() -> None:
-    """Let go of every earlier call's kept chunk and gradient buffers: their backwards
-    recompute the chunk and make new buffers."""
-    for ctx in list(_PENDING_KEPT):
-        ctx.kept = None
-    _PENDING_KEPT.clear()
-
-
 def _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out) -> _Kept:  # noqa: ANN001
     """Run the last chunk of `job` under autograd, its logits into `out`; keep its graph."""
     needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
@@ -321,9 +308,9 @@ class _ChunkedAlign(torch.autograd.Function):
             _forward_chunks(prepare(w, cfg, queries, job.plan.folded), cfg, job, training,
                             memory, out, skip_last=last)  # fmt: skip
             if last:  # (the no-grad query stage is freed by now)
-                _release_pending_kept()
+                release_pending()
                 ctx.kept = _keep_last_chunk(ctx, cfg, job, training, tokens, flat, out)
-                _PENDING_KEPT.add(ctx)
+                mark_pending(ctx)
             outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.training, ctx.n_tokens = cfg, jobs, training, n_tokens
@@ -339,8 +326,7 @@ class _ChunkedAlign(torch.autograd.Function):
         cfg, n_jobs = ctx.cfg, len(ctx.jobs)
         needs = ctx.needs_input_grad[5:]  # after (cfg, jobs, training, keep, n_tokens)
         needs_tokens = needs[: ctx.n_tokens]
-        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
-        _PENDING_KEPT.discard(ctx)
+        kept = take_kept(ctx)
         if kept is not None:  # taken apart: each piece is let go of as soon as it is used
             tokens, flat_leaf = kept.tokens, kept.flat
             kept = [(kept.direction, kept.chunk)]  # the last job's

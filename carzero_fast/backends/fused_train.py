@@ -32,7 +32,6 @@ SimR's in `layer_norm_backward`, the attention weights' in its kernels).
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -55,6 +54,7 @@ from .fused import (
     query_stage,
     triton_forward,
 )
+from .kept import mark_pending, release_pending, take_kept
 from .philox import (
     SITE_ATTENTION,
     SITE_ATTN_BRANCH,
@@ -452,10 +452,6 @@ def _queries(tokens: tuple[Tensor, ...] | list[Tensor], job: Job) -> Tensor:
     return src if src.dim() == 2 else src[:, 0]
 
 
-# Contexts whose kept chunk no backward has taken yet (weak: freed with their graph).
-_PENDING_KEPT: weakref.WeakSet = weakref.WeakSet()
-
-
 class _TritonAlign(torch.autograd.Function):
     """Forward on the fused kernels saving only inputs; backward recomputes chunk by chunk.
     Both directions of a training step share one node (one set of weight accumulators).
@@ -490,12 +486,10 @@ class _TritonAlign(torch.autograd.Function):
             for j in jobs[:-1]
         ]
         j = jobs[-1]
-        for pending in list(_PENDING_KEPT):  # their backwards recompute all their chunks
-            pending.kept = None
-        _PENDING_KEPT.clear()
+        release_pending()  # one kept chunk at a time (kept.py)
         out, ctx.kept = forward_keeping_last(w, cfg, tokens[j.memory], _queries(tokens, j),
                                              j.mask, budget, j.dropout)  # fmt: skip
-        _PENDING_KEPT.add(ctx)
+        mark_pending(ctx)
         outs.append(out)
         ctx.save_for_backward(*tensors)
         ctx.cfg, ctx.jobs, ctx.budget, ctx.n_tokens = cfg, jobs, budget, n_tokens
@@ -516,8 +510,7 @@ class _TritonAlign(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(need) for t, need in zip(flat, needs_flat, strict=True)]
         w_leaf = AlignerWeights.unflatten(leaves, cfg.n_layers)
         w = AlignerWeights.unflatten(list(flat), cfg.n_layers)
-        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes all
-        _PENDING_KEPT.discard(ctx)
+        kept = take_kept(ctx)
         for i in reversed(range(len(ctx.jobs))):  # the kept chunk is the last job's
             job, g_out = ctx.jobs[i], g_outs[i]
             job_kept, kept = (kept if i == len(ctx.jobs) - 1 else None), None

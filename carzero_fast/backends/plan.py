@@ -43,23 +43,65 @@ def plan_chunks(
     training: bool,
     folded: bool,
 ) -> ChunkPlan:
-    """Chunk shape from a memory budget (bytes), never from N·M.
+    """Chunk shape from a memory budget (bytes), never from N·M: the queries first (half of
+    what one item leaves, at most), then as many items as fit.
 
-    A pair alive in a chunk holds a few D-wide rows, one FFN row, the head's widest row and
-    one head's attention state; in training, autograd keeps those of every layer and head for
-    the chunk's backward. An item holds its normalised tokens (and in the "kv" form every
-    layer's K and V).
+    A chunk's working set is `fixed + items·per_item + items·queries·per_pair`, counted from
+    what the chunked backend holds at its peak. Measured with `memory.track_memory` (CARZero
+    dims and H·P ≫ D, fp32 and bf16, with and without dropout), a training chunk's pairs held
+    0.7–0.95 of `per_pair`, and planned chunks 0.3–0.9 of their budget in training, up to
+    0.97 without autograd (H·P ≫ D, many items):
+
+    - without autograd, a pair holds a few D-wide rows, one FFN row, the head's widest row and
+      the attention state alive at once: "kv" runs all heads in one SDPA (scores and
+      probabilities, 2·H·P, where it cannot fuse them), folded one head at a time (scores,
+      probabilities, weighted tokens). An item holds its normalised tokens, and in the "kv"
+      form every layer's K and V.
+    - in training, autograd keeps every layer's rows for the chunk's backward, with the
+      attention state of every head ("kv": the probabilities and their dropped copy, H·P
+      each; folded: a head's query in token space, its weighted tokens and probabilities),
+      and the int16 dropout masks when `cfg.dropout` > 0; then one layer's attention backward
+      runs at a time (folded: its operands stacked over the heads) or the head's backward.
+      An item also holds gradients: its tokens' gradient accumulating over the chunks
+      ("kv": every layer's K/V gradients, then their slices' and projection's gradients
+      when the block sends them back: 4·L + 8 token tensors at the peak, measured).
+      `fixed`: one weight-sized gradient returned to autograd at a time.
+
+    A chunk holds at least one item and one query, so a budget below `fixed + per_item +
+    per_pair` is exceeded by that one chunk: at CARZero dims, fp32, P = 197, below 0.6 MiB
+    (folded) / 5.2 MiB ("kv") without autograd, 5.6 / 17 MiB in training. Above that no
+    planned chunk exceeds the budget.
     """
-    d, f, h = cfg.d_model, cfg.d_ffn, cfg.n_heads
-    attn = 2 * d + 2 * p if folded else 2 * h * p
+    d, f, h, layers = cfg.d_model, cfg.d_ffn, cfg.n_heads, cfg.n_layers
+    tokens = p * d  # one item's normalised tokens
     if training:
-        per_pair = cfg.n_layers * (7 * d + 2 * f + h * attn) + 2 * sum(cfg.head_dims) + 2 * d
+        rows = 6 * d + f  # per layer: residual in/mid, LN outputs, Q, attention output, FFN hidden
+        if folded:
+            attn = h * (2 * d + p)  # per layer and head: q in token space, weighted tokens, p_h
+            # one layer's backward: stacked [ds_h, a_h] and [qk_h, dc_h] (2·H·(P + D)), the
+            # queries' gradients (H·D), one head's softmax backward (3·P)
+            attn_grad = 2 * h * (d + p) + h * d + 3 * p
+            per_item = 4 * tokens  # tokens, their gradient, the backward's two addends
+        else:
+            attn = 2 * h * p  # all heads: probabilities and their dropped copy
+            attn_grad = 3 * h * p
+            # every layer's K/V and their gradients, then the slices' and the projection's
+            # gradients in the item's backward (measured: 4·L + 8 token tensors)
+            per_item = (4 * layers + 8) * tokens
+        head = 2 * d + sum(cfg.head_dims) + 2 * max(cfg.head_dims)
+        per_pair = (layers * (rows + attn) + max(attn_grad, head)) * itemsize
+        if cfg.dropout > 0.0:  # int16 masks saved for the backward
+            per_pair += 2 * (layers * (h * p + 2 * d) + d)
+        fixed = d * max(d, f, cfg.head_dims[0]) * itemsize
     else:
-        per_pair = 5 * d + f + max(cfg.head_dims) + attn
-    per_pair *= itemsize
-    per_item = (1 if folded else 2 * cfg.n_layers + 1) * p * d * itemsize
-    queries = max(1, min(m, budget // (2 * per_pair)))
-    items = max(1, min(n, budget // (queries * per_pair + per_item)))
+        attn = 2 * d + 2 * p if folded else 2 * h * p
+        per_pair = (5 * d + f + max(cfg.head_dims) + attn) * itemsize
+        per_item = (1 if folded else 2 * layers + 1) * tokens
+        fixed = 0
+    per_item = (per_item + 2 * p) * itemsize  # + LN0's statistics (mean, 1/std a token)
+    # one item is the least a chunk holds: reserved before the queries take their half
+    queries = max(1, min(m, (budget - fixed - per_item) // (2 * per_pair)))
+    items = max(1, min(n, (budget - fixed) // (queries * per_pair + per_item)))
     return ChunkPlan(items, queries, folded)
 
 
