@@ -42,7 +42,7 @@ import torch
 
 from .aligner import CrossAttentionAligner
 from .backends.chunked import last_chunk
-from .backends.cpu_gemm import mm_t
+from .backends.cpu_gemm import fp32_products, mm_t
 from .backends.plan import default_budget, executed_flops, plan_chunks, use_folded_form
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss
@@ -78,7 +78,10 @@ def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5,
 
     rows: the products' row count (default 8192 on CPU, 65536 on CUDA: large enough to reach
     the rate; a smoke run passes a small one). On CUDA each timing spans 10 products back to
-    back between synchronisations, so that the host's launch time is not counted in.
+    back between synchronisations, so that the host's launch time is not counted in. Where
+    the route computes a 16-bit dtype's products in fp32 (`cpu_gemm.fp32_products`: this
+    PyTorch has no native 16-bit CPU kernel), PyTorch's own product of that dtype is its
+    generic loop, 30–80× slower (1–2 GFLOP/s on AVX2), and only the route is timed.
     """
     best = 0.0
     rows = rows or (8192 if device.type == "cpu" else 65536)
@@ -86,7 +89,8 @@ def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5,
     for k, n in ((768, 1024), (1024, 768), (768, 768)):
         a = torch.randn(rows, k, device=device).to(dtype)
         b = torch.randn(k, n, device=device).to(dtype)
-        for product in (torch.mm, lambda x, y: mm_t(x, y.t())):
+        route = lambda x, y: mm_t(x, y.t())  # noqa: E731
+        for product in (route,) if fp32_products(a) else (torch.mm, route):
             product(a, b)
             for _ in range(repeats):
                 _sync(device)
@@ -248,12 +252,17 @@ def machine_info() -> dict[str, str]:
     except OSError:
         pass
     # what the CPU's products run on: without native bf16 (AVX2 only) PyTorch's bf16 GEMMs take
-    # a scalar fallback, ~70× slower than fp32 on such a machine, and every bf16 row shows it
+    # a generic loop, ~70× slower than fp32 on such a machine (the reference's bf16 rows show
+    # it), and the chunked backend computes its 16-bit products in fp32 (`cpu_gemm`)
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     try:
         info["onednn_bf16"] = str(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         info["onednn_bf16"] = "unknown"
+    cpu = torch.zeros(0)
+    info["chunked_16bit_products"] = ", ".join(
+        f"{name} {'fp32' if fp32_products(cpu.to(dt)) else 'native'}"
+        for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)))  # fmt: skip
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

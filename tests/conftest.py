@@ -39,6 +39,18 @@ def nan_buffers(monkeypatch):  # noqa: ANN001, ANN201
     monkeypatch.setattr(torch.Tensor, "new_empty", nan_filled(torch.Tensor.new_empty))
 
 
+@pytest.fixture(params=["fp32", "native"])
+def products16(request, monkeypatch):  # noqa: ANN001, ANN201
+    """Run a test with the chunked backend's 16-bit CPU products computed in fp32 (as on
+    CPUs without native 16-bit GEMMs) and with PyTorch's 16-bit products, whatever this CPU
+    has (`cpu_gemm.fp32_products`)."""
+    from carzero_fast.backends import cpu_gemm
+
+    wide = {torch.bfloat16, torch.float16} if request.param == "fp32" else set()
+    monkeypatch.setattr(cpu_gemm, "_FP32_PRODUCTS", frozenset(wide))
+    return request.param
+
+
 def make_aligner(
     cfg: cf.AlignerConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> cf.CrossAttentionAligner:

@@ -4,6 +4,7 @@ backward (including its in-place accumulation into gradient buffers) is exact.""
 import pytest
 import torch
 from conftest import make_aligner, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import carzero_fast as cf
 from carzero_fast.backends import cpu_gemm
@@ -48,7 +49,8 @@ def test_mm_t_matches_addmm(layout, route):
     torch.testing.assert_close(mm_t(x, w, None, 1.25), 1.25 * (x @ w.t()), rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_route_is_taken_for_large_fp32_cpu_products_only(monkeypatch):
+def test_onednn_route_is_taken_for_large_fp32_cpu_products_only(monkeypatch, products16):
+    """(16-bit products go there too when they are computed in fp32.)"""
     calls = []
     if cpu_gemm._ONEDNN_LINEAR is None:
         pytest.skip("this PyTorch build has no oneDNN linear")
@@ -59,8 +61,9 @@ def test_onednn_route_is_taken_for_large_fp32_cpu_products_only(monkeypatch):
     assert len(calls) == 1
     mm_t(big_x[:100], big_w)  # below the threshold: PyTorch's GEMM
     mm_t(big_x.double(), big_w.double())
-    mm_t(big_x.bfloat16(), big_w.bfloat16())
     assert len(calls) == 1
+    mm_t(big_x.bfloat16(), big_w.bfloat16())
+    assert len(calls) == (2 if products16 == "fp32" else 1)
     assert onednn_enabled(big_x) and not onednn_enabled(big_x.double())
     # other dtypes go through PyTorch and stay exact
     xd, wd = _rand(5, 7, seed=6, dtype=torch.float64), _rand(4, 7, seed=7, dtype=torch.float64)
@@ -191,3 +194,97 @@ def test_chunked_training_step_same_on_the_other_devices_route(monkeypatch):
     logit_bias = names[-1]  # its gradient is exactly zero under a softmax loss: rounding only
     for name, a, e in zip(names, got, want, strict=True):
         assert rel_err(a, e, floor=1e-3 if name == logit_bias else 0.0) < 1e-5, name
+
+
+# -- 16-bit products on CPUs without native 16-bit GEMMs ------------------------------------
+
+aten = torch.ops.aten
+PRODUCTS = (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_)
+
+
+class ProductDtypes(TorchDispatchMode):
+    """The operand dtypes of every matrix product dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.overloadpacket in PRODUCTS:
+            self.dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+        elif func.overloadpacket in (aten.matmul, aten.linear, aten.mv, aten.dot):
+            raise AssertionError(f"uncounted product {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_round_once(dtype, products16):
+    """Each product wrapper in both routes: the 16-bit result of the exact product (within
+    one rounding plus fp32 summation), in the operands' dtype, on the route's operands."""
+    a, b = _rand(37, 96, seed=60, dtype=dtype), _rand(96, 53, seed=61, dtype=dtype)
+    a3, b3 = _rand(3, 37, 96, seed=62, dtype=dtype), _rand(3, 96, 29, seed=63, dtype=dtype)
+    c, bias = _rand(37, 53, seed=64, dtype=dtype), _rand(53, seed=65, dtype=dtype)
+    f64 = torch.float64
+    cases = {
+        "mm": (lambda: cpu_gemm.mm(a, b), a.to(f64) @ b.to(f64)),
+        "mm out": (lambda: cpu_gemm.mm(a, b, out=torch.empty(37, 53, dtype=dtype)),
+                   a.to(f64) @ b.to(f64)),
+        "bmm": (lambda: cpu_gemm.bmm(a3, b3), a3.to(f64) @ b3.to(f64)),
+        "matmul": (lambda: cpu_gemm.matmul(a3[None], b3[None]), a3.to(f64) @ b3.to(f64)),
+        "addmm_": (lambda: cpu_gemm.addmm_(c.clone(), a, b, alpha=0.5),
+                   c.to(f64) + 0.5 * a.to(f64) @ b.to(f64)),
+        "mm_t": (lambda: mm_t(a, b.t(), bias, 1.25, 0.5),
+                 0.5 * bias.to(f64) + 1.25 * a.to(f64) @ b.to(f64)),
+    }  # fmt: skip
+    unit = torch.finfo(dtype).eps  # one rounding: half of it, relative
+    for name, (run, exact) in cases.items():
+        with ProductDtypes() as seen:
+            got = run()
+        assert got.dtype == dtype, name
+        assert seen.dtypes == ({torch.float32} if products16 == "fp32" else {dtype}), name
+        assert rel_err(got.to(f64).reshape(exact.shape), exact) < unit, name
+
+
+def test_chunked_16bit_step_runs_every_product_in_fp32_where_asked(products16):
+    """A bf16 chunked training step (both forms, dropout on): with the fp32 route no matrix
+    product sees a 16-bit operand (SDPA, a fused op, keeps its own); the plan then counts
+    4 bytes an element (the fp32 operand copies)."""
+    from carzero_fast.backends.chunked import chunked_both_directions
+
+    cfg = cf.AlignerConfig(d_model=32, n_heads=4, d_ffn=48, n_layers=2, head_dims=(24, 16),
+                           dropout=0.1)  # fmt: skip
+    al = make_aligner(cfg, seed=3, dtype=torch.bfloat16).train()
+    img = _rand(5, 9, 32, seed=66, dtype=torch.bfloat16).requires_grad_(True)
+    txt = _rand(5, 7, 32, seed=67, dtype=torch.bfloat16).requires_grad_(True)
+    for form in ("kv", "folded"):
+        with ProductDtypes() as seen:
+            i2t, t2i = chunked_both_directions(al.weights(), cfg, img, txt, None, None, True,
+                                               40_000, form)  # fmt: skip
+            cf.carzero_loss(i2t.float(), t2i.float()).backward()
+        assert i2t.dtype == torch.bfloat16 and img.grad.dtype == torch.bfloat16
+        want = {torch.float32} if products16 == "fp32" else {torch.bfloat16, torch.float32}
+        assert seen.dtypes <= want and torch.bfloat16 not in seen.dtypes - want, form
+        if products16 == "native":
+            assert torch.bfloat16 in seen.dtypes, form
+    import carzero_fast.backends.chunked as chunked
+
+    job = chunked._make_job(cfg, (img, txt), 0, 1, None, True, 40_000, "kv", True)
+    plans = [chunked.plan_chunks(cfg, 5, 5, 9, size, 40_000, True, False) for size in (4, 2)]
+    assert plans[0] != plans[1]  # (several chunks either way)
+    assert job.plan == plans[0 if products16 == "fp32" else 1]
+
+
+def test_16bit_route_selection_by_environment_variable(monkeypatch):
+    wide = {torch.bfloat16, torch.float16}
+    assert cpu_gemm._select16("native") == frozenset()
+    assert cpu_gemm._select16("fp32") == wide
+    with pytest.raises(ValueError, match="CARZERO_FAST_CPU_GEMM16='bf16'.*auto, fp32, native"):
+        cpu_gemm._select16("bf16")
+    monkeypatch.setattr(cpu_gemm, "_probe_native16", lambda dtype: dtype == torch.bfloat16)
+    assert cpu_gemm._select16("auto") == {torch.float16}  # an AVX-512 CPU without FP16
+    monkeypatch.setattr(cpu_gemm, "_probe_native16", lambda dtype: False)
+    assert cpu_gemm._select16("auto") == wide
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    monkeypatch.setattr(cpu_gemm, "_FP32_PRODUCTS", frozenset(wide))
+    assert cpu_gemm.fp32_products(x) and not cpu_gemm.fp32_products(x.float())
+    assert not cpu_gemm.fp32_products(x.to("meta"))  # CPU tensors only

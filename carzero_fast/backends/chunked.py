@@ -27,6 +27,7 @@ from ..config import AlignerConfig
 from ..validation import check_first_order, raise_for_functorch
 from ..weights import AlignerWeights
 from .chunked_stages import Prepared, item_stage, pair_chunk_forward, prepare
+from .cpu_gemm import fp32_products
 from .dropout import Dropout
 from .kept import mark_pending, release_pending, take_kept
 from .plan import (
@@ -381,7 +382,9 @@ def _make_job(cfg, tokens, mem_i, q_i, mask, training, budget, form, grad) -> Jo
     n, p, _ = memory.shape
     m = tokens[q_i].shape[0]
     folded = use_folded_form(cfg, m, p) if form == "auto" else form == "folded"
-    plan = plan_chunks(cfg, n, m, p, memory.element_size(), budget, grad, folded)
+    # 16-bit products computed in fp32 (`cpu_gemm.fp32_products`) hold fp32 operand copies
+    itemsize = 4 if fp32_products(memory) else memory.element_size()
+    plan = plan_chunks(cfg, n, m, p, itemsize, budget, grad, folded)
     seed = _draw_seed() if training and cfg.dropout > 0.0 else None
     return Job(mem_i, q_i, mask, plan, seed, *chunk_bounds(plan, n, m, memory.device))
 

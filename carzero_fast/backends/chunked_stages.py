@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..config import AlignerConfig
 from ..weights import AlignerWeights
-from .cpu_gemm import linear
+from .cpu_gemm import linear, matmul
 from .dropout import Dropout
 from .external_attention import external_attention
 from .folded_attention import attention_folded
@@ -164,10 +164,10 @@ def attention_kv(
     if not drop.active:
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     else:  # explicit form: the dropout mask must come from the chunk's generator
-        s = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # [n, H, m, P]
+        s = matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # [n, H, m, P]
         if mask is not None:
             s = s + mask
-        o = torch.matmul(drop(torch.softmax(s, dim=-1)), vh)
+        o = matmul(drop(torch.softmax(s, dim=-1)), vh)
     return o.transpose(1, 2).reshape(n, m, d)
 
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .cpu_gemm import linear, mm_t
+from .cpu_gemm import bmm, linear, mm, mm_t
 from .dropout import Dropout
 
 
@@ -41,7 +41,7 @@ def _scores_t(qk_h: Tensor, normed: Tensor, shared: bool) -> Tensor:
     n, p, d = normed.shape
     if shared:  # one product against every item's tokens
         return mm_t(normed.reshape(n * p, d), qk_h).view(n, p, -1)
-    return torch.bmm(normed, qk_h.view(n, -1, d).transpose(1, 2))
+    return bmm(normed, qk_h.view(n, -1, d).transpose(1, 2))
 
 
 def folded_forward(
@@ -68,7 +68,7 @@ def folded_forward(
         prob = torch.softmax(s, dim=1).transpose(1, 2)  # [n, m, P], a view
         keep = drop.keep(prob.shape, prob.device) if drop.active else None  # int16 0/1
         a = prob if keep is None else (prob * keep.to(prob.dtype)).mul_(drop.scale)
-        c = torch.bmm(a, normed)  # [n, m, D]: attention-weighted tokens
+        c = bmm(a, normed)  # [n, m, D]: attention-weighted tokens
         if keep is None:
             outs.append(linear(c, wv_h, bv_h))  # [n, m, dh]
         else:  # dropped weights no longer sum to one: bv scales with their sum
@@ -127,7 +127,7 @@ class FoldedAttention(torch.autograd.Function):
                 torch.mul(prob, ctx.scale, out=a)
                 if keep is not None:
                     a.mul_(keep)
-            g_wv.append(g_h.reshape(n * m, dh).t() @ c.reshape(n * m, d) if need_wv[h] else None)
+            g_wv.append(mm(g_h.reshape(n * m, dh).t(), c.reshape(n * m, d)) if need_wv[h] else None)
             if not need_bv[h]:
                 g_bv.append(None)
             elif keep is None:
@@ -143,8 +143,8 @@ class FoldedAttention(torch.autograd.Function):
                 # PyTorch's mm (MKL): oneDNN would be faster but has no `out=`, and the copy
                 # into the stack costs what it gains
                 dc = rhs[:, :, h_n + h]
-                torch.mm(g_h2, wv[h], out=dc.view(n * m, d))
-            da = torch.bmm(normed, dc.transpose(1, 2))  # [n, P, m], as the scores
+                mm(g_h2, wv[h], out=dc.view(n * m, d))
+            da = bmm(normed, dc.transpose(1, 2))  # [n, P, m], as the scores
             if keep is not None:  # bv·Σa: every weight's gradient gets g_h·bv_h
                 da += (g_h * bv[h]).sum(-1)[:, None, :]
                 da.mul_(keep.transpose(1, 2)).mul_(ctx.scale)
@@ -152,9 +152,9 @@ class FoldedAttention(torch.autograd.Function):
             ds = da.sub_((da * prob_t).sum(1, keepdim=True)).mul_(prob_t)  # softmax backward
             if need_qk[h]:
                 if ctx.shared:  # the query met every item: sum over items in the product
-                    g_qk.append(ds.view(n * p, m).t() @ normed.reshape(n * p, d))
+                    g_qk.append(mm(ds.view(n * p, m).t(), normed.reshape(n * p, d)))
                 else:
-                    g_qk.append(torch.bmm(ds.transpose(1, 2), normed).view(n * m, d))
+                    g_qk.append(bmm(ds.transpose(1, 2), normed).view(n * m, d))
             else:
                 g_qk.append(None)
             if need_x:
@@ -162,7 +162,7 @@ class FoldedAttention(torch.autograd.Function):
                 rhs[:, :, h] = qk[h].view(-1, m, d)  # broadcast over items when shared
         g_x = None
         if need_x:
-            g_x = torch.bmm(lhs.view(n, m * 2 * h_n, p).transpose(1, 2),
+            g_x = bmm(lhs.view(n, m * 2 * h_n, p).transpose(1, 2),
                             rhs.view(n, m * 2 * h_n, d))  # fmt: skip
         return (None, None, None, None, *g_qk, g_x, *g_wv, *g_bv)
 
