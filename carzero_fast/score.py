@@ -302,6 +302,7 @@ def _check_backend(model, txt: Tensor, backend: str) -> None:  # noqa: ANN001
 
 def run(args: argparse.Namespace) -> int:
     from .backends import check_backend_name
+    from .backends.cpu_gemm import has_native_cpu_products
     from .model import CARZeroModel, check_crop_size, check_device
 
     # cheap checks first: bad input fails before the model loads and before anything is written
@@ -317,6 +318,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = DTYPES[args.dtype]
+    if device.type == "cpu" and dtype != torch.float32 and not has_native_cpu_products(dtype):
+        print(f"carzero-fast score: note: this CPU has no native {args.dtype} matrix products "
+              "(PyTorch runs a generic loop, 30–80× slower than fp32): the encoders will be "
+              "slow; --dtype fp32 is faster here", file=sys.stderr)  # fmt: skip
     model = CARZeroModel.from_checkpoint(args.model)
     check_crop_size(model)
     model = model.to(device=device, dtype=dtype)

@@ -280,9 +280,9 @@ def test_16bit_route_selection_by_environment_variable(monkeypatch):
     assert cpu_gemm._select16("fp32") == wide
     with pytest.raises(ValueError, match="CARZERO_FAST_CPU_GEMM16='bf16'.*auto, fp32, native"):
         cpu_gemm._select16("bf16")
-    monkeypatch.setattr(cpu_gemm, "_probe_native16", lambda dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(cpu_gemm, "has_native_cpu_products", lambda dtype: dtype == torch.bfloat16)
     assert cpu_gemm._select16("auto") == {torch.float16}  # an AVX-512 CPU without FP16
-    monkeypatch.setattr(cpu_gemm, "_probe_native16", lambda dtype: False)
+    monkeypatch.setattr(cpu_gemm, "has_native_cpu_products", lambda dtype: False)
     assert cpu_gemm._select16("auto") == wide
     x = torch.zeros(2, dtype=torch.bfloat16)
     monkeypatch.setattr(cpu_gemm, "_FP32_PRODUCTS", frozenset(wide))

@@ -480,11 +480,14 @@ def test_calls_summed_into_one_loss_keep_one_chunk(monkeypatch, triton_only):
     original = fused_train._recompute
     monkeypatch.setattr(fused_train, "_recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=16).train()
-    views = [tuple(t.requires_grad_(True) for t in _tokens(64, seed=s)) for s in (17, 18)]
-    budget = _budget(DROP_CFG, (1, 5))
+    n = m = 2  # one item a chunk: two chunks a direction
+    views = [tuple(t.requires_grad_(True) for t in _tokens(64, n, m, 9, 5, seed=s))
+             for s in (17, 18)]  # fmt: skip
+    budget = _budget(DROP_CFG, (1, 2), n=n, m=m, p=9)
+    assert plan_train(DROP_CFG, m, n, 5, 4, budget)[0] < n  # t2i: several chunks too
 
     g = torch.Generator().manual_seed(19)
-    weights = [torch.randn(N, M, generator=g), torch.randn(M, N, generator=g)]
+    weights = [torch.randn(n, m, generator=g), torch.randn(m, n, generator=g)]
 
     def loss(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         i2t, t2i = al.both_directions(img, txt, backend="triton", chunk_budget_bytes=budget)

@@ -77,7 +77,7 @@ _ONEDNN_LINEAR = _select(os.environ.get("CARZERO_FAST_CPU_GEMM", "auto"))
 ROUTES16 = ("auto", "fp32", "native")
 
 
-def _probe_native16(dtype: torch.dtype) -> bool:
+def has_native_cpu_products(dtype: torch.dtype) -> bool:
     """Whether PyTorch runs `dtype`'s CPU products on oneDNN's native kernels."""
     name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
     try:
@@ -93,7 +93,7 @@ def _select16(route: str) -> frozenset[torch.dtype]:
     wide = (torch.bfloat16, torch.float16)
     if route == "native":
         return frozenset()
-    return frozenset(t for t in wide if route == "fp32" or not _probe_native16(t))
+    return frozenset(t for t in wide if route == "fp32" or not has_native_cpu_products(t))
 
 
 _FP32_PRODUCTS = _select16(os.environ.get("CARZERO_FAST_CPU_GEMM16", "auto"))
