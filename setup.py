@@ -18,6 +18,7 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            "pytest-xdist",  # the suite runs one worker a core (pyproject addopts)
             "ruff",
             "transformers",
             "pillow",

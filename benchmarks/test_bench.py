@@ -1,4 +1,4 @@
-"""pytest-benchmark timings (`pytest benchmarks/`); not part of the test suite.
+"""pytest-benchmark timings (`pytest benchmarks/ -n 0`, one process); not part of the test suite.
 
 Each group holds the reference and the chunked backend at the same size, so pytest-benchmark's
 comparison table shows the ratio. Sizes are small enough for a 2-core CPU. Like

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import triton_interpreter
 from safetensors.torch import load_file
 
 import carzero_fast as cf
+
+# Under pytest-xdist every worker is a process of its own: one thread each (and for the
+# processes a test starts), so that two workers on two cores do not run four GEMM threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 GOLDEN = Path(__file__).parent / "data" / "carzero_d64_l2.safetensors"
 
@@ -19,6 +28,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     if torch.isnan(a).any():
         return float("inf")
     return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_patches_the_language_once():
+    """`triton_interpreter.install` (a third off an interpreter test's time) where this
+    process runs Triton interpreted: the modules that run kernels set TRITON_INTERPRET=1
+    before Triton's first import, so Triton is imported by now."""
+    undo = None
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        undo = triton_interpreter.install()
+    yield
+    if undo is not None:
+        undo()
 
 
 @pytest.fixture

@@ -11,11 +11,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python -m MODULE ARGS` with the tests' faster interpreter (tests/triton_interpreter.py)
+RUN_MODULE = (
+    "import runpy, sys\n"
+    f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    "import triton_interpreter\n"
+    "triton_interpreter.install()\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
 
 
 def _run(module: str, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", module, "--smoke", "--out", str(out), *args]
+    cmd = [sys.executable, "-c", RUN_MODULE, module, "--smoke", "--out", str(out), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -73,7 +82,9 @@ def test_a_failing_check_costs_only_its_own_entry(tmp_path):
     """A check that raises (here triton's zero-shot scores) is recorded as its error; the
     section's other checks still run and are recorded, and the run fails."""
     patch = (
-        "import sys, carzero_fast as cf\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import triton_interpreter; triton_interpreter.install()\n"
+        "import carzero_fast as cf\n"
         "from benchmarks import gpu_check\n"
         "plain = cf.zero_shot_scores\n"
         "def failing(*a, backend=None, **k):\n"

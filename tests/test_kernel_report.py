@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# one xdist worker builds the reports (a module fixture would otherwise run on each worker)
+pytestmark = pytest.mark.xdist_group("kernel_report")
+
 ARCHS = (90, 80, 120)
 # every kernel the backends launch (the TMA GEMM only where the table uses TMA: sm_90)
 KERNELS = {"linear", "attention", "attention_dq", "attention_dkdv", "add_layer_norm",

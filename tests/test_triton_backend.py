@@ -28,7 +28,8 @@ from carzero_fast.backends.fused import (  # noqa: E402
     plan_fused,
     triton_forward,
 )
-from carzero_fast.backends.fused_train import _chunk_buffers, plan_train  # noqa: E402
+from carzero_fast.backends.fused_chunk import chunk_buffers  # noqa: E402
+from carzero_fast.backends.fused_train import plan_train  # noqa: E402
 from carzero_fast.memory import track_memory  # noqa: E402
 
 
@@ -330,7 +331,7 @@ def _layer_buffers(cfg, rows, dtype, lean):
     """One chunk's layer buffers as the forward (`lean`: shared, no x_mid, no last stream)
     or as training (`fused_train`'s: one set per layer, every stream stored) lays them out,
     NaN-filled."""
-    bufs, _ = _chunk_buffers(cfg, rows, dtype, torch.device("cpu"))
+    bufs, _ = chunk_buffers(cfg, rows, dtype, torch.device("cpu"))
     for t in {id(t): t for b in bufs for t in b if t is not None}.values():
         t.fill_(float("nan"))
     if not lean:

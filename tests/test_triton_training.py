@@ -444,8 +444,8 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
     import carzero_fast.backends.fused_train as fused_train
 
     calls = []
-    original = fused_train._recompute
-    monkeypatch.setattr(fused_train, "_recompute", lambda *a: calls.append(1) or original(*a))
+    original = fused_train.recompute
+    monkeypatch.setattr(fused_train, "recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=14).train()
     img, txt = _tokens(64, seed=15)
     budget = _budget(DROP_CFG, (1, 5))  # ragged query chunks (5 + 2)
@@ -477,8 +477,8 @@ def test_calls_summed_into_one_loss_keep_one_chunk(monkeypatch, triton_only):
     from carzero_fast.backends import kept
 
     calls = []
-    original = fused_train._recompute
-    monkeypatch.setattr(fused_train, "_recompute", lambda *a: calls.append(1) or original(*a))
+    original = fused_train.recompute
+    monkeypatch.setattr(fused_train, "recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=16).train()
     n = m = 2  # one item a chunk: two chunks a direction
     views = [tuple(t.requires_grad_(True) for t in _tokens(64, n, m, 9, 5, seed=s))

@@ -7,13 +7,13 @@ Backward, per direction (DESIGN.md §3, "backward recomputes"):
   gradients are summed over every chunk and sent back through it at the end;
 - per block of memory items: LN0(memory) and every layer's K/V (kernels), and an fp32 dK/dV
   accumulator for the block;
-- per chunk of pairs: the forward again (`pair_layers`, now one buffer set per layer and the
-  softmax log-sum-exp kept), then back through the head, decoder_norm and the layers in
-  reverse: `layer_norm_backward` for every residual add + LayerNorm (with 16-bit GEMMs or
-  dropout it also writes the residual branch's dy in the GEMM dtype, through the branch's
-  dropout mask in training mode, and that linear layer's bias gradient: no cast, mask pass
-  or row reduction apart), `attention_backward` for
-  the attention (dK/dV of an item's key block in one program, added into the block's
+- per chunk of pairs (`fused_chunk.py`): the forward again (`pair_layers`, now one buffer
+  set per layer and the softmax log-sum-exp kept), then back through the head,
+  decoder_norm and the layers in reverse: `layer_norm_backward` for every residual add +
+  LayerNorm (with 16-bit GEMMs or dropout it also writes the residual branch's dy in the
+  GEMM dtype, through the branch's dropout mask in training mode, and that linear layer's
+  bias gradient: no cast, mask pass or row reduction apart), `attention_backward` for the
+  attention (dK/dV of an item's key block in one program, added into the block's
   accumulator; layer 1's shared queries get their per-pair dq summed over items), GEMMs for
   every linear layer, `relu_backward` for each ReLU (with the bias gradient of the layer
   before it);
@@ -43,28 +43,26 @@ from ..validation import check_first_order, raise_for_functorch
 from ..weights import AlignerWeights
 from .fused import (
     CallPlan,
-    Drop,
     LayerBuffers,
     call_plan,
     check_device,
     item_stage,
     kernel_mask,
     launch_device,
-    pair_layers,
     query_stage,
     triton_forward,
 )
-from .kept import mark_pending, release_pending, take_kept
-from .philox import (
-    SITE_ATTENTION,
-    SITE_ATTN_BRANCH,
-    SITE_FFN_BRANCH,
-    SITE_HEAD,
-    SITE_SIMR,
-    ChunkPos,
-    DropoutSpec,
-    tag,
+from .fused_chunk import (
+    Chunk,
+    add_norm,
+    chunk_backward,
+    chunk_buffers,
+    item_buffers,
+    linear_backward,
+    recompute,
 )
+from .kept import mark_pending, release_pending, take_kept
+from .philox import ChunkPos, DropoutSpec
 from .plan import check_budget, fit_plan, kv_width, pieces, widest_row
 
 # Training chunks keep every layer's activations: ~75 KB a pair at CARZero dims in bf16, so
@@ -95,215 +93,6 @@ def plan_train(
     return fit_plan(n, m, per_pair, per_item, budget, widest_row(cfg), kv_width(cfg, p))
 
 
-def linear_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    g_w: Tensor | None,
-    g_b: Tensor | None,
-    relu_of: Tensor | None = None,
-    drop_scale: float = 1.0,
-    dy_sum: Tensor | None = None,
-    sum_dx: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Backward of `y = x·Wᵀ + b`: dy `(r, out)`, x `(r, in)` → (dx `(r, in)`, Σ dx or None).
-
-    Adds dW = dyᵀ·x and db = Σ dy into the fp32 accumulators (when given; `dy_sum`: Σ dy
-    already summed, fp32 `(out,)`, e.g. by the LayerNorm backward that made dy). With `relu_of`
-    (x itself: a ReLU output, possibly dropped and scaled by `drop_scale`), dx is the gradient
-    before that ReLU and dropout: an element of x is > 0 exactly where the ReLU passed it
-    and dropout kept it, so x alone carries both masks. `sum_dx` (with `relu_of`): also the
-    column sums of dx, fp32 `(in,)`, from the same pass (`kernels.relu_backward`): the bias
-    gradient of the layer that made x.
-    """
-    dy = dy.to(weight.dtype)
-    if g_w is not None:
-        g_w.add_(torch.mm(dy.t(), x))
-        g_b.add_(dy.sum(0, dtype=torch.float32) if dy_sum is None else dy_sum)
-    if relu_of is not None and drop_scale != 1.0:
-        weight = weight * drop_scale  # the dropout's scale on the small weight: one pass less
-    dx = torch.mm(dy, weight)
-    if relu_of is None:
-        return dx, None
-    if sum_dx:  # one pass for the mask and the next layer's bias gradient
-        from ..kernels import relu_backward
-
-        return relu_backward(dx, relu_of)
-    return torch.ops.aten.threshold_backward(dx, relu_of, 0), None
-
-
-def _add_norm(g_w: Tensor, g_b: Tensor, dg: Tensor, db: Tensor) -> None:
-    """A LayerNorm's γ/β gradients of one chunk into their fp32 accumulators."""
-    g_w.add_(dg)
-    g_b.add_(db)
-
-
-class _Chunk(NamedTuple):
-    """One chunk's recomputed forward."""
-
-    bufs: list[LayerBuffers]
-    head_in: list[Tensor]  # the input of every head layer: decoder_norm'ed rows, then hiddens
-
-
-def _recompute(linear, w, cfg, cp, kv, mask, ni, queries, bufs, head_bufs, drop) -> _Chunk:  # noqa: ANN001
-    y = pair_layers(linear, w, cfg, cp, kv, mask, ni, queries, bufs, drop)
-    acts = [y]
-    for i, ((hw, hb), out) in enumerate(zip(cp.head[:-1], head_bufs, strict=True)):
-        h_drop = (*drop, tag(SITE_HEAD, i)) if drop else None
-        acts.append(linear(acts[-1], hw, hb, relu=True, out=out, dropout=h_drop))
-    return _Chunk(bufs, acts)
-
-
-def _chunk_backward(
-    w: AlignerWeights,
-    grads: AlignerWeights | None,
-    cfg: AlignerConfig,
-    cp: CallPlan,
-    chunk: _Chunk,
-    kv: Tensor,
-    mask: Tensor | None,
-    ni: int,
-    queries: slice,
-    g_scores: Tensor,
-    g_kv: Tensor,
-    g_x0: Tensor,
-    g_q1: Tensor,
-    drop: Drop | None = None,
-) -> None:
-    """Back-propagate one chunk: g_scores `(ni·mc,)` → adds into the weight gradients, the
-    item block's dK/dV `g_kv` `(ni·P, L·2D)` and the per-query `g_x0`, `g_q1` `(M, D)`.
-    With `drop` (training mode), through the forward's dropout masks."""
-    from ..kernels import attention_backward, layer_norm_backward
-
-    d, eps, n_heads = cfg.d_model, cfg.layer_norm_eps, cfg.n_heads
-    scale = drop[0].scale if drop else 1.0
-
-    def ln_backward(x: Tensor, weight: Tensor, dy: Tensor, site: int, layer: int,
-                    dres: Tensor | None = None, dropped_output: bool = False):  # noqa: ANN202  # fmt: skip
-        """A LayerNorm's backward whose dx also enters a residual branch's linear layer (the
-        branch `site` of `layer`): with 16-bit GEMMs or dropout it writes that layer's dy (dx
-        through the branch's mask, in training mode) and its bias gradient too → (dx fp32,
-        dγ, dβ, branch: (dy, Σ dy), or None: fp32 without dropout, dx is the layer's dy).
-        `dropped_output`: the LayerNorm's output was dropped (SimR) and dy is the gradient of
-        the dropped output (the kernel takes it back through that mask)."""
-        if not drop and w.norm0_w.dtype == torch.float32:
-            return (*layer_norm_backward(x, weight, dy, eps, dres)[:3], None)
-        dx16 = torch.empty(x.shape, dtype=w.norm0_w.dtype, device=x.device)
-        tags = {}
-        if drop:
-            tags = dict(dx16_tag=tag(site, layer),
-                        dy_tag=tag(SITE_SIMR, 0) if dropped_output else None)  # fmt: skip
-        out = layer_norm_backward(x, weight, dy, eps, dres, dx16=dx16, dropout=drop, **tags)
-        return out.dx, out.dw, out.db, (dx16, out.dx16_sum)
-
-    def branch_backward(dx: Tensor, branch, *args, **kwargs) -> tuple[Tensor, Tensor | None]:  # noqa: ANN001
-        """`linear_backward` of a residual branch's linear layer from the stream's dx, or
-        from the layer's dy and bias gradient that `ln_backward` made (`branch`)."""
-        if branch is None:
-            return linear_backward(dx, *args, **kwargs)
-        return linear_backward(branch[0], *args, dy_sum=branch[1], **kwargs)
-
-    gh = grads.head if grads is not None else [(None, None)] * len(w.head)
-    acts, head = chunk.head_in, cp.head
-    # the logit layer (width → 1), then the hidden layers back to decoder_norm's output
-    if grads is not None:
-        gh[-1][0].add_(g_scores[None, :] @ acts[-1].float())
-        gh[-1][1].add_(g_scores.sum())
-    da = (g_scores[:, None] * head[-1][0].float()).masked_fill_(acts[-1] <= 0, 0.0) * scale
-    da_sum = None
-    for i in reversed(range(len(head) - 1)):  # acts[i] (i > 0) is layer i − 1's ReLU output
-        sum_dx = i > 0 and gh[i - 1][1] is not None  # that layer's bias gradient
-        da, da_sum = linear_backward(da, acts[i], head[i][0], *gh[i],
-                                     relu_of=acts[i] if i else None, drop_scale=scale,
-                                     dy_sum=da_sum, sum_dx=sum_dx)  # fmt: skip
-    bufs = chunk.bufs
-    dx, dg, db, branch = ln_backward(bufs[-1].x_out, w.norm0_w, da, SITE_FFN_BRANCH,
-                                     cfg.n_layers - 1, dropped_output=True)  # fmt: skip
-    if grads is not None:
-        _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
-    mc = g_x0[queries].shape[0]
-    for li in reversed(range(cfg.n_layers)):
-        b, lw = bufs[li], w.layers[li]
-        gl = grads.layers[li] if grads is not None else None
-
-        def g(name: str, rows: slice | None = None, gl=gl) -> Tensor | None:  # noqa: ANN001
-            t = getattr(gl, name) if gl is not None else None
-            return t[rows] if t is not None and rows is not None else t
-
-        # x_out = x_mid + drop(linear2(drop(relu(linear1(LN3(x_mid))))))
-        dh, dh_sum = branch_backward(dx, branch, b.h, lw.linear2_w, g("linear2_w"),
-                                     g("linear2_b"), relu_of=b.h, drop_scale=scale,
-                                     sum_dx=g("linear1_b") is not None)  # fmt: skip
-        dy3, _ = linear_backward(dh, b.y3, lw.linear1_w, g("linear1_w"), g("linear1_b"),
-                                 dy_sum=dh_sum)  # fmt: skip
-        dx_mid, dg, db, branch = ln_backward(b.x_mid, lw.norm3_w, dy3, SITE_ATTN_BRANCH, li,
-                                             dres=dx)  # fmt: skip
-        if gl is not None:
-            _add_norm(gl.norm3_w, gl.norm3_b, dg, db)
-        # x_mid = x_in + drop(out_proj(attention(q, K, V)))
-        do, _ = branch_backward(dx_mid, branch, b.o, lw.out_proj_w, g("out_proj_w"),
-                                g("out_proj_b"))  # fmt: skip
-        k_cols = slice(2 * li * d, (2 * li + 1) * d)
-        v_cols = slice((2 * li + 1) * d, (2 * li + 2) * d)
-        q = cp.q1[queries] if li == 0 else b.q
-        a_drop = (*drop, tag(SITE_ATTENTION, li)) if drop else None
-        # layer 1's per-pair dq is summed over items in fp32; the others go into a GEMM, the
-        # dQ kernel summing their columns (the query projection's bias gradient) on the way
-        q_rows = slice(0, d)
-        dq_sum = None
-        if li > 0 and g("in_proj_b", q_rows) is not None:
-            dq_sum = torch.empty(d, dtype=torch.float32, device=dx_mid.device)
-        dq, _, _ = attention_backward(q, kv[:, k_cols], kv[:, v_cols], b.o, do, b.lse, n_heads,
-                                      ni, mc, shared_queries=li == 0, mask=mask,
-                                      dk=g_kv[:, k_cols], dv=g_kv[:, v_cols], dropout=a_drop,
-                                      dq_dtype=torch.float32 if li == 0 else q.dtype,
-                                      dq_sum=dq_sum)  # fmt: skip
-        if li == 0:  # x_in is x0 and q is q1, both shared by the chunk's items
-            g_q1[queries] += dq.view(ni, mc, d).sum(0)
-            g_x0[queries] += dx_mid.view(ni, mc, d).sum(0)
-        else:  # q = LN2(x_in)·Wqᵀ + bq, x_in the previous layer's x_out
-            dy2, _ = linear_backward(dq, bufs[li - 1].y_next, cp.q_w[li],
-                                     g("in_proj_w", q_rows), g("in_proj_b", q_rows),
-                                     dy_sum=dq_sum)  # fmt: skip
-            dx, dg, db, branch = ln_backward(bufs[li - 1].x_out, lw.norm2_w, dy2,
-                                             SITE_FFN_BRANCH, li - 1, dres=dx_mid)  # fmt: skip
-            if gl is not None:
-                _add_norm(gl.norm2_w, gl.norm2_b, dg, db)
-
-
-def _chunk_buffers(cfg: AlignerConfig, rows: int, dtype: torch.dtype, device: torch.device):  # noqa: ANN202
-    """Per-layer buffers (one scratch `branch` shared by all layers) and the head's."""
-    d, f = cfg.d_model, cfg.d_ffn
-    kw = dict(dtype=dtype, device=device)
-    f32 = dict(dtype=torch.float32, device=device)
-    branch = torch.empty((rows, d), **kw)
-    bufs = [
-        LayerBuffers(
-            q=torch.empty((rows, d), **kw) if li else torch.empty((0, d), **kw),
-            o=torch.empty((rows, d), **kw),
-            lse=torch.empty((rows, cfg.n_heads), **f32),
-            x_mid=torch.empty((rows, d), **f32),
-            y3=torch.empty((rows, d), **kw),
-            h=torch.empty((rows, f), **kw),
-            x_out=torch.empty((rows, d), **f32),
-            y_next=torch.empty((rows, d), **kw),
-            branch=branch,
-            ffn_branch=branch,
-        )
-        for li in range(cfg.n_layers)
-    ]
-    head = [torch.empty((rows, width), **kw) for width in cfg.head_dims]
-    return bufs, head
-
-
-def _item_buffers(cfg: AlignerConfig, items: int, memory: Tensor) -> tuple[Tensor, Tensor]:
-    """An item block's LN0(memory) `(items·P, D)` and every layer's K/V `(items·P, L·2D)`."""
-    p, d = memory.shape[1], cfg.d_model
-    kw = dict(dtype=memory.dtype, device=memory.device)
-    return (torch.empty((items * p, d), **kw),
-            torch.empty((items * p, 2 * cfg.n_layers * d), **kw))  # fmt: skip
-
-
 class _KeptChunk(NamedTuple):
     """The last chunk of a direction's backward plan, run by the forward as the backward runs
     it: the backward starts there (it walks its chunks in reverse) and reuses the buffers, so
@@ -312,7 +101,7 @@ class _KeptChunk(NamedTuple):
 
     n0: int
     m0: int
-    chunk: _Chunk  # views of the buffers below
+    chunk: Chunk  # views of the buffers below
     bufs: list[LayerBuffers]  # the backward's full-size chunk buffers
     head_bufs: list[Tensor]
     y_mem: Tensor  # the backward's item-block buffers, already holding block n0's LN0(memory)
@@ -347,14 +136,14 @@ def forward_keeping_last(
     linear = functools.partial(linear_kernel, descriptors={})
     cp = call_plan(w, cfg, *query_stage(w, cfg, queries))
     mem = memory[n0:].reshape(ni * p, d).contiguous()
-    y_mem, kv = _item_buffers(cfg, items, memory)
+    y_mem, kv = item_buffers(cfg, items, memory)
     kv_i = kv[: ni * p]
     item_stage(linear, w, cfg, cp, mem, y_mem[: ni * p], kv_i)
     mask_i = kernel_mask(mask[n0:] if mask is not None else None)
-    bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
+    bufs, head_bufs = chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
     drop = (dropout, ChunkPos(n0, m0, mc)) if dropout is not None else None
     r = ni * mc
-    chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, slice(m0, m),
+    chunk = recompute(linear, w, cfg, cp, kv_i, mask_i, ni, slice(m0, m),
                        [b.rows(r) for b in bufs], [h[:r] for h in head_bufs], drop)  # fmt: skip
     out[n0:, m0:] = F.linear(chunk.head_in[-1], *cp.head[-1]).view(ni, mc)
     return out, _KeptChunk(n0, m0, chunk, bufs, head_bufs, y_mem, kv)
@@ -388,8 +177,8 @@ def direction_backward(
     if kept is not None:
         bufs, head_bufs, y_mem, kv = kept.bufs, kept.head_bufs, kept.y_mem, kept.kv
     else:
-        bufs, head_bufs = _chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
-        y_mem, kv = _item_buffers(cfg, items, memory)
+        bufs, head_bufs = chunk_buffers(cfg, items * block_q, memory.dtype, memory.device)
+        y_mem, kv = item_buffers(cfg, items, memory)
     g_kv = torch.empty((items * p, 2 * cfg.n_layers * d), dtype=torch.float32,
                        device=memory.device)  # fmt: skip
     g_x0 = torch.zeros((m, d), dtype=torch.float32, device=memory.device)
@@ -416,11 +205,11 @@ def direction_backward(
             if kept is not None and (kept.n0, kept.m0) == (n0, m0):
                 chunk, kept = kept.chunk, None
             else:
-                chunk = _recompute(linear, w, cfg, cp, kv_i, mask_i, ni, queries,
+                chunk = recompute(linear, w, cfg, cp, kv_i, mask_i, ni, queries,
                                    [b.rows(r) for b in bufs], [h[:r] for h in head_bufs],
                                    drop)  # fmt: skip
             g_scores = g_out[n0 : n0 + ni, m0 : m0 + mc].reshape(r)
-            _chunk_backward(w, grads, cfg, cp, chunk, kv_i, mask_i, ni, queries, g_scores,
+            chunk_backward(w, grads, cfg, cp, chunk, kv_i, mask_i, ni, queries, g_scores,
                             g_kv_i, g_x0, g_q1, drop)  # fmt: skip
         # kv = LN0(memory)·Wkvᵀ + bkv, then LN0's backward to the memory tokens
         g_w = g_kv_w if grads is not None else None
@@ -429,7 +218,7 @@ def direction_backward(
         if g_memory is not None:
             g_memory[n0 : n0 + ni] += d_mem.view(ni, p, d)
         if grads is not None:
-            _add_norm(grads.norm0_w, grads.norm0_b, dg, db)
+            add_norm(grads.norm0_w, grads.norm0_b, dg, db)
     if grads is not None:  # the stacked K/V projection back into each layer's in_proj
         for li, gl in enumerate(grads.layers):
             gl.in_proj_w[d:].add_(g_kv_w[2 * li * d : (2 * li + 2) * d])
