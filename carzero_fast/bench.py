@@ -42,7 +42,7 @@ import torch
 
 from .aligner import CrossAttentionAligner
 from .backends.chunked import last_chunk
-from .backends.cpu_gemm import fp32_products, mm_t
+from .backends.cpu_gemm import fp32_products, mm_t, onednn_enabled
 from .backends.plan import default_budget, executed_flops, plan_chunks, use_folded_form
 from .config import AlignerConfig
 from .loss import alignment_logits, carzero_loss
@@ -260,6 +260,7 @@ def machine_info() -> dict[str, str]:
     except (AttributeError, RuntimeError):
         info["onednn_bf16"] = "unknown"
     cpu = torch.zeros(0)
+    info["chunked_fp32_products"] = "oneDNN" if onednn_enabled(cpu) else "PyTorch"
     info["chunked_16bit_products"] = ", ".join(
         f"{name} {'fp32' if fp32_products(cpu.to(dt)) else 'native'}"
         for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)))  # fmt: skip

@@ -16,14 +16,28 @@ def route(request, monkeypatch):
     """Run a test through oneDNN (every product, however small), through PyTorch's GEMM, and
     through the route other devices take (PyTorch's ops and autograd, no `_Linear`)."""
     if request.param == "onednn":
-        if cpu_gemm._ONEDNN_LINEAR is None:
-            pytest.skip("this PyTorch build has no oneDNN linear")
+        monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", _onednn())
         monkeypatch.setattr(cpu_gemm, "_ONEDNN_MIN_MACS", 0)
     else:
         monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", None)
     if request.param == "library":
         monkeypatch.setattr(cpu_gemm, "python_backward", lambda x: False)
     return request.param
+
+
+def _onednn():
+    """oneDNN's linear, also where `auto` does not select it (AVX2-only CPUs)."""
+    op = cpu_gemm._probe_onednn()
+    if op is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    return op
+
+
+def _spy(monkeypatch) -> list:
+    """Route the products to oneDNN, counting its calls."""
+    calls, real = [], _onednn()
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    return calls
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -51,11 +65,7 @@ def test_mm_t_matches_addmm(layout, route):
 
 def test_onednn_route_is_taken_for_large_fp32_cpu_products_only(monkeypatch, products16):
     """(16-bit products go there too when they are computed in fp32.)"""
-    calls = []
-    if cpu_gemm._ONEDNN_LINEAR is None:
-        pytest.skip("this PyTorch build has no oneDNN linear")
-    real = cpu_gemm._ONEDNN_LINEAR
-    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch)
     big_x, big_w = _rand(128, 128, seed=6), _rand(128, 128, seed=7)  # 2^21 multiply-adds
     mm_t(big_x, big_w)
     assert len(calls) == 1
@@ -130,17 +140,17 @@ def test_linear_output_allows_in_place_ops_under_autograd(route):
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_backend_at_carzero_dims_runs_its_products_on_onednn(monkeypatch):
-    """So that the chunked-vs-reference parity tests at D = 768 cover the oneDNN route."""
-    if cpu_gemm._ONEDNN_LINEAR is None:
-        pytest.skip("this PyTorch build has no oneDNN linear")
-    calls = []
-    real = cpu_gemm._ONEDNN_LINEAR
-    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+def test_chunked_backend_at_carzero_dims_on_onednn_matches_the_reference(monkeypatch):
+    """The chunked backend's products at D = 768 on oneDNN (whichever route `auto` takes
+    here, the other parity tests at D = 768 run that one)."""
     al = cf.CrossAttentionAligner(cf.AlignerConfig()).eval()
+    img, txt = _rand(3, 17, 768, seed=40), _rand(5, 768, seed=41)
     with torch.no_grad():
-        al(_rand(3, 17, 768, seed=40), _rand(5, 768, seed=41), backend="chunked")
+        want = al(img, txt, backend="reference")
+        calls = _spy(monkeypatch)
+        got = al(img, txt, backend="chunked")
     assert len(calls) > 0
+    assert rel_err(got, want) < 1e-5
 
 
 def test_route_selection_by_environment_variable(monkeypatch):
@@ -152,7 +162,12 @@ def test_route_selection_by_environment_variable(monkeypatch):
             cpu_gemm._select("onednn")
     else:
         assert cpu_gemm._select("onednn") is not None
-        assert cpu_gemm._select("auto") is not None
+        # auto: oneDNN but on AVX2-only CPUs, where PyTorch's (MKL's) products were faster
+        for capability, on in (("AVX512", True), ("AVX2", False), ("DEFAULT", True)):
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+            assert cpu_gemm.onednn_by_default() == on
+            assert (cpu_gemm._select("auto") is not None) == on, capability
+        monkeypatch.undo()
     monkeypatch.setattr(cpu_gemm, "_probe_onednn", lambda: None)  # a build without it
     assert cpu_gemm._select("auto") is None
     with pytest.raises(RuntimeError, match="no working oneDNN linear"):
