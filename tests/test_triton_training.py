@@ -230,8 +230,8 @@ def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch
     from carzero_fast.backends.philox import chunk_dropout_torch
 
     al = make_aligner(CONFIGS["d64h4"], seed=5, dtype=torch.bfloat16).train(train)
-    img, txt = _tokens(64, seed=6, dtype=torch.bfloat16)
-    budget = _budget(al.config, (2, M))
+    img, txt = _tokens(64, 3, 4, seed=6, dtype=torch.bfloat16)
+    budget = _budget(al.config, (2, 4), 3, 4)  # item blocks of 2 and 1
     torch.manual_seed(11)  # the directions' dropout seeds
     fused = _step(al, "triton", img, txt, budget=budget)
     real, seen = kernels.layer_norm_backward, []
@@ -447,10 +447,11 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
     original = fused_train.recompute
     monkeypatch.setattr(fused_train, "recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=14).train()
-    img, txt = _tokens(64, seed=15)
-    budget = _budget(DROP_CFG, (1, 5))  # ragged query chunks (5 + 2)
+    n_img, n_txt = 3, 4
+    img, txt = _tokens(64, n_img, n_txt, seed=15)
+    budget = _budget(DROP_CFG, (1, 3), n_img, n_txt)  # ragged query chunks (3 + 1)
     chunks = 0
-    for n, m, p in ((N, M, PI), (M, N, PT)):
+    for n, m, p in ((n_img, n_txt, PI), (n_txt, n_img, PT)):
         items, block_q = plan_train(DROP_CFG, n, m, p, 4, budget)
         chunks += -(-n // items) * -(-m // block_q)
     a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
