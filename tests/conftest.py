@@ -34,10 +34,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
 def _interpreter_patches_the_language_once():
     """`triton_interpreter.install` (a third off an interpreter test's time) where this
     process runs Triton interpreted: the modules that run kernels set TRITON_INTERPRET=1
-    before Triton's first import, so Triton is imported by now."""
-    undo = None
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
-        undo = triton_interpreter.install()
+    before Triton's first import, so Triton is imported by now (and not imported here)."""
+    undo = triton_interpreter.install() if "triton" in sys.modules else None
     yield
     if undo is not None:
         undo()

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# `python -m MODULE ARGS` with the tests' faster interpreter (tests/triton_interpreter.py)
-RUN_MODULE = (
-    "import runpy, sys\n"
-    f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-    "import triton_interpreter\n"
-    "triton_interpreter.install()\n"
+# the tests' faster interpreter (tests/triton_interpreter.py) in a child process
+FAST_INTERPRETER = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    "import triton_interpreter; triton_interpreter.install()\n"
+)
+# `python -m MODULE ARGS` with it
+RUN_MODULE = FAST_INTERPRETER + (
+    "import runpy\n"
     "sys.argv = sys.argv[1:]\n"
     "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
 )
@@ -81,9 +83,7 @@ def test_tune_gpu_names_an_unknown_section(tmp_path):
 def test_a_failing_check_costs_only_its_own_entry(tmp_path):
     """A check that raises (here triton's zero-shot scores) is recorded as its error; the
     section's other checks still run and are recorded, and the run fails."""
-    patch = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import triton_interpreter; triton_interpreter.install()\n"
+    patch = FAST_INTERPRETER + (
         "import carzero_fast as cf\n"
         "from benchmarks import gpu_check\n"
         "plain = cf.zero_shot_scores\n"
