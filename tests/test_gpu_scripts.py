@@ -8,7 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tests' faster interpreter (tests/triton_interpreter.py) in a child process
@@ -106,3 +109,67 @@ def test_a_failing_check_costs_only_its_own_entry(tmp_path):
     assert all(isinstance(v, float) for v in got["triton_fp32"] + got["chunked_fp32"])
     assert got["pass_bf16"] and got["pass_variants"]
     assert "an injected kernel failure" in proc.stderr  # its traceback, for the log
+
+
+FAKE_STEP = """\
+import sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+kind = sys.argv[-1]
+print("step", kind, "starts", flush=True)
+if kind == "ok":
+    (out / "table.md").write_text("| row | ms |\\n|---|---:|\\n| fake | 1.0 |\\n")
+    (out / "result.json").write_text("{}")
+elif kind == "fail":
+    sys.exit(3)
+else:  # hangs past its limit
+    time.sleep(60)
+"""
+
+
+def test_gpu_session_runs_each_step_under_its_limit(tmp_path, monkeypatch, capsys):
+    """The session runner's plumbing, with stand-in steps: a step that hangs is killed at its
+    limit and one that fails costs only itself; every step's files and log are packed into
+    results.tgz, all output goes to session.log in order, and summary.md has a line per step
+    and each step's tables."""
+    import tarfile
+
+    from benchmarks import gpu_session
+
+    (tmp_path / "fake_step.py").write_text(FAKE_STEP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("CARZERO_COMMIT", "abc1234")
+    steps = tuple(gpu_session.Step(kind, "fake_step", (kind,), limit)
+                  for kind, limit in (("ok", 60), ("hang", 2), ("fail", 60)))  # fmt: skip
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert gpu_session.main(["--out", str(out)], steps=steps) == 1
+    assert time.monotonic() - t0 < 30
+    assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "session.log", "summary.md"]
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"gpu_session/ok/table.md", "gpu_session/ok/result.json", "gpu_session/ok.log",
+            "gpu_session/hang.log", "gpu_session/fail.log"} <= names  # fmt: skip
+    log = (out / "session.log").read_text()
+    assert log.startswith("commit abc1234\n")
+    assert log.index("step ok starts") < log.index("step hang starts") < log.index(
+        "step fail starts")
+    summary = (out / "summary.md").read_text()
+    assert "| ok | exit 0 |" in summary and "| hang | killed at its limit |" in summary
+    assert "| fail | exit 3 |" in summary and "| fake | 1.0 |" in summary
+    assert capsys.readouterr().out.rstrip().endswith("| fail | exit 3 | 0 | 60 |")
+
+
+def test_gpu_session_plan_names_real_sections(capsys):
+    """Every step of the shipped plan asks its script for sections that script has, and an
+    unknown step name is refused before anything runs."""
+    from benchmarks import gpu_check, gpu_session, tune_gpu
+
+    known = {"benchmarks.gpu_check": gpu_check.SECTIONS, "benchmarks.tune_gpu": tune_gpu.SECTIONS}
+    for step in gpu_session.STEPS:
+        only = step.args[step.args.index("--only") + 1].split(",")
+        assert set(only) <= set(known[step.module]), step
+    assert sum(s.limit_s for s in gpu_session.STEPS) <= 570  # one device command: 600 s
+    with pytest.raises(SystemExit):
+        gpu_session.main(["--out", "/nonexistent/x", "--steps", "check,trainig"])
+    assert "trainig" in capsys.readouterr().err
