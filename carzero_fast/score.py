@@ -87,8 +87,12 @@ def list_images(sources: list[str]) -> list[Path]:
             raise UsageError(f"{len(missing)} image file(s) do not exist, first: {missing[0]}")
         if not paths:
             raise UsageError("no images given")
-        if len(set(paths)) != len(paths):
-            raise UsageError("the image list names a file twice")
+        seen: dict[str, Path] = {}
+        for path in paths:  # by absolute path: the key of OUT's rows and of --resume
+            key = os.path.abspath(path)
+            if key in seen:
+                raise UsageError(f"the image list names a file twice: {seen[key]} and {path}")
+            seen[key] = path
     for p in paths:
         try:
             str(p).encode("utf-8")

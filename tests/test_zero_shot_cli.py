@@ -416,6 +416,11 @@ def test_image_listing(setup, tmp_path, capsys):
     assert list_images([str(listing)]) == sorted(s.images.glob("x0*"))
     with pytest.raises(UsageError, match="is a folder"):
         list_images([str(s.images / "x00.png"), str(s.images)])
+    # one file in two spellings is one image twice (OUT would hold its row twice, the first
+    # one under the other spelling): refused like a repeated path
+    for twice in (s.images / "x00.png", s.images / ".." / s.images.name / "x00.png"):
+        with pytest.raises(UsageError, match="names a file twice"):
+            list_images([str(s.images / "x00.png"), str(s.images / "x01.png"), str(twice)])
     tree = tmp_path / "tree"
     (tree / "a").mkdir(parents=True)
     (tree / "a" / "one.png").write_bytes(b"")
