@@ -56,9 +56,11 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
         raise ValueError(f"class file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if p.suffix.lower() == ".json":
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(f"class file {p} is not valid JSON: {e}") from e
+        except _RepeatedKey as e:
+            raise ValueError(f"class file {p} repeats class {e.args[0]!r}") from None
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"class file {p} must map class names to prompts")
         out: dict[str, list[str]] = {}
@@ -87,6 +89,20 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
         out[name] = [fill_template(template, name)]
     if not out:
         raise ValueError(f"class file {p} lists no classes")
+    return out
+
+
+class _RepeatedKey(ValueError):
+    """A key repeated in one JSON object (`json` would keep its last value silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """`json.loads`' object hook: the object as a dict, a repeated key refused."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
     return out
 
 

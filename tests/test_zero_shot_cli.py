@@ -298,6 +298,8 @@ def test_score_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
     out = tmp_path / "s.csv"
     dup = tmp_path / "dup.txt"
     dup.write_text("effusion\nedema\neffusion\n")
+    dup_json = tmp_path / "dup.json"  # json.loads would keep the last one silently
+    dup_json.write_text('{"effusion": "There is effusion.", "effusion": ["There is edema."]}')
     empty = tmp_path / "empty.txt"
     empty.write_text("effusion\n\nedema\n")
     one_word = tmp_path / "one_word.json"
@@ -309,6 +311,7 @@ def test_score_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
     cases = [
         (["--images", str(tmp_path / "nope.png")], "do not exist"),
         (["--classes", str(dup)], "repeats class 'effusion'"),
+        (["--classes", str(dup_json)], "repeats class 'effusion'"),
         (["--classes", str(empty)], "line 2 is empty"),
         (["--classes", str(latin1)], f"class file {latin1} is not UTF-8"),
         (["--model", str(tmp_path)], "not a carzero_fast model directory"),
