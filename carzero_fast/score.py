@@ -352,6 +352,9 @@ def run(args: argparse.Namespace) -> int:
         done = _done_rows([out, *parts_of(out)], header, paths)
         if not args.retry_errors:  # else the unreadable images' batches are scored again
             done_err = _done_rows([errors_path, *parts_of(errors_path)], err_header, paths)
+            # an image scored since its error (by a --retry-errors run that stopped) is done
+            for key in done.keys() & done_err.keys():
+                del done_err[key]
     blocks = [range(lo, min(len(paths), lo + args.batch_size))
               for lo in range(0, len(paths), args.batch_size)][rank::world]  # fmt: skip
     keys = [os.path.abspath(p) for p in paths]

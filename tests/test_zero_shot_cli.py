@@ -467,6 +467,32 @@ def test_resume_retry_errors_reads_unreadable_images_again(setup, tmp_path):
     assert cli([*args, "--retry-errors"]) == 2  # only with --resume
 
 
+def test_resume_after_an_interrupted_retry_lists_each_image_once(setup, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """An image that a stopped --retry-errors run scored is no error any more on the next
+    --resume (the finished errors CSV of the run before still lists it): OUT holds it, the
+    errors CSV does not."""
+    s = setup
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    names = [f"x{i:02d}.png" for i in range(8)]  # two batches of 4
+    for name in names:
+        (imgs / name).write_bytes(b"not yet" if name in ("x01.png", "x05.png")
+                                  else (s.images / name).read_bytes())  # fmt: skip
+    out = tmp_path / "s.csv"
+    args = _score_args(s, out)
+    args[args.index("--images") + 1] = str(imgs)
+    assert cli(args) == 0
+    for name in ("x01.png", "x05.png"):
+        (imgs / name).write_bytes((s.images / name).read_bytes())
+    _fail_after(monkeypatch, 1)  # the retry scores the first batch (x01 now), then stops
+    with pytest.raises(RuntimeError, match="device lost"):
+        cli([*args, "--resume", "--retry-errors"])
+    assert cli([*args, "--resume"]) == 0  # x05 stays an error: not read again
+    assert [Path(r[0]).name for r in _read(out)[1:]] == [n for n in names if n != "x05.png"]
+    assert [Path(r[0]).name for r in _read(Path(f"{out}.errors.csv"))[1:]] == ["x05.png"]
+
+
 def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypatch):
     """Models whose files do not fit, or that cannot take the 224-px crops, and a backend that
     cannot run on the device: one line, exit 2, nothing written."""
