@@ -194,7 +194,7 @@ def _read_labels(
 ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """Every label row's id → line, and for the rows whose id is in `index` (the score rows)
     their score row indices and their (rows, classes) int8 labels of `classes`."""
-    columns = [src.header.index(c) for c in classes]
+    columns = [1 + src.classes.index(c) for c in classes]  # not the id column, whatever its name
     pick = _column_getter(columns)
     get = _LABELS.__getitem__
     seen: dict[str, int] = {}

@@ -375,6 +375,14 @@ def test_repeated_label_columns_only_matter_when_evaluated(tmp_path, capsys):
     assert "repeats evaluated class column(s): b" in err
 
 
+def test_a_class_named_like_the_labels_id_column(tmp_path):
+    """The id column is no class column, whatever its header says: a class of that name is
+    read from its own column of the labels file."""
+    scores = write_csv(tmp_path / "s.csv", ["path", "study"], [["x", 1], ["y", 2], ["z", 3]])
+    labels = write_csv(tmp_path / "l.csv", ["study", "study"], [["x", 1], ["y", 0], ["z", 1]])
+    assert evaluate(scores, labels, warn=pytest.fail)["auroc"] == {"study": 0.5}
+
+
 def test_no_overlap_error_shows_example_ids(tmp_path, capsys):
     scores = write_csv(tmp_path / "s.csv", *GOOD_S)
     labels = write_csv(
