@@ -72,8 +72,11 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
                 or not all(isinstance(t, str) and t.strip() for t in prompts)
             ):
                 raise ValueError(f"class {name!r} in {p} needs a non-empty list of prompts")
-            if not name.strip():
+            name = name.strip()  # as a .txt line's: the class is a CSV column's name
+            if not name:
                 raise ValueError(f"class file {p} has an empty class name")
+            if name in out:
+                raise ValueError(f"class file {p} repeats class {name!r}")
             out[name] = [t.strip() for t in prompts]
         return out
     lines = text.splitlines()

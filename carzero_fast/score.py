@@ -71,8 +71,12 @@ def list_images(sources: list[str]) -> list[Path]:
             src = Path(sources[0])
             if not src.is_file():
                 raise UsageError(f"image list {src} does not exist")
-            with open(src, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
-                rows = [r for r in csv.reader(f) if r]
+            try:  # decoded whole, so that an error's byte offset is the file's
+                text = src.read_bytes().decode("utf-8-sig")  # -sig: Excel's BOM
+            except UnicodeDecodeError as e:
+                raise UsageError(f"image list {src} is not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start})") from None  # fmt: skip
+            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
             if rows and Path(rows[0][0]).suffix.lower() not in IMAGE_SUFFIXES:
                 rows = rows[1:]  # a header ("path", "filename", …)
             paths = [(src.parent / r[0]) for r in rows]

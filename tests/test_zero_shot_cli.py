@@ -419,6 +419,11 @@ def test_image_listing(setup, tmp_path, capsys):
     assert list_images([str(listing)]) == sorted(s.images.glob("x0*"))
     with pytest.raises(UsageError, match="is a folder"):
         list_images([str(s.images / "x00.png"), str(s.images)])
+    latin1 = tmp_path / "latin1.csv"  # named, with the offending byte's offset
+    latin1.write_bytes(b"path\n" + str(s.images / "x00.png").encode() + b"\nR\xe9sum\xe9.png\n")
+    with pytest.raises(UsageError, match=rf"image list {latin1} is not UTF-8 text .* at byte "
+                       rf"{6 + len(str(s.images / 'x00.png').encode()) + 1}\)"):  # fmt: skip
+        list_images([str(latin1)])
     # one file in two spellings is one image twice (OUT would hold its row twice, the first
     # one under the other spelling): refused like a repeated path
     for twice in (s.images / "x00.png", s.images / ".." / s.images.name / "x00.png"):
@@ -624,6 +629,12 @@ def test_prompt_ensembles_and_cache(setup, tmp_path):
     got = torch.tensor([[float(v) for v in r[1:]] for r in rows])
     assert rel_err(got, want) < 1e-6
     assert read_classes(s.classes, "No {finding} is seen.")["effusion"] == ["No effusion is seen."]
+    spaced = tmp_path / "spaced.json"  # names trimmed as .txt lines are: one class, refused
+    spaced.write_text('{" edema": "There is edema.", "effusion ": "There is effusion."}')
+    assert list(read_classes(spaced)) == ["edema", "effusion"]
+    spaced.write_text('{"effusion": "There is effusion.", "effusion ": "There is edema."}')
+    with pytest.raises(ValueError, match="repeats class 'effusion'"):
+        read_classes(spaced)
     with pytest.raises(ValueError, match="finding"):
         read_classes(s.classes, "There is nothing.")
 
