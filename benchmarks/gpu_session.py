@@ -61,6 +61,7 @@ class Outcome:
     step: Step
     returncode: int | None  # None: killed at its limit
     seconds: float
+    limit_s: float  # the step's, times --scale
 
 
 def commit() -> str:
@@ -105,7 +106,7 @@ def run_step(step: Step, work: Path, log: io.TextIOBase, scale: float, extra: li
         for f in (sys.stdout, log, own):
             f.write(end)
             f.flush()
-    return Outcome(step, rc, seconds)
+    return Outcome(step, rc, seconds, limit)
 
 
 class _Deadline:
@@ -134,7 +135,7 @@ def step_table(outcomes: list[Outcome]) -> str:
     lines = ["| step | result | seconds | limit |", "|---|---|---:|---:|"]
     for o in outcomes:
         result = "killed at its limit" if o.returncode is None else f"exit {o.returncode}"
-        lines.append(f"| {o.step.name} | {result} | {o.seconds:.0f} | {o.step.limit_s} |")
+        lines.append(f"| {o.step.name} | {result} | {o.seconds:.0f} | {o.limit_s:.0f} |")
     return "\n".join(lines)
 
 
