@@ -217,6 +217,26 @@ def model_view(pixels: Tensor) -> Tensor:
     return (pixels[0].float() * PIXEL_STD + PIXEL_MEAN).clamp(0.0, 1.0)
 
 
+# formats Pillow writes an RGB image as without extra libraries or lossy palettes
+_OVERLAY_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
+
+
+def overlay_format(out: Path) -> str:
+    """The image format OUT's suffix names (`.png`, `.jpg`/`.jpeg`, `.tif`/`.tiff`, `.bmp`,
+    `.webp` where Pillow has WebP); no suffix is PNG. Another suffix is a UsageError (such a
+    file used to get PNG bytes whatever its name)."""
+    from PIL import Image, features
+
+    suffix = out.suffix.lower()
+    if not suffix:
+        return "PNG"
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt not in _OVERLAY_FORMATS or (fmt == "WEBP" and not features.check("webp")):
+        raise UsageError(f"--out {out}: the overlay is written as .png, .jpg, .tif, .bmp or "
+                         f".webp, not {suffix}")  # fmt: skip
+    return fmt
+
+
 def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """`write(file)` into a temporary file next to `path`, then rename it onto `path`: the file
     appears whole or not at all (an interrupted run leaves no half-written image)."""
@@ -255,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is a directory")
     if args.save_map and out.suffix.lower() == ".npy":
         raise UsageError("--out ends in .npy, the name --save-map writes the map to; use .png")
+    image_format = overlay_format(out)
     if Path(args.image).exists() and out.resolve() == Path(args.image).resolve():
         raise UsageError(f"--out {out} is the input image")
     for path in (out, out.with_suffix(".npy")) if args.save_map else (out,):
@@ -282,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     if npy is not None:
         _write_atomic(npy, lambda f: np.save(f, raw.numpy()))
     try:
-        _write_atomic(out, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+        _write_atomic(out, lambda f: Image.fromarray(rgb).save(f, format=image_format))
     except BaseException:
         if npy is not None:  # no half of the output: the map goes with the image that failed
             npy.unlink(missing_ok=True)
@@ -301,7 +322,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="our model directory (carzero-fast convert)")
     p.add_argument("--image", required=True, help="the X-ray (PNG, JPEG, 16-bit PNG, DICOM)")
     p.add_argument("--prompt", required=True, help='the text, e.g. "There is pleural effusion."')
-    p.add_argument("--out", required=True, help="the overlay PNG (224×224 RGB)")
+    p.add_argument("--out", required=True,
+                   help="the overlay, 224×224 RGB: .png (or no suffix), .jpg, .tif, .bmp, .webp")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight in [0, 1]")
     p.add_argument("--layers", choices=LAYER_CHOICES, default="all",
                    help="average over all decoder layers or use the last one")  # fmt: skip

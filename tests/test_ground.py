@@ -217,6 +217,15 @@ def test_ground_command_writes_the_overlay(setup, tmp_path, capsys):
                                   np.stack([plain] * 3, axis=-1))  # fmt: skip
     assert main(_args(s, tmp_path / "last.png", "--layers", "last")) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "last.png")), got)
+    # the suffix names the format (a .jpg used to hold PNG bytes); none is PNG
+    assert main(_args(s, tmp_path / "default.png")) == 0
+    got_default = np.asarray(Image.open(tmp_path / "default.png"))
+    for name, fmt in (("map.JPG", "JPEG"), ("map.tif", "TIFF"), ("map", "PNG")):
+        assert main(_args(s, tmp_path / name)) == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt and im.size == (224, 224)
+            if fmt != "JPEG":  # lossless: the same picture
+                np.testing.assert_array_equal(np.asarray(im), got_default)
 
 
 def test_ground_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
@@ -241,6 +250,8 @@ def test_ground_bad_input_exits_2_and_writes_nothing(setup, tmp_path, capsys):
         (["--prompt", " ... "], "--prompt is empty"),
         (["--alpha", "1.5"], "--alpha"),
         (["--out", str(tmp_path / "no" / "such" / "map.png")], "does not exist"),
+        (["--out", str(out.with_suffix(".pdf"))], "written as .png, .jpg, .tif, .bmp or "
+                                                   ".webp, not .pdf"),  # fmt: skip
         (["--device", "foo"], "--device 'foo' is not a device name"),
         (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "--device cuda"),
     ]
