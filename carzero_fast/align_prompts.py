@@ -8,8 +8,8 @@ CSV meant to be read by a person before the prompts are used (e.g. copied, once 
 into a `score --classes` .json mapping each class to its prompts: `score` reads .txt and .json
 class files, not this CSV); no input is ever left out of it.
 
-Input: a `.txt` (one phrase or report per line; trailing empty lines are ignored) or a `.csv`
-with a header row (the text is the `--column` column, the first one by default).
+Input: a `.txt` (one phrase or report per line) or a `.csv` with a header row (the text is the
+`--column` column, the first one by default); blank lines at the end of either are ignored.
 
 Output CSV, one row per extracted finding, at least one row per input record:
 
@@ -204,8 +204,8 @@ def _read_utf8(p: Path) -> str:
 
 
 def read_inputs(path: str | os.PathLike, column: str | None = None) -> list[str]:
-    """The input records: the lines of a `.txt` (trailing empty lines dropped) or the
-    `column` cells (default: the first column) of a `.csv` with a header row."""
+    """The input records: the lines of a `.txt` or the `column` cells (default: the first
+    column) of a `.csv` with a header row; blank lines at the end of either are dropped."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"input {p} does not exist")
@@ -227,6 +227,8 @@ def read_inputs(path: str | os.PathLike, column: str | None = None) -> list[str]
         rows = list(csv.reader(io.StringIO(_read_utf8(p), newline="")))
     except csv.Error as e:  # e.g. a cell over the csv module's field size limit
         raise UsageError(f"input {p} is not a CSV this command can read: {e}") from None
+    while len(rows) > 1 and not rows[-1]:
+        rows.pop()  # blank lines at the file's end, not empty records (as in a .txt)
     if not rows:
         raise UsageError(f"input {p} is empty")
     header = rows[0]

@@ -189,6 +189,11 @@ def test_read_inputs_txt_and_csv(tmp_path):
                                  ["b", ""], ["c"]])  # fmt: skip
     assert read_inputs(table) == ["a", "b", "c"]  # the first column by default
     assert read_inputs(table, "report") == ["Line one.\nNo effusion.", "", ""]
+    with table.open("a", newline="") as f:  # blank lines at the end: no records
+        f.write("\r\n\n\n")
+    assert read_inputs(table) == ["a", "b", "c"]
+    (tmp_path / "gap.csv").write_text("report\nEdema\n\nEffusion\n\n")  # one inside: kept
+    assert read_inputs(tmp_path / "gap.csv") == ["Edema", "", "Effusion"]
     with pytest.raises(ValueError, match="no column 'text'.*id, report"):
         read_inputs(table, "text")
     with pytest.raises(ValueError, match=".csv input only"):
