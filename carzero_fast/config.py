@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -45,6 +46,11 @@ class AlignerConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AlignerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.layer_norm_eps < math.inf:  # NaN fails too
+            raise ValueError(
+                f"AlignerConfig.layer_norm_eps must be positive and finite, got "
+                f"{self.layer_norm_eps}"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -84,6 +84,9 @@ def test_bad_configs():
         cf.AlignerConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_layers"):
         cf.AlignerConfig(n_layers=0)
+    for eps in (0.0, -1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="layer_norm_eps must be positive and finite"):
+            cf.AlignerConfig(layer_norm_eps=eps)
 
 
 def test_loss_and_scores_inputs(al):
