@@ -104,9 +104,12 @@ def _checked_sizes(img_tokens: Tensor, txt_tokens: Tensor,
     rank raises the same error (mismatched collectives would otherwise run on wrong bytes,
     abort without naming the problem, or wait for a gradient all-reduce that never comes)."""
     _, world = _world(group)
-    needs_grad = torch.is_grad_enabled() and (img_tokens.requires_grad or txt_tokens.requires_grad)
+    # per tensor: each one's globals gather runs an all-reduce in backward iff it needs them
+    grad_on = torch.is_grad_enabled()
+    img_grad, txt_grad = grad_on and img_tokens.requires_grad, grad_on and txt_tokens.requires_grad
+    needs_grad = int(img_grad) | 2 * int(txt_grad)
     mine = torch.tensor([img_tokens.shape[0], img_tokens.shape[2],
-                         SUPPORTED_DTYPES.index(img_tokens.dtype), int(needs_grad)],
+                         SUPPORTED_DTYPES.index(img_tokens.dtype), needs_grad],
                         dtype=torch.int64, device=img_tokens.device)  # fmt: skip
     rows = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(rows, mine, group=group)
@@ -120,11 +123,17 @@ def _checked_sizes(img_tokens: Tensor, txt_tokens: Tensor,
             names = SUPPORTED_DTYPES[dtype], SUPPORTED_DTYPES[dtype0]
             raise TypeError(f"rank {r} has {names[0]} tokens, rank 0 {names[1]}; every rank "
                             "must use one dtype")  # fmt: skip
-        if grad != grad0:
+        if bool(grad) != bool(grad0):
             its, theirs = ("need", "do not") if grad else ("do not need", "do")
             raise ValueError(f"rank {r}'s tokens {its} gradients, rank 0's {theirs}; all "
                              "ranks must agree (a backward would wait for a gradient "
                              "all-reduce the other ranks never start)")  # fmt: skip
+        if grad != grad0:
+            which = {1: "img_tokens only", 2: "txt_tokens only", 3: "both"}
+            raise ValueError(f"rank {r} needs gradients for {which[grad]}, rank 0 for "
+                             f"{which[grad0]}; all ranks must agree (the backwards would "
+                             "pair one tensor's gradient all-reduce with another's: wrong "
+                             "gradients)")  # fmt: skip
     return [row[0] for row in table]
 
 

@@ -158,7 +158,9 @@ def _mismatch_worker(rank: int, world: int, port: int, case: str, out: str) -> N
     img, txt = img[2 * rank : 2 * rank + 2], txt[2 * rank : 2 * rank + 2]
     if rank == 1 and case == "dtype":
         img, txt = img.double(), txt.double()
-    if rank == 0 or case != "grad":
+    if case == "grad-split":  # both ranks need gradients, but for different tensors
+        (img if rank == 0 else txt).requires_grad_(True)
+    elif rank == 0 or case != "grad":
         img.requires_grad_(True)
     try:
         DistributedCARZeroLoss(make_aligner(CFG))(img, txt)
@@ -172,6 +174,8 @@ def _mismatch_worker(rank: int, world: int, port: int, case: str, out: str) -> N
 @pytest.mark.parametrize(("case", "expected"), [
     ("dtype", "TypeError: rank 1 has torch.float64 tokens, rank 0 torch.float32"),
     ("grad", "ValueError: rank 1's tokens do not need gradients, rank 0's do"),
+    ("grad-split", "ValueError: rank 1 needs gradients for txt_tokens only, rank 0 for "
+                   "img_tokens only"),
 ])  # fmt: skip
 def test_ranks_that_disagree_all_raise_the_same_error(case, expected, tmp_path):
     """A dtype or requires-grad that differs across ranks: every rank raises the same named
