@@ -171,8 +171,9 @@ def gather_rows(x: Tensor, group: dist.ProcessGroup | None = None,
 
 def _share(s_full: Tensor, start: int, n: int, g: int) -> Tensor:
     """This rank's share of `sym(S)` (the global mean over rows and columns): the CE of its
-    rows [start, start+n) plus the CE of its columns [start, start+n), over 2·G."""
-    s = s_full.float()
+    rows [start, start+n) plus the CE of its columns [start, start+n), over 2·G; 16-bit
+    logits' softmax in fp32, fp32 and fp64 kept (as `carzero_loss`)."""
+    s = s_full.float() if s_full.dtype in (torch.float16, torch.bfloat16) else s_full
     idx = torch.arange(start, start + n, device=s.device)
     rows = F.cross_entropy(s[start : start + n], idx, reduction="sum")
     cols = F.cross_entropy(s[:, start : start + n].t(), idx, reduction="sum")
@@ -184,7 +185,8 @@ class DistributedCARZeroLoss(nn.Module):
     the communication, the gradient scale). Wrap it in `DistributedDataParallel` to train.
 
     forward(img_tokens `(B_r, Pi, D)`, txt_tokens `(B_r, Pt, D)`, optional bool masks) →
-    scalar fp32: the global loss (the same value on every rank).
+    scalar: the global loss (the same value on every rank), fp32 for 16-bit tokens, else the
+    tokens' dtype (as `carzero_loss`).
     """
 
     def __init__(

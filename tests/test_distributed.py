@@ -69,10 +69,11 @@ def _loss_worker(rank: int, world: int, port: int, sizes: list[int], mode: str, 
             return _orig(*args, **kw)
 
         setattr(dist, name, record)
-    img, txt = _batch(sizes)
+    dtype = torch.float64 if mode == "fp64" else torch.float32
+    img, txt = (t.to(dtype) for t in _batch(sizes))
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     img, txt = img[lo:hi].clone().requires_grad_(True), txt[lo:hi].clone().requires_grad_(True)
-    al = make_aligner(CFG)
+    al = make_aligner(CFG, dtype=dtype)
     crit = DistributedCARZeroLoss(al, reduction="mean" if mode == "ddp" else "sum")
     model = DDP(crit) if mode == "ddp" else crit
     n_forward = len(comm)
@@ -86,11 +87,11 @@ def _loss_worker(rank: int, world: int, port: int, sizes: list[int], mode: str, 
     _finish()
 
 
-def _single(sizes: list[int]) -> dict:
-    img, txt = _batch(sizes)
+def _single(sizes: list[int], dtype: torch.dtype = torch.float32) -> dict:
+    img, txt = (t.to(dtype) for t in _batch(sizes))
     img.requires_grad_(True)
     txt.requires_grad_(True)
-    al = make_aligner(CFG)
+    al = make_aligner(CFG, dtype=dtype)
     loss = cf.carzero_loss(*al.both_directions(img, txt))
     loss.backward()
     return {"loss": loss.detach(), "img": img.grad, "txt": txt.grad,
@@ -126,6 +127,20 @@ def test_global_loss_and_gradients_equal_single_process(sizes, mode, tmp_path):
         else:  # shares: they sum to the exact gradient
             total = sum(res["params"][name] for res in ranks)
             assert rel_err(total, g, floor=1e-2) < 1e-5, name
+
+
+def test_fp64_tokens_give_the_fp64_loss(tmp_path):
+    """fp64 tokens: the loss and gradients are fp64's, as `carzero_loss` keeps fp64 (they
+    were rounded through an fp32 loss)."""
+    sizes = [2, 3]
+    _spawn(_loss_worker, 2, sizes, "fp64", str(tmp_path))
+    ref = _single(sizes, torch.float64)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["loss"].dtype == torch.float64
+        assert rel_err(res["loss"], ref["loss"]) < 1e-12
+        lo, hi = sum(sizes[:r]), sum(sizes[: r + 1])
+        assert rel_err(res["img"], ref["img"][lo:hi]) < 1e-10
 
 
 def test_only_globals_and_scores_cross_ranks(tmp_path):
