@@ -23,9 +23,11 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -39,13 +41,15 @@ FORMAT = "carzero_fast"
 PARTS = ("img_encoder", "text_encoder", "fusion_module")
 
 
-def _inert(name: str) -> type:
+def _inert(name: str, container: type | None = None) -> type:
     """A class standing in for the global `name` of a checkpoint: it accepts any arguments and
     state and keeps none, so the object it stands for is read without importing or running
-    anything."""
+    anything. With `container` (OrderedDict or list, for a dict or list subclass, whose items
+    the weights-only unpickler adds only to those exact types), its objects are plain ones of
+    that type, holding the items."""
 
     def __new__(cls: type, *args: object, **kwargs: object) -> object:  # noqa: ARG001
-        return object.__new__(cls)
+        return container() if container is not None else object.__new__(cls)
 
     module, _, qualname = name.rpartition(".")
     return type(qualname, (), {
@@ -77,15 +81,7 @@ def read_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             except pickle.UnpicklingError as e:
                 if "Weights only load failed" not in str(e):
                     raise
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                try:
-                    with torch.serialization.safe_globals([(_inert(n), n) for n in names]):
-                        obj = torch.load(path, map_location="cpu", weights_only=True)
-                except pickle.UnpicklingError as e2:  # e.g. os.system: blocked even as a name
-                    why = next((line for line in str(e2).splitlines() if "GLOBAL" in line), "")
-                    raise ValueError(f"checkpoint {path} cannot be read safely ({why.strip()}); "
-                                     "if you trust the file, pass --trust-checkpoint "
-                                     "(trust_checkpoint=True)") from e2  # fmt: skip
+                obj = _load_with_placeholders(path)
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 — re-raised with the file's name
@@ -96,6 +92,39 @@ def read_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
     if not isinstance(sd, dict):
         raise ValueError(f"checkpoint {path} holds no state dict")
     return sd
+
+
+def _load_with_placeholders(path: Path) -> object:
+    """`torch.load(weights_only=True)` with an inert stand-in for every global the file names
+    beyond torch's allowlist; a name whose objects receive items (a dict or list subclass,
+    `defaultdict`) is read again as a plain container. ValueError where torch still refuses
+    (e.g. os.system: blocked even as a name)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError as e:  # the names are listed for zip files only
+        raise ValueError(f"checkpoint {path}, in torch's legacy (non-zip) format, holds Python "
+                         "objects that only an unrestricted load reads; if you trust the file, "
+                         "pass --trust-checkpoint (trust_checkpoint=True)") from e  # fmt: skip
+    containers: dict[str, type] = {}
+    while True:
+        stand_ins = {n: _inert(n, containers.get(n)) for n in names}
+        try:
+            with torch.serialization.safe_globals([(c, n) for n, c in stand_ins.items()]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            text = str(e)
+            m = re.search(r"Can only (SETITEMS?|extend lists|append to lists).* but got "
+                          r"<class '([^']+)'>", text)  # fmt: skip
+            got = m.group(2) if m else None
+            name = next((n for n, c in stand_ins.items()
+                         if f"{c.__module__}.{c.__qualname__}" == got), None)  # fmt: skip
+            if not name or name in containers:
+                lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+                why = next((ln for ln in lines if ln.startswith(("Trying to", "Can only"))), "")
+                raise ValueError(f"checkpoint {path} cannot be read safely ({why}); if you "
+                                 "trust the file, pass --trust-checkpoint "
+                                 "(trust_checkpoint=True)") from e  # fmt: skip
+            containers[name] = OrderedDict if m.group(1).startswith("SETITEM") else list
 
 
 def split_carzero_state_dict(

@@ -209,6 +209,37 @@ def test_convert_reads_python_objects_as_placeholders(setup, tmp_path, capsys):
                        _direct_scores(s.model, paths))  # fmt: skip
 
 
+def test_python_containers_in_a_checkpoint_are_read_as_placeholders(setup, tmp_path):
+    """Objects that receive items when unpickled (a dict or list subclass of a package that is
+    not installed, a defaultdict) are read too: the weights-only reader adds items to exact
+    dicts and lists only, so their placeholders are plain ones; nothing is imported."""
+    from collections import defaultdict
+
+    from carzero_fast.model import read_state_dict
+
+    s = setup
+    mod = tmp_path / "pkg_gone"
+    mod.mkdir()
+    (mod / "containers_lib.py").write_text("class AttrDict(dict):\n    pass\n\n\n"
+                                           "class Items(list):\n    pass\n")  # fmt: skip
+    sys.path.insert(0, str(mod))
+    try:
+        import containers_lib
+
+        extra = {"cfg": containers_lib.AttrDict(lr=1e-4, sub=containers_lib.AttrDict(a=1)),
+                 "items": containers_lib.Items([1, 2]),
+                 "counts": defaultdict(list, a=[1])}  # fmt: skip
+        ckpt = _carzero_ckpt(s.model, tmp_path / "lightning.ckpt", extra=extra)
+    finally:
+        sys.path.remove(str(mod))
+        sys.modules.pop("containers_lib", None)
+    (mod / "containers_lib.py").unlink()
+    sd = read_state_dict(ckpt)
+    assert torch.equal(sd["CARZero.fusion_module.decoder_norm.weight"],
+                       s.model.aligner.decoder_norm.weight)  # fmt: skip
+    assert "containers_lib" not in sys.modules
+
+
 def test_score_end_to_end(setup, tmp_path):
     s = setup
     out = tmp_path / "scores.csv"
