@@ -18,12 +18,13 @@ The shares sum to the single-process loss, so the gradients (through the gathers
 an all-reduce of the gathered tensors' gradients) sum to the single-process gradients.
 
 Communication per step and rank (elements of the activations' dtype, scores included),
-forward: one all-gather of R × 4 integers (batch sizes, D, dtype, whether the tokens need
-gradients: ranks that disagree all raise the same error instead of running collectives on
-mismatched bytes), all-gathers of 2 × (R·max B_r)·D globals and 2 × (R·max B_r)·G scores
-(padded to the largest B_r), an all-reduce of the scalar loss; backward: all-reduce of
-2 × G·D and 2 × G·G gradients. Nothing of size B·P·D (tokens) or per pair (activations)
-crosses ranks.
+forward: one all-gather of R × 5 integers (batch sizes, D, dtype, which tokens need
+gradients, whether the rank's own checks failed: ranks that disagree all raise the same
+error, and a rank whose inputs fail stops the others, instead of running collectives on
+mismatched bytes or leaving them waiting), all-gathers of 2 × (R·max B_r)·D globals and
+2 × (R·max B_r)·G scores (padded to the largest B_r), an all-reduce of the scalar loss;
+backward: all-reduce of 2 × G·D and 2 × G·G gradients. Nothing of size B·P·D (tokens) or per
+pair (activations) crosses ranks.
 
 **Dropout** (train mode) is drawn by each rank for its own rows, from its own torch
 generator (as any DDP model's dropout is): the loss equals the per-rank calls', not one
@@ -97,25 +98,43 @@ def _sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> lis
     return [int(s) for s in torch.cat(all_sizes).tolist()]
 
 
-def _checked_sizes(img_tokens: Tensor, txt_tokens: Tensor,
-                   group: dist.ProcessGroup | None) -> list[int]:  # fmt: skip
+def _checked_sizes(
+    img_tokens: Tensor,
+    txt_tokens: Tensor,
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    problem: Exception | None = None,
+) -> list[int]:
     """Every rank's pair count, from the step's one small all-gather, which also compares D,
     the dtype and whether the tokens need gradients across ranks: where they differ every
     rank raises the same error (mismatched collectives would otherwise run on wrong bytes,
-    abort without naming the problem, or wait for a gradient all-reduce that never comes)."""
+    abort without naming the problem, or wait for a gradient all-reduce that never comes).
+    `problem`: this rank's own inputs failed their local checks; it still joins the gather
+    (else the other ranks would wait in it), then raises that error, and the others one that
+    names it."""
     _, world = _world(group)
-    # per tensor: each one's globals gather runs an all-reduce in backward iff it needs them
-    grad_on = torch.is_grad_enabled()
-    img_grad, txt_grad = grad_on and img_tokens.requires_grad, grad_on and txt_tokens.requires_grad
-    needs_grad = int(img_grad) | 2 * int(txt_grad)
-    mine = torch.tensor([img_tokens.shape[0], img_tokens.shape[2],
-                         SUPPORTED_DTYPES.index(img_tokens.dtype), needs_grad],
-                        dtype=torch.int64, device=img_tokens.device)  # fmt: skip
+    if problem is not None:
+        mine = torch.tensor([0, 0, 0, 0, 1], dtype=torch.int64, device=device)
+    else:
+        # per tensor: each one's globals gather runs an all-reduce in backward iff it needs them
+        grad_on = torch.is_grad_enabled()
+        img_grad = grad_on and img_tokens.requires_grad
+        txt_grad = grad_on and txt_tokens.requires_grad
+        needs_grad = int(img_grad) | 2 * int(txt_grad)
+        mine = torch.tensor([img_tokens.shape[0], img_tokens.shape[2],
+                             SUPPORTED_DTYPES.index(img_tokens.dtype), needs_grad, 0],
+                            dtype=torch.int64, device=device)  # fmt: skip
     rows = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(rows, mine, group=group)
     table = torch.stack(rows).tolist()
-    _, d0, dtype0, grad0 = table[0]
-    for r, (_, d, dtype, grad) in enumerate(table):
+    if problem is not None:
+        raise problem
+    failed = [r for r, row in enumerate(table) if row[4]]
+    if failed:
+        raise ValueError(f"rank {failed[0]}'s tokens failed its checks (its own error names "
+                         "the problem); every rank stops")  # fmt: skip
+    _, d0, dtype0, grad0, _ = table[0]
+    for r, (_, d, dtype, grad, _) in enumerate(table):
         if d != d0:
             raise ValueError(f"rank {r} has tokens of D = {d}, rank 0 of D = {d0}; every rank "
                              "must feed the same aligner")  # fmt: skip
@@ -210,11 +229,17 @@ class DistributedCARZeroLoss(nn.Module):
         txt_mask: Tensor | None = None,
     ) -> Tensor:
         rank, world = _world(self.group)
-        check_token_pair(self.aligner.config, img_tokens, txt_tokens)  # before row 0 is taken
-        if img_tokens.shape[0] != txt_tokens.shape[0]:
-            raise ValueError(f"rank {rank}: {img_tokens.shape[0]} images but "
-                             f"{txt_tokens.shape[0]} texts; pairs must match")  # fmt: skip
-        sizes = _checked_sizes(img_tokens, txt_tokens, self.group)
+        problem: Exception | None = None
+        try:  # this rank's own checks: a failure is shared in the sizes' gather
+            check_token_pair(self.aligner.config, img_tokens, txt_tokens)  # before row 0
+            if img_tokens.shape[0] != txt_tokens.shape[0]:
+                raise ValueError(f"rank {rank}: {img_tokens.shape[0]} images but "
+                                 f"{txt_tokens.shape[0]} texts; pairs must match")  # fmt: skip
+        except (TypeError, ValueError) as e:
+            problem = e
+        device = (img_tokens.device if isinstance(img_tokens, Tensor)
+                  else next(self.aligner.parameters()).device)  # fmt: skip
+        sizes = _checked_sizes(img_tokens, txt_tokens, self.group, device, problem)
         g, start, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
         if g == 0:
             raise ValueError("the global batch is empty on every rank")

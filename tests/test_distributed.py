@@ -150,10 +150,10 @@ def test_only_globals_and_scores_cross_ranks(tmp_path):
     g, d, world, bmax = sum(sizes), CFG.d_model, 2, max(sizes)
     for r in range(world):
         fwd, bwd = torch.load(tmp_path / f"rank{r}.pt")["comm"]
-        # sizes, D, dtype, needs-grad; image and text globals (padded to the largest batch);
-        # the two score blocks; the loss value
+        # sizes, D, dtype, needs-grad, failed; image and text globals (padded to the largest
+        # batch); the two score blocks; the loss value
         assert fwd == [
-            ("all_gather", 4),
+            ("all_gather", 5),
             ("all_gather", bmax * d),
             ("all_gather", bmax * d),
             ("all_gather", bmax * g),
@@ -173,6 +173,10 @@ def _mismatch_worker(rank: int, world: int, port: int, case: str, out: str) -> N
     img, txt = img[2 * rank : 2 * rank + 2], txt[2 * rank : 2 * rank + 2]
     if rank == 1 and case == "dtype":
         img, txt = img.double(), txt.double()
+    if rank == 1 and case == "bad-d":  # fails this rank's own check, before the shared one
+        img = img[..., :-1]
+    if rank == 1 and case == "count":
+        txt = txt[:1]
     if case == "grad-split":  # both ranks need gradients, but for different tensors
         (img if rank == 0 else txt).requires_grad_(True)
     elif rank == 0 or case != "grad":
@@ -199,6 +203,21 @@ def test_ranks_that_disagree_all_raise_the_same_error(case, expected, tmp_path):
     _spawn(_mismatch_worker, 2, case, str(tmp_path))
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and messages[0].startswith(expected), messages
+
+
+@pytest.mark.parametrize(("case", "own"), [
+    ("bad-d", "ValueError: img_tokens has D = 31"),
+    ("count", "ValueError: rank 1: 2 images but 1 texts; pairs must match"),
+])  # fmt: skip
+def test_a_rank_whose_own_inputs_fail_stops_every_rank(case, own, tmp_path):
+    """A rank whose tokens fail its local checks still joins the step's sizes gather, so
+    the other ranks raise an error naming it instead of waiting in the gather until the
+    timeout; it raises its own."""
+    _spawn(_mismatch_worker, 2, case, str(tmp_path))
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[1].startswith(own), messages
+    assert messages[0] == ("ValueError: rank 1's tokens failed its checks (its own error "
+                           "names the problem); every rank stops"), messages  # fmt: skip
 
 
 def test_loss_needs_a_process_group():
