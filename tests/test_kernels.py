@@ -341,8 +341,14 @@ def test_each_compute_capability_runs_the_table_that_fits_it(monkeypatch, arch, 
     for kind, dtype in (("half", torch.bfloat16), ("ieee", torch.float32)):
         assert linear_config(gpu, dtype) == kc._LINEAR[(table, kind)]
         assert attention_config(gpu, dtype) == kc._ATTENTION[(table, kind)]
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    keys = attention_config(gpu, torch.float32, dropout=True).block_p
+    # TF32 through the new switch, and back to its default ("none": inherit), not through
+    # the legacy `allow_tf32`, whose reset to False pins "ieee" and so broke later tests'
+    # use of the global `torch.backends.fp32_precision` (an xdist-order failure)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        keys = attention_config(gpu, torch.float32, dropout=True).block_p
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
     assert keys == (16 if table == 8 else kc._ATTENTION[(9, "tf32")].block_p)
 
 
@@ -366,11 +372,10 @@ def test_tf32_follows_every_pytorch_switch(switch):  # noqa: ANN001
         assert kc.dot_kind(torch.float32) == "tf32"
         assert kc.dot_precision(torch.float32) == "tf32"
         assert kc.dot_kind(torch.bfloat16) == "half"
-    finally:  # PyTorch's defaults, through the API that set them (mixing APIs raises)
-        if switch in ("cuda_matmul", "global"):
-            torch.backends.fp32_precision = matmul.fp32_precision = "none"
-        else:
+    finally:  # PyTorch's defaults, "none" (inherit) last: the legacy resets pin "ieee"
+        if switch not in ("cuda_matmul", "global"):
             torch.set_float32_matmul_precision("highest")
+        torch.backends.fp32_precision = matmul.fp32_precision = "none"
     assert kc.dot_kind(torch.float32) == "ieee"
     assert torch.get_float32_matmul_precision() == "highest"
 
