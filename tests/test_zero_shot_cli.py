@@ -173,25 +173,33 @@ class _RunsCode:
         return (os.system, (f"touch {self.path}",))
 
 
+def _ckpt_with_objects_of_a_gone_module(model, path, name, source, make_extra):  # noqa: ANN001
+    """A CARZero checkpoint at `path` whose extra entries, `make_extra(module)`, hold objects
+    of a module `name` (its code `source`) that is gone once the file is written: it is not
+    installed where convert runs."""
+    import importlib
+
+    folder = path.parent / f"{name}_gone"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        return _carzero_ckpt(model, path, extra=make_extra(importlib.import_module(name)))
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(name, None)
+        (folder / f"{name}.py").unlink()
+
+
 def test_convert_reads_python_objects_as_placeholders(setup, tmp_path, capsys):
     """A Lightning checkpoint's hyper-parameters (CARZero saves an OmegaConf config) converts
     without --trust-checkpoint and without the objects' package: they are read as inert
     placeholders, and nothing in the file runs."""
     s = setup
-    mod = tmp_path / "pkg_gone"
-    mod.mkdir()
-    (mod / "hparams_lib.py").write_text("class Config:\n    def __init__(self, **kw):\n"
-                                        "        self.__dict__.update(kw)\n")  # fmt: skip
-    sys.path.insert(0, str(mod))
-    try:
-        import hparams_lib
-
-        extra = {"cfg": hparams_lib.Config(lr=1e-4, nested=Namespace(a=1)), "epochs": [1, 2]}
-        ckpt = _carzero_ckpt(s.model, tmp_path / "lightning.ckpt", extra=extra)
-    finally:
-        sys.path.remove(str(mod))
-        sys.modules.pop("hparams_lib", None)
-    (mod / "hparams_lib.py").unlink()  # the package is not installed where convert runs
+    ckpt = _ckpt_with_objects_of_a_gone_module(
+        s.model, tmp_path / "lightning.ckpt", "hparams_lib",
+        "class Config:\n    def __init__(self, **kw):\n        self.__dict__.update(kw)\n",
+        lambda lib: {"cfg": lib.Config(lr=1e-4, nested=Namespace(a=1)), "epochs": [1, 2]})
 
     marker = tmp_path / "ran"
     bad = _carzero_ckpt(s.model, tmp_path / "bad.ckpt", extra={"x": _RunsCode(marker)})
@@ -218,22 +226,11 @@ def test_python_containers_in_a_checkpoint_are_read_as_placeholders(setup, tmp_p
     from carzero_fast.model import read_state_dict
 
     s = setup
-    mod = tmp_path / "pkg_gone"
-    mod.mkdir()
-    (mod / "containers_lib.py").write_text("class AttrDict(dict):\n    pass\n\n\n"
-                                           "class Items(list):\n    pass\n")  # fmt: skip
-    sys.path.insert(0, str(mod))
-    try:
-        import containers_lib
-
-        extra = {"cfg": containers_lib.AttrDict(lr=1e-4, sub=containers_lib.AttrDict(a=1)),
-                 "items": containers_lib.Items([1, 2]),
-                 "counts": defaultdict(list, a=[1])}  # fmt: skip
-        ckpt = _carzero_ckpt(s.model, tmp_path / "lightning.ckpt", extra=extra)
-    finally:
-        sys.path.remove(str(mod))
-        sys.modules.pop("containers_lib", None)
-    (mod / "containers_lib.py").unlink()
+    ckpt = _ckpt_with_objects_of_a_gone_module(
+        s.model, tmp_path / "lightning.ckpt", "containers_lib",
+        "class AttrDict(dict):\n    pass\n\n\nclass Items(list):\n    pass\n",
+        lambda lib: {"cfg": lib.AttrDict(lr=1e-4, sub=lib.AttrDict(a=1)),
+                     "items": lib.Items([1, 2]), "counts": defaultdict(list, a=[1])})
     sd = read_state_dict(ckpt)
     assert torch.equal(sd["CARZero.fusion_module.decoder_norm.weight"],
                        s.model.aligner.decoder_norm.weight)  # fmt: skip
