@@ -77,35 +77,35 @@ def commit() -> str:
     return f"{head} (git; CARZERO_COMMIT unset)"
 
 
-def run_step(step: Step, work: Path, log: io.TextIOBase, scale: float, extra: list[str],
-             python: str = sys.executable) -> Outcome:  # fmt: skip
+def _tee(text: str, files: tuple[io.TextIOBase, ...]) -> None:
+    for f in files:
+        f.write(text)
+        f.flush()
+
+
+def run_step(step: Step, work: Path, log: io.TextIOBase, scale: float,
+             extra: list[str]) -> Outcome:  # fmt: skip
     """Runs one step, its output streamed to stdout, `log` and `<work>/<name>.log`."""
     out = work / step.name
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [python, "-m", step.module, "--out", str(out), *step.args, *extra]
+    cmd = [sys.executable, "-m", step.module, "--out", str(out), *step.args, *extra]
     limit = step.limit_s * scale
-    banner = f"== {step.name}: {' '.join(cmd[1:])} (limit {limit:.0f} s)\n"
     t0 = time.monotonic()
     with open(work / f"{step.name}.log", "w") as own:
-        for f in (sys.stdout, log, own):
-            f.write(banner)
-            f.flush()
+        files = (sys.stdout, log, own)
+        _tee(f"== {step.name}: {' '.join(cmd[1:])} (limit {limit:.0f} s)\n", files)
         # its own process group, so that a step killed at its limit takes its children along
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # fmt: skip
         killer = _Deadline(proc, limit)
         for line in proc.stdout:  # type: ignore[union-attr]
-            for f in (sys.stdout, log, own):
-                f.write(line)
+            _tee(line, files)
         proc.wait()
         killer.cancel()
         seconds = time.monotonic() - t0
         rc = None if killer.fired else proc.returncode
-        end = f"== {step.name}: {'killed at its limit' if rc is None else f'exit {rc}'}, " \
-              f"{seconds:.0f} s\n"  # fmt: skip
-        for f in (sys.stdout, log, own):
-            f.write(end)
-            f.flush()
+        result = "killed at its limit" if rc is None else f"exit {rc}"
+        _tee(f"== {step.name}: {result}, {seconds:.0f} s\n", files)
     return Outcome(step, rc, seconds, limit)
 
 
