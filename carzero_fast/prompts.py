@@ -79,7 +79,9 @@ def read_classes(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> d
                 raise ValueError(f"class file {p} repeats class {name!r}")
             out[name] = [t.strip() for t in prompts]
         return out
-    lines = text.splitlines()
+    # lines as editors and `wc -l` count them, as align-prompts reads its .txt input
+    # (str.splitlines also breaks at \x0c, \x85, U+2028 …, shifting later line numbers)
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing newline is not an empty class
     out = {}
