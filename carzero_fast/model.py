@@ -294,8 +294,10 @@ class CARZeroModel(nn.Module):
         return cls(vit, text, aligner).eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write our format; the directory appears complete or not at all (temp + rename)."""
-        out = Path(directory)
+        """Write our format; the directory appears complete or not at all (temp + rename).
+
+        A symbolic link is written through: the model lands where it points."""
+        out = _write_target(Path(directory))
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} exists and is not a directory")
         if out.exists() and any(out.iterdir()):
@@ -334,7 +336,18 @@ class CARZeroModel(nn.Module):
                 except OSError:
                     break
             raise
-        return out
+        return Path(directory)
+
+
+def _write_target(path: Path) -> Path:
+    """Where writing the directory `path` lands: a symbolic link's target (the rename that
+    completes a save would replace the link, and rmdir refuses one), else `path` itself."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError before Python 3.13
+        raise ValueError(f"{path} is a symbolic link that cannot be followed ({e})") from None
 
 
 def _umask_modes(root: Path) -> None:
@@ -477,11 +490,12 @@ def convert_main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     try:
         # cheap checks first: no checkpoint is read for an output that cannot be written
+        target = _write_target(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"{out_dir} exists and is not a directory")
         if out_dir.is_dir() and any(out_dir.iterdir()):
             raise ValueError(f"{out_dir} exists and is not empty")
-        parent = out_dir.absolute().parent
+        parent = target.absolute().parent
         if not parent.is_dir():
             raise ValueError(f"the folder of {out_dir} ({parent}) does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):

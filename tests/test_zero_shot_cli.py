@@ -665,6 +665,12 @@ def test_prompt_ensembles_and_cache(setup, tmp_path):
         read_classes(spaced)
     with pytest.raises(ValueError, match="finding"):
         read_classes(s.classes, "There is nothing.")
+    odd = tmp_path / "odd.txt"  # lines as editors count them: \x0c and U+2028 split nothing
+    odd.write_text("edema\x0cnote\r\neffusion\u2028here\n\nlast\n")
+    with pytest.raises(ValueError, match="line 3 is empty"):
+        read_classes(odd)
+    odd.write_text("edema\x0cnote\r\neffusion\u2028here\n")
+    assert list(read_classes(odd)) == ["edema\x0cnote", "effusion\u2028here"]
 
 
 def _torchrun_worker(rank: int, world: int, port: int, args: list[str], die_rank: int) -> None:
@@ -864,6 +870,22 @@ def test_convert_checks_where_it_writes_first_and_leaves_nothing(setup, tmp_path
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "c.ckpt"]
+
+
+def test_save_writes_through_a_symbolic_link(setup, tmp_path, capsys):
+    empty, link = tmp_path / "empty", tmp_path / "link"
+    empty.mkdir()
+    link.symlink_to(empty, target_is_directory=True)
+    assert setup.model.save_pretrained(link) == link
+    assert link.is_symlink() and (empty / "config.json").is_file()
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "later")
+    setup.model.save_pretrained(dangling)
+    assert dangling.is_symlink() and (tmp_path / "later" / "model.safetensors").is_file()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert cli(["convert", str(tmp_path / "unread.ckpt"), str(loop)]) == 2
+    assert "symbolic link that cannot be followed" in capsys.readouterr().err
 
 
 def test_saved_model_has_the_umasks_modes(setup, tmp_path):
