@@ -83,9 +83,13 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
     others fail instead of waiting forever. Returns (rank, world size)."""
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":  # before the group: NCCL binds each rank to the current device
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if not 0 <= local < torch.cuda.device_count():
+                raise ValueError(f"LOCAL_RANK={local} names no CUDA device on this machine "
+                                 f"({torch.cuda.device_count()} visible)")  # fmt: skip
+            torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 

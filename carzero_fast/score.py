@@ -180,13 +180,14 @@ def default_workers() -> int:
     return max(1, cpus // max(1, local_ranks))
 
 
-def _shard() -> tuple[int, int]:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is set up here."""
+def _shard(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is set up here,
+    on NCCL for a CUDA `device`, else on gloo (a CPU run needs no GPU, even where one is)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     from .distributed import init_from_env
 
-    return init_from_env(timeout_s=SHARD_TIMEOUT_S)
+    return init_from_env("nccl" if device.type == "cuda" else "gloo", timeout_s=SHARD_TIMEOUT_S)
 
 
 def _run_file(out: Path) -> Path:
@@ -322,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(out, errors_path, args.resume)
     _check_model_path(args.model)
     device = check_device(args.device)
-    rank, world = _shard()
+    rank, world = _shard(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = DTYPES[args.dtype]

@@ -358,3 +358,14 @@ def test_score_without_process_group_writes_the_csv(tmp_path):
     assert [r[0] for r in rows] == ids
     assert rel_err(got, ref) < 1e-6
     assert Path(out).exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is")
+def test_nccl_init_names_a_local_rank_without_its_gpu(monkeypatch):
+    from carzero_fast.distributed import init_from_env
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    # refused before the process group starts: no rendezvous is waited for
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 names no CUDA device .*\(0 visible\)"):
+        init_from_env("nccl")
+    assert not dist.is_initialized()
