@@ -511,6 +511,23 @@ def test_torch_compile_of_a_chunked_training_step(compiler):
         assert torch.equal(a, b)
 
 
+def test_chunked_calls_without_gradients_compile_to_one_graph():
+    """Without gradients and without a mask (whose all-hidden check reads it on the host),
+    a `chunked` call and zero-shot scoring trace to one graph (`fullgraph=True` raises at
+    any graph break) and give eager's numbers."""
+    torch._dynamo.reset()
+    al = _small_aligner(dropout=0.0).eval()
+    g = torch.Generator().manual_seed(23)
+    img, txt = torch.randn(3, 6, 32, generator=g), torch.randn(4, 5, 32, generator=g)
+    calls = [lambda a, b: al(a, b[:, 0], backend="chunked"),
+             lambda a, b: cf.zero_shot_scores(al, a, b, backend="chunked")]  # fmt: skip
+    with torch.no_grad():
+        for fn in calls:
+            assert torch.equal(torch.compile(fn, backend="eager", fullgraph=True)(img, txt),
+                               fn(img, txt))  # fmt: skip
+    torch._dynamo.reset()
+
+
 def test_torch_func_transforms_name_the_backend():
     al = _small_aligner(dropout=0.0).eval()
     img, q = torch.randn(3, 5, 32), torch.randn(4, 32)

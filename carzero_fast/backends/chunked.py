@@ -47,8 +47,16 @@ __all__ = ["ChunkPlan", "Dropout", "chunked_both_directions", "chunked_forward",
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    # a constant to torch.compile (an int from a torch.* call would break its graph): a
+    # compiled call keeps the thread count it was traced with, which moves only the item
+    # blocks' bounds
+    return torch.get_num_threads()
+
+
 def _item_granule(device: torch.device) -> int:
-    return torch.get_num_threads() if device.type == "cpu" else 1
+    return _cpu_threads() if device.type == "cpu" else 1
 
 
 def _mask_bias(mask: Tensor | None, n0: int, n1: int, dtype: torch.dtype) -> Tensor | None:
