@@ -97,7 +97,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         case = (f"forward N=M={r['size']}" if r["task"] == "forward"
                 else f"training step B={r['size']}")  # fmt: skip
-        first, later = r["rss_mib"][0], r["rss_mib"][1:]
+        # a rise can read a hair below 0 where the call ends below its start
+        first, *later = (max(0.0, v) for v in r["rss_mib"])
         span = f"{min(later):.0f}–{max(later):.0f}" if later else ""
         lines.append(f"| {case} | {r['backend']} | {r['tensors_mib']:.1f} | {first:.0f} | "
                      f"{span} |")  # fmt: skip

@@ -63,7 +63,8 @@ def _score(model_dir: Path, images: Path, classes: Path, out: Path, args) -> flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.score_speed",
+                                     description="how fast `carzero-fast score` runs on CPU")
     parser.add_argument("--images", type=int, default=64,
                         help="images of the second run; the first scores half as many")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)

@@ -81,7 +81,7 @@ def gemm_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5,
     back between synchronisations, so that the host's launch time is not counted in. Where
     the route computes a 16-bit dtype's products in fp32 (`cpu_gemm.fp32_products`: this
     PyTorch has no native 16-bit CPU kernel), PyTorch's own product of that dtype is its
-    generic loop, 30–80× slower (1–2 GFLOP/s on AVX2), and only the route is timed.
+    generic loop, 60–150× slower (~1 GFLOP/s on AVX2, BENCHMARKS.md), and only the route is timed.
     """
     best = 0.0
     rows = rows or (8192 if device.type == "cpu" else 65536)
@@ -252,7 +252,7 @@ def machine_info() -> dict[str, str]:
     except OSError:
         pass
     # what the CPU's products run on: without native bf16 (AVX2 only) PyTorch's bf16 GEMMs take
-    # a generic loop, ~70× slower than fp32 on such a machine (the reference's bf16 rows show
+    # a generic loop, 60–150× slower than fp32 on such a machine (the reference's bf16 rows show
     # it), and the chunked backend computes its 16-bit products in fp32 (`cpu_gemm`)
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     try:

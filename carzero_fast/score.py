@@ -329,8 +329,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     if device.type == "cpu" and dtype != torch.float32 and not has_native_cpu_products(dtype):
         print(f"carzero-fast score: note: this CPU has no native {args.dtype} matrix products "
-              "(PyTorch runs a generic loop, 30–80× slower than fp32): the encoders will be "
-              "slow; --dtype fp32 is faster here", file=sys.stderr)  # fmt: skip
+              "(PyTorch runs a generic loop, 60–150× slower than fp32 on AVX2): the encoders "
+              "will be slow; --dtype fp32 is faster here", file=sys.stderr)  # fmt: skip
     model = CARZeroModel.from_checkpoint(args.model)
     check_crop_size(model)
     model = model.to(device=device, dtype=dtype)
