@@ -223,7 +223,8 @@ def _check_identity(out: Path, identity: dict) -> None:
         names = {"model_sha256": "the model files", "prompts": "the prompts (classes, "
                  "template)", "probabilities": "--probabilities", "dtype": "--dtype",
                  "batch_size": "--batch-size"}  # fmt: skip
-        raise UsageError(f"--resume: {', '.join(names[k] for k in changed)} differ from the "
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise UsageError(f"--resume: {', '.join(names[k] for k in changed)} {verb} from the "
                          f"run that wrote {out}'s scores ({run_file}); rerun with its options, "
                          "or score into another --out")  # fmt: skip
 

@@ -203,7 +203,7 @@ def test_load_timm_state_dict_errors_name_the_keys() -> None:
 def test_infer_config() -> None:
     sd = prefixed_timm_dict(make_vit(), "model.")
     assert infer_config(sd, num_heads=4) == TINY
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match=r"num_heads \(convert: --vit-heads\)"):
         infer_config(sd)  # 48 is not a multiple of 64: the head count must be given
     wide = ViTConfig(
         img_size=48, patch_size=16, in_chans=1, embed_dim=128, depth=3, num_heads=2, mlp_ratio=2.0

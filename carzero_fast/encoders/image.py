@@ -340,7 +340,8 @@ def infer_config(
         raise ValueError(f"infer_config: MLP width {hidden} is not int({d} · ratio) for a float")
     if num_heads is None:
         if d % 64:
-            raise ValueError(f"infer_config: embed_dim {d} is not a multiple of 64; pass num_heads")
+            raise ValueError(f"infer_config: embed_dim {d} is not a multiple of 64; pass num_heads "
+                             "(convert: --vit-heads)")  # fmt: skip
         num_heads = d // 64
     return ViTConfig(
         img_size=grid * p,
