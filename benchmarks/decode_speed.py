@@ -24,13 +24,13 @@ from carzero_fast.encoders.image import preprocess_file
 SIZES = [(2048, 2500), (2500, 2048), (3000, 3000), (2304, 2816)]  # (height, width)
 
 
-def make_files(root: Path, seed: int = 0) -> list[Path]:
-    """One PNG and one JPEG (quality 90) per size."""
+def make_files(root: Path, sizes: list[tuple[int, int]] = SIZES, seed: int = 0) -> list[Path]:
+    """One PNG and one JPEG (quality 90) per (height, width)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     files = []
-    for h, w in SIZES:
+    for h, w in sizes:
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         field = 128 + 60 * np.sin(x / w * 7 + rng.uniform(0, 6)) * np.cos(y / h * 5)
         px = np.clip(field + rng.normal(0, 6, (h, w)), 0, 255).astype(np.uint8)

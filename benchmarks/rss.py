@@ -85,7 +85,8 @@ def run(calls: int = 3, small: bool = False) -> list[dict]:
         size = (64 if task == "forward" else 48) // (8 if small else 1)
         cmd = [sys.executable, "-m", "benchmarks.rss", "--child", task, backend, str(size),
                "--calls", str(calls)] + (["--small"] if small else [])  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout  # fmt: skip
         rows.append({"task": task, "backend": backend, "size": size,
                      **json.loads(out.splitlines()[-1])})  # fmt: skip
     return rows
