@@ -372,6 +372,29 @@ def test_double_backward_is_refused(triton_only):
     assert g_img.shape == img.shape  # a first-order backward is unaffected
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpoint(reentrant, triton_only):
+    """Under torch.utils.checkpoint, both kinds, the gradients equal a plain call's (the
+    non-reentrant kind refuses a second unpack of the saved tensors: it used to raise)."""
+    from torch.utils.checkpoint import checkpoint
+
+    al = make_aligner(cf.AlignerConfig(d_model=32, n_heads=2, n_layers=1, d_ffn=48,
+                                       head_dims=(24,)))  # fmt: skip
+    img, txt = _tokens(32, n=2, m=3, pi=5, seed=2)
+    grads = []
+    for wrap in (False, True):
+        a = img.clone().requires_grad_(True)
+        al.zero_grad(set_to_none=True)
+
+        def f(x):  # noqa: ANN001, ANN202
+            return al(x, txt[:, 0], backend="triton").square().sum()
+
+        (checkpoint(f, a, use_reentrant=reentrant) if wrap else f(a)).backward()
+        grads.append([a.grad, *(p.grad for p in al.parameters())])
+    for x, y in zip(*grads, strict=True):
+        assert torch.equal(x, y)
+
+
 def test_empty_batch_is_connected(triton_only):
     al = make_aligner(CONFIGS["d64h4"], seed=1)
     img, txt = _tokens(64, n=0, seed=1)

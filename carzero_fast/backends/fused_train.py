@@ -260,10 +260,12 @@ class _TritonAlign(torch.autograd.Function):
     @torch.compiler.disable  # runs eagerly inside a compiled training step's backward
     def backward(ctx, *g_outs):  # noqa: ANN001
         check_first_order("triton", "reference")
+        # Unpacked once: non-reentrant torch.utils.checkpoint refuses a second unpack.
+        saved = ctx.saved_tensors
         # In the forward's dtypes, also when backward() is called inside an autocast region.
-        no_autocast = torch.autocast(ctx.saved_tensors[0].device.type, enabled=False)
-        with launch_device(ctx.saved_tensors[0]), no_autocast:
-            return _TritonAlign._backward(ctx, *g_outs)
+        no_autocast = torch.autocast(saved[0].device.type, enabled=False)
+        with launch_device(saved[0]), no_autocast:
+            return _TritonAlign._backward(ctx, saved, *g_outs)
 
     @staticmethod
     def _forward(ctx, cfg, jobs, budget, n_tokens, *tensors):  # noqa: ANN001
@@ -285,8 +287,7 @@ class _TritonAlign(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    def _backward(ctx, *g_outs):  # noqa: ANN001
-        saved = ctx.saved_tensors
+    def _backward(ctx, saved, *g_outs):  # noqa: ANN001
         cfg, n_tokens = ctx.cfg, ctx.n_tokens
         tokens, flat = saved[:n_tokens], saved[n_tokens:]
         needs = ctx.needs_input_grad[4:]  # after (cfg, jobs, budget, n_tokens)
