@@ -100,9 +100,40 @@ class CrossAttentionAligner(nn.Module):
 
     def weights(self) -> AlignerWeights:
         """The parameters (not copies) in the layout the backends consume."""
+        self._check_parts()
         head = tuple((m.weight, m.bias) for m in self.mlp_head if isinstance(m, nn.Linear))
         layers = tuple(layer.weights() for layer in self.decoder.layers)
         return AlignerWeights(self.decoder_norm.weight, self.decoder_norm.bias, layers, head)
+
+    def _check_parts(self) -> None:
+        """The backends read the submodules' weights and never call their forward: refuse
+        what would then be skipped silently (forward hooks, e.g. torch.nn.utils.prune's or
+        the old weight_norm's, which recompute `weight` in a pre-hook) or misread (a layer
+        replaced by another kind, e.g. by torch.ao.quantization.quantize_dynamic)."""
+        kinds = {"decoder_norm": nn.LayerNorm}
+        for i in range(self.config.n_layers):
+            for part, kind in (("multihead_attn", nn.MultiheadAttention), ("norm2", nn.LayerNorm),
+                               ("norm3", nn.LayerNorm), ("linear1", nn.Linear),
+                               ("linear2", nn.Linear)):  # fmt: skip
+                kinds[f"decoder.layers.{i}.{part}"] = kind
+        for i in range(len(self.config.head_dims) + 1):  # Linear, ReLU, Dropout, …, Linear
+            kinds[f"mlp_head.{3 * i}"] = nn.Linear
+        modules = dict(self.named_modules())
+        for name, kind in kinds.items():
+            part = modules.get(name)
+            if not isinstance(part, kind):
+                kind_of = type(part)
+                got = "missing" if part is None else f"{kind_of.__module__}.{kind_of.__name__}"
+                raise TypeError(f"aligner part {name} is {got}, not torch.nn.{kind.__name__}: the "
+                                "backends read its parameters directly (a replaced or "
+                                "quantised layer is not supported)")  # fmt: skip
+        for name, m in modules.items():
+            if name and (m._forward_hooks or m._forward_pre_hooks):
+                raise RuntimeError(f"aligner part {name} has forward hooks (e.g. "
+                                   "torch.nn.utils.prune's): the backends read the parts' "
+                                   "weights and never call their forward, so the hooks would "
+                                   "be skipped; hook the aligner itself, or make pruning "
+                                   "permanent with prune.remove")  # fmt: skip
 
     def _call_settings(self, backend: str | None, budget: int | None) -> tuple[str, int | None]:
         """Per-call overrides of the module's backend and chunk budget."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -29,9 +30,22 @@ class AlignerConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "head_dims", tuple(int(h) for h in self.head_dims))
+        # sizes as Python ints (a numpy integer is taken; a float, str or bool is refused: it
+        # would fail far from here, or be truncated silently)
         for name in ("d_model", "n_heads", "n_layers", "d_ffn"):
-            if int(getattr(self, name)) <= 0:
+            object.__setattr__(self, name, _size(f"AlignerConfig.{name}", getattr(self, name)))
+        if isinstance(self.head_dims, (str, bytes)) or not hasattr(self.head_dims, "__iter__"):
+            raise TypeError(f"AlignerConfig.head_dims must be a sequence of widths, got "
+                            f"{self.head_dims!r}")  # fmt: skip
+        object.__setattr__(self, "head_dims", tuple(_size("AlignerConfig.head_dims", h)
+                                                    for h in self.head_dims))  # fmt: skip
+        for name in ("dropout", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"AlignerConfig.{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("d_model", "n_heads", "n_layers", "d_ffn"):
+            if getattr(self, name) <= 0:
                 raise ValueError(
                     f"AlignerConfig.{name} must be positive, got {getattr(self, name)}"
                 )
@@ -71,3 +85,10 @@ class AlignerConfig:
     def kv_flops_per_item(self, n_tokens: int) -> int:
         """FLOPs of the K and V projections of one memory item over all layers."""
         return self.n_layers * 4 * n_tokens * self.d_model * self.d_model
+
+
+def _size(what: str, value: object) -> int:
+    """`value` as a Python int, or TypeError naming `what` (bool is not a size)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)

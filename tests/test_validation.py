@@ -87,6 +87,19 @@ def test_bad_configs():
     for eps in (0.0, -1e-5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="layer_norm_eps must be positive and finite"):
             cf.AlignerConfig(layer_norm_eps=eps)
+    # sizes that are not integers fail here, not in a view() deep in a backend
+    for kw, words in (({"n_heads": 4.0}, "n_heads must be an integer, got 4.0"),
+                      ({"d_model": "32"}, "d_model must be an integer, got '32'"),
+                      ({"n_layers": True}, "n_layers must be an integer"),
+                      ({"head_dims": (1024.9, 512)}, "head_dims must be an integer, got 1024.9"),
+                      ({"head_dims": "12"}, "head_dims must be a sequence of widths"),
+                      ({"dropout": "0.1"}, "dropout must be a number")):  # fmt: skip
+        with pytest.raises(TypeError, match=words):
+            cf.AlignerConfig(**kw)
+    import numpy as np
+
+    cfg = cf.AlignerConfig(d_model=np.int64(32), n_heads=4, head_dims=[np.int32(8)], dropout=0)
+    assert type(cfg.d_model) is int and cfg.head_dims == (8,) and type(cfg.dropout) is float
 
 
 def test_loss_and_scores_inputs(al):
@@ -118,3 +131,24 @@ def test_both_directions_name_the_token_tensors(al, img, txt, error, words):
         cf.zero_shot_scores(al, img_t, txt_t)
     with pytest.raises(TypeError, match="img_tokens are torch.float32 but txt_tokens are"):
         al.both_directions(torch.randn(2, 5, 16), torch.randn(3, 4, 16).double())
+
+
+def test_parts_the_backends_would_bypass_are_refused():
+    """The backends read the parts' weights and never call their forward: a forward hook
+    (prune's recomputes `weight` in one) or a replaced layer is refused, not skipped."""
+    from torch.nn.utils import prune
+
+    al = make_aligner(CFG)
+    mem, q = _ok()
+    want = al(mem, q, backend="chunked")
+    prune.l1_unstructured(al.mlp_head[0], "weight", amount=0.5)
+    for backend in ("reference", "chunked"):
+        with pytest.raises(RuntimeError, match="part mlp_head.0 has forward hooks.*prune.remove"):
+            al(mem, q, backend=backend)
+    prune.remove(al.mlp_head[0], "weight")  # pruning made permanent: the pruned weights run
+    pruned = al(mem, q, backend="chunked")
+    assert not torch.equal(pruned, want)
+    al.decoder.layers[0].linear1 = torch.nn.Identity()
+    with pytest.raises(TypeError, match=r"decoder.layers.0.linear1 is torch.nn.modules.linear."
+                                        r"Identity, not torch.nn.Linear"):  # fmt: skip
+        cf.zero_shot_scores(al, mem, mem[:2])
