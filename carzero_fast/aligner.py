@@ -76,10 +76,12 @@ class CrossAttentionAligner(nn.Module):
     ) -> None:
         super().__init__()
         from .backends import check_backend_name
+        from .backends.plan import check_budget
 
         self.config = config if config is not None else AlignerConfig()
         self.backend = check_backend_name(backend)
         self.chunk_budget_bytes = chunk_budget_bytes
+        check_budget(chunk_budget_bytes, 0)
         self.decoder = _Decoder(self.config)
         self.decoder_norm = nn.LayerNorm(self.config.d_model, eps=self.config.layer_norm_eps)
         self.mlp_head = _mlp_head(self.config)
@@ -136,7 +138,11 @@ class CrossAttentionAligner(nn.Module):
                                    "permanent with prune.remove")  # fmt: skip
 
     def _call_settings(self, backend: str | None, budget: int | None) -> tuple[str, int | None]:
-        """Per-call overrides of the module's backend and chunk budget."""
+        """Per-call overrides of the module's backend and chunk budget (checked here, also
+        for `reference`, which has no chunks)."""
+        from .backends.plan import check_budget
+
+        check_budget(budget, 0)
         return (
             backend if backend is not None else self.backend,
             budget if budget is not None else self.chunk_budget_bytes,

@@ -65,13 +65,16 @@ def alignment_logits(
     txt_mask: Tensor | None = None,
     *,
     backend: str | None = None,
+    chunk_budget_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both directions as CARZero computes them; the globals are row 0 of each token tensor.
 
     img_tokens `(N, Pi, D)`, txt_tokens `(M, Pt, D)` → (i2t `(N, M)`, t2i `(M, N)`).
+    `backend` and `chunk_budget_bytes` override the aligner's for this call.
     """
     _check_aligner(aligner, "alignment_logits")
-    return aligner.both_directions(img_tokens, txt_tokens, img_mask, txt_mask, backend=backend)
+    return aligner.both_directions(img_tokens, txt_tokens, img_mask, txt_mask, backend=backend,
+                                   chunk_budget_bytes=chunk_budget_bytes)  # fmt: skip
 
 
 def zero_shot_scores(
@@ -82,14 +85,16 @@ def zero_shot_scores(
     txt_mask: Tensor | None = None,
     *,
     backend: str | None = None,
+    chunk_budget_bytes: int | None = None,
 ) -> Tensor:
     """CARZero's zero-shot score `(i2t + t2iᵀ) / 2` of every image for every prompt.
 
     img_tokens `(N_img, Pi, D)`, txt_tokens `(M_txt, Pt, D)` (globals in row 0), optional
     bool masks `(N_img, Pi)`, `(M_txt, Pt)` → logits `(N_img, M_txt)`; `sigmoid` gives
-    probabilities.
+    probabilities. `backend` and `chunk_budget_bytes` override the aligner's for this call.
     """
     _check_aligner(aligner, "zero_shot_scores")
     i2t, t2i = aligner.both_directions(img_tokens, txt_tokens, img_mask, txt_mask,
-                                       backend=backend)  # fmt: skip
+                                       backend=backend,
+                                       chunk_budget_bytes=chunk_budget_bytes)  # fmt: skip
     return (i2t + t2i.t()) / 2

@@ -172,6 +172,15 @@ class CARZeroModel(nn.Module):
         super().__init__()
         self.img_encoder, self.text_encoder, self.aligner = img_encoder, text_encoder, aligner
 
+    def forward(self, pixels: Tensor, prompts: list[str], *, backend: str | None = None) -> Tensor:
+        """Zero-shot logits of every image for every prompt: pixels `(N, 3, 224, 224)`
+        (preprocessed) and M prompts → `(N, M)` (`zero_shot_scores`; sigmoid gives
+        probabilities)."""
+        from .loss import zero_shot_scores
+
+        return zero_shot_scores(self.aligner, self.encode_images(pixels),
+                                self.encode_texts(prompts), backend=backend)  # fmt: skip
+
     # -- encoding ------------------------------------------------------------------------------
     def encode_images(self, pixels: Tensor) -> Tensor:
         """pixels `(N, 3, 224, 224)` (preprocessed) → tokens `(N, 197, D)`, global in row 0."""

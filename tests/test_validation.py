@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_aligner
+from conftest import make_aligner, rel_err
 
 import carzero_fast as cf
 
@@ -73,8 +73,23 @@ def test_unknown_backend_and_budget(al):
         al(mem, q, backend="fast")
     with pytest.raises(ValueError, match="unknown backend"):
         cf.CrossAttentionAligner(CFG, backend="cuda")
-    with pytest.raises(ValueError, match="chunk_budget_bytes must be positive"):
-        al(mem, q, backend="chunked", chunk_budget_bytes=0)
+    for backend in ("reference", "chunked"):  # the reference has no chunks, but says so too
+        with pytest.raises(ValueError, match="chunk_budget_bytes must be positive, got -3"):
+            al(mem, q, backend=backend, chunk_budget_bytes=-3)
+        for bad in (0.5, 1.5, "1000", float("inf"), True):  # 0.5 read as "got 0"; 1.5 passed
+            with pytest.raises(TypeError, match=r"chunk_budget_bytes must be an integer number"):
+                al(mem, q, backend=backend, chunk_budget_bytes=bad)
+    with pytest.raises(TypeError, match="got 2.0"):
+        cf.CrossAttentionAligner(CFG, chunk_budget_bytes=2.0)
+    import numpy as np
+
+    assert al(mem, q, backend="chunked", chunk_budget_bytes=np.int64(1)).shape == (3, 2)
+    txt = torch.randn(2, 4, 16)
+    for fn in (cf.zero_shot_scores, cf.alignment_logits):  # a per-call budget there too
+        with pytest.raises(ValueError, match="chunk_budget_bytes must be positive"):
+            fn(al, mem, txt, backend="chunked", chunk_budget_bytes=-1)
+    one_pair = cf.zero_shot_scores(al, mem, txt, backend="chunked", chunk_budget_bytes=1)
+    assert rel_err(one_pair, cf.zero_shot_scores(al, mem, txt, backend="reference")) < 1e-5
 
 
 def test_bad_configs():

@@ -124,6 +124,17 @@ def test_checkpoint_and_directory_load_back_identically(setup, tmp_path):
     assert torch.equal(_direct_scores(from_dir, paths), ref)
 
 
+def test_model_call_scores_images_against_prompts(setup):
+    s = setup
+    pixels = torch.stack([preprocess_file(p) for p in sorted(s.images.glob("x0*.png"))[:2]])
+    prompts = ["There is edema.", "There is effusion.", "No finding."]
+    with torch.no_grad():
+        got = s.model(pixels, prompts, backend="chunked")
+        want = cf.zero_shot_scores(s.model.aligner, s.model.encode_images(pixels),
+                                   s.model.encode_texts(prompts), backend="reference")  # fmt: skip
+    assert got.shape == (2, 3) and rel_err(got, want) < 1e-5
+
+
 def test_convert_command(setup, tmp_path):
     s = setup
     ckpt = _carzero_ckpt(s.model, tmp_path / "carzero.ckpt")

@@ -32,6 +32,7 @@ from .dropout import Dropout
 from .kept import mark_pending, release_pending, take_kept
 from .plan import (
     ChunkPlan,
+    check_budget,
     default_budget,
     executed_flops,
     pieces,
@@ -377,12 +378,7 @@ def _check_form(form: str) -> None:
 
 
 def _budget(chunk_budget_bytes: int | None, grad: bool, device_type: str) -> int:
-    if chunk_budget_bytes is None:
-        return default_budget(device_type, grad)
-    budget = int(chunk_budget_bytes)
-    if budget <= 0:
-        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
-    return budget
+    return check_budget(chunk_budget_bytes, default_budget(device_type, grad))
 
 
 def _make_job(cfg, tokens, mem_i, q_i, mask, training, budget, form, grad) -> Job:  # noqa: ANN001

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 from ..config import AlignerConfig
@@ -185,7 +186,13 @@ def fit_plan(n: int, m: int, per_pair: int, per_item: int, budget: int, pair_wid
 
 
 def check_budget(chunk_budget_bytes: int | None, default: int) -> int:
-    budget = default if chunk_budget_bytes is None else int(chunk_budget_bytes)
-    if budget <= 0:
-        raise ValueError(f"chunk_budget_bytes must be positive, got {budget}")
-    return budget
+    """The budget in bytes: `default` for None, else a positive integer (numpy's too), or an
+    error naming the argument (a float is refused: 0.5 used to read as "got 0")."""
+    if chunk_budget_bytes is None:
+        return default
+    value = chunk_budget_bytes
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"chunk_budget_bytes must be an integer number of bytes, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"chunk_budget_bytes must be positive, got {value}")
+    return int(value)
