@@ -211,8 +211,10 @@ class CrossAttentionAligner(nn.Module):
 
         check_token_pair(self.config, img_tokens, txt_tokens)
         param = self.decoder_norm.weight
-        check_inputs(self.config, img_tokens, txt_tokens[:, 0], img_mask, param)
-        check_inputs(self.config, txt_tokens, img_tokens[:, 0], txt_mask, param)
+        check_inputs(self.config, img_tokens, txt_tokens[:, 0], img_mask, param,
+                     ("img_mask", "img_tokens"))  # fmt: skip
+        check_inputs(self.config, txt_tokens, img_tokens[:, 0], txt_mask, param,
+                     ("txt_mask", "txt_tokens"))  # fmt: skip
         name, budget = self._call_settings(backend, chunk_budget_bytes)
         return run_backend_both(
             name,
@@ -239,7 +241,9 @@ class CrossAttentionAligner(nn.Module):
         checkpoint state dict (then only the keys after `fusion_module.` are used). The
         original's unused parameters (`self_attn.*`, `norm1.*`, `logit_scale`, the
         `decoder.norm.*` alias of `decoder_norm`) are ignored; any missing, unknown or
-        misshapen key raises a `KeyError`/`ValueError` naming it.
+        misshapen key raises a `KeyError`/`ValueError` naming it. Without `config` the sizes
+        come from the shapes and the head count, which no shape holds, is CARZero's 4: pass a
+        config for another (the aligner's own state dict does not record it either).
         """
         sd = extract_fusion_state_dict(state_dict)
         used = drop_unused(sd)

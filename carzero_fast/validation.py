@@ -30,11 +30,13 @@ def check_inputs(
     queries: Tensor,
     memory_mask: Tensor | None,
     param: Tensor | None = None,
+    mask_names: tuple[str, str] = ("memory_mask", "memory"),
 ) -> None:
     """Raise `TypeError`/`ValueError` if the inputs do not fit the aligner.
 
     memory `(N, P, D)` and queries `(M, D)` share a floating dtype and a device (that of the
     parameters); memory_mask is bool `(N, P)` and leaves at least one token of every item.
+    `mask_names`: what the mask errors call the mask and its tokens (the caller's names).
     """
     d = cfg.d_model
     _check_tensor("memory", memory, 3, "(N, P, D)", d)
@@ -51,22 +53,22 @@ def check_inputs(
         )
     if memory_mask is None:
         return
+    mask, tokens = mask_names
     if not isinstance(memory_mask, Tensor) or memory_mask.dtype != torch.bool:
         what = memory_mask.dtype if isinstance(memory_mask, Tensor) else type(memory_mask).__name__
-        raise TypeError(f"memory_mask must be a bool tensor (True = ignore the token), got {what}")
+        raise TypeError(f"{mask} must be a bool tensor (True = ignore the token), got {what}")
     if tuple(memory_mask.shape) != tuple(memory.shape[:2]):
         raise ValueError(
-            f"memory_mask must be (N, P) = {tuple(memory.shape[:2])}, "
-            f"got {tuple(memory_mask.shape)}"
+            f"{mask} must be (N, P) = {tuple(memory.shape[:2])}, got {tuple(memory_mask.shape)}"
         )
     if memory_mask.device != memory.device:
-        raise ValueError(f"memory_mask is on {memory_mask.device} but memory is on {memory.device}")
+        raise ValueError(f"{mask} is on {memory_mask.device} but {tokens} is on {memory.device}")
     if memory_mask.shape[0]:
         # One host read per call (not per chunk), and only when a mask is given.
         hidden = memory_mask.all(dim=1)
         if bool(hidden.any()):
             items = hidden.nonzero().flatten()[:10].tolist()
-            raise ValueError(f"memory_mask hides every token of item(s) {items}")
+            raise ValueError(f"{mask} hides every token of item(s) {items}")
 
 
 def check_first_order(backend: str, instead: str) -> None:

@@ -148,6 +148,22 @@ def test_both_directions_name_the_token_tensors(al, img, txt, error, words):
         al.both_directions(torch.randn(2, 5, 16), torch.randn(3, 4, 16).double())
 
 
+
+def test_both_directions_name_the_masks():
+    al = make_aligner(CFG)
+    img, txt = torch.randn(2, 5, 16), torch.randn(3, 4, 16)
+    hidden = torch.zeros(3, 4, dtype=torch.bool)
+    hidden[1] = True
+    for kw, error, words in (({"img_mask": torch.zeros(2, 4, dtype=torch.bool)}, ValueError,
+                              r"img_mask must be \(N, P\) = \(2, 5\)"),
+                             ({"txt_mask": torch.zeros(3, 4)}, TypeError,
+                              "txt_mask must be a bool tensor"),
+                             ({"txt_mask": hidden}, ValueError,
+                              r"txt_mask hides every token of item\(s\) \[1\]")):  # fmt: skip
+        with pytest.raises(error, match=words):
+            cf.zero_shot_scores(al, img, txt, **kw)
+
+
 def test_parts_the_backends_would_bypass_are_refused():
     """The backends read the parts' weights and never call their forward: a forward hook
     (prune's recomputes `weight` in one) or a replaced layer is refused, not skipped."""
