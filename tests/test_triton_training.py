@@ -326,8 +326,8 @@ def test_query_bias_gradients_from_the_dq_kernel(dtype, monkeypatch, triton_only
 
 def test_deterministic(triton_only):
     al = make_aligner(CONFIGS["d64h4"], seed=6)
-    img, txt = _tokens(64, seed=7)
-    budget = _budget(al.config, (2, M))  # three item blocks
+    img, txt = _tokens(64, n=3, m=4, seed=7)
+    budget = _budget(al.config, (2, 4), 3, 4)  # item blocks of 2 and 1
     first = _step(al, "triton", img, txt, budget=budget)
     second = _step(al, "triton", img, txt, budget=budget)
     for name, a, b in zip(_names(al), first, second, strict=True):
