@@ -1,7 +1,7 @@
 """Compile gate (DESIGN.md §4): every shipped kernel configuration builds for sm_90, sm_80 and
-sm_120 (the consumer Blackwells, which run Ampere's table with their own code generation)
-without a GPU, without local-memory spills, within the shared memory of its table's GPUs,
-and its matrix code reaches the tensor cores."""
+(with `-m slow`) sm_120 (the consumer Blackwells, which run Ampere's table with their own code
+generation) without a GPU, without local-memory spills, within the shared memory of its
+table's GPUs, and its matrix code reaches the tensor cores."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 # one xdist worker builds the reports (a module fixture would otherwise run on each worker)
 pytestmark = pytest.mark.xdist_group("kernel_report")
 
-ARCHS = (90, 80, 120)
+# sm_120 builds Ampere's table (sm_80's: the same kernels and configurations) with its own code
+# generation; its ~2 minutes of compiling run with `-m slow`
+ARCHS = (90, 80, pytest.param(120, marks=pytest.mark.slow))
 # every kernel the backends launch (the TMA GEMM only where the table uses TMA: sm_90)
 KERNELS = {"linear", "attention", "attention_dq", "attention_dkdv", "add_layer_norm",
            "layer_norm_backward", "relu_backward"}  # fmt: skip
@@ -28,8 +30,11 @@ def _describe(row: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def reports() -> dict[int, list[dict]]:
-    """`python -m carzero_fast.kernels --arch A --json` for each arch, run in parallel."""
+def reports(request: pytest.FixtureRequest) -> dict[int, list[dict]]:
+    """`python -m carzero_fast.kernels --arch A --json` for each arch the selected tests ask
+    for, run in parallel."""
+    archs = sorted({item.callspec.params["arch"] for item in request.session.items
+                    if item.path == request.path and hasattr(item, "callspec")})  # fmt: skip
     # The compiler, not the interpreter: other test modules set TRITON_INTERPRET=1 in this
     # process (before Triton's first import), and a child would inherit it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -43,7 +48,7 @@ def reports() -> dict[int, list[dict]]:
             env=env,
             cwd=root,
         )
-        for arch in ARCHS
+        for arch in archs
     }
     out = {}
     for arch, proc in procs.items():
