@@ -144,3 +144,20 @@ def state_fingerprint(module: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def text_fingerprint(text_encoder: torch.nn.Module) -> str:
+    """The key of a text encoder's prompt cache: its weights (`state_fingerprint`), and what
+    else decides an embedding without being a weight: the recipe's `max_length` and
+    `n_layers_summed` (from the model directory's config.json) and the tokenizer (its class,
+    lower-casing and vocabulary), so that editing either never reuses stale embeddings."""
+    tok = text_encoder.tokenizer
+    recipe = {
+        "weights": state_fingerprint(text_encoder),
+        "max_length": text_encoder.max_length,
+        "n_layers_summed": text_encoder.n_layers_summed,
+        "tokenizer": type(tok).__name__,
+        "lower_case": getattr(tok, "do_lower_case", None),
+        "vocab": sorted(tok.get_vocab().items()),
+    }
+    return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()

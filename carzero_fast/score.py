@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .csvfiles import iter_complete_rows, part_path, parts_of, rewrite_csv, row_text
-from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, state_fingerprint
+from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, text_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -493,7 +493,7 @@ def _merge(paths: list[Path], parts: list[Path], out: Path, header: list[str]) -
 def _encode_prompts(model, prompts: list[str], cache_dir: str | None) -> Tensor:  # noqa: ANN001
     if cache_dir is None:
         return model.encode_texts(prompts)
-    cache = PromptCache(cache_dir, state_fingerprint(model.text_encoder))
+    cache = PromptCache(cache_dir, text_fingerprint(model.text_encoder))
     have = cache.get(prompts)
     todo = [t for t, e in zip(prompts, have, strict=True) if e is None]
     if todo:

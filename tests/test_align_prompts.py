@@ -106,6 +106,9 @@ def test_report_with_sections_numbering_and_negated_list():
                                                    "needs_review")]),  # fmt: skip
         ("The heart is enlarged.", [("There is heart is enlarged.", "needs_review")]),
         ("Heart size is normal.", [("", "needs_review")]),
+        # two remarks are two rows: rows without a prompt are told apart by their notes
+        ("Heart size is normal. Lungs are clear.", [("", "needs_review"),
+                                                    ("", "needs_review")]),  # fmt: skip
         ("No interval change.", [("", "needs_review")]),
         ("Recommend follow-up CT.", [("", "needs_review")]),
         ("Lungs are clear without consolidation.", [("", "needs_review"),

@@ -326,6 +326,32 @@ def test_sharded_resume_with_another_number_of_ranks(tmp_path):
     assert not list(tmp_path.glob("one.csv.part-*"))
 
 
+def test_resume_scores_a_partly_written_batch_again(tmp_path):
+    """A kill inside a batch's write can leave some of its rows complete: resuming scores
+    that whole batch again (in the same batch as an uninterrupted run) and keeps none of its
+    rows, so the CSV is the uninterrupted one."""
+    full = tmp_path / "full.csv"
+    _score(str(full))
+    out = tmp_path / "scores.csv"
+    with pytest.raises(RuntimeError, match="stopped after 2 batches"):
+        _score(str(out), stop=2)
+    part = tmp_path / "scores.csv.part-00000-of-00001"
+    lines = part.read_text().splitlines(keepends=True)
+    assert len(lines) == 1 + 2 * 3  # header + two batches of 3
+    part.write_text("".join(lines[:-2]))  # the second batch's write cut after its first row
+    ids, imgs, txt = _score_inputs()
+    loaded: list[int] = []
+
+    def load(idx: list[int]) -> torch.Tensor:
+        loaded.extend(idx)
+        return imgs[idx]
+
+    score_shards_to_csv(make_aligner(CFG), ids, load, txt, CLASSES, out, batch_size=3,
+                        resume=True)  # fmt: skip
+    assert loaded == list(range(3, N_IMG))  # block 0 kept, block 1 scored again whole
+    assert out.read_text() == full.read_text()
+
+
 def _fail_worker(rank: int, world: int, port: int) -> None:
     _init(rank, world, port)
     if rank == 1:

@@ -104,6 +104,9 @@ def test_buckets_from_positive_counts():
     assert bucket_of(counts) == {"a": "head", "b": "head", "c": "medium", "d": "tail", "e": "tail"}
     # with the percentile below 10 a class over it but with ≤ 10 positives stays tail
     assert bucket_of({"a": 9, "b": 2, "c": 1}) == {"a": "tail", "b": "tail", "c": "tail"}
+    # the tail bound is inclusive: 10 positives is tail, 11 is not (65th pct. here: 48.05)
+    assert bucket_of({"a": 10, "b": 11, "c": 50, "d": 60}) == {
+        "a": "tail", "b": "medium", "c": "head", "d": "head"}  # fmt: skip
 
 
 def hand_made_files(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
@@ -252,7 +255,9 @@ def test_bad_labels_named_by_file_row_column(tmp_path, capsys):
         assert "line 3" in err and "column 'b'" in err and repr(bad) in err
     # numbers equal to 1, 0 and -1 are labels
     labels = write_csv(tmp_path / "l.csv", GOOD_L[0], [["x", "1.0", "0.0"], ["y", "0", "-1.0"]])
-    assert evaluate(scores, labels, warn=lambda m: None)["positives"] == {"a": 1, "b": 0}
+    report = evaluate(scores, labels, warn=lambda m: None)
+    assert report["positives"] == {"a": 1, "b": 0}
+    assert report["negatives"] == {"a": 1, "b": 1}  # "-1.0" is unknown, not a negative
 
 
 def test_malformed_csv(tmp_path, capsys):

@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_carzero import D, bert_dir, tiny_model  # noqa: E402
 
 from carzero_fast.encoders.image import (  # noqa: E402
+    preprocess,
     preprocess_file,
 )
 
@@ -189,6 +190,15 @@ def test_overlay_blends_the_upsampled_map():
 
 
 # -- the command -------------------------------------------------------------------------------
+
+
+def test_model_view_is_the_crop_the_model_saw_in_gray():
+    """`model_view` undoes the normalisation: a 256×256 image (neither resized nor padded)
+    comes back as its centre 224 crop in [0, 1], the overlay's background."""
+    img = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    view = model_view(preprocess(img))
+    want = torch.from_numpy(img[16:240, 16:240] / 255.0).float()
+    torch.testing.assert_close(view, want, rtol=0, atol=1e-6)
 
 
 def test_ground_command_writes_the_overlay(setup, tmp_path, capsys):
