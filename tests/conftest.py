@@ -13,6 +13,13 @@ from safetensors.torch import load_file
 
 import carzero_fast as cf
 
+# Without a GPU, Triton's kernels can only run interpreted. The modules that run kernels set
+# this too, before Triton's first import; setting it here as well makes any selection of test
+# files work in any order (a module that imports Triton through the backends, collected before
+# those modules, would otherwise load the compiler and make them fail at their guard).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Under pytest-xdist every worker is a process of its own: one thread each (and for the
 # processes a test starts), so that two workers on two cores do not run four GEMM threads.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -60,6 +60,27 @@ def test_matches_autograd(rows, d, with_residual_grad, dy_dtype, programs_per_sm
         assert _rel(got, want) < 1e-5
 
 
+def test_uses_the_given_eps(programs_per_sm):
+    """The kernel recomputes the statistics with the caller's eps (the config's, not
+    LayerNorm's default): rows of small spread, whose gradients at eps 1e-5 differ."""
+    g = torch.Generator().manual_seed(3)
+    d, eps = 48, 1e-2
+    x = 0.05 * torch.randn(9, d, generator=g) + 1  # variance 2.5e-3: eps is a fifth of it
+    w, b = 1 + 0.2 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g)
+    dy = torch.randn(9, d, generator=g)
+
+    def autograd(eps):  # noqa: ANN001, ANN202
+        x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, w, b))
+        (F.layer_norm(x64, (d,), w64, b64, eps) * dy.double()).sum().backward()
+        return x64.grad, w64.grad, b64.grad
+
+    want = autograd(eps)
+    assert _rel(autograd(1e-5)[0], want[0]) > 1e-2  # the test can tell the two apart
+    for got in (layer_norm_backward(x, w, dy, eps)[:3], layer_norm_backward_torch(x, w, dy, eps)):
+        for a, b_ in zip(got, want, strict=True):
+            assert _rel(a, b_) < 1e-5
+
+
 def test_deterministic_and_empty(programs_per_sm):
     x, w, dy = torch.randn(50, 96), torch.rand(96), torch.randn(50, 96)
     first = layer_norm_backward(x, w, dy, 1e-5)

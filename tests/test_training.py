@@ -321,6 +321,35 @@ def test_dropout_masks_keep_the_right_fraction():
     assert not torch.equal(other, out)  # every chunk draws its own masks
 
 
+def test_dropout_drops_exactly_the_quantised_probability():
+    """At the smallest rate the 16-bit draws can express (threshold 1: a draw of 0 drops) the
+    drop rate is 1/65536, the `p` the 1/(1 − p) scale assumes: a threshold off by one drops
+    twice as many (or none)."""
+    drop = Dropout(2**-16, seed=5, chunk=(0, 0), device=torch.device("cpu"))
+    assert drop.threshold == 1 and drop.p == 2**-16
+    n = 2**22  # 64 drops expected (sd 8)
+    dropped = int((drop.keep((n,), torch.device("cpu")) == 0).sum())
+    assert 32 < dropped < 96, dropped
+
+
+def test_the_two_directions_draw_independent_dropout():
+    """i2t and t2i of one call each draw their own dropout seed. With the same tokens on both
+    sides the two directions compute the same pairs (i2t[n, m] and t2i[n, m] both score
+    tokens n against the globals of m): equal in eval mode, different in training mode
+    unless both used the same masks."""
+    al = make_aligner(TINY, seed=8)
+    tokens = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(9))
+    for grad in (False, True):  # no autograd, and a training step's call
+        img, txt = tokens.clone().requires_grad_(grad), tokens.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            i2t, t2i = cf.alignment_logits(al.eval(), img, txt, backend="chunked")
+        assert rel_err(t2i, i2t) < 1e-6
+        torch.manual_seed(10)
+        with torch.set_grad_enabled(grad):
+            i2t, t2i = cf.alignment_logits(al.train(), img, txt, backend="chunked")
+        assert rel_err(t2i, i2t) > 1e-2, grad
+
+
 def _training_peak(al, n, backend, budget):
     g = torch.Generator().manual_seed(n)
     img, txt = torch.randn(n, 3, 128, generator=g), torch.randn(n, 3, 128, generator=g)

@@ -5,6 +5,7 @@ N·M·D."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -154,6 +155,23 @@ def test_odd_shapes(n, m, pi, pt, triton_only):
         # floor: with one token (P = 1) the queries do not matter, so the gradients of the
         # query path (LN2, Wq of layers > 1) are exactly zero and only rounding noise here
         assert rel_err(a, b, floor=1e-2) < 2e-5, name
+
+
+def test_gradients_use_the_configs_layer_norm_eps(triton_only):
+    """The backward's LayerNorms (the pair layers' and decoder_norm's recomputed in each
+    chunk, LN0 of the memory tokens) take the config's eps, as the forward's do
+    (test_triton_backend's eps test): at a non-default eps and tokens of small spread the
+    gradients are the reference's, which another eps would not give."""
+    cfg = dataclasses.replace(CONFIGS["d64h4"], n_layers=2, layer_norm_eps=1e-2)
+    al = make_aligner(cfg, seed=3)
+    img, txt = (0.05 * t for t in _tokens(64, n=3, m=2, pi=5, pt=4, seed=1))
+    expected = _step(al, "reference", img, txt)
+    other = make_aligner(dataclasses.replace(cfg, layer_norm_eps=2e-2), seed=3)
+    wrong = _step(other, "reference", img, txt)
+    assert min(rel_err(a, b) for a, b in zip(wrong[1:3], expected[1:3], strict=True)) > 1e-3
+    got = _step(al, "triton", img, txt)
+    for name, a, b in zip(_names(al), got, expected, strict=True):
+        assert rel_err(a, b) < 2e-5, name
 
 
 @pytest.mark.parametrize("route", ["auto", "library"])
@@ -442,6 +460,23 @@ def test_dropout_matches_the_same_mask_reference(plan, route, monkeypatch, trito
     with torch.no_grad():  # a training-mode call without gradients draws the same masks
         torch.manual_seed(5)
         assert rel_err(al(mem, q, mask, backend="triton"), expected[0]) < 2e-6
+
+
+def test_the_two_directions_draw_independent_dropout(triton_only):
+    """As test_training's: i2t and t2i draw their own dropout (without and with autograd).
+    With the same tokens on both sides they compute the same pairs, so equal masks would
+    give equal logits."""
+    al = make_aligner(dataclasses.replace(CONFIGS["d64h4"], n_layers=1), seed=2)
+    tokens = _tokens(64, n=3, m=3, pi=4, pt=4, seed=3)[0]
+    for grad in (False, True):  # no autograd, and a training step's call
+        img, txt = tokens.clone().requires_grad_(grad), tokens.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            i2t, t2i = cf.alignment_logits(al.eval(), img, txt, backend="triton")
+        assert rel_err(t2i, i2t) < 1e-6
+        torch.manual_seed(4)
+        with torch.set_grad_enabled(grad):
+            i2t, t2i = cf.alignment_logits(al.train(), img, txt, backend="triton")
+        assert rel_err(t2i, i2t) > 1e-3, grad
 
 
 def test_dropout_steps_reproducible_under_manual_seed(triton_only):
