@@ -130,3 +130,35 @@ def test_bench_memory_counts_the_backend_not_a_weight_cast(monkeypatch):
         cast = one_weight if fp32_products(torch.zeros(0, dtype=torch.bfloat16)) else 0.0
         limit = weights_mib / 8 + (cast if r.backend == "chunked" else 0.0)
         assert 0 < r.peak_extra_mib < limit, (r.backend, r.dtype, r.peak_extra_mib)
+
+
+def test_gemm_ceiling_is_the_fastest_rate_of_its_products(monkeypatch):
+    """Under a clock that makes every timed product take 1 s, the ceiling is 2·rows·K·N FLOPs
+    over that second for the largest of the CARZero-like shapes (768 × 1024): the best
+    product, not the last one timed (768 × 768), and two FLOPs per multiply-add."""
+    from types import SimpleNamespace
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    rows = 16
+    got = bench.gemm_ceiling(torch.float32, torch.device("cpu"), repeats=2, rows=rows)
+    assert got == pytest.approx(2 * rows * 768 * 1024 / 1e9)
+
+
+def test_bench_peak_memory_leaves_out_the_inputs(monkeypatch):
+    """A forward row's peak extra memory is what one call allocates beyond its inputs and the
+    model, which exist before it: the same bytes `track_memory` counts around a direct call on
+    inputs made beforehand (a row whose timed call copied its inputs counted them too)."""
+    from carzero_fast.memory import track_memory
+
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda *args, **kwargs: 1.0)  # not timed here
+    cfg = AlignerConfig(d_model=32, n_heads=4, n_layers=2, d_ffn=48, head_dims=(40, 24))
+    n, m, p = 3, 2, 64  # inputs (24 KiB) larger than a chunked call's extra memory
+    rows = bench.run(n, m, p, 5, ("fp32",), ("reference", "chunked"), 0, 1, cfg)
+    torch.manual_seed(0)  # as `run` makes its model and inputs
+    al = CrossAttentionAligner(cfg).eval()
+    mem, q = torch.randn(n, p, cfg.d_model), torch.randn(m, cfg.d_model)
+    for r in rows:
+        with torch.no_grad(), track_memory() as tracker:
+            al(mem, q, backend=r.backend)
+        assert r.peak_extra_mib == tracker.peak_bytes / 2**20, r

@@ -66,3 +66,42 @@ def test_flop_formulas_are_the_products_each_path_runs(n, m, p):
     # useful count (the benchmarks' denominator) is below the original's by that projection
     useful = executed_flops(CFG, n, m, p, folded=False)
     assert original - useful == (n - 1) * m * 2 * CFG.d_model**2
+
+
+def test_bench_rows_credit_the_products_each_backend_runs(monkeypatch):
+    """`carzero_fast.bench`'s figures at a tiny config, every call run once under the counter
+    (time 1 s): a row's model FLOPs are what the reference dispatches (its forward, and a
+    training step: forward, backward of twice the forward, loss), its executed FLOPs what its
+    own path dispatches. The chunked training step's count models the recomputation (all but
+    the kept last chunk) within 2%; a forward without the K/V projections, a step counted as
+    2× or 3× the forward instead of 3× and 4×, or executed FLOPs equal to the model's, are off
+    by 5% or more."""
+    from carzero_fast import bench
+
+    counted = {}
+
+    def count_once(fns, repeats, device):  # noqa: ANN001, ANN202
+        for key, fn in fns.items():
+            with GemmFlops() as counter:
+                fn()
+            counted[key] = counter.flops
+        return dict.fromkeys(fns, 1.0)
+
+    monkeypatch.setattr(bench, "interleaved_median", count_once)
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda *args, **kwargs: 1.0)
+    cfg = cf.AlignerConfig(d_model=32, n_heads=4, n_layers=2, d_ffn=48, head_dims=(40, 24))
+    rows = bench.run(3, 2, 5, 4, ("fp32",), ("reference", "chunked"), 2, 1, cfg,
+                     measure_memory=False)  # fmt: skip
+    assert {(r.task, r.backend) for r in rows} == {(t, b) for t in ("forward", "train")
+                                                    for b in ("reference", "chunked")}  # fmt: skip
+    for r in rows:
+        done = counted[(r.backend, r.dtype) if r.task == "forward" else r.backend]
+        if r.backend == "reference":
+            assert r.model_gflops * 1e9 == pytest.approx(done, rel=1e-12), r
+            assert r.executed_gflops == r.model_gflops
+        elif r.task == "forward":
+            assert r.executed_gflops * 1e9 == pytest.approx(done, rel=1e-12), r
+        else:
+            assert r.executed_gflops * 1e9 == pytest.approx(done, rel=0.02), (r, done)
+    model = {r.task: r.model_gflops for r in rows}
+    assert all(r.model_gflops == model[r.task] for r in rows)  # one count for every backend

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tests' faster interpreter (tests/triton_interpreter.py) in a child process
@@ -173,3 +174,216 @@ def test_gpu_session_plan_names_real_sections(capsys):
     with pytest.raises(SystemExit):
         gpu_session.main(["--out", "/nonexistent/x", "--steps", "check,trainig"])
     assert "trainig" in capsys.readouterr().err
+
+
+# -- the GPU check's verdicts, in process and fast: paths replaced by outputs of known error --
+
+# the rows of `gpu_check.VARIANTS`, each given its own bf16 error below
+VARIANT_ERRORS = {"": 0.010, ", own GEMMs": 0.011, ", fp32 stream": 0.012,
+                  ", adds in passes": 0.013, ", SDPA attention": 0.014,
+                  ", fp32 stream + SDPA": 0.015}  # fmt: skip
+ROUTE_ENV = {"CARZERO_FAST_TRITON_GEMM": "triton", "CARZERO_FAST_TRITON_STREAM": "fp32",
+             "CARZERO_FAST_TRITON_RESIDUAL": "pass", "CARZERO_FAST_TRITON_ATTENTION": "library"}
+
+
+def _route() -> str:
+    """Which `VARIANTS` row the environment selects now."""
+    from benchmarks import gpu_check
+
+    for name, env in gpu_check.VARIANTS.items():
+        if all(os.environ.get(k) == env.get(k) for k in ROUTE_ENV):
+            return name
+    raise AssertionError("an environment no variant sets")
+
+
+def _fake_check(monkeypatch, errors: dict):  # noqa: ANN202
+    """A smoke `Check` whose models return all-ones logits (the references) or ones times
+    (1 + error) for the other paths: each path's relative error is known. `errors` by
+    (model, backend): "fp32" (the fp32 model), "bf16" (the bf16 model), and for the bf16
+    model's one direction on triton a function of the route."""
+    import carzero_fast as cf
+    from benchmarks import gpu_check
+
+    chk = gpu_check.Check(torch.device("cpu"), smoke=True)
+
+    def outputs(model: str, backend: str, n: int, m: int, t2i: bool = False) -> torch.Tensor:
+        if backend == "reference" and model in ("fp32", "oracle"):
+            return torch.ones(n, m, dtype=torch.float64)
+        err = errors.get((model, backend, "t2i"), errors[(model, backend)]) if t2i else errors[
+            (model, backend)]  # fmt: skip
+        err = err(_route()) if callable(err) else err
+        return torch.full((n, m), 1 + err, dtype=torch.float64)
+
+    def both(model: str):  # noqa: ANN202
+        def f(a, b, a_mask=None, b_mask=None, *, backend, **kw):  # noqa: ANN001, ANN003, ANN202
+            return (outputs(model, backend, len(a), len(b)),
+                    outputs(model, backend, len(b), len(a), t2i=True))  # fmt: skip
+
+        return f
+
+    def one(model: str):  # noqa: ANN202
+        return lambda mem, q, mask=None, *, backend, **kw: outputs(model, backend, len(mem), len(q))
+
+    for attr, model in (("al", "fp32"), ("al16", "bf16"), ("al16_fp32", "oracle")):
+        object.__setattr__(getattr(chk, attr), "both_directions", both(model))
+        object.__setattr__(getattr(chk, attr), "forward", one(model + "_one"))
+    monkeypatch.setattr(cf, "zero_shot_scores", lambda al, a, b, *args, backend, **kw: outputs(
+        "fp32" if al is chk.al else "?", "zero_shot_" + backend, len(a), len(b))
+        if backend != "reference" else torch.ones(len(a), len(b), dtype=torch.float64))  # fmt: skip
+    return chk
+
+
+def _errors(triton_bf16: float = 0.015, variant=VARIANT_ERRORS.get, fp32: float = 5e-5):  # noqa: ANN001, ANN202
+    """The paths' errors; `triton_bf16` and `fp32` (triton's) in the second direction only."""
+    return {("fp32", "triton"): lambda route: 6e-5 if route == ", SDPA attention" else 5e-5,
+            ("fp32", "triton", "t2i"): lambda route: 6e-5 if route == ", SDPA attention" else fp32,
+            ("fp32", "chunked"): 2e-5, ("fp32", "zero_shot_triton"): 3e-5,
+            ("bf16", "triton"): 0.015, ("bf16", "triton", "t2i"): triton_bf16,
+            ("bf16", "chunked"): 0.01, ("bf16_one", "triton"): variant,
+            ("bf16_one", "chunked"): 0.01, ("oracle_one", "reference"): 0.0}  # fmt: skip
+
+
+def test_gpu_check_correctness_compares_each_path_with_its_oracle(monkeypatch):
+    """fp32 paths against `reference` fp32, bf16 ones against the bf16 model's weights in
+    fp32 (`reference`): each recorded error is the one its path was given, and every
+    verdict holds (triton's bf16 error within 2× chunked's, fp32 under 1e-4)."""
+    got = _fake_check(monkeypatch, _errors()).correctness()
+    approx = pytest.approx
+    assert got["triton_fp32"] == approx([5e-5] * 2) and got["chunked_fp32"] == approx([2e-5] * 2)
+    assert got["triton_bf16"] == approx([0.015] * 2) and got["chunked_bf16"] == approx([0.01] * 2)
+    assert got["zero_shot_fp32"] == approx(3e-5)
+    assert got["chunked_bf16_one_direction"] == approx(0.01)
+    for name, err in VARIANT_ERRORS.items():
+        assert got["triton_bf16_one_direction" + name] == approx(err), name
+    # the SDPA fp32 check runs the fp32 model's both directions on the library attention
+    assert got["triton_fp32_sdpa"] == approx([6e-5] * 2)
+    assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"]
+
+
+@pytest.mark.parametrize(("errors", "verdict"), [
+    (_errors(fp32=2e-4), "pass_fp32"),
+    (_errors(triton_bf16=0.025), "pass_bf16"),  # 2.5× chunked's error
+    (_errors(variant=lambda r: 0.025 if r == ", adds in passes" else 0.01), "pass_variants"),
+])  # fmt: skip
+def test_gpu_check_correctness_fails_a_path_over_its_bound(monkeypatch, errors, verdict):
+    got = _fake_check(monkeypatch, errors).correctness()
+    flags = {k: got[k] for k in ("pass_fp32", "pass_bf16", "pass_variants")}
+    assert flags == {k: k != verdict for k in flags}
+
+
+@pytest.mark.parametrize("failing", [None, "pass_fp32", "pass_bf16", "pass_variants"])
+def test_gpu_check_exit_status_follows_every_verdict(monkeypatch, tmp_path, failing):
+    from benchmarks import gpu_check
+
+    verdicts = {k: k != failing for k in ("pass_fp32", "pass_bf16", "pass_variants")}
+    monkeypatch.setattr(gpu_check.Check, "correctness", lambda self: dict(verdicts))
+    monkeypatch.setattr(gpu_check, "gemm_ceiling_tflops", lambda dev, smoke: {"256^3": 1.0})
+    status = gpu_check.main(["--smoke", "--out", str(tmp_path), "--only", "correctness",
+                             "--no-training", "--no-compile"])  # fmt: skip
+    assert status == (0 if failing is None else 1)
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["correctness"]
+    assert saved["result"] == verdicts
+
+
+def test_rel_is_the_norm_of_the_difference_over_the_oracles():
+    from benchmarks.gpu_common import rel
+
+    oracle = torch.tensor([3.0, 4.0])  # norm 5
+    assert rel(oracle + torch.tensor([1.0, 1.0]), oracle) == pytest.approx(2**0.5 / 5)
+    assert rel(oracle, oracle + torch.tensor([0.0, 5.0])) == pytest.approx(5 / 90**0.5)
+    assert rel(torch.tensor([3.0, float("nan")]), oracle) == float("inf")
+    assert rel(torch.tensor([3.0, float("inf")]), oracle) == float("inf")
+    # computed in float64: a bf16 path's small error is not rounded away
+    assert rel(torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16), torch.ones(1)) == 2**-7
+
+
+def test_gpu_check_rows_time_every_path_and_ratio_against_the_baselines(monkeypatch):
+    """A row's ms, useful TFLOP/s and fraction of the ceiling come from its own time; its
+    × reference and × chunked from the baselines' times over its own (train-mode rows
+    against the train-mode baselines); a path that raises is a row with its error and the
+    others still run."""
+    from benchmarks import gpu_check
+
+    chk = gpu_check.Check.__new__(gpu_check.Check)
+    chk.results, chk.ceiling, chk.dev = {"rows": []}, 0.5, torch.device("cpu")
+    saves = []
+    chk.save = lambda: saves.append(len(chk.results["rows"]))
+    seconds = {}
+
+    def path(name: str, s: float | None):  # noqa: ANN202
+        def fn() -> None:
+            if s is None:
+                raise RuntimeError("an injected failure")
+
+        seconds[fn] = s
+        return fn
+
+    monkeypatch.setattr(gpu_check, "median_time", lambda fn, dev, reps=3: seconds[fn] or fn())
+    monkeypatch.setattr(gpu_check, "peak_extra_mib", lambda fn, dev: 7.0)
+    fns = {"reference": ("fp16", path("reference", 4.0)), "chunked": ("bf16", path("c", 2.0)),
+           "triton": ("bf16", path("t", 1.0)), "broken": ("bf16", path("b", None)),
+           "reference, dropout": ("fp16", path("rd", 8.0)),
+           "triton, dropout": ("bf16", path("td", 2.0))}  # fmt: skip
+    chk._time_all("case", fns, flops=3e12)
+    rows = {r["backend"]: r for r in chk.results["rows"]}
+    assert rows["broken"]["error"] == "RuntimeError('an injected failure')"
+    triton = rows["triton"]
+    assert triton["ms"] == 1000.0 and triton["tflops"] == pytest.approx(3.0)
+    assert triton["frac_ceiling"] == pytest.approx(6.0) and triton["peak_extra_mib"] == 7.0
+    assert triton["x_reference"] == pytest.approx(4.0) and triton["x_chunked"] == pytest.approx(2.0)
+    assert rows["triton, dropout"]["x_reference"] == pytest.approx(4.0)  # 8 s / 2 s
+    assert "x_chunked" not in rows["triton, dropout"]  # no train-mode chunked row
+    assert rows["reference"]["x_reference"] == 1.0
+    assert saves == [1, 2, 3, 4, 5, 6]  # saved after every row, failed ones too
+    table = gpu_check.markdown(chk.results)
+    assert "| case | broken | | failed: RuntimeError('an injected failure') |" in table
+    assert "| case | triton | bf16 | 1000.00 | 3.0 | 600.0% | 4.00 | 2.00 |" in table
+
+
+PROBE_STEP = """\
+import subprocess, sys, time
+from pathlib import Path
+kind, session = sys.argv[-2], Path(sys.argv[-1])
+if kind == "probe":  # what the session has written so far
+    summary = session / "summary.md"
+    packed = (session / "results.tgz").exists()
+    print("probe saw", packed, summary.exists() and "| first | exit 0 |" in summary.read_text())
+elif kind == "spawn":  # a child of its own (a compile worker, say), then a hang
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    (session.parent / "child.pid").write_text(str(child.pid))
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_gpu_session_packs_after_each_step_and_kills_a_steps_children(tmp_path, monkeypatch):
+    """results.tgz and summary.md are rewritten after every step (a session cut off by the
+    command's end keeps what ran); a step killed at its limit (times --scale) takes its own
+    children along, so the session goes on at once instead of waiting on their output."""
+    from benchmarks import gpu_session
+
+    (tmp_path / "probe_step.py").write_text(PROBE_STEP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = tmp_path / "out"
+    steps = tuple(gpu_session.Step(kind, "probe_step", (kind, str(out)), limit)
+                  for kind, limit in (("first", 60), ("probe", 60), ("spawn", 4)))  # fmt: skip
+    t0 = time.monotonic()
+    assert gpu_session.main(["--out", str(out), "--scale", "0.5"], steps=steps) == 1
+    assert time.monotonic() - t0 < 20
+    assert "probe saw True True" in (out / "session.log").read_text()
+    assert "| spawn | killed at its limit | 2 | 2 |" in (out / "summary.md").read_text()
+    pid = int((tmp_path / "child.pid").read_text())
+
+    def alive() -> bool:  # a zombie is dead (a container's init may never reap it)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    for _ in range(50):
+        if not alive():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the killed step's child outlived it")

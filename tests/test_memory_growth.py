@@ -158,3 +158,53 @@ def test_training_peak_grows_by_a_few_floats_a_pair(form):
     pairs = B_LARGE**2 - B_SMALL**2
     per_pair = (growth - input_grads - query_stages) / pairs
     assert per_pair <= 12 * ITEMSIZE, (growth, input_grads, query_stages, per_pair)
+
+
+# -- the plan against its budget: a chunk of the planned shape holds no more than the budget --
+
+BUDGET = 2**20
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["no_grad", "training"])
+@pytest.mark.parametrize("form", ["kv", "folded"])
+@pytest.mark.parametrize("bound", ["queries", "items"])
+def test_a_planned_chunk_stays_within_its_budget(training, form, bound):
+    """`plan_chunks` promises that no planned chunk exceeds the budget (above the one-item,
+    one-query minimum): one chunk of exactly the planned shape, run with the dropout masks of
+    training mode on, peaks within it. `bound`: the queries' half of the budget binds (as
+    many queries as the plan takes, one item), or the items do (8 queries, the items that
+    fit). A plan that let the queries take the whole budget, left the attention state or the
+    dropout masks out of its per-pair bytes, went over (1.05–1.6× the budget); the shipped
+    plan uses 0.58–0.97 of it."""
+    cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=64, head_dims=(32, 16),
+                           dropout=0.1)  # fmt: skip
+    folded = form == "folded"
+    plan = plan_chunks(cfg, 10**6, 10**6 if bound == "queries" else 8, P, ITEMSIZE, BUDGET,
+                       training, folded)  # fmt: skip
+    assert plan.items > 1 or plan.queries > 8  # above the minimum chunk
+    al = make_aligner(cfg, seed=3).train(training)
+    mem = _tokens(plan.items, 0).requires_grad_(training)
+    q = _tokens(plan.queries, 1)[:, 0].requires_grad_(training)
+    with track_memory() as tracker:
+        if training:
+            chunked_forward(al.weights(), cfg, mem, q, None, True, BUDGET, form).sum().backward()
+        else:
+            with torch.no_grad():
+                chunked_forward(al.weights(), cfg, mem, q, None, False, BUDGET, form)
+    assert tracker.peak_bytes <= BUDGET, (plan, tracker.peak_bytes / BUDGET)
+    assert tracker.peak_bytes >= BUDGET // 2, (plan, tracker.peak_bytes / BUDGET)  # not idle
+
+
+def test_dropout_masks_are_planned_in_training_only():
+    """Training with dropout saves int16 masks a pair for the backward: fewer pairs fit a
+    budget than without dropout; without autograd no mask is kept and the plan is the same."""
+    drop = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=2, d_ffn=64, head_dims=(32, 16),
+                            dropout=0.1)  # fmt: skip
+    for folded in (False, True):
+
+        def pairs(cfg: cf.AlignerConfig, training: bool, folded: bool = folded) -> int:
+            plan = plan_chunks(cfg, 10**6, 10**6, P, ITEMSIZE, BUDGET, training, folded)
+            return plan.items * plan.queries
+
+        assert pairs(drop, True) < pairs(CFG, True)
+        assert pairs(drop, False) == pairs(CFG, False)
