@@ -37,6 +37,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
 
 
+
+def assert_directions_draw_independent_dropout(
+    al: cf.CrossAttentionAligner, tokens: torch.Tensor, backend: str, min_diff: float
+) -> None:
+    """i2t and t2i of one call each draw their own dropout seed, without and with autograd.
+    With the same tokens on both sides the two directions compute the same pairs (i2t[n, m]
+    and t2i[n, m] both score tokens n against the globals of m): equal in eval mode,
+    different in training mode unless both used the same masks."""
+    for grad in (False, True):  # no autograd, and a training step's call
+        img, txt = tokens.clone().requires_grad_(grad), tokens.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            i2t, t2i = cf.alignment_logits(al.eval(), img, txt, backend=backend)
+        assert rel_err(t2i, i2t) < 1e-6
+        torch.manual_seed(10)
+        with torch.set_grad_enabled(grad):
+            i2t, t2i = cf.alignment_logits(al.train(), img, txt, backend=backend)
+        assert rel_err(t2i, i2t) > min_diff, grad
+
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_patches_the_language_once():
     """`triton_interpreter.install` (a third off an interpreter test's time) where this
