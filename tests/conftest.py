@@ -37,7 +37,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
 
 
-
 def assert_directions_draw_independent_dropout(
     al: cf.CrossAttentionAligner, tokens: torch.Tensor, backend: str, min_diff: float
 ) -> None:
@@ -54,6 +53,7 @@ def assert_directions_draw_independent_dropout(
         with torch.set_grad_enabled(grad):
             i2t, t2i = cf.alignment_logits(al.train(), img, txt, backend=backend)
         assert rel_err(t2i, i2t) > min_diff, grad
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_patches_the_language_once():

@@ -156,6 +156,7 @@ def test_jobs_build_the_configurations_the_launchers_run(monkeypatch, arch):
     assert ("linear_tma" in kernels) == (arch == 90)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     seen = set()
+    precision_before = torch.backends.cuda.matmul.fp32_precision
     for kernel, desc, _, _, const, warps, stages, _ in jobs:
         if kernel not in ("linear", "attention", "attention_dq", "attention_dkdv"):
             continue
@@ -187,7 +188,7 @@ def test_jobs_build_the_configurations_the_launchers_run(monkeypatch, arch):
                 assert warps == cfg.num_warps
                 assert const["BLOCK_C"] == slice_width(report.HEAD_DIM, cfg.block_c)
         finally:
-            torch.backends.cuda.matmul.fp32_precision = "none"
+            torch.backends.cuda.matmul.fp32_precision = precision_before
         seen.add((kernel, precision, const.get("DROPOUT")))
     for kernel in ("linear", "attention", "attention_dq", "attention_dkdv"):
         for precision in ("ieee", "tf32"):
