@@ -46,13 +46,13 @@ CONFIGS = {
 N, M, PI, PT = 5, 7, 19, 11
 
 
-def _tokens(d, n=N, m=M, pi=PI, pt=PT, dtype=torch.float32, seed=0):
+def make_tokens(d, n=N, m=M, pi=PI, pt=PT, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     img, txt = torch.randn(n, pi, d, generator=g), torch.randn(m, pt, d, generator=g)
     return img.to(dtype), txt.to(dtype)
 
 
-def _step(al, backend, img, txt, img_mask=None, txt_mask=None, budget=None, loss=False):
+def train_step(al, backend, img, txt, img_mask=None, txt_mask=None, budget=None, loss=False):
     """Both directions, a random linear functional of the logits (or CARZero's loss when
     square), backward → [objective, img grad, txt grad, every parameter's grad]."""
     al.zero_grad(set_to_none=True)
@@ -70,7 +70,7 @@ def _step(al, backend, img, txt, img_mask=None, txt_mask=None, budget=None, loss
     return [obj.detach(), a.grad, b.grad] + [p.grad for p in al.parameters()]
 
 
-def _names(al):
+def grad_names(al):
     return ["objective", "img", "txt"] + [n for n, _ in al.named_parameters()]
 
 
@@ -80,7 +80,7 @@ def _names(al):
 def test_loss_and_gradients_match_golden(golden, golden_weights, triton_only):
     al = cf.CrossAttentionAligner.from_carzero_state_dict(golden_weights).eval()
     img, txt = golden["inputs.img_tokens"], golden["inputs.txt_tokens"]
-    got = _step(al, "triton", img, txt, loss=True)
+    got = train_step(al, "triton", img, txt, loss=True)
     assert rel_err(got[0].reshape(1), golden["outputs.loss"]) < 1e-5
     assert rel_err(got[1], golden["grads.img_tokens"]) < 1e-4
     assert rel_err(got[2], golden["grads.txt_tokens"]) < 1e-4
@@ -92,7 +92,7 @@ def test_loss_and_gradients_match_golden(golden, golden_weights, triton_only):
 # -------------------------------------------------------------------------- reference
 
 
-def _budget(cfg, want, n=N, m=M, p=PI):
+def budget_for(cfg, want, n=N, m=M, p=PI):
     """The smallest budget whose i2t plan (items per block, queries per chunk) is `want`."""
     b = 1
     while plan_train(cfg, n, m, p, 4, b) != want:
@@ -111,12 +111,12 @@ CASES = [("d96h2", True, (2, M)), ("d96h2", False, (1, 4)), ("d64h4", True, (1, 
 def test_fp32_gradients_match_reference(name, masked, plan, triton_only):
     al = make_aligner(CONFIGS[name], seed=3)
     cfg = al.config
-    img, txt = _tokens(cfg.d_model, seed=1)
+    img, txt = make_tokens(cfg.d_model, seed=1)
     img_mask = random_mask(N, PI, seed=2) if masked else None
     txt_mask = column_major(random_mask(M, PT, seed=3)) if masked else None  # any strides
-    expected = _step(al, "reference", img, txt, img_mask, txt_mask)
-    got = _step(al, "triton", img, txt, img_mask, txt_mask, budget=_budget(cfg, plan))
-    for n, a, b in zip(_names(al), got, expected, strict=True):
+    expected = train_step(al, "reference", img, txt, img_mask, txt_mask)
+    got = train_step(al, "triton", img, txt, img_mask, txt_mask, budget=budget_for(cfg, plan))
+    for n, a, b in zip(grad_names(al), got, expected, strict=True):
         assert rel_err(a, b) < 2e-5, n
 
 
@@ -127,7 +127,7 @@ def test_no_uninitialised_reads(request, triton_only):
     buffers) and ragged query chunks, masks, train mode with dropout against the same-mask
     oracle."""
     al = make_aligner(CONFIGS["d96h2"], seed=3).train()
-    img, txt = _tokens(96, seed=1)
+    img, txt = make_tokens(96, seed=1)
     mask = random_mask(N, PI, seed=2)
     q = txt[:, 0]
     g_out = torch.randn(N, M, generator=torch.Generator().manual_seed(4))
@@ -144,7 +144,7 @@ def test_no_uninitialised_reads(request, triton_only):
     expected = grads(lambda a, b: dropout_reference_forward(al.weights(), al.config, a, b, mask,
                                                             spec))  # fmt: skip
     request.getfixturevalue("nan_buffers")  # from here on (the oracle ran on plain buffers)
-    budget = _budget(al.config, (1, 4))
+    budget = budget_for(al.config, (1, 4))
     got = grads(lambda a, b: al(a, b, mask, backend="triton", chunk_budget_bytes=budget))
     for n, a, b in zip(["img", "txt"] + [n for n, _ in al.named_parameters()], got, expected,
                        strict=True):  # fmt: skip
@@ -154,10 +154,10 @@ def test_no_uninitialised_reads(request, triton_only):
 @pytest.mark.parametrize(("n", "m", "pi", "pt"), [(1, 1, 1, 1), (3, 2, 1, 17)])
 def test_odd_shapes(n, m, pi, pt, triton_only):
     al = make_aligner(CONFIGS["d64h4"], seed=4)
-    img, txt = _tokens(64, n, m, pi, pt, seed=5)
-    expected = _step(al, "reference", img, txt)
-    got = _step(al, "triton", img, txt)
-    for name, a, b in zip(_names(al), got, expected, strict=True):
+    img, txt = make_tokens(64, n, m, pi, pt, seed=5)
+    expected = train_step(al, "reference", img, txt)
+    got = train_step(al, "triton", img, txt)
+    for name, a, b in zip(grad_names(al), got, expected, strict=True):
         # floor: with one token (P = 1) the queries do not matter, so the gradients of the
         # query path (LN2, Wq of layers > 1) are exactly zero and only rounding noise here
         assert rel_err(a, b, floor=1e-2) < 2e-5, name
@@ -170,13 +170,13 @@ def test_gradients_use_the_configs_layer_norm_eps(triton_only):
     gradients are the reference's, which another eps would not give."""
     cfg = dataclasses.replace(CONFIGS["d64h4"], n_layers=2, layer_norm_eps=1e-2)
     al = make_aligner(cfg, seed=3)
-    img, txt = (0.05 * t for t in _tokens(64, n=3, m=2, pi=5, pt=4, seed=1))
-    expected = _step(al, "reference", img, txt)
+    img, txt = (0.05 * t for t in make_tokens(64, n=3, m=2, pi=5, pt=4, seed=1))
+    expected = train_step(al, "reference", img, txt)
     other = make_aligner(dataclasses.replace(cfg, layer_norm_eps=2e-2), seed=3)
-    wrong = _step(other, "reference", img, txt)
+    wrong = train_step(other, "reference", img, txt)
     assert min(rel_err(a, b) for a, b in zip(wrong[1:3], expected[1:3], strict=True)) > 1e-3
-    got = _step(al, "triton", img, txt)
-    for name, a, b in zip(_names(al), got, expected, strict=True):
+    got = train_step(al, "triton", img, txt)
+    for name, a, b in zip(grad_names(al), got, expected, strict=True):
         assert rel_err(a, b) < 2e-5, name
 
 
@@ -194,11 +194,11 @@ def test_half_precision_no_worse_than_pytorch(dtype, route, monkeypatch):
     """
     monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
     al32 = make_aligner(CONFIGS["d96h2"], seed=5)
-    img, txt = _tokens(96, n=8, m=8, seed=6)
-    exact = _step(al32, "reference", img, txt)
+    img, txt = make_tokens(96, n=8, m=8, seed=6)
+    exact = train_step(al32, "reference", img, txt)
     al = make_aligner(CONFIGS["d96h2"], seed=5, dtype=dtype)
-    got = _step(al, "triton", img.to(dtype), txt.to(dtype))
-    torch_err = _step(al, "reference", img.to(dtype), txt.to(dtype))
+    got = train_step(al, "triton", img.to(dtype), txt.to(dtype))
+    torch_err = train_step(al, "reference", img.to(dtype), txt.to(dtype))
 
     def errors(g):
         params = torch.cat([t.float().flatten() for t in g[3:]])
@@ -215,7 +215,7 @@ def test_autocast_runs_the_16_bit_path(triton_only):
     (GEMM operands rounded, stream in fp32, as autocast does), with backward() inside or after
     the region: its error against fp32 within 2× that of reference under the same autocast."""
     al = make_aligner(CONFIGS["d64h4"], seed=5)
-    img, txt = _tokens(64, n=6, m=6, seed=8)
+    img, txt = make_tokens(64, n=6, m=6, seed=8)
 
     def under_autocast(backend, backward_inside=False):
         al.zero_grad(set_to_none=True)
@@ -243,128 +243,26 @@ def test_autocast_runs_the_16_bit_path(triton_only):
     assert 0 < rel_err(got, exact) <= 2 * rel_err(torch_err, exact)
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "dropout"])
-def test_16_bit_branch_gradients_from_the_layer_norm_backward(train, monkeypatch, triton_only):
-    """16-bit training takes each residual branch's dy (16-bit; in train mode through the
-    branch's dropout mask) and its bias gradient (column sums) from the LayerNorm backward
-    that made dx, and in train mode decoder_norm's backward takes SimR's mask itself: the
-    same step as casting (or `chunk_dropout_torch` on) dx and dy and summing apart (every gradient
-    bit for bit but the summed biases, which add the same numbers in another order)."""
-    import carzero_fast.kernels as kernels
-    from carzero_fast.backends.philox import chunk_dropout_torch
-
-    al = make_aligner(CONFIGS["d64h4"], seed=5, dtype=torch.bfloat16).train(train)
-    img, txt = _tokens(64, 3, 4, seed=6, dtype=torch.bfloat16)
-    budget = _budget(al.config, (2, 4), 3, 4)  # item blocks of 2 and 1
-    torch.manual_seed(11)  # the directions' dropout seeds
-    fused = _step(al, "triton", img, txt, budget=budget)
-    real, seen = kernels.layer_norm_backward, []
-
-    def cast_and_sum(x, weight, dy, eps, dres=None, dx16=None, dropout=None, dx16_tag=None,
-                     dy_tag=None):  # fmt: skip
-        if dy_tag is not None:  # SimR's mask on the output's gradient, applied apart
-            dy = chunk_dropout_torch(dy, *dropout, dy_tag)
-        out = real(x, weight, dy, eps, dres)
-        seen.append((dx16 is not None, dx16_tag is not None))
-        if dx16 is None:
-            return out
-        if dx16_tag is None:
-            dx16.copy_(out.dx)
-        else:
-            dx16.copy_(chunk_dropout_torch(out.dx, *dropout, dx16_tag, dx16.dtype))
-        return out._replace(dx16_sum=dx16.sum(0, dtype=torch.float32))
-
-    monkeypatch.setattr(kernels, "layer_norm_backward", cast_and_sum)
-    torch.manual_seed(11)
-    apart = _step(al, "triton", img, txt, budget=budget)
-    branches = [drop for has_dx16, drop in seen if has_dx16]
-    assert branches and len(branches) < len(seen)  # LN0's backward has no branch
-    assert all(branches) if train else not any(branches)
-    for name, a, b in zip(_names(al), fused, apart, strict=True):
-        if name.endswith(("linear2.bias", "out_proj.bias")):
-            assert rel_err(a, b) < 1e-5, name
-        else:
-            assert torch.equal(a, b), name
-
-
-def test_bias_gradients_from_the_relu_backward(monkeypatch, triton_only):
-    """The backward takes the bias gradient of every layer before a ReLU (linear1, the
-    head's hidden layers) from the pass that applies the ReLU's mask (`relu_backward`): the
-    same step as PyTorch's `threshold_backward` and a sum apart, every gradient bit for bit
-    but those biases, which add the same numbers in another order."""
-    import carzero_fast.kernels as kernels
-
-    al = make_aligner(CONFIGS["d96h2"], seed=8, dtype=torch.bfloat16)
-    img, txt = _tokens(96, seed=9, dtype=torch.bfloat16)
-    fused = _step(al, "triton", img, txt)
-    calls = []
-
-    def apart(dy, act):
-        calls.append(dy.shape)
-        return kernels.relu_backward_torch(dy, act)
-
-    monkeypatch.setattr(kernels, "relu_backward", apart)
-    torch_path = _step(al, "triton", img, txt)
-    # per direction: linear1 in each layer, the head's hidden layers after the first
-    assert len(calls) == 2 * (al.config.n_layers + len(al.config.head_dims) - 1)
-    for name, a, b in zip(_names(al), fused, torch_path, strict=True):
-        if name.endswith("linear1.bias") or (name.startswith("mlp_head.") and name.endswith(
-                ".bias") and name != f"mlp_head.{3 * len(al.config.head_dims)}.bias"):  # fmt: skip
-            assert rel_err(a, b) < 1e-5, name
-        else:
-            assert torch.equal(a, b), name
-
-
 # ---------------------------------------------------------- determinism, frozen parts
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_query_bias_gradients_from_the_dq_kernel(dtype, monkeypatch, triton_only):
-    """Layers after the first take the query projection's bias gradient from the column sums
-    the dQ kernel writes (`dq_sum`): the same step as summing dq apart (what the linear
-    backward did), every gradient bit for bit but those biases, which add the same numbers
-    in another order."""
-    import carzero_fast.kernels as kernels
-
-    al = make_aligner(CONFIGS["d64h4"], seed=12, dtype=dtype)
-    img, txt = _tokens(64, seed=13, dtype=dtype)
-    fused = _step(al, "triton", img, txt)
-    real, sums = kernels.attention_backward, []
-
-    def sum_apart(*args, dq_sum=None, **kwargs):
-        dq, dk, dv = real(*args, **kwargs)
-        if dq_sum is not None:
-            sums.append(dq.dtype)
-            dq_sum.copy_(dq.sum(0, dtype=torch.float32))
-        return dq, dk, dv
-
-    monkeypatch.setattr(kernels, "attention_backward", sum_apart)
-    apart = _step(al, "triton", img, txt)
-    assert sums == [dtype] * (2 * (al.config.n_layers - 1))  # both directions, layers 2…
-    for name, a, b in zip(_names(al), fused, apart, strict=True):
-        if name.endswith("in_proj_bias"):
-            assert rel_err(a, b) < 1e-5, name
-        else:
-            assert torch.equal(a, b), name
 
 
 def test_deterministic(triton_only):
     al = make_aligner(CONFIGS["d64h4"], seed=6)
-    img, txt = _tokens(64, n=3, m=4, seed=7)
-    budget = _budget(al.config, (2, 4), 3, 4)  # item blocks of 2 and 1
-    first = _step(al, "triton", img, txt, budget=budget)
-    second = _step(al, "triton", img, txt, budget=budget)
-    for name, a, b in zip(_names(al), first, second, strict=True):
+    img, txt = make_tokens(64, n=3, m=4, seed=7)
+    budget = budget_for(al.config, (2, 4), 3, 4)  # item blocks of 2 and 1
+    first = train_step(al, "triton", img, txt, budget=budget)
+    second = train_step(al, "triton", img, txt, budget=budget)
+    for name, a, b in zip(grad_names(al), first, second, strict=True):
         assert torch.equal(a, b), name
 
 
 def test_frozen_aligner_and_frozen_tokens(triton_only):
     """Only what needs a gradient gets one; the rest equals the full computation's."""
     al = make_aligner(CONFIGS["d64h4"], seed=8)
-    img, txt = _tokens(64, seed=9)
-    full = _step(al, "reference", img, txt)
+    img, txt = make_tokens(64, seed=9)
+    full = train_step(al, "reference", img, txt)
     al.requires_grad_(False)
-    got = _step(al, "triton", img, txt)
+    got = train_step(al, "triton", img, txt)
     assert all(p.grad is None for p in al.parameters())
     assert rel_err(got[1], full[1]) < 2e-5 and rel_err(got[2], full[2]) < 2e-5
     # tokens and decoder_norm frozen: LN0(queries) needs no gradient, but the queries' path
@@ -388,7 +286,7 @@ def test_double_backward_is_refused(triton_only):
     silently dropping the second-order terms."""
     al = make_aligner(cf.AlignerConfig(d_model=32, n_heads=2, n_layers=1, d_ffn=48,
                                        head_dims=(24,)))  # fmt: skip
-    img, txt = _tokens(32, n=2, m=3, pi=5, seed=2)
+    img, txt = make_tokens(32, n=2, m=3, pi=5, seed=2)
     img.requires_grad_(True)
     with pytest.raises(RuntimeError, match="no double backward.*'reference'"):
         torch.autograd.grad(al(img, txt[:, 0], backend="triton").sum(), img, create_graph=True)
@@ -404,7 +302,7 @@ def test_activation_checkpoint(reentrant, triton_only):
 
     al = make_aligner(cf.AlignerConfig(d_model=32, n_heads=2, n_layers=1, d_ffn=48,
                                        head_dims=(24,)))  # fmt: skip
-    img, txt = _tokens(32, n=2, m=3, pi=5, seed=2)
+    img, txt = make_tokens(32, n=2, m=3, pi=5, seed=2)
     grads = []
     for wrap in (False, True):
         a = img.clone().requires_grad_(True)
@@ -421,7 +319,7 @@ def test_activation_checkpoint(reentrant, triton_only):
 
 def test_empty_batch_is_connected(triton_only):
     al = make_aligner(CONFIGS["d64h4"], seed=1)
-    img, txt = _tokens(64, n=0, seed=1)
+    img, txt = make_tokens(64, n=0, seed=1)
     img.requires_grad_(True)
     i2t = al(img, txt[:, 0], backend="triton")
     assert i2t.shape == (0, M) and i2t.requires_grad
@@ -441,10 +339,10 @@ def test_dropout_matches_the_same_mask_reference(plan, route, monkeypatch, trito
     plain-epilogue layers on PyTorch's GEMM ("library")."""
     monkeypatch.setenv("CARZERO_FAST_TRITON_GEMM", route)
     al = make_aligner(DROP_CFG, seed=9).train()
-    mem, q = _tokens(64, seed=10)
+    mem, q = make_tokens(64, seed=10)
     q = q[:, 0]
     mask = random_mask(N, PI, seed=11)
-    budget = _budget(DROP_CFG, plan)
+    budget = budget_for(DROP_CFG, plan)
 
     def run(fn):
         al.zero_grad(set_to_none=True)
@@ -470,24 +368,24 @@ def test_dropout_matches_the_same_mask_reference(plan, route, monkeypatch, trito
 
 def test_the_two_directions_draw_independent_dropout(triton_only):
     al = make_aligner(dataclasses.replace(CONFIGS["d64h4"], n_layers=1), seed=2)
-    tokens = _tokens(64, n=3, m=3, pi=4, pt=4, seed=3)[0]
+    tokens = make_tokens(64, n=3, m=3, pi=4, pt=4, seed=3)[0]
     assert_directions_draw_independent_dropout(al, tokens, "triton", 1e-3)
 
 
 def test_dropout_steps_reproducible_under_manual_seed(triton_only):
     al = make_aligner(DROP_CFG, seed=12).train()
-    img, txt = _tokens(64, n=4, m=4, seed=13)
+    img, txt = make_tokens(64, n=4, m=4, seed=13)
     torch.manual_seed(0)
-    first = _step(al, "triton", img, txt, loss=True)
+    first = train_step(al, "triton", img, txt, loss=True)
     torch.manual_seed(0)
-    second = _step(al, "triton", img, txt, loss=True)
+    second = train_step(al, "triton", img, txt, loss=True)
     torch.manual_seed(1)
-    other = _step(al, "triton", img, txt, loss=True)
-    for name, a, b in zip(_names(al), first, second, strict=True):
+    other = train_step(al, "triton", img, txt, loss=True)
+    for name, a, b in zip(grad_names(al), first, second, strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(first[0], other[0])  # another seed, other masks
     al.eval()
-    assert not torch.equal(first[0], _step(al, "triton", img, txt, loss=True)[0])
+    assert not torch.equal(first[0], train_step(al, "triton", img, txt, loss=True)[0])
 
 
 def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
@@ -501,8 +399,8 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
     monkeypatch.setattr(fused_train, "recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=14).train()
     n_img, n_txt = 3, 4
-    img, txt = _tokens(64, n_img, n_txt, seed=15)
-    budget = _budget(DROP_CFG, (1, 3), n_img, n_txt)  # ragged query chunks (3 + 1)
+    img, txt = make_tokens(64, n_img, n_txt, seed=15)
+    budget = budget_for(DROP_CFG, (1, 3), n_img, n_txt)  # ragged query chunks (3 + 1)
     chunks = 0
     for n, m, p in ((n_img, n_txt, PI), (n_txt, n_img, PT)):
         items, block_q = plan_train(DROP_CFG, n, m, p, 4, budget)
@@ -519,7 +417,7 @@ def test_backward_starts_from_the_forwards_last_chunk(monkeypatch, triton_only):
     assert len(calls) == chunks
     second = torch.autograd.grad(obj, params)
     assert len(calls) == 2 * chunks
-    for name, x, y in zip(["img", "txt"] + _names(al)[3:], first, second, strict=True):
+    for name, x, y in zip(["img", "txt"] + grad_names(al)[3:], first, second, strict=True):
         assert torch.equal(x, y), name
 
 
@@ -535,9 +433,9 @@ def test_calls_summed_into_one_loss_keep_one_chunk(monkeypatch, triton_only):
     monkeypatch.setattr(fused_train, "recompute", lambda *a: calls.append(1) or original(*a))
     al = make_aligner(DROP_CFG, seed=16).train()
     n = m = 2  # one item a chunk: two chunks a direction
-    views = [tuple(t.requires_grad_(True) for t in _tokens(64, n, m, 9, 5, seed=s))
+    views = [tuple(t.requires_grad_(True) for t in make_tokens(64, n, m, 9, 5, seed=s))
              for s in (17, 18)]  # fmt: skip
-    budget = _budget(DROP_CFG, (1, 2), n=n, m=m, p=9)
+    budget = budget_for(DROP_CFG, (1, 2), n=n, m=m, p=9)
     assert plan_train(DROP_CFG, m, n, 5, 4, budget)[0] < n  # t2i: several chunks too
 
     g = torch.Generator().manual_seed(19)
@@ -574,11 +472,11 @@ def test_training_memory_does_not_grow_with_pairs(triton_only):
     cfg = cf.AlignerConfig(d_model=64, n_heads=4, n_layers=1, d_ffn=64, head_dims=(40,))
     al = make_aligner(cfg)
     d, p, plan = cfg.d_model, 1, (2, 8)  # one token: the token-sized terms stay small
-    budget = _budget(cfg, plan, n=8, m=8, p=p)
+    budget = budget_for(cfg, plan, n=8, m=8, p=p)
     peaks = {}
     for nm in (8, 16):
         assert plan_train(cfg, nm, nm, p, 4, budget) == plan
-        img, txt = _tokens(d, nm, nm, p, p, seed=nm)
+        img, txt = make_tokens(d, nm, nm, p, p, seed=nm)
         img.requires_grad_(True)
         txt.requires_grad_(True)
         with track_memory() as tracker:
@@ -621,8 +519,8 @@ def test_every_launch_runs_under_the_inputs_device(monkeypatch, triton_only):
     monkeypatch.setattr(fused_train, "launch_device", spy)
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted)
     al = make_aligner(CONFIGS["d64h4"], seed=3).train()
-    img, txt = _tokens(64, n=2, m=3, seed=1)
-    _step(al, "triton", img, txt)
+    img, txt = make_tokens(64, n=2, m=3, seed=1)
+    train_step(al, "triton", img, txt)
     with torch.no_grad():
         al(img, txt[:, 0], backend="triton")
     assert state["launches"] > 50
