@@ -17,8 +17,10 @@
    cuBLAS ("own GEMMs", `CARZERO_FAST_TRITON_GEMM=triton`), an fp32 stream
    (`CARZERO_FAST_TRITON_STREAM=fp32`, the default until 2026-11-29), the bf16 stream with
    its adds in the add + LayerNorm passes (`CARZERO_FAST_TRITON_RESIDUAL=pass`), the
-   attention on PyTorch's SDPA (`CARZERO_FAST_TRITON_ATTENTION=library`), and 768 MiB chunks
-   (fewer launches).
+   attention on PyTorch's SDPA (`CARZERO_FAST_TRITON_ATTENTION=library`), 768 MiB chunks
+   (fewer launches), and the default captured once in a CUDA graph and replayed (no host
+   launches, no gaps between kernels: what launching costs; its replay is checked bit for
+   bit against an eager call).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).
@@ -63,6 +65,7 @@ from .gpu_common import (
     BUDGET,
     autocast,
     gemm_ceiling_tflops,
+    graph_replay,
     make_model,
     median_time,
     passed,
@@ -232,6 +235,8 @@ class Check:
         for name, env in VARIANTS.items():
             fns[f"triton{name}"] = ("bf16", with_env(triton, **env))
         fns["triton, 768 MiB chunks"] = ("bf16", lambda: triton(768 * 2**20))
+        if self.dev.type == "cuda":  # the default's kernels without launch gaps
+            fns["triton, CUDA graph replay"] = ("bf16", graph_replay(triton, self.dev))
         self._time_all(case, fns, self.flops(nm, nm, 197))
 
     def _call(self, al: cf.CrossAttentionAligner, mem, q, backend: str,  # noqa: ANN001, ANN202

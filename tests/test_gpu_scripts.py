@@ -297,6 +297,68 @@ def test_rel_is_the_norm_of_the_difference_over_the_oracles():
     assert rel(torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16), torch.ones(1)) == 2**-7
 
 
+def _fake_cuda_graphs(monkeypatch, events: list[str]) -> None:
+    """torch.cuda's streams and graphs as recorders of what `graph_replay` asks of them."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, dev: object = None) -> None:
+            pass
+
+        def wait_stream(self, other: object) -> None:
+            events.append("wait")
+
+    class Graph:
+        def replay(self) -> None:
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph: Graph):  # noqa: ANN202
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    @contextlib.contextmanager
+    def on_stream(stream: Stream):  # noqa: ANN202
+        events.append("side stream")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+
+def test_graph_replay_captures_once_after_warming_and_checks_the_replay(monkeypatch):
+    """The CUDA-graph row's callable: the first call runs eagerly, warms on a side stream,
+    captures, replays and compares with the eager result; every later call only replays and
+    returns the captured output. A replay that differs from the eager call raises, so the
+    row records an error instead of a time."""
+    from benchmarks.gpu_common import graph_replay
+
+    events: list[str] = []
+    _fake_cuda_graphs(monkeypatch, events)
+    values = iter([1.0, 1.0, 1.0])
+
+    def fn() -> torch.Tensor:
+        events.append("fn")
+        return torch.full((3,), next(values))
+
+    run = graph_replay(fn, torch.device("cuda", 0))
+    assert torch.equal(run(), torch.ones(3))
+    assert events == ["fn", "wait", "side stream", "fn", "wait", "capture", "fn", "captured",
+                      "replay"]  # fmt: skip
+    events.clear()
+    assert torch.equal(run(), torch.ones(3)) and torch.equal(run(), torch.ones(3))
+    assert events == ["replay", "replay"]  # no eager call, no capture
+
+    events.clear()
+    values = iter([1.0, 1.0, 1.5])  # the captured call computes something else
+    with pytest.raises(AssertionError, match="replay differs from an eager call: relative"):
+        graph_replay(fn, torch.device("cuda", 0))()
+
+
 def test_gpu_check_rows_time_every_path_and_ratio_against_the_baselines(monkeypatch):
     """A row's ms, useful TFLOP/s and fraction of the ceiling come from its own time; its
     × reference and × chunked from the baselines' times over its own (train-mode rows
