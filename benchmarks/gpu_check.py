@@ -19,8 +19,8 @@
    its adds in the add + LayerNorm passes (`CARZERO_FAST_TRITON_RESIDUAL=pass`), the
    attention on PyTorch's SDPA (`CARZERO_FAST_TRITON_ATTENTION=library`), 768 MiB chunks
    (fewer launches), and the default captured once in a CUDA graph and replayed (no host
-   launches, no gaps between kernels: what launching costs; its replay is checked bit for
-   bit against an eager call).
+   launches, no gaps between kernels: what launching costs; its replay is compared with an
+   eager call).
 3. Zero-shot scoring, 2048 images × 192 prompts, both directions: the same backends plus
    CARZero's own loop (one image at a time through the module, fp16 autocast), timed on the
    first images and extrapolated to 2048 (said so in the output).

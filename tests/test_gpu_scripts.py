@@ -330,11 +330,11 @@ def _fake_cuda_graphs(monkeypatch, events: list[str]) -> None:
     monkeypatch.setattr(torch.cuda, "graph", capture)
 
 
-def test_graph_replay_captures_once_after_warming_and_checks_the_replay(monkeypatch):
+def test_graph_replay_captures_once_after_warming_and_checks_the_replay(monkeypatch, capsys):
     """The CUDA-graph row's callable: the first call runs eagerly, warms on a side stream,
     captures, replays and compares with the eager result; every later call only replays and
-    returns the captured output. A replay that differs from the eager call raises, so the
-    row records an error instead of a time."""
+    returns the captured output. A replay off by rounding is reported and timed; one that
+    differs by more than 1e-2 raises, so the row records an error instead of a time."""
     from benchmarks.gpu_common import graph_replay
 
     events: list[str] = []
@@ -352,8 +352,11 @@ def test_graph_replay_captures_once_after_warming_and_checks_the_replay(monkeypa
     events.clear()
     assert torch.equal(run(), torch.ones(3)) and torch.equal(run(), torch.ones(3))
     assert events == ["replay", "replay"]  # no eager call, no capture
+    assert "replay against an eager call: bit for bit" in capsys.readouterr().out
 
-    events.clear()
+    values = iter([1.0, 1.0, 1.001])  # another GEMM algorithm's rounding: reported, timed
+    assert torch.equal(graph_replay(fn, torch.device("cuda", 0))(), torch.full((3,), 1.001))
+    assert "relative difference 1.00e-03" in capsys.readouterr().out
     values = iter([1.0, 1.0, 1.5])  # the captured call computes something else
     with pytest.raises(AssertionError, match="replay differs from an eager call: relative"):
         graph_replay(fn, torch.device("cuda", 0))()
