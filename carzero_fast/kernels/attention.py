@@ -25,7 +25,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION, LN2, LOG2E, check_matrices, mma, upcast_dots
+from .common import FP_FUSION, LN2, LOG2E, cdiv, check_matrices, mma, next_power_of_2, upcast_dots
 from .configs import attention_config, dot_precision
 from .dropout import keep_mask
 
@@ -298,10 +298,10 @@ def attention(
     head_dim = d // n_heads
     cfg = attention_config(q.device, q.dtype, dropout is not None)
     # slices of ≤ 64 columns, at most four (power-of-two widths ≥ 16 for the tensor cores)
-    block_c = max(16, min(64, triton.next_power_of_2(head_dim)))
-    block_c = max(block_c, triton.next_power_of_2(triton.cdiv(head_dim, 4)))
-    block_p = min(cfg.block_p, max(16, triton.next_power_of_2(n_keys)))
-    grid = (triton.cdiv(n_queries, cfg.block_m), n_heads, n_items)
+    block_c = max(16, min(64, next_power_of_2(head_dim)))
+    block_c = max(block_c, next_power_of_2(cdiv(head_dim, 4)))
+    block_p = min(cfg.block_p, max(16, next_power_of_2(n_keys)))
+    grid = (cdiv(n_queries, cfg.block_m), n_heads, n_items)
     attention_kernel[grid](
         q, k, v, mask, out, lse, n_queries, n_keys, q.stride(0),
         0 if shared_queries else n_queries, k.stride(0),

@@ -27,7 +27,7 @@ from torch import Tensor
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
 from .attention import _drop_args, _head, _keep, _store_head, check_keys
-from .common import FP_FUSION, LOG2E, check_matrices, mma, upcast_dots
+from .common import FP_FUSION, LOG2E, cdiv, check_matrices, mma, next_power_of_2, upcast_dots
 from .configs import attention_bwd_config, dot_precision
 
 
@@ -276,8 +276,8 @@ def attention_dkdv_kernel(
 
 def slice_width(head_dim: int, block_c: int) -> int:
     """Columns per head slice: at most `block_c`, at most four slices, a power of two ≥ 16."""
-    width = max(16, min(block_c, triton.next_power_of_2(head_dim)))
-    return max(width, triton.next_power_of_2(triton.cdiv(head_dim, 4)))
+    width = max(16, min(block_c, next_power_of_2(head_dim)))
+    return max(width, next_power_of_2(cdiv(head_dim, 4)))
 
 
 def attention_backward(
@@ -338,7 +338,7 @@ def attention_backward(
         raise ValueError(f"attention_backward: dk and dv must be fp32 {tuple(k.shape)} with "
                          "the same strides")  # fmt: skip
     cfg = attention_bwd_config(q.device, q.dtype, dropout is not None)
-    keys_pow2 = max(16, triton.next_power_of_2(n_keys))  # no key tile wider than the keys
+    keys_pow2 = max(16, next_power_of_2(n_keys))  # no key tile wider than the keys
     common = dict(HEAD_DIM=head_dim, HAS_MASK=mask is not None, PRECISION=dot_precision(q.dtype),
                   UPCAST=upcast_dots(q.dtype), BLOCK_C=slice_width(head_dim, cfg.block_c),
                   DROPOUT=dropout is not None, num_warps=cfg.num_warps,
@@ -346,7 +346,7 @@ def attention_backward(
     scale, drop_args = 1.0 / math.sqrt(head_dim), _drop_args(dropout)
     q_item_stride = 0 if shared_queries else n_queries
     mask_stride = mask.stride(0) if mask is not None else 0
-    q_blocks = triton.cdiv(n_queries, cfg.dq_block_m)
+    q_blocks = cdiv(n_queries, cfg.dq_block_m)
     parts = None
     if dq_sum is not None:
         if dq_sum.shape != (d,) or dq_sum.dtype != torch.float32:
@@ -364,7 +364,7 @@ def attention_backward(
     if parts is not None:  # fixed order: deterministic
         torch.sum(parts, dim=0, out=dq_sum)
     block_p = min(cfg.dkdv_block_p, keys_pow2)
-    attention_dkdv_kernel[(triton.cdiv(n_keys, block_p), n_heads, n_items)](
+    attention_dkdv_kernel[(cdiv(n_keys, block_p), n_heads, n_items)](
         q, k, v, mask, dout, lse, delta, dk, dv, n_queries, n_keys, q.stride(0), q_item_stride,
         k.stride(0), mask_stride, dout.stride(0), dk.stride(0), scale, *drop_args, **common,
         BLOCK_M=cfg.dkdv_block_m, BLOCK_P=block_p, ACCUMULATE=accumulate,

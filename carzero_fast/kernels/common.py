@@ -31,20 +31,36 @@ def check_matrices(fn: str, **tensors: Tensor | None) -> None:
     """Each given tensor (None: skipped) is 2-D with unit stride along its rows: the kernels
     index element (r, c) at `r·stride(0) + c` (a single column may have any stride), in int32,
     so its last element must lie within `INDEX_LIMIT` of its first (the backends' chunk plans
-    keep every buffer under half that)."""
+    keep every buffer under half that). Runs before every launch: a forward at N = M = 1024
+    makes ~700 calls, so it reads each tensor's shape and strides once, without loops."""
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.dim() != 2:
-            raise ValueError(f"{fn}: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.stride(1) != 1 and t.shape[1] > 1:
+        shape, strides = t.shape, t.stride()
+        if len(shape) != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D, got shape {tuple(shape)}")
+        rows, cols = shape
+        if strides[1] != 1 and cols > 1:
             raise ValueError(f"{fn}: {name} needs unit stride along its rows, got strides "
-                             f"{t.stride()}")  # fmt: skip
-        span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
-        if t.numel() and span > INDEX_LIMIT:
-            raise ValueError(f"{fn}: {name} of shape {tuple(t.shape)} and strides {t.stride()} "
+                             f"{strides}")  # fmt: skip
+        span = (rows - 1) * abs(strides[0]) + (cols - 1) * abs(strides[1]) + 1
+        if span > INDEX_LIMIT and rows and cols:
+            raise ValueError(f"{fn}: {name} of shape {tuple(shape)} and strides {strides} "
                              f"spans {span} elements; the kernels index in int32 (at most "
                              f"{INDEX_LIMIT}): split it")  # fmt: skip
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the launchers' grids. `triton.cdiv` computes the same, but in Triton 3.6
+    and 3.9 it is a `constexpr_function` whose host call unwraps its arguments first: several
+    times the cost of this division, at every launch (`benchmarks/host_time.py`)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 ≥ n for n ≥ 1 (0 for 0), as `triton.next_power_of_2`, without
+    its wrapper's cost (see `cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

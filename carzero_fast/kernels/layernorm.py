@@ -32,7 +32,7 @@ from torch import Tensor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION, check_matrices
+from .common import FP_FUSION, cdiv, check_matrices, next_power_of_2
 from .configs import multiprocessors
 from .dropout import chunk_keep
 
@@ -167,11 +167,11 @@ def add_layer_norm(
     if x_out is not None and x_out.dtype not in (torch.float32, y.dtype):
         raise TypeError(f"add_layer_norm: the residual stream is fp32 or {y.dtype} (the "
                         f"output's dtype), got {x_out.dtype}")  # fmt: skip
-    block_d = max(4, triton.next_power_of_2(d))  # dropout draws columns four at a time
+    block_d = max(4, next_power_of_2(d))  # dropout draws columns four at a time
     spec, pos = dropout if dropout is not None else (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, 1))
     drop_delta = dropout is not None and delta_tag is not None and delta is not None
     drop_y = dropout is not None and y_tag is not None
-    add_layer_norm_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+    add_layer_norm_kernel[(cdiv(n_rows, BLOCK_ROWS),)](
         x, delta, delta2, shift, x_out, weight, bias, y, n_rows, x.shape[0], x.stride(0),
         delta.stride(0) if delta is not None else 0,
         delta2.stride(0) if delta2 is not None else 0,
@@ -340,8 +340,8 @@ def layer_norm_backward(
         raise ValueError("layer_norm_backward: dx16_tag drops dx16; give dx16 and dropout")
     if dy_tag is not None and dropout is None:
         raise ValueError("layer_norm_backward: dy_tag needs dropout = (spec, position)")
-    block_d = max(4, triton.next_power_of_2(d))  # dropout draws columns four at a time
-    blocks = triton.cdiv(n_rows, LN_BWD_ROWS)
+    block_d = max(4, next_power_of_2(d))  # dropout draws columns four at a time
+    blocks = cdiv(n_rows, LN_BWD_ROWS)
     programs = blocks
     if LN_BWD_PROGRAMS_PER_SM:
         programs = min(blocks, LN_BWD_PROGRAMS_PER_SM * multiprocessors(x.device))

@@ -27,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from carzero_fast.backends.philox import ChunkPos, DropoutSpec
 
-from .common import FP_FUSION, check_matrices, mma, upcast_dots
+from .common import FP_FUSION, cdiv, check_matrices, mma, next_power_of_2, upcast_dots
 from .configs import arch_of, dot_precision, linear_config, use_library_gemm, uses_tma
 from .dropout import chunk_keep
 
@@ -260,10 +260,10 @@ def linear(
                              "last hidden layer and the logit apart)")
         block_n = min(block_n, DROPOUT_BLOCK_N)
     if head is not None:
-        block_n = max(16, triton.next_power_of_2(n_out))  # one program holds the whole row
+        block_n = max(16, next_power_of_2(n_out))  # one program holds the whole row
         if block_n > cfg.block_n:
             raise ValueError(f"linear: a fused head needs N_OUT ≤ {cfg.block_n}, got {n_out}")
-    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_out, block_n),)
+    grid = (cdiv(n_rows, cfg.block_m) * cdiv(n_out, block_n),)
     head_w, head_b = head if head is not None else (None, None)
     no_drop = (DropoutSpec(0, 0, 1.0), ChunkPos(0, 0, logit_cols), 0)
     spec, pos, drop_tag = dropout if dropout is not None else no_drop

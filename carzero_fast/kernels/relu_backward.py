@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import FP_FUSION
+from .common import FP_FUSION, cdiv
 from .configs import multiprocessors
 
 BLOCK_R, BLOCK_C = 32, 128  # rows per step of a program's loop, columns per program
@@ -63,8 +63,8 @@ def relu_backward(dy: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("relu_backward: dy and act need unit stride along their rows")
     n_rows, n_cols = dy.shape
     dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
-    col_programs = triton.cdiv(n_cols, BLOCK_C)
-    row_programs = triton.cdiv(n_rows, BLOCK_R)
+    col_programs = cdiv(n_cols, BLOCK_C)
+    row_programs = cdiv(n_rows, BLOCK_R)
     row_programs = max(1, min(row_programs, PROGRAMS_PER_SM * multiprocessors(dy.device)
                               // max(col_programs, 1)))  # fmt: skip
     # every program writes its row of partials: no zero-fill unless nothing is launched
