@@ -13,7 +13,8 @@ one item per block over all queries, so `--items` sets the number of item blocks
 plan of N = M = 1024 at CARZero dims (512 MiB, 16-bit stream). Real Triton launches add
 their own C launcher's time, which the stubs leave out; PyTorch's other operations (the
 weights' concatenation for the K/V projection, LN0 of the queries, views) still run, on the
-CPU here where a GPU would queue them: a per-call part, ~1.5 ms at CARZero dims on this CPU.
+CPU here where a GPU would queue them. `us_per_launch` divides the whole call, per-call
+work included, by its launches.
 """
 
 from __future__ import annotations
