@@ -34,6 +34,8 @@ import torch  # noqa: E402
 import carzero_fast as cf  # noqa: E402
 from carzero_fast.backends.fused import plan_fused, triton_forward  # noqa: E402
 
+from .gpu_common import with_env  # noqa: E402
+
 
 @contextmanager
 def stubbed_launches() -> Iterator[dict[str, int]]:
@@ -86,33 +88,24 @@ def measure(cfg: cf.AlignerConfig, items: int, queries: int, reps: int,
     q = torch.randn(queries, cfg.d_model).bfloat16()
     budget = one_block_per_item(cfg, items, queries, p)
     w = al.weights()
-    old = os.environ.get("CARZERO_FAST_TRITON_GEMM")
-    os.environ["CARZERO_FAST_TRITON_GEMM"] = "library"
-
-    def call() -> None:
-        triton_forward(w, cfg, mem, q, None, budget, None)
-
-    try:
-        with torch.no_grad(), stubbed_launches() as counts:
-            call()
-            counts.update(triton=0, gemm=0)
-            call()
-            launches = dict(counts)
-            times = [_time(call) for _ in range(reps)]
-    finally:
-        if old is None:
-            del os.environ["CARZERO_FAST_TRITON_GEMM"]
-        else:
-            os.environ["CARZERO_FAST_TRITON_GEMM"] = old
+    # the GPU's route for the plain-epilogue GEMMs and the residual adds, while `call` runs
+    call = with_env(lambda: triton_forward(w, cfg, mem, q, None, budget, None),
+                    CARZERO_FAST_TRITON_GEMM="library")  # fmt: skip
+    with torch.no_grad(), stubbed_launches() as counts:
+        call()
+        counts.update(triton=0, gemm=0)
+        call()
+        launches = dict(counts)
+        times = [_time(call) for _ in range(reps)]
     ms = statistics.median(times) * 1e3
     total = launches["triton"] + launches["gemm"]
-    return {"items": items, "queries": queries, "item_blocks": items, "p": p,
+    return {"item_blocks": items, "queries": queries, "p": p,
             "triton_launches": launches["triton"], "gemm_calls": launches["gemm"],
             "host_ms": ms, "host_ms_min": min(times) * 1e3,
             "us_per_launch": ms * 1e3 / max(total, 1)}  # fmt: skip
 
 
-def _time(fn: Callable[[], None]) -> float:
+def _time(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
