@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {out} is a directory")
         if out.exists() and not args.force:
             raise UsageError(f"{out} exists: pass --force to overwrite it")
+        if out.exists() and Path(args.input).exists() and out.samefile(args.input):
+            raise UsageError(f"--out {out} is the input file")  # even with --force
         if not out.parent.is_dir():
             raise UsageError(f"output directory {out.parent} does not exist")
         if not os.access(out.parent, os.W_OK):  # found now, not after a slow generation

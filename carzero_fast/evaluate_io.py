@@ -53,6 +53,7 @@ class _Csv:
     def __init__(self, f: IO[str], name: str, what: str) -> None:
         self.name = name
         self.what = what
+        self.file = f
         self.reader = csv.reader(f)
         first = next(self.records(), None)
         if first is None:
@@ -72,9 +73,12 @@ class _Csv:
                 if any(row):
                     yield reader.line_num, row
         except UnicodeDecodeError as e:  # decoded by blocks: the bad byte is further on
+            line = _bad_utf8_line(self.file)
+            where = (f"line {line}" if line is not None
+                     else f"a line after its first {reader.line_num}")  # a pipe: not read again
             raise ValueError(
-                f"{self.what} file {self.name} is not UTF-8 text after its first "
-                f"{reader.line_num} line(s) ({e.reason}, byte {e.object[e.start:e.end]!r})"
+                f"{self.what} file {self.name} is not UTF-8 text at {where} ({e.reason}, byte "
+                f"{e.object[e.start:e.end]!r})"
             ) from None
         except csv.Error as e:  # a field over csv's size limit, a NUL in older Pythons...
             raise ValueError(f"{self.where(reader.line_num)}: {e}") from None
@@ -105,6 +109,25 @@ class _Csv:
         return ValueError(
             f"{self.what} file {self.name}: duplicate id {image!r} on lines {first} and {line}"
         )
+
+
+def _bad_utf8_line(f: IO[str]) -> int | None:
+    """The number of the first line of `f`'s file that is not UTF-8, read again from its
+    start as bytes (a UTF-8 character never holds a newline byte, so lines decode apart);
+    None where the file cannot be read again (a pipe, standard input)."""
+    raw = getattr(f, "buffer", None)
+    try:
+        if raw is None or not raw.seekable():
+            return None
+        raw.seek(0)
+        for number, line in enumerate(raw, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    except OSError:
+        return None
+    return None
 
 
 @contextmanager

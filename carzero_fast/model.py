@@ -230,7 +230,7 @@ class CARZeroModel(nn.Module):
         from .encoders.text import TextEncoder
 
         vit_sd = parts["img_encoder"]
-        vit_cfg = infer_config(vit_sd, num_heads=vit_heads) if vit_heads else infer_config(vit_sd)
+        vit_cfg = infer_config(vit_sd, num_heads=vit_heads)  # None: D / 64; 0 is refused
         vit = VisionTransformer(vit_cfg)
         vit.load_timm_state_dict(vit_sd)
         if not bert_dir.is_dir():

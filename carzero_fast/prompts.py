@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,7 +118,22 @@ class PromptCache:
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str) -> None:
         self.path = Path(directory) / f"prompts-{fingerprint[:32]}.safetensors"
-        self._store: dict[str, Tensor] = load_file(str(self.path)) if self.path.exists() else {}
+        self._store: dict[str, Tensor] = self._read() if self.path.exists() else {}
+
+    def _read(self) -> dict[str, Tensor]:
+        """The file's entries; a file that cannot be read (cut short by a full disk, not
+        safetensors, entries that are not `(Pt, D)` embeddings) is a cache miss, with a
+        warning: its prompts are encoded again and the file rewritten."""
+        try:
+            store = load_file(str(self.path))
+            bad = next((k for k, e in store.items() if e.dim() != 2), None)
+            if bad is not None:
+                raise ValueError(f"entry {bad} has shape {tuple(store[bad].shape)}, not (Pt, D)")
+        except Exception as e:  # noqa: BLE001 — safetensors raises its own error type
+            warnings.warn(f"prompt cache {self.path} cannot be read ({e}): ignored, its prompts "
+                          "are encoded again and the file rewritten", stacklevel=3)  # fmt: skip
+            return {}
+        return store
 
     @staticmethod
     def key(text: str) -> str:

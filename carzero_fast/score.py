@@ -44,6 +44,8 @@ from .csvfiles import iter_complete_rows, part_path, parts_of, rewrite_csv, row_
 from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, text_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+# files that hold lists of names, not images: refused as images (a .csv is read as a list)
+_LIST_SUFFIXES = {".txt", ".tsv", ".lst", ".list", ".json"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ranks wait for the slowest at the end: a rank that dies ends the job through torchrun, so
 # the collectives' own timeout only has to outlast an uneven finish
@@ -59,8 +61,8 @@ class UsageError(ValueError):
 
 def list_images(sources: list[str]) -> list[Path]:
     """A directory (searched recursively, following links to folders), a CSV (first column:
-    paths, relative to the CSV's folder; a first row whose first cell has no image suffix is
-    a header) or image files. Every name must be valid UTF-8: the CSVs are UTF-8."""
+    paths, relative to the CSV's folder; `_read_image_list`) or image files (not lists:
+    `.txt`, `.tsv`, … are refused). Every name must be valid UTF-8: the CSVs are UTF-8."""
     if len(sources) == 1 and Path(sources[0]).is_dir():
         root = Path(sources[0])
         paths = sorted(_walk_images(root))
@@ -76,12 +78,13 @@ def list_images(sources: list[str]) -> list[Path]:
             except UnicodeDecodeError as e:
                 raise UsageError(f"image list {src} is not UTF-8 text ({e.reason} at byte "
                                  f"{e.start})") from None  # fmt: skip
-            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
-            if rows and Path(rows[0][0]).suffix.lower() not in IMAGE_SUFFIXES:
-                rows = rows[1:]  # a header ("path", "filename", …)
-            paths = [(src.parent / r[0]) for r in rows]
+            paths = _read_image_list(src, text)
         else:
             paths = [Path(s) for s in sources]
+            lists = [str(p) for p in paths if p.suffix.lower() in _LIST_SUFFIXES]
+            if lists:
+                raise UsageError(f"{lists[0]} looks like a list of images, not an image: "
+                                 "give the list as a .csv (first column: paths)")  # fmt: skip
         folders = [str(p) for p in paths if p.is_dir()]
         if folders:
             raise UsageError(f"{folders[0]} is a folder: give one folder alone, a CSV list or "
@@ -104,6 +107,26 @@ def list_images(sources: list[str]) -> list[Path]:
             raise UsageError(f"{str(p)!r} is not a valid UTF-8 name (the CSVs are UTF-8): "
                              "rename it, or list the other images in a CSV") from None  # fmt: skip
     return paths
+
+
+def _read_image_list(src: Path, text: str) -> list[Path]:
+    """The paths of an image-list CSV's first column, relative to its folder. Rows with no
+    cell filled (a spreadsheet's trailing rows) are skipped; the first row is a header when
+    its first cell has no image suffix and names no file (DICOM files often have neither a
+    suffix nor a header above them)."""
+    try:
+        rows = [(i, r) for i, r in enumerate(csv.reader(io.StringIO(text, newline="")), 1)
+                if any(c.strip() for c in r)]  # fmt: skip
+    except csv.Error as e:  # a cell over csv's field size limit, …
+        raise UsageError(f"image list {src} cannot be read as CSV: {e}") from None
+    if rows:
+        first = rows[0][1][0]
+        if Path(first).suffix.lower() not in IMAGE_SUFFIXES and not (src.parent / first).is_file():
+            rows = rows[1:]  # a header ("path", "filename", …)
+    for line, r in rows:
+        if not r[0].strip():
+            raise UsageError(f"image list {src}, row {line}: the first cell (the path) is empty")
+    return [src.parent / r[0] for _, r in rows]
 
 
 def _walk_images(root: Path) -> Iterator[Path]:
@@ -198,7 +221,11 @@ def _identity(args: argparse.Namespace, classes: dict[str, list[str]]) -> dict:
     """What the scores depend on, for `OUT.run.json`: a resume must match it."""
     h = hashlib.sha256()
     root = Path(args.model)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    # the files the model is read from (`CARZeroModel._from_directory`), not whatever else
+    # the folder holds (a prompt cache, notes): those do not change a score
+    model_files = [root / "config.json", root / "model.safetensors",
+                   *(root / "tokenizer").rglob("*")]  # fmt: skip
+    for f in sorted(p for p in model_files if p.is_file()):
         h.update(str(f.relative_to(root)).encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
@@ -220,18 +247,23 @@ def _check_identity(out: Path, identity: dict) -> None:
                          "start over") from None  # fmt: skip
     changed = [k for k in identity if before.get(k) != identity[k]]
     if changed:
-        names = {"model_sha256": "the model files", "prompts": "the prompts (classes, "
-                 "template)", "probabilities": "--probabilities", "dtype": "--dtype",
+        names = {"model_sha256": "the model's files (config.json, model.safetensors, "
+                 "tokenizer/)", "prompts": "the prompts (classes, template)",
+                 "probabilities": "--probabilities", "dtype": "--dtype",
                  "batch_size": "--batch-size"}  # fmt: skip
-        verb = "differs" if len(changed) == 1 else "differ"
-        raise UsageError(f"--resume: {', '.join(names[k] for k in changed)} {verb} from the "
-                         f"run that wrote {out}'s scores ({run_file}); rerun with its options, "
-                         "or score into another --out")  # fmt: skip
+        raise UsageError(f"--resume: changed since the run that wrote {out}'s scores "
+                         f"({run_file}): {', '.join(names[k] for k in changed)}; rerun with "
+                         "its model and options, or score into another --out")  # fmt: skip
 
 
-def _done_rows(sources: list[Path], header: list[str], paths: list[Path]) -> dict[str, str]:
+def _done_rows(sources: list[Path], header: list[str], paths: list[Path],
+               check: bool = True) -> dict[str, str]:  # fmt: skip
     """Complete rows of earlier runs that name an image of this listing, keyed by absolute
-    path, as text lines with the listing's own spelling of the path (memory: the text)."""
+    path, as text lines with the listing's own spelling of the path (memory: the text).
+
+    check: refuse rows of which none names an image of the listing (a resume from another
+    folder reads relative paths from there). Not for the errors CSV: its images may have
+    been removed from the listing since, which is what it invites."""
     spelled = {os.path.abspath(p): str(p) for p in paths}
     done: dict[str, str] = {}
     n_rows = 0
@@ -241,7 +273,7 @@ def _done_rows(sources: list[Path], header: list[str], paths: list[Path]) -> dic
             key = os.path.abspath(row[0])
             if key in spelled:
                 done[key] = row_text([spelled[key], *row[1:]])
-    if n_rows and not done:
+    if check and n_rows and not done:
         raise UsageError(f"--resume: none of the {n_rows} rows in {', '.join(map(str, sources))} "
                          "names an image of this listing (relative paths are read from the "
                          "working folder): resume from the same folder with the same "
@@ -249,20 +281,40 @@ def _done_rows(sources: list[Path], header: list[str], paths: list[Path]) -> dic
     return done
 
 
-def _check_prompts(classes: dict[str, list[str]]) -> None:
+def _check_prompts(classes: dict[str, list[str]], template: str | None = None) -> None:
     """Every prompt must keep some words after CARZero's text cleaning, which drops sentences
     of fewer than two words: an empty prompt would be scored as the empty text, the same
-    column for every such class (`ground` refuses it too)."""
+    column for every such class (`ground` refuses it too). Two classes whose prompts clean to
+    the same texts would get the same column too (a finding of non-ASCII letters or numbers
+    only, one that differs in case or punctuation), and so would a `.txt` class whose finding
+    cleans away to the `template` alone."""
     from .encoders.text import clean_text
+    from .prompts import fill_template
 
+    owner: dict[tuple[str, ...], str | None] = {}
+    if template is not None:
+        owner[(clean_text(fill_template(template, "")),)] = None
     for name, prompts in classes.items():
+        cleaned = []
         for prompt in prompts:
-            if not clean_text(prompt):
+            cleaned.append(clean_text(prompt))
+            if not cleaned[-1]:
                 raise UsageError(
                     f"class {name!r}: prompt {prompt!r} is empty after CARZero's text cleaning "
                     f"(sentences of fewer than two words are dropped); write a sentence, e.g. "
                     f"'There is {name}.'"
                 )
+        key = tuple(sorted(cleaned))
+        if key in owner:
+            other = owner[key]
+            same = ("the template's own words" if other is None
+                    else f"the prompts of class {other!r}")  # fmt: skip
+            raise UsageError(
+                f"class {name!r}: its prompts read {' / '.join(key)!r} after CARZero's text "
+                f"cleaning (lower-cased ASCII words, numbering dropped), as {same} do: it "
+                "would score the same; name the finding in other words"
+            )
+        owner[key] = name
 
 
 def _check_outputs(out: Path, errors_path: Path, resume: bool) -> None:
@@ -318,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first: bad input fails before the model loads and before anything is written
     check_backend_name(args.backend)
     classes = read_classes(args.classes, args.template)
-    _check_prompts(classes)
+    _check_prompts(classes, args.template if Path(args.classes).suffix.lower() == ".txt"
+                   else None)  # fmt: skip
     paths = list_images(args.images)
     out, errors_path = Path(args.out), Path(args.errors or f"{args.out}.errors.csv")
     _check_outputs(out, errors_path, args.resume)
@@ -357,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
         # the finished OUT's included
         done = _done_rows([out, *parts_of(out)], header, paths)
         if not args.retry_errors:  # else the unreadable images' batches are scored again
-            done_err = _done_rows([errors_path, *parts_of(errors_path)], err_header, paths)
+            done_err = _done_rows([errors_path, *parts_of(errors_path)], err_header, paths,
+                                  check=False)  # fmt: skip
             # an image scored since its error (by a --retry-errors run that stopped) is done
             for key in done.keys() & done_err.keys():
                 del done_err[key]

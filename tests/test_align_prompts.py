@@ -306,6 +306,9 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert out.read_text() == "keep me\n"
     assert main([str(src), "--out", str(out), "--force"]) == 0
     assert read_csv(out)[0]["prompt"] == "There is edema."
+    before = src.read_bytes()  # its own input, not even with --force
+    assert "is the input file" in error(capsys, [str(src), "--out", str(src), "--force"])
+    assert src.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------

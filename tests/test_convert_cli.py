@@ -137,6 +137,10 @@ def test_convert_reads_python_objects_as_placeholders(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot be read safely" in err and "system" in err and "--trust-checkpoint" in err
     assert not marker.exists() and not out.exists()
+    assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(s.bert),
+                "--vit-heads", "0"]) == 2  # fmt: skip
+    assert "num_heads must be a positive int, got 0" in capsys.readouterr().err
+    assert not out.exists()
 
     assert cli(["convert", str(ckpt), str(out), "--tokenizer", str(s.bert),
                 "--vit-heads", "4"]) == 0, capsys.readouterr().err  # fmt: skip

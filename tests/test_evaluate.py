@@ -512,6 +512,13 @@ def test_undecodable_and_oversized_input(tmp_path, capsys):
     utf16.write_text("path,a,b\nx,1,0\n", encoding="utf-16")
     err = run_error(capsys, scores, utf16)
     assert "labels file" in err and "is not UTF-8 text" in err
+    for bad_line in (3, 5002):  # the line is named, not where the block decoding stopped
+        latin1 = tmp_path / f"latin1_{bad_line}.csv"
+        rows = [f"x{i},1,0\n".encode() for i in range(6000)]
+        rows[bad_line - 2] = b"R\xe9sum\xe9,1,0\n"
+        latin1.write_bytes(b"path,a,b\n" + b"".join(rows))
+        err = run_error(capsys, scores, latin1)
+        assert f"is not UTF-8 text at line {bad_line} (" in err, err
     huge = tmp_path / "big.csv"
     huge.write_text('path,a,b\nx,1,0\ny,"' + "0" * 200_000 + '",1\n')
     err = run_error(capsys, scores, huge)

@@ -229,7 +229,7 @@ def test_resume_refuses_other_options_and_matches_any_spelling(setup, tmp_path, 
             args = args[: -2]
         assert cli(args) == 2, extra
         err = capsys.readouterr().err
-        assert named in err and "differs from the run" in err, (extra, err)
+        assert named in err and "changed since the run" in err, (extra, err)
     calls.clear()
     assert cli(score_args(s, out, "--resume")) == 0  # absolute paths this time
     assert len(calls) == 6 - 2  # 21 images in 6 batches, 2 were kept

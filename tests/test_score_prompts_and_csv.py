@@ -1,5 +1,6 @@
-"""What `score` reads and writes besides images: class files and prompt ensembles, the
-prompt cache and its key, torn and exact CSV cells, and headerless image lists."""
+"""What `score` reads and writes besides images: class files and prompt ensembles (and
+classes that would score the same), the prompt cache and its key, torn and exact CSV cells,
+image lists, and what a resume compares with the run before."""
 
 from __future__ import annotations
 
@@ -156,3 +157,105 @@ def test_image_list_without_a_header_keeps_its_first_row(setup, tmp_path):
     upper.write_bytes(paths[0].read_bytes())
     listing.write_text(f"{upper}\n{paths[1]}\n")
     assert list_images([str(listing)]) == [upper, paths[1]]
+
+
+def test_classes_that_would_score_the_same_are_refused(setup, tmp_path, capsys):
+    """Findings that CARZero's cleaning reduces to the same words (non-ASCII letters, a
+    number, case) would give identical columns: refused by name before anything runs."""
+    from carzero_fast.score import UsageError, _check_prompts
+
+    template = "There is {finding}."
+    with pytest.raises(UsageError, match="'気胸'.*template's own words"):
+        _check_prompts({"edema": ["There is edema."], "気胸": ["There is 気胸."]}, template)
+    with pytest.raises(UsageError, match="'grade 2'.*'there is effusion grade'.*'grade 1'"):
+        _check_prompts({"grade 1": ["There is effusion grade 1."],
+                        "grade 2": ["There is effusion grade 2."]}, template)  # fmt: skip
+    with pytest.raises(UsageError, match="class 'Edema'"):  # JSON classes: prompt sets
+        _check_prompts({"edema": ["There is edema.", "Edema is seen."],
+                        "Edema": ["edema is SEEN.", "There is Edema."]})  # fmt: skip
+    _check_prompts({"edema": ["There is edema."], "more": ["There is edema.", "Edema is seen."]})
+    classes = tmp_path / "c.txt"
+    classes.write_text("effusion\nEffusion\n")
+    out = tmp_path / "s.csv"
+    args = score_args(setup, out)
+    args[args.index("--classes") + 1] = str(classes)
+    assert cli(args) == 2
+    assert "class 'Effusion'" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unreadable_prompt_cache_is_a_cache_miss(setup, tmp_path):
+    """A cache file cut short (a full disk) or not safetensors: a warning, the prompts
+    encoded again, the file rewritten."""
+    from carzero_fast.prompts import text_fingerprint
+    from carzero_fast.score import _encode_prompts
+
+    s = setup
+    prompts = [f"There is {c}." for c in CLASSES]
+    cache = tmp_path / "cache"
+    with torch.no_grad():
+        want = _encode_prompts(s.model, prompts, str(cache))
+        (path,) = cache.glob("prompts-*.safetensors")
+        for junk in (b"", path.read_bytes()[:100]):
+            path.write_bytes(junk)
+            with pytest.warns(UserWarning, match="cannot be read"):
+                assert torch.equal(_encode_prompts(s.model, prompts, str(cache)), want)
+            cached = PromptCache(cache, text_fingerprint(s.model.text_encoder))
+            assert all(e is not None for e in cached.get(prompts))  # rewritten
+
+
+def test_image_list_rows_and_non_image_arguments(setup, tmp_path):
+    """Spreadsheet rows with no cell filled are skipped; a first row naming a file without
+    an image suffix (a DICOM named by its UID) is an image, not a header; an empty path cell,
+    a cell over csv's size limit and a list given as an image are refused by name."""
+    from carzero_fast.score import UsageError, list_images
+
+    s = setup
+    uid = tmp_path / "1.2.840.113619.2.55"
+    uid.write_bytes((s.images / "d0.dcm").read_bytes())
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"{uid},x\r\n{s.images / 'x00.png'},y\r\n,\r\n , \r\n,,\r\n")
+    assert list_images([str(listing)]) == [uid, s.images / "x00.png"]
+    listing.write_text(f"path\n{s.images / 'x00.png'}\n,note\n")
+    with pytest.raises(UsageError, match="row 3: the first cell .* is empty"):
+        list_images([str(listing)])
+    listing.write_text(f"path\n{'x' * 200_000}.png\n")
+    with pytest.raises(UsageError, match="cannot be read as CSV: field larger"):
+        list_images([str(listing)])
+    as_text = tmp_path / "list.txt"
+    as_text.write_text(f"{s.images / 'x00.png'}\n")
+    with pytest.raises(UsageError, match="list.txt looks like a list of images"):
+        list_images([str(as_text)])
+
+
+def test_resume_after_removing_an_unreadable_image_and_adding_files_to_the_model(
+        setup, tmp_path, capsys):  # fmt: skip
+    """What the errors CSV invites: the unreadable image deleted (its error row names no
+    listed image: dropped, not a reason to refuse), a new image added. Files beside the
+    model's own (notes, a prompt cache) do not change its identity; its config does."""
+    import shutil
+
+    s = setup
+    model = tmp_path / "model"
+    shutil.copytree(s.model_dir, model)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("x00.png", "x01.png", "x02.png"):
+        (imgs / name).write_bytes((s.images / name).read_bytes())
+    (imgs / "x03.png").write_bytes(b"unreadable")
+    out, fresh = tmp_path / "s.csv", tmp_path / "fresh.csv"
+    args = score_args(s, out, "--cache-dir", str(model / "cache"))
+    args[args.index("--images") + 1] = str(imgs)
+    args[args.index("--model") + 1] = str(model)
+    assert cli(args) == 0
+    (imgs / "x03.png").unlink()
+    (imgs / "x04.png").write_bytes((s.images / "x04.png").read_bytes())
+    (model / "notes.txt").write_text("fine-tuned on ...")
+    assert cli([*args, "--resume"]) == 0
+    assert not Path(f"{out}.errors.csv").exists()
+    assert cli([a if a != str(out) else str(fresh) for a in args]) == 0
+    assert out.read_text() == fresh.read_text()
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
+    capsys.readouterr()
+    assert cli([*args, "--resume"]) == 2
+    assert "changed since the run that wrote" in capsys.readouterr().err
