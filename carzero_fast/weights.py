@@ -57,6 +57,12 @@ class AlignerWeights(NamedTuple):
         head = tuple((rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
         return AlignerWeights(flat[0], flat[1], layers, head)
 
+    def contiguous(self) -> AlignerWeights:
+        """Every tensor contiguous (differentiably; a no-op for those already so): the
+        kernels index vectors with unit stride and matrices by rows."""
+        return AlignerWeights.unflatten([t.contiguous() for t in self.flatten()],
+                                        len(self.layers))  # fmt: skip
+
     def to(self, dtype: torch.dtype) -> AlignerWeights:
         """Cast every tensor (differentiably; a no-op where the dtype already matches)."""
         n_layers = len(self.layers)

@@ -239,10 +239,18 @@ def _grad_leaves(
     every piece (split, slice) accumulate into it."""
     tokens_leaf = [t.detach().requires_grad_(need)
                    for t, need in zip(tokens, needs_tokens, strict=True)]  # fmt: skip
-    flat_leaf = [t.detach().requires_grad_(need) for t, need in zip(flat, needs_flat, strict=True)]
-    for t in flat_leaf:
-        if t.requires_grad:
-            t.grad = torch.zeros_like(t)
+    flat_leaf = []
+    for t, need in zip(flat, needs_flat, strict=True):
+        leaf = t.detach()
+        if need:
+            grad = torch.zeros_like(leaf)
+            if grad.stride() != leaf.stride():
+                # not dense (a parametrization's slice or expand): the buffer is dense, and
+                # the pieces index it with their leaf's strides, so the leaf is made dense too
+                leaf = leaf.contiguous()
+            leaf.requires_grad_(True)
+            leaf.grad = grad
+        flat_leaf.append(leaf)
     return tokens_leaf, flat_leaf
 
 

@@ -399,6 +399,7 @@ def triton_forward(
     linear = functools.partial(linear_kernel, descriptors={})
 
     check_device(memory)
+    w = w.contiguous()  # the kernels read vectors with unit stride (no-op when they are)
     if stream_dtype is None:
         stream_dtype = inference_stream_dtype(memory.dtype)
     if sdpa is None:

@@ -349,6 +349,7 @@ def triton_train(
         return tuple(tokens[j.memory].new_zeros((tokens[j.memory].shape[0],
                                                  tokens[j.queries].shape[0])) + anchor
                      for j in jobs)  # fmt: skip
+    w = w.contiguous()  # a parametrization may give strided weights (a copy node then)
     try:
         return _TritonAlign.apply(cfg, jobs, budget, len(tokens), *tokens, *w.flatten())
     except RuntimeError as e:

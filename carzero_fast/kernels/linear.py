@@ -63,8 +63,8 @@ def _epilogue(b_acc, o_m, col0, n_rows, n_out, p_bias, p_out, p_head_w, p_head_b
     m_m = o_m < n_rows  # [BLOCK_M]
     m_n = o_n < n_out  # [BLOCK_N]
     b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        b_acc = tl.maximum(b_acc, 0.0)
+    if RELU:  # not tl.maximum: that drops a NaN (maxnum), where torch.relu keeps it
+        b_acc = tl.where(b_acc < 0.0, 0.0, b_acc)
     if DROPOUT:  # row r is pair (n0 + r // logit_cols, m0 + r % logit_cols) of the direction
         b_keep = chunk_keep(seed, threshold, o_m, col0, n0, m0, logit_cols, drop_tag,
                             BLOCK_N)  # fmt: skip
