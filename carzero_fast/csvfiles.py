@@ -1,11 +1,13 @@
 """CSV outputs that survive a kill: appended batch by batch, read back without a torn last
-row, rewritten atomically, and split into per-rank part files when sharded."""
+row, rewritten atomically, split into per-rank part files when sharded, and described by a
+run file (`OUT.run.json`: what the scores depend on, which a resume must match)."""
 
 from __future__ import annotations
 
 import csv
 import glob
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -83,3 +85,35 @@ def rewrite_csv(path: Path, header: list[str], rows: Iterable[list[str] | str]) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only still there when the write or the rename failed
+
+
+def run_file(out: Path) -> Path:
+    """Where `out`'s run file is: what its scores depend on beyond rounding."""
+    return out.with_name(f"{out.name}.run.json")
+
+
+def write_json(path: Path, value: dict) -> None:
+    """`value` as JSON at `path`, atomically (temporary file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def changed_since(out: Path, identity: dict) -> list[str]:
+    """The keys of `identity` whose values differ from those in `out`'s run file (none when
+    it has no run file); ValueError naming the file when it cannot be read."""
+    path = run_file(out)
+    if not path.exists():
+        return []
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): remove it and the part files to start "
+                         "over") from None  # fmt: skip
+    if not isinstance(before, dict):
+        raise ValueError(f"{path} is not a run file: remove it and the part files to start over")
+    # through JSON, so that a tuple equals the list it was written as
+    return [k for k in identity if before.get(k) != json.loads(json.dumps(identity[k]))]

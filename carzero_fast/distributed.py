@@ -50,6 +50,7 @@ file and an atomic rename; no rank returns before that file exists.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -61,9 +62,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aligner import CrossAttentionAligner
-from .csvfiles import iter_complete_rows, part_path, parts_of, rewrite_csv, row_text
+from .csvfiles import (
+    changed_since,
+    iter_complete_rows,
+    part_path,
+    parts_of,
+    rewrite_csv,
+    row_text,
+    run_file,
+    write_json,
+)
 from .loss import zero_shot_scores
-from .validation import SUPPORTED_DTYPES, check_token_pair
+from .prompts import state_fingerprint
+from .validation import SUPPORTED_DTYPES, check_inputs, check_token_pair
 
 __all__ = ["DistributedCARZeroLoss", "gather_rows", "init_from_env", "score_shards_to_csv"]
 
@@ -239,6 +250,11 @@ class DistributedCARZeroLoss(nn.Module):
             if img_tokens.shape[0] != txt_tokens.shape[0]:
                 raise ValueError(f"rank {rank}: {img_tokens.shape[0]} images but "
                                  f"{txt_tokens.shape[0]} texts; pairs must match")  # fmt: skip
+            param = self.aligner.decoder_norm.weight  # the masks too, before any collective
+            check_inputs(self.aligner.config, img_tokens, txt_tokens[:, 0], img_mask, param,
+                         ("img_mask", "img_tokens"))  # fmt: skip
+            check_inputs(self.aligner.config, txt_tokens, img_tokens[:, 0], txt_mask, param,
+                         ("txt_mask", "txt_tokens"))  # fmt: skip
         except (TypeError, ValueError) as e:
             problem = e
         device = (img_tokens.device if isinstance(img_tokens, Tensor)
@@ -292,6 +308,12 @@ def score_shards_to_csv(
     the parts. Returns the CSV's path on rank 0, None elsewhere. Works without a process
     group too (one shard). `_stop_after_batches` is for tests: the rank raises after that many
     batches, as if killed.
+
+    `out_csv.run.json` records what the scores depend on (the aligner's weights, the prompt
+    tokens and their dtype, the classes, `probabilities`, `batch_size`) and stays beside the
+    CSV; `resume=True` continues only a run that matches it (ValueError naming what
+    changed), and without `resume` the part files of an earlier run are refused, not mixed
+    with this one's.
     """
     rank, world = _world(group) if dist.is_initialized() else (0, 1)
     out = Path(out_csv)
@@ -300,6 +322,16 @@ def score_shards_to_csv(
         raise ValueError(f"{txt_tokens.shape[0]} prompts for {len(class_names)} classes")
     if len(set(image_ids)) != len(image_ids):
         raise ValueError("image ids must be unique (they key the resume)")
+    identity = _scoring_identity(aligner, txt_tokens, class_names, probabilities, batch_size)
+    if resume:
+        changed = changed_since(out, identity)
+        if changed:
+            raise ValueError(f"resume=True: changed since the run that wrote {out}'s parts "
+                             f"({run_file(out)}): {', '.join(changed)}; score with its "
+                             "settings, or into another out_csv")  # fmt: skip
+    elif parts_of(out):
+        raise ValueError(f"{parts_of(out)[0]} is a part of an earlier run of {out}: pass "
+                         "resume=True to continue it, or remove its part files")  # fmt: skip
     part = part_path(out, rank, world)
     # Batches are fixed blocks of positions (block k → rank k % R), the same in every run and
     # for every world size, so a resumed or re-sharded run computes each score in the same
@@ -313,8 +345,10 @@ def score_shards_to_csv(
         is_done = [all(image_ids[i] in have for i in b) for b in blocks]
         kept = [have[image_ids[i]] for b, d in zip(blocks, is_done, strict=True) if d for i in b]
         blocks = [b for b, d in zip(blocks, is_done, strict=True) if not d]
-        if world > 1:
-            dist.barrier(group)  # every rank has read before any part is rewritten
+    if world > 1:
+        dist.barrier(group)  # every rank has checked and read before any part is written
+    if rank == 0 and (not resume or not run_file(out).exists()):
+        write_json(run_file(out), identity)
     rewrite_csv(part, header, kept)  # complete blocks only, atomically; then batch by batch
     with open(part, "a", newline="") as f:
         w = csv.writer(f)
@@ -333,6 +367,17 @@ def score_shards_to_csv(
         dist.barrier(group)
     on_rank0(lambda: _merge_parts(out, header, image_ids, world), f"merge {out}", group)
     return out if rank == 0 else None
+
+
+def _scoring_identity(aligner: CrossAttentionAligner, txt_tokens: Tensor,
+                      class_names: Sequence[str], probabilities: bool,
+                      batch_size: int) -> dict:  # fmt: skip
+    """What `score_shards_to_csv`'s scores depend on beyond rounding (its run file)."""
+    prompts = hashlib.sha256(str(tuple(txt_tokens.shape)).encode())
+    prompts.update(txt_tokens.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return {"aligner_sha256": state_fingerprint(aligner), "prompts_sha256": prompts.hexdigest(),
+            "dtype": str(txt_tokens.dtype), "classes": list(class_names),
+            "probabilities": probabilities, "batch_size": batch_size}  # fmt: skip
 
 
 def on_rank0(fn: Callable[[], object], what: str, group: dist.ProcessGroup | None = None) -> None:

@@ -29,7 +29,6 @@ import argparse
 import csv
 import hashlib
 import io
-import json
 import os
 import sys
 import time
@@ -40,7 +39,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .csvfiles import iter_complete_rows, part_path, parts_of, rewrite_csv, row_text
+from .csvfiles import (
+    changed_since,
+    iter_complete_rows,
+    part_path,
+    parts_of,
+    rewrite_csv,
+    row_text,
+    run_file,
+    write_json,
+)
 from .prompts import DEFAULT_TEMPLATE, PromptCache, read_classes, text_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
@@ -213,10 +221,6 @@ def _shard(device: torch.device) -> tuple[int, int]:
     return init_from_env("nccl" if device.type == "cuda" else "gloo", timeout_s=SHARD_TIMEOUT_S)
 
 
-def _run_file(out: Path) -> Path:
-    return out.with_name(f"{out.name}.run.json")
-
-
 def _identity(args: argparse.Namespace, classes: dict[str, list[str]]) -> dict:
     """What the scores depend on, for `OUT.run.json`: a resume must match it."""
     h = hashlib.sha256()
@@ -237,23 +241,15 @@ def _identity(args: argparse.Namespace, classes: dict[str, list[str]]) -> dict:
 
 def _check_identity(out: Path, identity: dict) -> None:
     """A resume continues a run of the same model, prompts and options, or none."""
-    run_file = _run_file(out)
-    if not run_file.exists():
-        return
-    try:
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{run_file} cannot be read ({e}): remove it and the part files to "
-                         "start over") from None  # fmt: skip
-    changed = [k for k in identity if before.get(k) != identity[k]]
+    changed = changed_since(out, identity)
     if changed:
         names = {"model_sha256": "the model's files (config.json, model.safetensors, "
                  "tokenizer/)", "prompts": "the prompts (classes, template)",
                  "probabilities": "--probabilities", "dtype": "--dtype",
                  "batch_size": "--batch-size"}  # fmt: skip
         raise UsageError(f"--resume: changed since the run that wrote {out}'s scores "
-                         f"({run_file}): {', '.join(names[k] for k in changed)}; rerun with "
-                         "its model and options, or score into another --out")  # fmt: skip
+                         f"({run_file(out)}): {', '.join(names[k] for k in changed)}; rerun "
+                         "with its model and options, or score into another --out")  # fmt: skip
 
 
 def _done_rows(sources: list[Path], header: list[str], paths: list[Path],
@@ -426,9 +422,9 @@ def run(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         dist.barrier()  # every rank has read the earlier parts before any is rewritten
-    wrote_run_file = rank == 0 and (not args.resume or not _run_file(out).exists())
+    wrote_run_file = rank == 0 and (not args.resume or not run_file(out).exists())
     if wrote_run_file:
-        _write_json(_run_file(out), identity)
+        write_json(run_file(out), identity)
 
     # A part holding complete batches is never removed by a failure: it is what --resume
     # continues (this run's new, still empty parts go). OUT appears only when complete.
@@ -457,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{kept[0]}{' and others' if len(kept) > 1 else ''}; rerun with --resume "
                   "to continue", file=sys.stderr)  # fmt: skip
         elif wrote_run_file and not parts_of(out) + parts_of(errors_path):
-            _run_file(out).unlink(missing_ok=True)  # nothing scored: nothing to resume
+            run_file(out).unlink(missing_ok=True)  # nothing scored: nothing to resume
         raise
     if rank == 0:
         n_err = sum(1 for _ in iter_complete_rows(errors_path, None))
@@ -466,15 +462,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{n_err} image(s) could not be read: see {errors_path}", file=sys.stderr)
     return 0
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _finish(out: Path, errors_path: Path, paths: list[Path], header: list[str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import sys
@@ -181,8 +182,12 @@ def _mismatch_worker(rank: int, world: int, port: int, case: str, out: str) -> N
         (img if rank == 0 else txt).requires_grad_(True)
     elif rank == 0 or case != "grad":
         img.requires_grad_(True)
+    txt_mask = None
+    if rank == 1 and case == "mask":  # a mask is checked before any collective too
+        txt_mask = torch.zeros(txt.shape[:2], dtype=torch.bool)
+        txt_mask[1] = True
     try:
-        DistributedCARZeroLoss(make_aligner(CFG))(img, txt)
+        DistributedCARZeroLoss(make_aligner(CFG))(img, txt, None, txt_mask)
         message = "no error"
     except (TypeError, ValueError) as e:
         message = f"{type(e).__name__}: {e}"
@@ -208,6 +213,7 @@ def test_ranks_that_disagree_all_raise_the_same_error(case, expected, tmp_path):
 @pytest.mark.parametrize(("case", "own"), [
     ("bad-d", "ValueError: img_tokens has D = 31"),
     ("count", "ValueError: rank 1: 2 images but 1 texts; pairs must match"),
+    ("mask", "ValueError: txt_mask hides every token of item(s) [1]"),
 ])  # fmt: skip
 def test_a_rank_whose_own_inputs_fail_stops_every_rank(case, own, tmp_path):
     """A rank whose tokens fail its local checks still joins the step's sizes gather, so
@@ -384,6 +390,32 @@ def test_score_without_process_group_writes_the_csv(tmp_path):
     assert [r[0] for r in rows] == ids
     assert rel_err(got, ref) < 1e-6
     assert Path(out).exists()
+
+
+def test_score_resume_continues_only_the_same_run(tmp_path):
+    """Parts of an interrupted run are not mixed with another: without resume they are
+    refused; a resume with other settings (probabilities, another aligner) is refused naming
+    them; the run file stays beside the CSV."""
+    ids, imgs, txt = _score_inputs()
+    whole, out = tmp_path / "whole.csv", tmp_path / "s.csv"
+    _score(str(whole))
+
+    def score(resume: bool, probabilities: bool = False, seed: int = 0) -> None:
+        score_shards_to_csv(make_aligner(CFG, seed=seed), ids, lambda idx: imgs[idx], txt,
+                            CLASSES, out, batch_size=3, resume=resume,
+                            probabilities=probabilities)  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="stopped after 1 batches"):
+        _score(str(out), stop=1)
+    with pytest.raises(ValueError, match="part of an earlier run .* resume=True"):
+        score(resume=False)
+    with pytest.raises(ValueError, match="changed since .*: probabilities;"):
+        score(resume=True, probabilities=True)
+    with pytest.raises(ValueError, match="changed since .*: aligner_sha256;"):
+        score(resume=True, seed=1)
+    score(resume=True)
+    assert out.read_text() == whole.read_text()
+    assert json.loads(Path(f"{out}.run.json").read_text())["classes"] == CLASSES
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is")
