@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from torch import Tensor, nn
@@ -78,6 +79,9 @@ class CrossAttentionAligner(nn.Module):
         from .backends import check_backend_name
         from .backends.plan import check_budget
 
+        if config is not None and not isinstance(config, AlignerConfig):
+            raise TypeError(f"config must be an AlignerConfig, got {type(config).__name__} "
+                            "(e.g. AlignerConfig(**values))")  # fmt: skip
         self.config = config if config is not None else AlignerConfig()
         self.backend = check_backend_name(backend)
         self.chunk_budget_bytes = chunk_budget_bytes
@@ -107,35 +111,73 @@ class CrossAttentionAligner(nn.Module):
         layers = tuple(layer.weights() for layer in self.decoder.layers)
         return AlignerWeights(self.decoder_norm.weight, self.decoder_norm.bias, layers, head)
 
+    def set_dropout(self, p: float) -> CrossAttentionAligner:
+        """Set the dropout probability of every site (the config's and every part's, which
+        must agree: the backends apply `config.dropout` everywhere); returns the aligner."""
+        self.config = dataclasses.replace(self.config, dropout=p)  # validated there
+        for m in self.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                m.dropout = self.config.dropout
+            elif isinstance(m, nn.Dropout):
+                m.p = self.config.dropout
+        return self
+
     def _check_parts(self) -> None:
-        """The backends read the submodules' weights and never call their forward: refuse
-        what would then be skipped silently (forward hooks, e.g. torch.nn.utils.prune's or
-        the old weight_norm's, which recompute `weight` in a pre-hook) or misread (a layer
-        replaced by another kind, e.g. by torch.ao.quantization.quantize_dynamic)."""
+        """The backends read the submodules' weights and the config, and never call the
+        submodules' forward: refuse what would then be skipped silently (forward hooks, e.g.
+        torch.nn.utils.prune's or the old weight_norm's, which recompute `weight` in a
+        pre-hook; a dropout or LayerNorm eps set on a part, not in the config; a layer added)
+        or misread (a layer replaced by another kind, e.g. by quantize_dynamic, or an
+        activation other than ReLU)."""
+        cfg = self.config
+        if len(self.decoder.layers) != cfg.n_layers or len(self.mlp_head) != 3 * len(
+                cfg.head_dims) + 1:  # fmt: skip
+            raise TypeError(f"the aligner has {len(self.decoder.layers)} decoder layers and "
+                            f"{len(self.mlp_head)} head modules, its config {cfg.n_layers} "
+                            f"and {3 * len(cfg.head_dims) + 1}: build an aligner of the new "
+                            "shape (CrossAttentionAligner(AlignerConfig(...))) and load the "
+                            "weights into it")  # fmt: skip
         kinds = {"decoder_norm": nn.LayerNorm}
-        for i in range(self.config.n_layers):
+        for i in range(cfg.n_layers):
             for part, kind in (("multihead_attn", nn.MultiheadAttention), ("norm2", nn.LayerNorm),
                                ("norm3", nn.LayerNorm), ("linear1", nn.Linear),
                                ("linear2", nn.Linear)):  # fmt: skip
                 kinds[f"decoder.layers.{i}.{part}"] = kind
-        for i in range(len(self.config.head_dims) + 1):  # Linear, ReLU, Dropout, …, Linear
-            kinds[f"mlp_head.{3 * i}"] = nn.Linear
-        modules = dict(self.named_modules())
+        for i in range(len(cfg.head_dims)):  # Linear, ReLU, Dropout, …, Linear
+            kinds.update({f"mlp_head.{3 * i}": nn.Linear, f"mlp_head.{3 * i + 1}": nn.ReLU,
+                          f"mlp_head.{3 * i + 2}": nn.Dropout})  # fmt: skip
+        kinds[f"mlp_head.{3 * len(cfg.head_dims)}"] = nn.Linear
+        # every name of a part shared by two places (a tied layer) is checked
+        modules = dict(self.named_modules(remove_duplicate=False))
         for name, kind in kinds.items():
             part = modules.get(name)
             if not isinstance(part, kind):
                 kind_of = type(part)
                 got = "missing" if part is None else f"{kind_of.__module__}.{kind_of.__name__}"
                 raise TypeError(f"aligner part {name} is {got}, not torch.nn.{kind.__name__}: the "
-                                "backends read its parameters directly (a replaced or "
-                                "quantised layer is not supported)")  # fmt: skip
+                                "backends compute the original's layer there from its "
+                                "parameters (a replaced or quantised layer is not "
+                                "supported)")  # fmt: skip
         for name, m in modules.items():
+            rate = (m.dropout if isinstance(m, nn.MultiheadAttention)
+                    else m.p if isinstance(m, nn.Dropout) else cfg.dropout)  # fmt: skip
+            if rate != cfg.dropout:
+                raise ValueError(f"aligner part {name} has dropout {rate}, the config "
+                                 f"{cfg.dropout}: the backends apply config.dropout at every "
+                                 "site of the original; set it with "
+                                 "aligner.set_dropout(p)")  # fmt: skip
+            if isinstance(m, nn.LayerNorm) and m.eps != cfg.layer_norm_eps:
+                raise ValueError(f"aligner part {name} has eps {m.eps}, the config "
+                                 f"{cfg.layer_norm_eps}: the backends use the config's; build "
+                                 "the aligner with AlignerConfig(layer_norm_eps=...)")  # fmt: skip
             if name and (m._forward_hooks or m._forward_pre_hooks):
                 raise RuntimeError(f"aligner part {name} has forward hooks (e.g. "
                                    "torch.nn.utils.prune's): the backends read the parts' "
                                    "weights and never call their forward, so the hooks would "
-                                   "be skipped; hook the aligner itself, or make pruning "
-                                   "permanent with prune.remove")  # fmt: skip
+                                   "be skipped; hook the aligner itself (its forward: "
+                                   "both_directions, alignment_logits and zero_shot_scores "
+                                   "do not call it), or make pruning permanent with "
+                                   "prune.remove")  # fmt: skip
 
     def _call_settings(self, backend: str | None, budget: int | None) -> tuple[str, int | None]:
         """Per-call overrides of the module's backend and chunk budget (checked here, also

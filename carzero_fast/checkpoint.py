@@ -22,7 +22,10 @@ def extract_fusion_state_dict(state_dict: Mapping[str, object]) -> dict[str, Ten
     A whole CARZero model stores the module under `...fusion_module.` (behind any Lightning
     prefix such as `CARZero.`); when such keys exist only they are used, and they must share
     one prefix (a second copy, e.g. an EMA's, is refused rather than mixed in).
-    A Lightning checkpoint dict (with a `state_dict` entry) is unwrapped first.
+    A Lightning checkpoint dict (with a `state_dict` entry) is unwrapped first. Without a
+    fusion module, an aligner saved inside a wrapper (`module.` of DDP, `_orig_mod.` of
+    torch.compile, `module.aligner.` of a DDP-wrapped `DistributedCARZeroLoss`) is found by
+    its one `decoder_norm.weight` and taken with that prefix removed.
     """
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
@@ -32,6 +35,11 @@ def extract_fusion_state_dict(state_dict: Mapping[str, object]) -> dict[str, Ten
     if len(prefixes) > 1:
         raise ValueError(f"the state dict holds more than one fusion module ({prefixes}): "
                          "pass the one to load on its own")  # fmt: skip
+    if not where and "decoder_norm.weight" not in state_dict:
+        anchors = [k for k in state_dict if k.endswith(".decoder_norm.weight")]
+        if len(anchors) == 1:  # a wrapper's prefix
+            prefix = anchors[0][: -len("decoder_norm.weight")]
+            where = {k: len(prefix) for k in state_dict if k.startswith(prefix)}
     out = {k[end:]: state_dict[k] for k, end in where.items()} if where else dict(state_dict)
     for k, v in out.items():
         if not isinstance(v, Tensor):
@@ -47,11 +55,15 @@ def drop_unused(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def infer_config(state_dict: Mapping[str, Tensor], dropout: float = 0.1) -> AlignerConfig:
     """An `AlignerConfig` from tensor shapes. The head count is not in any shape: CARZero's
     is 4, which is assumed here (a d_model it does not divide raises; pass a config)."""
-    try:
-        d_model = state_dict["decoder_norm.weight"].shape[0]
-        d_ffn = state_dict["decoder.layers.0.linear1.weight"].shape[0]
-    except KeyError as e:
-        raise KeyError(f"cannot infer the aligner config: checkpoint key {e} is missing") from None
+    sizes = []
+    for key in ("decoder_norm.weight", "decoder.layers.0.linear1.weight"):
+        if key not in state_dict:
+            raise KeyError(f"cannot infer the aligner config: checkpoint key {key!r} is missing")
+        if state_dict[key].dim() == 0:
+            raise ValueError(f"cannot infer the aligner config: checkpoint key {key!r} is a "
+                             "0-dim tensor, not a weight (misshapen)")  # fmt: skip
+        sizes.append(state_dict[key].shape[0])
+    d_model, d_ffn = sizes
     # n_layers from every used key of a layer (layer 0 has one: its linear1.weight), so that a
     # layer missing one key, even the last layer's in_proj_weight, is still counted and its
     # missing key named by the loader

@@ -32,6 +32,9 @@ def carzero_loss(i2t: Tensor, t2i: Tensor) -> Tensor:
         scalar loss `sym(i2t) + sym(t2i)`: fp32 for 16-bit logits, else the logits' dtype.
     """
     for name, s in (("i2t", i2t), ("t2i", t2i)):
+        if not isinstance(s, Tensor) or not s.is_floating_point():
+            what = s.dtype if isinstance(s, Tensor) else type(s).__name__
+            raise TypeError(f"CARZero's loss needs floating-point logits, got {name} {what}")
         if s.dim() != 2 or s.shape[0] != s.shape[1]:
             raise ValueError(f"CARZero's loss needs square (B, B) logits (as many texts as "
                              f"images, text b describing image b), got {name} "

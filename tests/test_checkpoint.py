@@ -116,6 +116,9 @@ def test_inference_names_the_missing_keys(golden_weights):
     no_layers = {k: v for k, v in golden_weights.items() if not k.startswith("decoder.layers.")}
     with pytest.raises(KeyError, match="decoder.layers.0.linear1.weight' is missing"):
         load(no_layers)
+    for key in ("decoder_norm.weight", "decoder.layers.0.linear1.weight"):  # not an IndexError
+        with pytest.raises(ValueError, match=f"'{key}' is a 0-dim tensor"):
+            load({**golden_weights, key: torch.tensor(1.0)})
 
 
 def test_unused_keys_are_ignored_only_when_they_are_the_originals(golden_weights):
@@ -133,3 +136,13 @@ def test_default_config_state_dict_loads_back():
     assert back.config == cf.AlignerConfig()
     for k, v in al.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
+
+
+def test_an_aligner_saved_inside_a_wrapper_loads(golden_weights):
+    """DDP's `module.`, torch.compile's `_orig_mod.`, a DDP-wrapped loss module's
+    `module.aligner.`: the one prefix before `decoder_norm.weight` is removed."""
+    want = cf.CrossAttentionAligner.from_carzero_state_dict(golden_weights).state_dict()
+    for prefix in ("module.", "_orig_mod.", "module.aligner."):
+        sd = {prefix + k: v for k, v in golden_weights.items()}
+        got = cf.CrossAttentionAligner.from_carzero_state_dict(sd).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -122,6 +122,8 @@ def test_loss_and_scores_inputs(al):
         cf.carzero_loss(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="differ in shape"):
         cf.carzero_loss(torch.randn(3, 3), torch.randn(4, 4))
+    with pytest.raises(TypeError, match="floating-point logits, got t2i torch.int64"):
+        cf.carzero_loss(torch.randn(3, 3), torch.ones(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="img_tokens must be"):
         cf.zero_shot_scores(al, torch.randn(3, 16), torch.randn(2, 4, 16))
 
@@ -183,3 +185,51 @@ def test_parts_the_backends_would_bypass_are_refused():
     with pytest.raises(TypeError, match=r"decoder.layers.0.linear1 is torch.nn.modules.linear."
                                         r"Identity, not torch.nn.Linear"):  # fmt: skip
         cf.zero_shot_scores(al, mem, mem[:2])
+
+
+def test_settings_on_the_parts_that_the_backends_would_not_see_are_refused():
+    """The backends take dropout and eps from the config and compute ReLU between the head's
+    Linear layers: a part that says otherwise is refused by name (all backends, reference
+    included), and `set_dropout` changes every site at once."""
+    import copy
+
+    from torch import nn
+
+    base = make_aligner(CFG).train()
+    mem, q = _ok()
+    cases = (
+        (lambda a: setattr(a.mlp_head[2], "p", 0.0), ValueError,
+         r"mlp_head.2 has dropout 0.0, the config 0.1.*set_dropout"),
+        (lambda a: setattr(a.decoder.layers[0].multihead_attn, "dropout", 0.0), ValueError,
+         "decoder.layers.0.multihead_attn has dropout 0.0"),
+        (lambda a: setattr(a.decoder_norm, "eps", 1e-6), ValueError,
+         r"decoder_norm has eps 1e-06, the config 1e-05"),
+        (lambda a: a.mlp_head.__setitem__(1, nn.GELU()), TypeError,
+         "mlp_head.1 is torch.nn.modules.activation.GELU, not torch.nn.ReLU"),
+        (lambda a: a.decoder.layers.append(copy.deepcopy(a.decoder.layers[0])), TypeError,
+         "2 decoder layers and 4 head modules, its config 1 and 4"),
+    )  # fmt: skip
+    for change, error, words in cases:
+        al = copy.deepcopy(base)
+        change(al)
+        for backend in ("reference", "chunked"):
+            with pytest.raises(error, match=words):
+                al(mem, q, backend=backend)
+    al = copy.deepcopy(base).set_dropout(0.0)
+    assert al.config.dropout == 0.0 and al.mlp_head[2].p == 0.0
+    assert torch.equal(al(mem, q, backend="chunked"), al.eval()(mem, q, backend="chunked"))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        al.set_dropout(1.0)
+    with pytest.raises(TypeError, match="config must be an AlignerConfig, got dict"):
+        cf.CrossAttentionAligner({"d_model": 16})
+
+
+def test_a_part_shared_by_two_places_is_checked_under_each_name():
+    """A tied layer (one module at two places) is no missing part: it runs, as the
+    reference computes it."""
+    al = make_aligner(cf.AlignerConfig(d_model=16, n_heads=2, n_layers=2, d_ffn=8,
+                                       head_dims=(8,)))  # fmt: skip
+    al.decoder.layers[1].multihead_attn = al.decoder.layers[0].multihead_attn
+    al.decoder.layers[0].norm2 = al.decoder_norm
+    mem, q = _ok()
+    assert rel_err(al(mem, q, backend="chunked"), al(mem, q, backend="reference")) < 1e-5
