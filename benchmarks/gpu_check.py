@@ -144,6 +144,16 @@ class Check:
             zs_ref = cf.zero_shot_scores(self.al, img, txt, None, txt_mask, backend="reference")
             record(out, "zero_shot_fp32", lambda: rel(cf.zero_shot_scores(
                 self.al, img, txt, None, txt_mask, backend="triton"), zs_ref))  # fmt: skip
+            # a NaN token gives its item's logits NaN (cuBLAS's ReLU epilogue, the kernels'
+            # ReLU and softmax must not turn it into a number), the other items' stay finite
+            nan_img = img16.clone()
+            nan_img[1, 3, 5] = float("nan")
+            for backend in ("triton", "chunked"):
+                def nan_rows(b: str = backend) -> bool:
+                    got = self._call(self.al16, nan_img, q16, b)
+                    return bool(got[1].isnan().all()) and not bool(got[[0, 2]].isnan().any())
+
+                record(out, f"{backend}_bf16_nan_rows", nan_rows)
         from carzero_fast.kernels.configs import tf32_allowed
 
         out["tf32_allowed"] = tf32_allowed()
@@ -152,6 +162,7 @@ class Check:
                             and passed(out["zero_shot_fp32"], lambda v: v < 1e-4))  # fmt: skip
         out["pass_bf16"] = passed(out["chunked_bf16"], lambda c: passed(
             out["triton_bf16"], lambda t: all(x <= 2 * y for x, y in zip(t, c, strict=True))))
+        out["pass_nan"] = all(out.get(f"{b}_bf16_nan_rows") is True for b in ("triton", "chunked"))
         chunked1 = out["chunked_bf16_one_direction"]
         out["pass_variants"] = passed(out["triton_fp32_sdpa"], lambda v: max(v) < 1e-4) and all(
             passed(chunked1, lambda c, v=v: passed(v, lambda t: t <= 2 * c))
@@ -493,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return all(sec.get("result", {}).get(k) for k in keys)
 
-    ok = (section_passed("correctness", "pass_fp32", "pass_bf16", "pass_variants")
+    ok = (section_passed("correctness", "pass_fp32", "pass_bf16", "pass_variants", "pass_nan")
           and section_passed("training", "pass"))  # fmt: skip
     return 0 if ok else 1
 

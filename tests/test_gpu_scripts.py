@@ -42,7 +42,7 @@ def test_gpu_check_correctness_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["correctness"]
     got = result["result"]
-    assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"]
+    assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"] and got["pass_nan"]
     routes = {k for k in got if k.startswith("triton_bf16_one_direction")}
     assert routes == {"triton_bf16_one_direction" + name for name in
                       ("", ", own GEMMs", ", fp32 stream", ", adds in passes",
@@ -222,7 +222,13 @@ def _fake_check(monkeypatch, errors: dict):  # noqa: ANN202
         return f
 
     def one(model: str):  # noqa: ANN202
-        return lambda mem, q, mask=None, *, backend, **kw: outputs(model, backend, len(mem), len(q))
+        def f(mem, q, mask=None, *, backend, **kw):  # noqa: ANN001, ANN003, ANN202
+            out = outputs(model, backend, len(mem), len(q))
+            if not errors.get(("drops_nan", backend)):  # an item with a NaN token: NaN logits
+                out[mem.isnan().flatten(1).any(1)] = float("nan")
+            return out
+
+        return f
 
     for attr, model in (("al", "fp32"), ("al16", "bf16"), ("al16_fp32", "oracle")):
         object.__setattr__(getattr(chk, attr), "both_directions", both(model))
@@ -257,25 +263,29 @@ def test_gpu_check_correctness_compares_each_path_with_its_oracle(monkeypatch):
         assert got["triton_bf16_one_direction" + name] == approx(err), name
     # the SDPA fp32 check runs the fp32 model's both directions on the library attention
     assert got["triton_fp32_sdpa"] == approx([6e-5] * 2)
-    assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"]
+    assert got["pass_fp32"] and got["pass_bf16"] and got["pass_variants"] and got["pass_nan"]
+
+
+VERDICTS = ("pass_fp32", "pass_bf16", "pass_variants", "pass_nan")
 
 
 @pytest.mark.parametrize(("errors", "verdict"), [
     (_errors(fp32=2e-4), "pass_fp32"),
     (_errors(triton_bf16=0.025), "pass_bf16"),  # 2.5× chunked's error
     (_errors(variant=lambda r: 0.025 if r == ", adds in passes" else 0.01), "pass_variants"),
+    ({**_errors(), ("drops_nan", "triton"): True}, "pass_nan"),  # a NaN token scored finite
 ])  # fmt: skip
 def test_gpu_check_correctness_fails_a_path_over_its_bound(monkeypatch, errors, verdict):
     got = _fake_check(monkeypatch, errors).correctness()
-    flags = {k: got[k] for k in ("pass_fp32", "pass_bf16", "pass_variants")}
+    flags = {k: got[k] for k in VERDICTS}
     assert flags == {k: k != verdict for k in flags}
 
 
-@pytest.mark.parametrize("failing", [None, "pass_fp32", "pass_bf16", "pass_variants"])
+@pytest.mark.parametrize("failing", [None, *VERDICTS])
 def test_gpu_check_exit_status_follows_every_verdict(monkeypatch, tmp_path, failing):
     from benchmarks import gpu_check
 
-    verdicts = {k: k != failing for k in ("pass_fp32", "pass_bf16", "pass_variants")}
+    verdicts = {k: k != failing for k in VERDICTS}
     monkeypatch.setattr(gpu_check.Check, "correctness", lambda self: dict(verdicts))
     monkeypatch.setattr(gpu_check, "gemm_ceiling_tflops", lambda dev, smoke: {"256^3": 1.0})
     status = gpu_check.main(["--smoke", "--out", str(tmp_path), "--only", "correctness",
