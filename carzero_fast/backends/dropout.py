@@ -24,7 +24,9 @@ class Dropout:
         self.gen: torch.Generator | None = None
         if self.active:
             self.gen = torch.Generator(device=device)
-            # Distinct, well-mixed stream per chunk (SplitMix-style odd multipliers).
+            # Distinct, well-mixed stream per chunk (SplitMix-style odd multipliers). The CPU
+            # generator (mt19937) keeps the seed's low 32 bits: two of a call's k chunks draw
+            # the same masks with probability ~k²/2^33 (birthday bound; 1e-6 at k = 100).
             mix = seed ^ (chunk[0] * 0x9E3779B97F4A7C15) ^ (chunk[1] * 0xBF58476D1CE4E5B9)
             self.gen.manual_seed(mix % (2**63 - 1))
 
