@@ -102,6 +102,11 @@ def _load_with_placeholders(path: Path) -> object:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except ValueError as e:  # the names are listed for zip files only
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head.startswith(b"\x80"):  # neither a zip nor a pickle: no checkpoint at all
+            raise ValueError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}: "
+                             "an HTML page or a truncated download?)") from e  # fmt: skip
         raise ValueError(f"checkpoint {path}, in torch's legacy (non-zip) format, holds Python "
                          "objects that only an unrestricted load reads; if you trust the file, "
                          "pass --trust-checkpoint (trust_checkpoint=True)") from e  # fmt: skip
@@ -183,7 +188,11 @@ class CARZeroModel(nn.Module):
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_images(self, pixels: Tensor) -> Tensor:
-        """pixels `(N, 3, 224, 224)` (preprocessed) → tokens `(N, 197, D)`, global in row 0."""
+        """pixels `(N, 3, 224, 224)` (preprocessed, any float dtype) → tokens `(N, 197, D)`
+        on the model's device, in its dtype (as `encode_texts`), global in row 0."""
+        param = next(self.img_encoder.parameters())
+        if isinstance(pixels, Tensor) and pixels.is_floating_point():
+            pixels = pixels.to(device=param.device, dtype=param.dtype)
         return self.img_encoder(pixels)
 
     def encode_texts(self, texts: list[str]) -> Tensor:
@@ -205,6 +214,13 @@ class CARZeroModel(nn.Module):
         not determine it; default embed_dim / 64, ViT-B's 12)."""
         p = Path(path)
         if p.is_dir():
+            given = [n for n, v in (("tokenizer", tokenizer), ("vit_heads", vit_heads),
+                                    ("trust_checkpoint", trust_checkpoint))
+                     if v is not None and v is not False]  # fmt: skip
+            if given:
+                raise ValueError(f"{p} is a model directory: its config.json and tokenizer "
+                                 f"decide the model; {', '.join(given)} are for a CARZero "
+                                 "checkpoint file")  # fmt: skip
             return cls._from_directory(p)
         if not p.is_file():
             raise ValueError(f"checkpoint {p} does not exist")
@@ -306,6 +322,13 @@ class CARZeroModel(nn.Module):
         """Write our format; the directory appears complete or not at all (temp + rename).
 
         A symbolic link is written through: the model lands where it points."""
+        parametrized = [n for n, m in self.named_modules()
+                        if getattr(m, "parametrizations", None)]  # fmt: skip
+        if parametrized:
+            raise ValueError(f"{parametrized[0]} has parametrizations, which the saved model "
+                             "would hold as their originals, not the weights that run: make "
+                             "them permanent first (torch.nn.utils.parametrize."
+                             "remove_parametrizations(module, name))")  # fmt: skip
         out = _write_target(Path(directory))
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} exists and is not a directory")

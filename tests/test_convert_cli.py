@@ -309,3 +309,38 @@ def test_saved_model_has_the_umasks_modes(setup, tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o755
     for f in out.rglob("*"):
         assert (f.stat().st_mode & 0o777) == (0o755 if f.is_dir() else 0o644), f
+
+
+def test_model_api_inputs_and_what_save_refuses(setup, tmp_path):
+    """Pixels follow the model's dtype (as prompts do); checkpoint-file options given with a
+    model directory are refused, not ignored; a parametrized model is not saved as its
+    parametrizations' originals (a directory from_checkpoint would refuse)."""
+    from torch.nn.utils import parametrize
+
+    s = setup
+    model = CARZeroModel.from_checkpoint(s.model_dir).to(torch.bfloat16)
+    pixels = torch.stack([preprocess_file(p) for p in sorted(s.images.glob("x0*.png"))[:2]])
+    assert pixels.dtype == torch.float32
+    with torch.no_grad():
+        assert model.encode_images(pixels).dtype == torch.bfloat16
+        assert model(pixels, ["There is effusion."]).shape == (2, 1)
+    with pytest.raises(ValueError, match="model directory: .* vit_heads are for a CARZero"):
+        CARZeroModel.from_checkpoint(s.model_dir, vit_heads=4)
+
+    class Scale(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    parametrize.register_parametrization(model.aligner.mlp_head[0], "weight", Scale())
+    with pytest.raises(ValueError, match=r"aligner.mlp_head.0 has parametrizations.*remove_"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(setup, tmp_path):
+    """An HTML error page saved under the checkpoint's name is not called a legacy pickle
+    with objects to trust (the advice would be to unpickle it)."""
+    page = tmp_path / "CARZero_best_model.ckpt"
+    page.write_text("<html><body>404 Not Found</body></html>\n")
+    with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint \(it starts with b'<html"):
+        CARZeroModel.from_checkpoint(page, tokenizer=setup.bert)

@@ -193,3 +193,16 @@ def test_missing_model_or_tokenizer(bert_dir, tmp_path):
         TextEncoder.from_pretrained(model_only)
     with pytest.raises(ValueError, match="no model in .*tokenizer_only"):
         TextEncoder.from_pretrained(tokenizer_only)
+
+
+def test_prompts_must_be_a_list_of_strings(encoder, bert_dir):
+    """A lone string would be one prompt per character: refused, as is a non-string; too
+    many summed layers are refused when the encoder is built, not at its first call."""
+    for bad, words in (("There is effusion.", "got str .wrap one prompt in a list"),
+                       (["There is effusion.", None], "must be strings, got a NoneType"),
+                       ((t for t in ["a b"]), "got generator")):  # fmt: skip
+        with pytest.raises(TypeError, match=words):
+            encoder(bad)
+    assert encoder(("There is effusion.",)).shape == (1, 1 + L, D)
+    with pytest.raises(ValueError, match="n_layers_summed=7 but the model has 6 hidden states"):
+        TextEncoder.from_pretrained(bert_dir, n_layers_summed=7)

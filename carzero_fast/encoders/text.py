@@ -38,6 +38,17 @@ _WEIGHT_FILES = (
 )
 
 
+def check_prompts(texts: object) -> None:
+    """A list (or tuple) of strings, else TypeError: a lone string would be read as one
+    prompt per character."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings, got {type(texts).__name__}"
+                        + (" (wrap one prompt in a list)" if isinstance(texts, str) else ""))
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None or None in texts:
+        raise TypeError(f"prompts must be strings, got a {type(bad).__name__}")
+
+
 def clean_text(text: str) -> str:
     """CARZero's prompt cleaning (its `process_text`): sentences split at "." and at numbering,
     those of fewer than two `\\w+` words dropped, the rest lower-cased `\\w+` runs (ASCII only)
@@ -123,6 +134,10 @@ class TextEncoder(nn.Module):
             raise ValueError(f"n_layers_summed must be ≥ 1, got {n_layers_summed}")
         if tokenizer.sep_token is None or tokenizer.cls_token is None:
             raise ValueError("the tokenizer has no [CLS]/[SEP] tokens; a BERT tokenizer is needed")
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if n_layers is not None and n_layers_summed > n_layers + 1:
+            raise ValueError(f"n_layers_summed={n_layers_summed} but the model has "
+                             f"{n_layers + 1} hidden states (embeddings included)")  # fmt: skip
         max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if max_positions is not None and max_length > max_positions:
             raise ValueError(
@@ -193,6 +208,7 @@ class TextEncoder(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         """Encode M texts → (M, 1 + max_length, D) on the model's device, in its dtype:
         row 0 the sentence embedding, rows 1.. the word embeddings, zero after [SEP]."""
+        check_prompts(texts)
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         m, length, d = len(texts), self.max_length, self.hidden_size
