@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -315,24 +316,67 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep: glibc keeps freed memory (no page faults after warm-up, the "
                          "strictest baseline); default: glibc's defaults")  # fmt: skip
     args = ap.parse_args(argv)
+    dtypes, backends = _check_args(ap, args)  # before anything is timed
     malloc = retain_freed_memory() if args.malloc == "keep" else "default"
-    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
-    for d in dtypes:
-        if d not in DTYPES:
-            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     d_model = args.d_model
     cfg = AlignerConfig(d_model=d_model, n_heads=4 if d_model % 4 == 0 else 1)
-    rows = run(args.n, args.m, args.p, 98, dtypes,
-               tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-               args.train_batch, args.repeats, cfg, args.device, not args.no_memory,
-               args.ceiling_rows)  # fmt: skip
+    rows = run(args.n, args.m, args.p, 98, dtypes, backends, args.train_batch, args.repeats,
+               cfg, args.device, not args.no_memory, args.ceiling_rows)  # fmt: skip
     info = machine_info()
     info["malloc"] = malloc
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     print(markdown(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=1))
-        tmp.replace(args.json)
+        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]},
+                                      indent=1))  # fmt: skip
+            tmp.replace(args.json)
+        finally:
+            tmp.unlink(missing_ok=True)
     return 0
+
+
+def _uniques(text: str) -> tuple[str, ...]:
+    """A comma list's names, each once, in order."""
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[tuple, tuple]:
+    """(dtypes, backends); `ap.error` (exit 2, one line) for what would fail after minutes
+    of timing: unknown names, sizes and repeats out of range, a device that is not there, a
+    --json that cannot be written."""
+    from .backends import BACKENDS
+
+    dtypes, backends = _uniques(args.dtypes), _uniques(args.backends)
+    for what, names, known in (("dtype", dtypes, DTYPES), ("backend", backends, BACKENDS)):
+        if not names:
+            ap.error(f"no {what} given")
+        for name in names:
+            if name not in known:
+                ap.error(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+    for flag, value, low in (("--n", args.n, 0), ("--m", args.m, 0), ("--p", args.p, 1),
+                             ("--train-batch", args.train_batch, 0),
+                             ("--repeats", args.repeats, 1), ("--d-model", args.d_model, 1),
+                             ("--ceiling-rows", args.ceiling_rows or 1, 1)):  # fmt: skip
+        if value < low:
+            ap.error(f"{flag} must be at least {low}, got {value}")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        ap.error(f"--device {args.device}: {(str(e).splitlines() or ['not available'])[0]}")
+    if "triton" in backends and device.type != "cuda":
+        ap.error("--backends triton runs on CUDA devices only (on a GPU: --device cuda, or "
+                 "python3 -m benchmarks.gpu_check)")  # fmt: skip
+    if args.json is not None:
+        folder = args.json.parent
+        if args.json.is_dir():
+            ap.error(f"--json {args.json} is a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--json {args.json}: cannot make its folder ({e.strerror or e})")
+        if not os.access(folder, os.W_OK):
+            ap.error(f"--json {args.json}: cannot write in {folder}")
+    return dtypes, backends

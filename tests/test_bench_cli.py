@@ -79,6 +79,22 @@ def test_cli_usage_and_bad_arguments(capsys):
     assert "unknown dtype 'fp8'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["--backends", "nope"], "unknown backend 'nope'"),
+    (["--backends", "triton"], "triton runs on CUDA devices only"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--p", "-1"], "--p must be at least 1"),
+    (["--n", "-3"], "--n must be at least 0"),
+    (["--device", "nope"], "--device nope: "),
+    (["--json", "/dev/null/x.json"], "--json /dev/null/x.json: cannot make its folder"),
+])  # fmt: skip
+def test_bad_arguments_are_refused_before_anything_is_timed(capsys, monkeypatch, args, words):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before checking"))
+    with pytest.raises(SystemExit) as e:
+        bench_main(args)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
 _FAULTS = """
 import resource, sys, torch
 from carzero_fast.memory import retain_freed_memory
