@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,24 +60,18 @@ def fit(batches: list[int], peaks: list[float]) -> list[float]:
 
 
 def largest_batch(coef: list[float], budget_mib: float, limit: int = 1 << 20) -> int:
-    """The largest B in [1, limit] whose fitted peak is within the budget (0 if none)."""
+    """The largest B in [1, limit] whose fitted peak is within the budget (0 if none).
+
+    A step's memory does not shrink as its batch grows, but a fit through small batches can
+    (a negative linear term): B is taken as within the budget when the fit puts some batch
+    at least as large within it (the largest non-decreasing curve under the fit), so that a
+    dip or a bump at small B neither hides the batches measured within the budget nor
+    admits batches beyond one that is over it."""
     a, b, c = coef
-
-    def peak(x: int) -> float:
-        return a + b * x + c * x * x
-
-    if peak(1) > budget_mib:
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and peak(hi) <= budget_mib:
-        lo, hi = hi, hi * 2
-    if hi > limit and peak(limit) <= budget_mib:
-        return limit
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:  # peak(lo) within, peak(hi) beyond (or past the limit)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if peak(mid) <= budget_mib else (lo, mid)
-    return lo
+    xs = np.arange(1, limit + 1, dtype=np.float64)
+    peaks = a + b * xs + c * xs * xs
+    lowest_from_here = np.minimum.accumulate(peaks[::-1])[::-1]  # non-decreasing in B
+    return int(np.count_nonzero(lowest_from_here <= budget_mib))
 
 
 def run(batches: list[int], backends: list[str], budget_mib: float, dev: torch.device,
@@ -154,20 +150,40 @@ def main(argv: list[str] | None = None) -> int:
                         "after warm-up: the strictest baseline); default: glibc's")  # fmt: skip
     args = p.parse_args(argv)
     malloc = retain_freed_memory() if args.malloc == "keep" else "default"
-    batches = sorted({int(b) for b in args.batches.split(",")})
-    if not batches or batches[0] <= 0:
-        print("train_scaling: --batches must be positive integers", file=sys.stderr)
+    try:
+        batches = sorted({int(b) for b in args.batches.split(",")})
+    except ValueError:
+        batches = []
+    if len(batches) < 2 or batches[0] <= 0:
+        print(f"train_scaling: --batches must be two or more positive integers (the memory "
+              f"model is fitted through them), got {args.batches!r}", file=sys.stderr)  # fmt: skip
         return 2
+    backends = [b.strip() for b in args.backends.split(",")]
+    unknown = [b for b in backends if b not in cf.BACKENDS]
+    if unknown or args.d_model % 4:
+        print(f"train_scaling: unknown backend {unknown[0]!r}" if unknown else
+              f"train_scaling: --d-model must be a multiple of 4 (4 heads), got {args.d_model}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.json:  # found now, not after the whole run
+        folder = Path(args.json).absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            print(f"train_scaling: cannot write --json {args.json}", file=sys.stderr)
+            return 2
     cfg = cf.AlignerConfig() if args.d_model == 768 else cf.AlignerConfig(
         d_model=args.d_model, n_heads=4, n_layers=2, d_ffn=2 * args.d_model,
         head_dims=(args.d_model, args.d_model // 2))  # fmt: skip
-    res = run(batches, args.backends.split(","), args.budget_mib, torch.device(args.device),
+    res = run(batches, backends, args.budget_mib, torch.device(args.device),
               DTYPES[args.dtype], cfg, max(1, args.repeats), not args.no_verify)  # fmt: skip
     res["malloc"] = malloc
     print(markdown(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, args.json)
+        finally:
+            tmp.unlink(missing_ok=True)
     return 0
 
 

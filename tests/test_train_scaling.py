@@ -15,6 +15,21 @@ def test_fit_recovers_a_quadratic_and_largest_batch_inverts_it():
     assert largest_batch(coef, 1.0) == 0
     assert largest_batch([0.0, 1.0, 0.0], 1e3) == 1000  # linear, from two points
     assert largest_batch([0.0, 1.0, -0.1], 1e3, limit=64) == 64  # a plateau: capped
+    # a fit through small batches that dips (negative linear term): 0.5 MiB at B = 1, 0.2 at
+    # 2 and 3, 0.5 at 4; within 0.3 MiB the measured 2 and 3 fit, not "none"
+    coef = fit([2, 3, 4], [0.2, 0.2, 0.5])
+    assert largest_batch(coef, 0.3) == 3
+
+
+def test_bad_arguments_are_refused_before_the_run(capsys, tmp_path):
+    for args, words in ((["--batches", "8"], "two or more"),
+                        (["--batches", "2,,x"], "two or more"),
+                        (["--batches", "2,3", "--backends", "nope"], "unknown backend 'nope'"),
+                        (["--batches", "2,3", "--d-model", "30"], "multiple of 4"),
+                        (["--batches", "2,3", "--json", str(tmp_path / "no" / "x.json")],
+                         "cannot write --json")):  # fmt: skip
+        assert main(args) == 2, args
+        assert words in capsys.readouterr().err, args
 
 
 def test_smoke_run_writes_rows_and_models(tmp_path, capsys):
