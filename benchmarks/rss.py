@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.calls < 1:
         print(f"--calls must be positive, got {args.calls}", file=sys.stderr)
+        return 2
+    if args.json and not (args.json.absolute().parent.is_dir()
+                          and os.access(args.json.absolute().parent, os.W_OK)):  # fmt: skip
+        print(f"cannot write --json {args.json}", file=sys.stderr)  # now, not after the run
         return 2
     if args.child:
         task, backend, size = args.child

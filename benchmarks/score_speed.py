@@ -58,7 +58,8 @@ def _score(model_dir: Path, images: Path, classes: Path, out: Path, args) -> flo
     code = cli(["score", "--model", str(model_dir), "--images", str(images), "--classes",
                 str(classes), "--out", str(out), "--batch-size", str(args.batch_size),
                 "--dtype", args.dtype, "--device", "cpu"])  # fmt: skip
-    assert code == 0
+    if code != 0:
+        raise RuntimeError(f"carzero-fast score exited {code} (its message is above)")
     return time.perf_counter() - t0
 
 
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
+    for flag, value, low in (("--images", args.images, 2), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, images, rng, image = build(root)
