@@ -320,6 +320,8 @@ class CARZeroModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write our format; the directory appears complete or not at all (temp + rename).
+        The tensors keep the model's dtype; `from_checkpoint` builds the model in fp32 (cast
+        it after loading, e.g. `.to(torch.bfloat16)`).
 
         A symbolic link is written through: the model lands where it points."""
         parametrized = [n for n, m in self.named_modules()
