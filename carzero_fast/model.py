@@ -250,7 +250,8 @@ class CARZeroModel(nn.Module):
         vit = VisionTransformer(vit_cfg)
         vit.load_timm_state_dict(vit_sd)
         if not bert_dir.is_dir():
-            raise ValueError(f"BERT directory {bert_dir} does not exist")
+            raise ValueError(f"BERT directory {bert_dir} "
+                             f"{'is a file' if bert_dir.exists() else 'does not exist'}")
         try:
             bert_cfg = AutoConfig.from_pretrained(bert_dir, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -280,6 +281,8 @@ class CARZeroModel(nn.Module):
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_path} is not a {FORMAT} configuration")
         lacking = [k for k in ("vit", "bert", "aligner") if not isinstance(cfg.get(k), dict)]
+        if not isinstance(cfg.get("text", {}), dict):
+            lacking.append("text")
         if lacking:
             raise ValueError(f"{cfg_path} lacks the {' and '.join(lacking)} configuration "
                              "(an edited or truncated config.json?)")  # fmt: skip
@@ -297,19 +300,26 @@ class CARZeroModel(nn.Module):
         if other:
             raise ValueError(f"{weights} holds keys outside img_encoder, text_encoder and "
                              f"fusion_module: {other[:8]}")  # fmt: skip
-        vit = VisionTransformer(vit_cfg)
-        vit.load_timm_state_dict(parts["img_encoder"])
-        bert_cfg = dict(cfg["bert"])
-        if "model_type" not in bert_cfg:
-            raise ValueError(f"{cfg_path}: the bert configuration lacks 'model_type'")
-        bert = _bert_from_config(AutoConfig.for_model(bert_cfg.pop("model_type"), **bert_cfg))
-        _load_exact(bert, parts["text_encoder"], "text_encoder")
+        try:  # a configuration that does not fit the weights is config.json's fault here
+            vit = VisionTransformer(vit_cfg)
+            vit.load_timm_state_dict(parts["img_encoder"])
+            bert_cfg = dict(cfg["bert"])
+            if "model_type" not in bert_cfg:
+                raise ValueError("the bert configuration lacks 'model_type'")
+            bert = _bert_from_config(AutoConfig.for_model(bert_cfg.pop("model_type"),
+                                                          **bert_cfg))  # fmt: skip
+            _load_exact(bert, parts["text_encoder"], "text_encoder")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path} does not fit {weights.name}: {error_text(e)}") from e
         tok_dir = directory / "tokenizer"
         if not tok_dir.is_dir() or not any(tok_dir.iterdir()):
             raise ValueError(f"{directory} lacks its tokenizer folder ({tok_dir}): copy the "
                              "whole model directory")  # fmt: skip
         tok = _load_tokenizer(tok_dir, bert)
-        text = TextEncoder(bert, tok, **cfg.get("text", {}))
+        try:
+            text = TextEncoder(bert, tok, **cfg.get("text", {}))
+        except (TypeError, ValueError) as e:  # unknown or bad "text" settings
+            raise ValueError(f"{cfg_path}: text: {error_text(e)}") from e
         try:  # names missing, unknown and misshapen keys, as for a CARZero checkpoint
             aligner = CrossAttentionAligner.from_carzero_state_dict(parts["fusion_module"],
                                                                     aligner_cfg)  # fmt: skip
@@ -531,7 +541,8 @@ def convert_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{out_dir} exists and is not empty")
         parent = target.absolute().parent
         if not parent.is_dir():
-            raise ValueError(f"the folder of {out_dir} ({parent}) does not exist")
+            raise ValueError(f"the folder of {out_dir} ({parent}) "
+                             f"{'is a file' if parent.exists() else 'does not exist'}")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"cannot write in {parent}, the folder of {out_dir}")
         with warnings.catch_warnings(record=True) as caught:

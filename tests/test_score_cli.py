@@ -347,6 +347,13 @@ def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypat
     truncated = shutil.copytree(s.model_dir, tmp_path / "truncated")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    edited = {}  # config.json edited so that it no longer fits the weights or the encoders
+    for name, edit in (("text_key", lambda c: c["text"].update(max_len=9)),
+                       ("vit_size", lambda c: c["vit"].update(img_size=448))):  # fmt: skip
+        edited[name] = shutil.copytree(s.model_dir, tmp_path / name)
+        c = json.loads((edited[name] / "config.json").read_text())
+        edit(c)
+        (edited[name] / "config.json").write_text(json.dumps(c))
     no_tokenizer = shutil.copytree(s.model_dir, tmp_path / "no_tokenizer")
     shutil.rmtree(no_tokenizer / "tokenizer")
     torch.manual_seed(0)
@@ -362,6 +369,8 @@ def test_score_refuses_models_that_cannot_run(setup, tmp_path, capsys, monkeypat
                                  "in config.json: checkpoint key 'decoder.layers.0.linear1.bias' "
                                  "has shape (48,), expected (64,)"),  # fmt: skip
         (["--model", str(lacking)], "config.json lacks the aligner configuration"),
+        (["--model", str(edited["text_key"])], "config.json: text: "),
+        (["--model", str(edited["vit_size"])], "config.json does not fit model.safetensors: "),
         (["--model", str(truncated)], f"{weights} cannot be read as safetensors"),
         (["--model", str(no_tokenizer)], "lacks its tokenizer folder"),
         (["--model", str(tmp_path / "small")], "the model's ViT takes 96×96-px images"),
