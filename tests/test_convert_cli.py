@@ -264,7 +264,7 @@ def test_convert_checks_where_it_writes_first_and_leaves_nothing(setup, tmp_path
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
     assert cli(["convert", str(ckpt), str(a_file / "out"), "--tokenizer", str(s.bert)]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"({a_file}) is a file" in capsys.readouterr().err
 
     # the API makes missing parents, and removes them again when the write fails
     import carzero_fast.model as model_module
