@@ -15,7 +15,6 @@ budget comes from the fit and is then run once to check it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import torch
 
 import carzero_fast as cf
 from carzero_fast.bench import interleaved_median
+from carzero_fast.csvfiles import write_json
 from carzero_fast.memory import peak_extra_mib as _peak_mib
 from carzero_fast.memory import retain_freed_memory
 
@@ -178,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     res["malloc"] = malloc
     print(markdown(res))
     if args.json:
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(res, indent=1))
-            os.replace(tmp, args.json)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(Path(args.json), res)
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -46,6 +45,7 @@ from .backends.chunked import last_chunk
 from .backends.cpu_gemm import fp32_products, mm_t, onednn_enabled
 from .backends.plan import default_budget, executed_flops, plan_chunks, use_folded_form
 from .config import AlignerConfig
+from .csvfiles import write_json
 from .loss import alignment_logits, carzero_loss
 from .memory import device_sync as _sync
 from .memory import retain_freed_memory, track_memory
@@ -327,13 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     print(markdown(rows))
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]},
-                                      indent=1))  # fmt: skip
-            tmp.replace(args.json)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(args.json, {"machine": info, "rows": [asdict(r) for r in rows]})
     return 0
 
 

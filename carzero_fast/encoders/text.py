@@ -44,9 +44,9 @@ def check_prompts(texts: object) -> None:
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise TypeError(f"prompts must be a list of strings, got {type(texts).__name__}"
                         + (" (wrap one prompt in a list)" if isinstance(texts, str) else ""))
-    bad = next((t for t in texts if not isinstance(t, str)), None)
-    if bad is not None or None in texts:
-        raise TypeError(f"prompts must be strings, got a {type(bad).__name__}")
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings, got a {type(bad[0]).__name__}")
 
 
 def clean_text(text: str) -> str:
